@@ -1,0 +1,113 @@
+"""The calculator server: `CalculatorServerProtocol` / `CalculatorServerFactory`."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import LimitTotalConnectionsFactory
+
+from . import codec, wire
+from .expression import CalculationError, evaluate, evaluate_with_steps, is_deterministic
+
+log = Logger()
+
+#: Room kept in a message for the result and the encoding around the steps.
+_STEPS_SLACK = 256
+
+
+def bad_frame_answer(reason: str, first: bytes, timestamp: int) -> bytes:
+    """The one 400 sent before closing a stream that cannot be resynchronised,
+    in the encoding its first data byte suggests (text when it has not come)."""
+    payload = codec.encode_error(codec.encoding_of(first), "ValueError", reason)
+    return wire.encode(
+        timestamp, wire.make_flags(request=False, status=wire.BAD_REQUEST), 0, payload
+    )
+
+
+def not_a_request_answer(encoding: str, timestamp: int) -> bytes:
+    """The 400 for a message sent with T=0 (a response) to a service."""
+    payload = codec.encode_error(encoding, "ValueError", "not a request: the T flag is 0")
+    return wire.encode(
+        timestamp, wire.make_flags(request=False, status=wire.BAD_REQUEST), 0, payload
+    )
+
+
+class CalculatorServerProtocol(wire.FrameReceiver):
+    """Answers each request as it arrives, so pipelined answers keep their order."""
+
+    factory: CalculatorServerFactory
+
+    def frameReceived(self, header: wire.Header, data: bytes) -> None:
+        factory = self.factory
+        now = int(factory.clock.seconds())
+        encoding = codec.encoding_of(data)
+        if not header.flags & wire.FLAG_REQUEST:
+            self.transport.write(not_a_request_answer(encoding, now))
+            return
+        self.transport.write(factory.answer(header.flags & wire.FLAG_STEPS, data, encoding, now))
+
+    def invalidFrame(self, reason: str, first: bytes) -> None:
+        self.transport.write(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+
+
+class CalculatorServerFactory(LimitTotalConnectionsFactory):
+    """Shared state of the server's connections: limits and the cache policy
+    that the course server keeps in module constants."""
+
+    protocol = CalculatorServerProtocol
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime | None = None,
+        max_message_size: int = wire.MAX_MESSAGE_SIZE,
+        idle_timeout: float | None = 60.0,
+        max_age: int = wire.FOREVER,
+        cache: bool = True,
+        max_connections: int | None = 10_000,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self.max_age = max_age
+        self.cacheable = cache and max_age > 0
+        self.connectionLimit = max_connections
+
+    def buildProtocol(self, addr):
+        wrapper = super().buildProtocol(addr)
+        if wrapper is not None:
+            p = wrapper.wrappedProtocol
+            p.maxMessageSize = self.max_message_size
+            p.idleTimeout = self.idle_timeout
+            p.callLater = self.clock.callLater
+        return wrapper
+
+    def answer(self, steps: int, data: bytes, encoding: str, now: int) -> bytes:
+        """The whole response message for one request's data."""
+        cacheable = self.cacheable
+        try:
+            node = codec.decode_request(data)
+            cacheable = cacheable and is_deterministic(node)
+            if steps:
+                budget = self.max_message_size - wire.HEADER_SIZE - _STEPS_SLACK
+                value, step_list = evaluate_with_steps(node, budget)
+            else:
+                value, step_list = evaluate(node), []
+            payload = codec.encode_result(encoding, value, step_list)
+            status = wire.OK
+        except CalculationError as e:
+            payload = codec.encode_error(encoding, e.kind, str(e))
+            status, steps = wire.BAD_REQUEST, 0
+        except Exception:
+            log.failure("Unexpected failure answering a request of {size} bytes", size=len(data))
+            payload = codec.encode_error(encoding, "RuntimeError", "internal server error")
+            status, steps, cacheable = wire.SERVER_ERROR, 0, False
+        if wire.HEADER_SIZE + len(payload) > self.max_message_size:
+            payload = codec.encode_error(
+                encoding, "ValueError", "the answer does not fit in one message"
+            )
+            status, steps = wire.BAD_REQUEST, 0
+        flags = wire.make_flags(request=False, status=status, cache=cacheable, steps=bool(steps))
+        return wire.encode(now, flags, self.max_age if cacheable else 0, payload)

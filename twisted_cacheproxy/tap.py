@@ -1,0 +1,120 @@
+"""twistd options and services: ``twistd -n cacheserver`` and ``twistd -n cacheproxy``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.python import usage
+
+from . import wire
+
+
+def _size(text: str) -> int:
+    """A byte count with an optional K, M or G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512K, 64M, 1G)") from None
+    if value < 0:
+        raise ValueError("a size cannot be negative")
+    return value
+
+
+_size.coerceDoc = "Bytes, with an optional K, M or G suffix."  # type: ignore[attr-defined]
+
+
+class _CommonOptions(usage.Options):
+    """What both services take: where to listen and how to treat connections."""
+
+    optParameters: list[list[Any]] = [
+        ["interface", "i", "127.0.0.1", "The interface to listen on."],
+        [
+            "max-message-size",
+            None,
+            wire.MAX_MESSAGE_SIZE,
+            "Largest message in bytes, header included (12..65535).",
+            int,
+        ],
+        [
+            "idle-timeout",
+            None,
+            60.0,
+            "Close connections with no complete request for this many seconds (0: never).",
+            float,
+        ],
+        [
+            "max-connections",
+            None,
+            10_000,
+            "Most concurrent client connections; more are closed at once.",
+            int,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if not 0 < self["port"] < 65536:
+            raise usage.UsageError(f"--port must be 1..65535, not {self['port']}")
+        if not wire.HEADER_SIZE < self["max-message-size"] <= wire.LENGTH_LIMIT:
+            raise usage.UsageError("--max-message-size must be 13..65535")
+        if self["idle-timeout"] < 0:
+            raise usage.UsageError("--idle-timeout cannot be negative")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+
+    def common(self) -> dict[str, Any]:
+        """The factory keyword arguments these options give."""
+        return {
+            "max_message_size": self["max-message-size"],
+            "idle_timeout": self["idle-timeout"] or None,
+            "max_connections": self["max-connections"],
+        }
+
+
+class ServerOptions(_CommonOptions):
+    """Options of ``twistd cacheserver``."""
+
+    synopsis = "[options]"
+    longdesc = "A calculator server for the course protocol (text and pickle payloads)."
+    optParameters = [
+        ["port", "p", 9999, "The TCP port to listen on.", int],
+        [
+            "max-age",
+            None,
+            wire.FOREVER,
+            "Cache lifetime in seconds given to answers (65535: forever).",
+            int,
+        ],
+        *_CommonOptions.optParameters,
+    ]
+    optFlags = [["no-cache", None, "Mark every answer as not cacheable (C=0)."]]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not 0 <= self["max-age"] <= wire.FOREVER:
+            raise usage.UsageError("--max-age must be 0..65535")
+
+
+def makeServerService(config: ServerOptions) -> service.IService:
+    """A TCP service serving the calculator."""
+    from .server import CalculatorServerFactory
+
+    factory = CalculatorServerFactory(
+        max_age=config["max-age"], cache=not config["no-cache"], **config.common()
+    )
+    return internet.TCPServer(config["port"], factory, interface=config["interface"])
+
+
+@dataclass(frozen=True)
+class TapEntry:
+    """What a twistd ``ServiceMaker`` looks up by name: options and a maker."""
+
+    Options: type[usage.Options]
+    makeService: Callable[[Any], service.IService]
+
+
+server = TapEntry(ServerOptions, makeServerService)

@@ -1,0 +1,224 @@
+"""The calculator wire format: the 12-byte header and a framing Protocol.
+
+Every message is ``!LHHHxx`` (time stamp, total length, flags, cache control,
+padding) followed by its data; the total length is the only framing.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import NamedTuple
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.protocols.policies import TimeoutMixin
+
+HEADER = struct.Struct("!LHHHxx")
+HEADER_SIZE = HEADER.size
+
+#: The cache-control value meaning "no limit" (a response) or "any age" (a request).
+FOREVER = 65535
+#: Default largest message, header included.
+MAX_MESSAGE_SIZE = 8192
+#: The largest message the 16-bit length field can describe.
+LENGTH_LIMIT = 65535
+
+FLAG_CACHE = 1 << 12
+FLAG_STEPS = 1 << 11
+FLAG_REQUEST = 1 << 10
+STATUS_MASK = 0x3FF
+
+OK = 200
+BAD_REQUEST = 400
+SERVER_ERROR = 500
+
+
+class Header(NamedTuple):
+    """A decoded message header; the flag bits are read through properties."""
+
+    timestamp: int
+    length: int
+    flags: int
+    max_age: int
+
+    @property
+    def cache(self) -> bool:
+        return bool(self.flags & FLAG_CACHE)
+
+    @property
+    def steps(self) -> bool:
+        return bool(self.flags & FLAG_STEPS)
+
+    @property
+    def request(self) -> bool:
+        return bool(self.flags & FLAG_REQUEST)
+
+    @property
+    def status(self) -> int:
+        return self.flags & STATUS_MASK
+
+
+def make_flags(*, request: bool, status: int = 0, cache: bool = False, steps: bool = False) -> int:
+    """Pack the flag bits and status code into the flags word (reserved bits 0)."""
+    if not 0 <= status <= STATUS_MASK:
+        raise ValueError(f"status {status} does not fit in 10 bits")
+    return (
+        (FLAG_CACHE if cache else 0)
+        | (FLAG_STEPS if steps else 0)
+        | (FLAG_REQUEST if request else 0)
+        | status
+    )
+
+
+def encode(timestamp: int, flags: int, max_age: int, data: bytes) -> bytes:
+    """Build one whole message: header plus data."""
+    total = HEADER_SIZE + len(data)
+    if total > LENGTH_LIMIT:
+        raise ValueError(f"message of {total} bytes exceeds the {LENGTH_LIMIT}-byte limit")
+    return HEADER.pack(timestamp & 0xFFFFFFFF, total, flags, max_age) + data
+
+
+def decode_header(buf: bytes, offset: int = 0) -> Header:
+    """Read the header that starts at ``offset`` of ``buf``."""
+    return Header._make(HEADER.unpack_from(buf, offset))
+
+
+class FrameReceiver(protocol.Protocol, TimeoutMixin):
+    """Reassembles messages by their total length, in the spirit of
+    ``IntNStringReceiver``, and calls `frameReceived` once per message.
+
+    It also carries what every endpoint of ours needs: an idle timeout that
+    only a complete message resets, and backpressure (stop reading while our
+    own unsent output is above the transport's high-water mark).
+    """
+
+    maxMessageSize = MAX_MESSAGE_SIZE
+    idleTimeout: float | None = None
+    _buffer = b""
+    _paused = False
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idleTimeout)
+        # We produce responses; the transport tells us when its buffer is full.
+        self.transport.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        self._process()
+
+    def _process(self) -> None:
+        buf = self._buffer
+        offset = 0
+        end = len(buf)
+        while not self._paused and end - offset >= HEADER_SIZE:
+            header = Header._make(HEADER.unpack_from(buf, offset))
+            length = header.length
+            if length < HEADER_SIZE or length > self.maxMessageSize:
+                self._buffer = b""
+                first = buf[offset + HEADER_SIZE : offset + HEADER_SIZE + 1]
+                limit = self.maxMessageSize
+                self.invalidFrame(
+                    f"impossible message length {length} "
+                    f"(must be {HEADER_SIZE}..{limit}); closing the connection",
+                    first,
+                )
+                self.transport.loseConnection()
+                return
+            if end - offset < length:
+                break
+            data = buf[offset + HEADER_SIZE : offset + length]
+            offset += length
+            self.resetTimeout()
+            self.frameReceived(header, data)
+            if self.transport is None or self.transport.disconnecting:
+                self._buffer = b""
+                return
+        self._buffer = buf[offset:] if offset else buf
+
+    def frameReceived(self, header: Header, data: bytes) -> None:
+        """Handle one complete message."""
+        raise NotImplementedError
+
+    def invalidFrame(self, reason: str, first: bytes) -> None:
+        """The stream cannot be resynchronised; the connection is closed after
+        this returns. ``first`` is the first data byte, when it has arrived."""
+
+    def timeoutConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        self._buffer = b""
+
+    # IPushProducer: the transport pauses us when its send buffer is full.
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.transport.resumeProducing()
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid answer to our request."""
+
+
+class FrameClient(FrameReceiver):
+    """The requesting side: one Deferred per request, fired in order with
+    ``(header, data)`` of its answer, like ``memcache.MemCacheProtocol``.
+
+    Pending requests fail when the connection is lost or the peer breaks the
+    protocol; cancelling a pending request closes the connection, since an
+    answer already asked for cannot be skipped on a shared stream.
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[Deferred] = deque()
+
+    @property
+    def pending(self) -> int:
+        """How many requests still wait for their answer."""
+        return len(self._pending)
+
+    def sendRequest(self, frame: bytes) -> Deferred:
+        """Send one whole request message; the Deferred fires with its answer."""
+        d = Deferred(self._cancel)
+        self._pending.append(d)
+        self.transport.write(frame)
+        return d
+
+    def _cancel(self, d: Deferred) -> None:
+        if d in self._pending:
+            self._pending.remove(d)
+        self.transport.abortConnection()
+
+    def frameReceived(self, header: Header, data: bytes) -> None:
+        if not self._pending:
+            self._fail(ProtocolError("answer received with no request pending"))
+            return
+        if header.flags & FLAG_REQUEST:
+            self._fail(ProtocolError("peer sent a request (T=1) instead of an answer"))
+            return
+        self._pending.popleft().callback((header, data))
+
+    def invalidFrame(self, reason: str, first: bytes) -> None:
+        self._failAll(ProtocolError(f"peer sent an {reason}"))
+
+    def _fail(self, error: Exception) -> None:
+        self._failAll(error)
+        self.transport.abortConnection()
+
+    def _failAll(self, error: Exception) -> None:
+        pending, self._pending = self._pending, deque()
+        for d in pending:
+            d.errback(error)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        super().connectionLost(reason)
+        self._failAll(reason.value)
