@@ -118,3 +118,77 @@ class TapEntry:
 
 
 server = TapEntry(ServerOptions, makeServerService)
+
+
+class ProxyOptions(_CommonOptions):
+    """Options of ``twistd cacheproxy``."""
+
+    synopsis = "[options]"
+    longdesc = "A caching proxy for the calculator protocol, in front of a calculator server."
+    optParameters = [
+        ["port", "p", 9998, "The TCP port to listen on.", int],
+        ["server-host", None, "127.0.0.1", "The calculator server's host."],
+        ["server-port", None, 9999, "The calculator server's port.", int],
+        [
+            "cache-size",
+            None,
+            64 << 20,
+            "Most bytes the cache may hold, with K, M, G suffixes (default 64M).",
+            _size,
+        ],
+        ["retries", None, 5, "Connection attempts per miss before answering 500.", int],
+        ["retry-delay", None, 0.5, "Seconds before the second attempt; doubles each time.", float],
+        ["timeout", None, 10.0, "Seconds one miss may take upstream, retries included.", float],
+        [
+            "stale-if-error",
+            None,
+            0.0,
+            "Serve answers up to N s past their lifetime while the server is unreachable (0: off).",
+            float,
+        ],
+        [
+            "upstream-connections",
+            None,
+            32,
+            "Most connections to the server, kept open and reused.",
+            int,
+        ],
+        *_CommonOptions.optParameters,
+    ]
+    optFlags = [["verbose", "v", "Log every hit and miss (at debug level)."]]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not 0 < self["server-port"] < 65536:
+            raise usage.UsageError("--server-port must be 1..65535")
+        for name in ("retry-delay", "stale-if-error"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} cannot be negative")
+        if self["retries"] < 1:
+            raise usage.UsageError("--retries must be at least 1")
+        if self["timeout"] <= 0:
+            raise usage.UsageError("--timeout must be positive")
+        if self["upstream-connections"] < 1:
+            raise usage.UsageError("--upstream-connections must be at least 1")
+
+
+def makeProxyService(config: ProxyOptions) -> service.IService:
+    """A TCP service running the caching proxy."""
+    from .proxy import CacheProxyFactory
+
+    factory = CacheProxyFactory(
+        server_host=config["server-host"],
+        server_port=config["server-port"],
+        cache_size=config["cache-size"],
+        retries=config["retries"],
+        retry_delay=config["retry-delay"],
+        timeout=config["timeout"],
+        stale_if_error=config["stale-if-error"],
+        upstream_connections=config["upstream-connections"],
+        verbose=config["verbose"],
+        **config.common(),
+    )
+    return internet.TCPServer(config["port"], factory, interface=config["interface"])
+
+
+proxy = TapEntry(ProxyOptions, makeProxyService)

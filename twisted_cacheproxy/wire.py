@@ -97,6 +97,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     idleTimeout: float | None = None
     _buffer = b""
     _paused = False
+    #: Bytes already received after the message being handled.
+    bufferedAfter = 0
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
@@ -129,6 +131,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
                 break
             data = buf[offset + HEADER_SIZE : offset + length]
             offset += length
+            self.bufferedAfter = end - offset
             self.resetTimeout()
             self.frameReceived(header, data)
             if self.transport is None or self.transport.disconnecting:
@@ -148,6 +151,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.connected = False
         self.setTimeout(None)
         self._buffer = b""
 

@@ -1,0 +1,100 @@
+"""The proxy's answer cache: encoded answers by key, bounded by bytes, LRU.
+
+Nothing here knows about sockets or payloads: keys and answers are bytes,
+time is whatever clock the owner passes in (tests use ``task.Clock``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+#: A lifetime meaning "never expires" (the protocol's 65535).
+FOREVER = 65535
+#: Rough per-entry bookkeeping cost in bytes (dict slot, key tuple, entry).
+ENTRY_OVERHEAD = 200
+
+
+class Entry:
+    """One stored answer: its bytes, when it was fetched and for how long it is fresh."""
+
+    __slots__ = ("answer", "lifetime", "size", "stored")
+
+    def __init__(self, answer: bytes, stored: float, lifetime: int, size: int = 0) -> None:
+        self.answer = answer
+        self.stored = stored
+        self.lifetime = lifetime
+        self.size = size
+
+    def age(self, now: float) -> float:
+        """Seconds since the answer was fetched (never negative)."""
+        return max(0.0, now - self.stored)
+
+    def fresh(self, now: float) -> bool:
+        """Whether the answer is still within its freshness lifetime."""
+        return self.lifetime == FOREVER or now - self.stored < self.lifetime
+
+
+class Cache(Protocol):
+    """What the proxy needs of a cache backend."""
+
+    entries: int
+    bytes: int
+    evictions: int
+
+    def get(self, key: bytes) -> Entry | None: ...
+
+    def put(self, key: bytes, entry: Entry) -> None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+
+class MemoryCache:
+    """An in-memory LRU bounded by bytes, dropping entries once they are past
+    their lifetime plus ``grace`` (the stale-if-error window)."""
+
+    def __init__(self, max_bytes: int, clock, grace: float = 0.0) -> None:
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.grace = grace
+        self.bytes = 0
+        self.evictions = 0
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> Entry | None:
+        """The entry for ``key``, fresh or within its grace, as most recently used."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if (
+            entry.lifetime != FOREVER
+            and self.clock.seconds() - entry.stored >= entry.lifetime + self.grace
+        ):
+            self.delete(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        """Store ``entry``, replacing any older one, then evict down to the bound."""
+        entry.size = len(key) + len(entry.answer) + ENTRY_OVERHEAD
+        if entry.size > self.max_bytes:
+            self.delete(key)
+            return
+        self.delete(key)
+        self._entries[key] = entry
+        self.bytes += entry.size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.size
+            self.evictions += 1
+
+    def delete(self, key: bytes) -> None:
+        """Forget ``key`` if it is stored."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size

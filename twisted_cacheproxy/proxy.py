@@ -1,0 +1,261 @@
+"""The caching proxy: `CacheProxyProtocol` / `CacheProxyFactory`.
+
+The proxy never reads payloads: the cache key is the request data plus its S
+flag, and the first data byte only picks the encoding of the proxy's own
+error answers. The cache rules are PROTOCOL.md section 2 plus what caching
+proxies such as Varnish and nginx do: coalescing, retries, stale-if-error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.policies import LimitTotalConnectionsFactory
+
+from . import codec, wire
+from .cache import FOREVER, Entry, MemoryCache
+from .server import bad_frame_answer, not_a_request_answer
+from .upstream import UpstreamError, UpstreamPool
+
+log = Logger()
+
+_STEPS_KEY = (b"\x00", b"\x01")
+
+
+class CacheProxyProtocol(wire.FrameReceiver):
+    """One client: answers go back in request order, hits at once when no
+    earlier answer is still awaited."""
+
+    factory: CacheProxyFactory
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._slots: deque[list] = deque()
+
+    def frameReceived(self, header: wire.Header, data: bytes) -> None:
+        answer = self.factory.answer(header, data, self)
+        if type(answer) is bytes and not self._slots:
+            self.transport.write(answer)
+            return
+        slot = [answer if type(answer) is bytes else None]
+        self._slots.append(slot)
+        if slot[0] is None:
+            answer.addCallback(self._filled, slot)
+
+    def _filled(self, answer: bytes, slot: list) -> None:
+        slot[0] = answer
+        slots = self._slots
+        while slots and slots[0][0] is not None:
+            self.transport.write(slots.popleft()[0])
+
+    def invalidFrame(self, reason: str, first: bytes) -> None:
+        self.transport.write(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+
+    def connectionLost(self, reason=wire.protocol.connectionDone) -> None:
+        super().connectionLost(reason)
+        self._slots.clear()
+        self.factory.forget(self)
+
+
+class _Waiters:
+    """The clients waiting for one in-flight miss (Varnish's waiting list)."""
+
+    __slots__ = ("clients",)
+
+    def __init__(self) -> None:
+        self.clients: list[tuple[CacheProxyProtocol, defer.Deferred, wire.Header, bytes]] = []
+
+
+class CacheProxyFactory(LimitTotalConnectionsFactory):
+    """The cache, the upstream pool, the in-flight misses and the counters."""
+
+    protocol = CacheProxyProtocol
+
+    def __init__(
+        self,
+        *,
+        clock=None,
+        server_host: str = "127.0.0.1",
+        server_port: int = 9999,
+        cache_size: int = 64 << 20,
+        retries: int = 5,
+        retry_delay: float = 0.5,
+        timeout: float = 10.0,
+        stale_if_error: float = 0.0,
+        upstream_connections: int = 32,
+        max_message_size: int = wire.MAX_MESSAGE_SIZE,
+        idle_timeout: float | None = 60.0,
+        max_connections: int | None = 10_000,
+        verbose: bool = False,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.cache = MemoryCache(cache_size, clock, grace=stale_if_error)
+        self.pool = UpstreamPool(
+            clock,
+            server_host,
+            server_port,
+            max_connections=upstream_connections,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+        )
+        self.stale_if_error = stale_if_error
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self.connectionLimit = max_connections
+        self.verbose = verbose
+        self.inflight: dict[bytes, _Waiters] = {}
+        self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
+
+    def buildProtocol(self, addr):
+        wrapper = super().buildProtocol(addr)
+        if wrapper is not None:
+            p = wrapper.wrappedProtocol
+            p.maxMessageSize = self.max_message_size
+            p.idleTimeout = self.idle_timeout
+            p.callLater = self.clock.callLater
+        return wrapper
+
+    def stopFactory(self) -> None:
+        self.pool.close()
+
+    def counters(self) -> dict[str, int]:
+        """What the proxy has done so far, for logs and tests."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "coalesced": self.coalesced,
+            "stale": self.stale,
+            "upstream_errors": self.upstream_errors,
+            "evictions": self.cache.evictions,
+            "entries": self.cache.entries,
+            "bytes": self.cache.bytes,
+        }
+
+    # --- the request path ---------------------------------------------------
+
+    def answer(
+        self, header: wire.Header, data: bytes, client: CacheProxyProtocol
+    ) -> bytes | defer.Deferred:
+        """The answer to one request: bytes at once, or a Deferred firing with bytes."""
+        flags = header.flags
+        if not flags & wire.FLAG_REQUEST:
+            return not_a_request_answer(codec.encoding_of(data), int(self.clock.seconds()))
+        if not flags & wire.FLAG_CACHE:
+            self.misses += 1
+            return self._fetch(header, data, None)
+        key = _STEPS_KEY[bool(flags & wire.FLAG_STEPS)] + data
+        accept = header.max_age
+        if accept:
+            entry = self.cache.get(key)
+            if entry is not None:
+                now = self.clock.seconds()
+                age = now - entry.stored
+                if (entry.lifetime == FOREVER or age < entry.lifetime) and (
+                    accept == FOREVER or age < accept
+                ):
+                    self.hits += 1
+                    if self.verbose:
+                        log.debug("hit {size} bytes, age {age:.1f} s", size=len(data), age=age)
+                    return _restamp(entry, age)
+        waiting = self.inflight.get(key)
+        if waiting is not None:
+            self.coalesced += 1
+            d = defer.Deferred()
+            waiting.clients.append((client, d, header, data))
+            return d
+        self.misses += 1
+        if self.verbose:
+            log.debug("miss {size} bytes", size=len(data))
+        self.inflight[key] = _Waiters()
+        return self._fetch(header, data, key)
+
+    def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred:
+        """Ask the server; store the answer per the rules when ``key`` is given
+        (a C=1 request), then answer the requester and every waiter."""
+        frame = wire.encode(header.timestamp, header.flags, header.max_age, data)
+        d = self.pool.fetch(frame)
+        d.addCallback(self._fetched, header, data, key)
+        d.addErrback(self._failed, header, data, key)
+        return d
+
+    def _fetched(self, result, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
+        answer_header, answer_data, sent = result
+        answer = wire.encode(
+            answer_header.timestamp, answer_header.flags, answer_header.max_age, answer_data
+        )
+        if key is None:
+            return answer
+        waiting = self.inflight.pop(key)
+        status = answer_header.flags & wire.STATUS_MASK
+        if status >= wire.SERVER_ERROR:
+            self._settle(waiting, lambda h, d: answer)
+            return answer
+        if answer_header.flags & wire.FLAG_CACHE and answer_header.max_age:
+            self.cache.put(key, Entry(answer, sent, answer_header.max_age))
+            self._settle(waiting, lambda h, d: answer)
+        else:
+            # Not cacheable (e.g. rand): sharing it would be caching it, so
+            # each waiter asks the server for its own answer.
+            for _client, d, h, waiter_data in waiting.clients:
+                self.misses += 1
+                self._fetch(h, waiter_data, None).chainDeferred(d)
+        return answer
+
+    def _failed(self, reason, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
+        self.upstream_errors += 1
+        if reason.check(UpstreamError):
+            message = str(reason.value)
+            log.warn("{error}", error=message)
+        else:
+            message = "internal proxy error"
+            log.failure("Unexpected failure fetching an answer", reason)
+        waiting = self.inflight.pop(key, None) if key is not None else None
+        stale = self.cache.get(key) if key is not None and self.stale_if_error else None
+
+        def fallback(h: wire.Header, d: bytes) -> bytes:
+            if stale is not None and h.flags & wire.FLAG_CACHE and h.max_age:
+                age = self.clock.seconds() - stale.stored
+                if h.max_age == FOREVER or age < h.max_age:
+                    self.stale += 1
+                    return _stale(stale)
+            return _error(d, message, int(self.clock.seconds()))
+
+        if waiting is not None:
+            self._settle(waiting, fallback)
+        return fallback(header, data)
+
+    def _settle(self, waiting: _Waiters, answer_for) -> None:
+        for _client, d, h, data in waiting.clients:
+            d.callback(answer_for(h, data))
+
+    def forget(self, client: CacheProxyProtocol) -> None:
+        """Drop a disconnected client from every waiting list."""
+        for waiting in self.inflight.values():
+            waiting.clients = [w for w in waiting.clients if w[0] is not client]
+
+
+def _restamp(entry: Entry, age: float) -> bytes:
+    """A stored answer with its cache control set to its remaining lifetime."""
+    answer = entry.answer
+    if entry.lifetime == FOREVER:
+        return answer
+    left = max(1, int(entry.lifetime - age))
+    return answer[:8] + left.to_bytes(2, "big") + answer[10:]
+
+
+def _stale(entry: Entry) -> bytes:
+    """A stored answer past its lifetime: sent with C=0, so nobody keeps it."""
+    answer = entry.answer
+    flags = int.from_bytes(answer[6:8], "big") & ~wire.FLAG_CACHE
+    return answer[:6] + flags.to_bytes(2, "big") + b"\x00\x00" + answer[10:]
+
+
+def _error(data: bytes, message: str, now: int) -> bytes:
+    """A 500 in the encoding of the request ``data``."""
+    payload = codec.encode_error(codec.encoding_of(data), "ConnectionError", message)
+    return wire.encode(now, wire.make_flags(request=False, status=wire.SERVER_ERROR), 0, payload)

@@ -1,0 +1,234 @@
+"""How the proxy reaches the calculator server: a pool of persistent
+connections, opened through a `ClientCreator` Deferred chain, with retries
+for connection failures and one timeout over the whole attempt.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+
+from . import wire
+
+log = Logger()
+
+
+class UpstreamError(Exception):
+    """The server could not give an answer; the message says why, for the client."""
+
+
+class UpstreamProtocol(wire.FrameClient):
+    """One connection to the server, carrying one request at a time."""
+
+    pool: UpstreamPool | None = None
+    # Whatever the server is configured for, an answer never exceeds this.
+    maxMessageSize = wire.LENGTH_LIMIT
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._pending:
+            # An idle connection has nothing to say: it is broken, drop it.
+            self._fail(wire.ProtocolError("server sent bytes nobody asked for"))
+            return
+        super().dataReceived(data)
+
+    def frameReceived(self, header: wire.Header, data: bytes) -> None:
+        if self.bufferedAfter:
+            self._fail(wire.ProtocolError("server sent extra bytes after its answer"))
+            return
+        super().frameReceived(header, data)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.pool is not None:
+            self.pool.lost(self)
+
+
+class _Fetch:
+    """One request's way to an answer: which attempt it is on, and what to
+    cancel (a retry timer, a connection attempt, a sent request) on timeout."""
+
+    __slots__ = ("attempt", "d", "frame", "pending", "sent")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self.attempt = 0
+        self.pending = None  # the DelayedCall or Deferred to cancel
+        self.sent = 0.0
+        self.d = defer.Deferred(self.cancel)
+
+    def cancel(self, d: defer.Deferred) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+
+
+class UpstreamPool:
+    """Persistent connections to one server, reused for request after request
+    (nginx ``keepalive``). `fetch` fires with ``(header, data, sent)``, where
+    ``sent`` is the clock time the request left, or fails with `UpstreamError`.
+    """
+
+    #: Each retry waits this factor longer than the one before.
+    backoff = 2.0
+
+    def __init__(
+        self,
+        reactor,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = 32,
+        retries: int = 5,
+        retry_delay: float = 0.5,
+        timeout: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.max_connections = max_connections
+        self.attempts = max(1, retries)
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+        self.connections = 0
+        self._idle: list[UpstreamProtocol] = []
+        self._queue: deque[_Fetch] = deque()
+        self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def fetch(self, frame: bytes) -> defer.Deferred:
+        """Send one request frame upstream; see the class docstring."""
+        fetch = _Fetch(frame)
+        self._dispatch(fetch)
+        return fetch.d.addTimeout(self.timeout, self.reactor, self._timedOut)
+
+    def _timedOut(self, result, timeout):
+        raise UpstreamError(
+            f"calculator server {self.host}:{self.port} did not answer within {timeout:g} s"
+        )
+
+    def _dispatch(self, fetch: _Fetch) -> None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.transport.disconnecting:
+                self._send(fetch, conn, reused=True)
+                return
+        if self.connections < self.max_connections:
+            self._connect(fetch)
+        else:
+            self._queue.append(fetch)
+            fetch.pending = _Unqueue(self._queue, fetch)
+
+    def _connect(self, fetch: _Fetch) -> None:
+        fetch.attempt += 1
+        self.connections += 1
+        d = self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        fetch.pending = d
+        d.addCallbacks(self._connected, self._connectFailed, (fetch,), None, (fetch,))
+
+    def _connected(self, conn: UpstreamProtocol, fetch: _Fetch) -> None:
+        conn.pool = self
+        self._send(fetch, conn, reused=False)
+
+    def _connectFailed(self, reason, fetch: _Fetch) -> None:
+        self.connections -= 1
+        if reason.check(defer.CancelledError):
+            return
+        if fetch.attempt >= self.attempts:
+            why = reason.value.osError if isinstance(reason.value, error.ConnectError) else None
+            fetch.pending = None
+            fetch.d.errback(
+                UpstreamError(
+                    f"calculator server {self.host}:{self.port} unreachable after "
+                    f"{fetch.attempt} attempt{'s' if fetch.attempt > 1 else ''}: "
+                    f"{_reason(reason.value, why)}"
+                )
+            )
+            return
+        delay = self.retry_delay * self.backoff ** (fetch.attempt - 1)
+        fetch.pending = self.reactor.callLater(delay, self._dispatch, fetch)
+
+    def _send(self, fetch: _Fetch, conn: UpstreamProtocol, reused: bool) -> None:
+        fetch.sent = self.reactor.seconds()
+        d = conn.sendRequest(fetch.frame)
+        fetch.pending = d
+        d.addCallbacks(self._answered, self._sendFailed, (fetch, conn), None, (fetch, reused))
+
+    def _answered(self, message, fetch: _Fetch, conn: UpstreamProtocol) -> None:
+        fetch.pending = None
+        header, data = message
+        self._release(conn)
+        fetch.d.callback((header, data, fetch.sent))
+
+    def _sendFailed(self, reason, fetch: _Fetch, reused: bool) -> None:
+        if reason.check(defer.CancelledError):
+            return
+        fetch.pending = None
+        if reused and reason.check(error.ConnectionDone, error.ConnectionLost):
+            # The server closed an idle pooled connection: not this request's
+            # fault, so try again on a fresh one.
+            self._dispatch(fetch)
+            return
+        if isinstance(reason.value, wire.ProtocolError):
+            message = (
+                f"calculator server {self.host}:{self.port} sent an invalid answer: {reason.value}"
+            )
+        else:
+            message = (
+                f"calculator server {self.host}:{self.port} closed the connection before answering"
+            )
+        fetch.d.errback(UpstreamError(message))
+
+    def _release(self, conn: UpstreamProtocol) -> None:
+        """Give a connection whose answer has come to the next queued request,
+        or keep it idle."""
+        if conn.transport is None or conn.transport.disconnecting or not conn.connected:
+            return
+        while self._queue:
+            fetch = self._queue.popleft()
+            if not fetch.d.called:
+                self._send(fetch, conn, reused=True)
+                return
+        self._idle.append(conn)
+
+    def lost(self, conn: UpstreamProtocol) -> None:
+        """A connection closed: forget it and let a queued request connect."""
+        self.connections -= 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+        while self._queue and self.connections < self.max_connections:
+            fetch = self._queue.popleft()
+            if not fetch.d.called:
+                self._connect(fetch)
+
+    def close(self) -> None:
+        """Close every idle connection (on shutdown)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.transport.loseConnection()
+
+
+class _Unqueue:
+    """Cancels a request still waiting for a free connection."""
+
+    __slots__ = ("fetch", "queue")
+
+    def __init__(self, queue: deque, fetch: _Fetch) -> None:
+        self.queue = queue
+        self.fetch = fetch
+
+    def cancel(self) -> None:
+        if self.fetch in self.queue:
+            self.queue.remove(self.fetch)
+
+
+def _reason(e: BaseException, os_error) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "Connection refused"
+    if isinstance(e, error.TimeoutError):
+        return "connection timed out"
+    return str(os_error or e).strip().rstrip(".")
