@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer, error, protocol, stdio, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 from . import codec, wire
 from .expression import CalculationError, Real
@@ -117,16 +120,22 @@ def describe_failure(e: BaseException) -> str:
     return f"Error: {e}\n"
 
 
+@implementer(IHalfCloseableProtocol)
 class Menu(LineReceiver):
-    """The interactive menu on standard input."""
+    """The interactive menu on standard input. Lines typed (or piped) while
+    an answer is awaited wait their turn; the end of input quits once every
+    answer has been shown."""
 
     delimiter = b"\n"
 
     def __init__(self, calculator: Calculator, done: defer.Deferred) -> None:
         self.calculator = calculator
         self.done = done
+        self.lines: deque[str] = deque()
         self.typing = False
         self.busy = False
+        self.eof = False
+        self.closing = False
 
     def connectionMade(self) -> None:
         self.showMenu()
@@ -141,26 +150,43 @@ class Menu(LineReceiver):
         self.say("\n".join(lines))
 
     def lineReceived(self, line: bytes) -> None:
-        text = line.decode(errors="replace").strip()
-        if self.busy:
-            return
+        self.lines.append(line.decode(errors="replace").strip())
+        self.next()
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+        self.next()
+
+    def writeConnectionLost(self) -> None:
+        self.quit()
+
+    def next(self) -> None:
+        """Handle waiting lines until one needs an answer from the server."""
+        while self.lines and not self.busy and not self.closing:
+            self.handle(self.lines.popleft())
+        if self.eof and not self.busy:
+            self.quit()
+
+    def handle(self, text: str) -> None:
         if self.typing:
             self.typing = False
             if text:
-                return self.send(text)
-            return self.showMenu()
-        if text.lower() in ("q", "quit", "exit"):
-            self.transport.loseConnection()
-            return
-        if text.isdigit() and 1 <= int(text) <= len(EXAMPLES):
-            return self.send(EXAMPLES[int(text) - 1])
-        if text == str(len(EXAMPLES) + 1):
+                self.send(text)
+            else:
+                self.showMenu()
+        elif text.lower() in ("q", "quit", "exit"):
+            self.quit()
+        elif text.isdigit() and 1 <= int(text) <= len(EXAMPLES):
+            self.send(EXAMPLES[int(text) - 1])
+        elif text == str(len(EXAMPLES) + 1):
             self.typing = True
-            return self.say("expression> ")
-        self.say(f"Please answer 1-{len(EXAMPLES) + 1} or q.\nchoice> ")
+            self.say("expression> ")
+        else:
+            self.say(f"Please answer 1-{len(EXAMPLES) + 1} or q.\nchoice> ")
 
     def send(self, text: str) -> None:
         self.busy = True
+        self.say("\n")
         d = defer.maybeDeferred(self.calculator.calculate, text)
         d.addCallbacks(lambda answer: self.say(render(text, answer)), self.failed)
         d.addBoth(self.ready)
@@ -168,14 +194,22 @@ class Menu(LineReceiver):
     def failed(self, reason) -> None:
         self.say(describe_failure(reason.value))
         if not self.calculator.connection.connected:
-            self.transport.loseConnection()
+            self.quit()
 
     def ready(self, _) -> None:
         self.busy = False
-        if self.transport.connected and not self.transport.disconnecting:
+        if not self.closing:
             self.showMenu()
+        self.next()
+
+    def quit(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.say("\n")
+            self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.closing = True
         if not self.done.called:
             self.done.callback(None)
 
