@@ -138,6 +138,16 @@ def context() -> str:
     )
 
 
+def prepare_kit() -> None:
+    """A writable, built copy of the shared kit (bench.py writes beside itself)."""
+    shutil.rmtree(KIT, ignore_errors=True)
+    shutil.copytree(KIT_SOURCE, KIT)
+    for root, dirs, files in os.walk(KIT):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755)
+    subprocess.run(["make", "-s", "-C", KIT], check=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,11 +162,7 @@ def main() -> int:
         return 0
     if not shutil.which("twistd") or not shutil.which("taskset"):
         sys.exit("needs twistd (pip install .) and taskset (util-linux)")
-    shutil.rmtree(KIT, ignore_errors=True)
-    shutil.copytree(KIT_SOURCE, KIT)
-    for root, dirs, files in os.walk(KIT):
-        for name in dirs + files:
-            os.chmod(os.path.join(root, name), 0o755)
+    prepare_kit()
     results = os.path.join(OUT, "results.jsonl")
     if os.path.exists(results):
         os.remove(results)
