@@ -56,7 +56,6 @@ class CacheProxyProtocol(wire.FrameReceiver):
     def connectionLost(self, reason=wire.protocol.connectionDone) -> None:
         super().connectionLost(reason)
         self._slots.clear()
-        self.factory.forget(self)
 
 
 class _Waiters:
@@ -201,9 +200,10 @@ class CacheProxyFactory(LimitTotalConnectionsFactory):
         else:
             # Not cacheable (e.g. rand): sharing it would be caching it, so
             # each waiter asks the server for its own answer.
-            for _client, d, h, waiter_data in waiting.clients:
-                self.misses += 1
-                self._fetch(h, waiter_data, None).chainDeferred(d)
+            for client, d, h, waiter_data in waiting.clients:
+                if client.connected:
+                    self.misses += 1
+                    self._fetch(h, waiter_data, None).chainDeferred(d)
         return answer
 
     def _failed(self, reason, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
@@ -230,13 +230,10 @@ class CacheProxyFactory(LimitTotalConnectionsFactory):
         return fallback(header, data)
 
     def _settle(self, waiting: _Waiters, answer_for) -> None:
-        for _client, d, h, data in waiting.clients:
-            d.callback(answer_for(h, data))
-
-    def forget(self, client: CacheProxyProtocol) -> None:
-        """Drop a disconnected client from every waiting list."""
-        for waiting in self.inflight.values():
-            waiting.clients = [w for w in waiting.clients if w[0] is not client]
+        """Answer every waiter still connected; those who left are dropped."""
+        for client, d, h, data in waiting.clients:
+            if client.connected:
+                d.callback(answer_for(h, data))
 
 
 def _restamp(entry: Entry, age: float) -> bytes:
