@@ -30,6 +30,8 @@ class CacheProxyProtocol(wire.FrameReceiver):
 
     factory: CacheProxyFactory
 
+    _closing = False
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self._slots: deque[list] = deque()
@@ -39,7 +41,14 @@ class CacheProxyProtocol(wire.FrameReceiver):
         if type(answer) is bytes and not self._slots:
             self.transport.write(answer)
             return
+        self._queue(answer)
+
+    def _queue(self, answer: bytes | defer.Deferred) -> None:
+        """Keep an answer's place in line; while any is awaited the client is
+        not idle, so the idle timeout waits too."""
         slot = [answer if type(answer) is bytes else None]
+        if not self._slots:
+            self.setTimeout(None)
         self._slots.append(slot)
         if slot[0] is None:
             answer.addCallback(self._filled, slot)
@@ -49,9 +58,21 @@ class CacheProxyProtocol(wire.FrameReceiver):
         slots = self._slots
         while slots and slots[0][0] is not None:
             self.transport.write(slots.popleft()[0])
+        if not slots:
+            if self._closing:
+                self.transport.loseConnection()
+            elif self.connected:
+                self.setTimeout(self.idleTimeout)
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
-        self.transport.write(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+        """The 400 goes after every answer still awaited, then the close."""
+        answer = bad_frame_answer(reason, first, int(self.factory.clock.seconds()))
+        if not self._slots:
+            self.transport.write(answer)
+            self.transport.loseConnection()
+            return
+        self._closing = True
+        self._queue(answer)
 
     def connectionLost(self, reason=wire.protocol.connectionDone) -> None:
         super().connectionLost(reason)
@@ -176,7 +197,9 @@ class CacheProxyFactory(LimitTotalConnectionsFactory):
     def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred:
         """Ask the server; store the answer per the rules when ``key`` is given
         (a C=1 request), then answer the requester and every waiter."""
-        frame = wire.encode(header.timestamp, header.flags, header.max_age, data)
+        frame = wire.encode(
+            header.timestamp, header.flags & ~wire.RESERVED_MASK, header.max_age, data
+        )
         d = self.pool.fetch(frame)
         d.addCallback(self._fetched, header, data, key)
         d.addErrback(self._failed, header, data, key)
@@ -185,7 +208,10 @@ class CacheProxyFactory(LimitTotalConnectionsFactory):
     def _fetched(self, result, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
         answer_header, answer_data, sent = result
         answer = wire.encode(
-            answer_header.timestamp, answer_header.flags, answer_header.max_age, answer_data
+            answer_header.timestamp,
+            answer_header.flags & ~wire.RESERVED_MASK,
+            answer_header.max_age,
+            answer_data,
         )
         if key is None:
             return answer

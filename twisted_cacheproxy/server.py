@@ -48,6 +48,7 @@ class CalculatorServerProtocol(wire.FrameReceiver):
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         self.transport.write(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+        self.transport.loseConnection()
 
 
 class CalculatorServerFactory(LimitTotalConnectionsFactory):

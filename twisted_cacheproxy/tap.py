@@ -37,7 +37,7 @@ class _CommonOptions(usage.Options):
             "max-message-size",
             None,
             wire.MAX_MESSAGE_SIZE,
-            "Largest message in bytes, header included (12..65535).",
+            "Largest message in bytes, header included (256..65535).",
             int,
         ],
         [
@@ -59,8 +59,9 @@ class _CommonOptions(usage.Options):
     def postOptions(self) -> None:
         if not 0 < self["port"] < 65536:
             raise usage.UsageError(f"--port must be 1..65535, not {self['port']}")
-        if not wire.HEADER_SIZE < self["max-message-size"] <= wire.LENGTH_LIMIT:
-            raise usage.UsageError("--max-message-size must be 13..65535")
+        # 256: the least that still holds every error answer of ours.
+        if not 256 <= self["max-message-size"] <= wire.LENGTH_LIMIT:
+            raise usage.UsageError("--max-message-size must be 256..65535")
         if self["idle-timeout"] < 0:
             raise usage.UsageError("--idle-timeout cannot be negative")
         if self["max-connections"] < 1:

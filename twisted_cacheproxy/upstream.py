@@ -49,11 +49,12 @@ class _Fetch:
     """One request's way to an answer: which attempt it is on, and what to
     cancel (a retry timer, a connection attempt, a sent request) on timeout."""
 
-    __slots__ = ("attempt", "d", "frame", "pending", "sent")
+    __slots__ = ("attempt", "d", "frame", "pending", "sent", "why")
 
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
         self.attempt = 0
+        self.why = ""  # why the last connection attempt failed
         self.pending = None  # the DelayedCall or Deferred to cancel
         self.sent = 0.0
         self.d = defer.Deferred(self.cancel)
@@ -104,12 +105,18 @@ class UpstreamPool:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame)
         self._dispatch(fetch)
-        return fetch.d.addTimeout(self.timeout, self.reactor, self._timedOut)
-
-    def _timedOut(self, result, timeout):
-        raise UpstreamError(
-            f"calculator server {self.host}:{self.port} did not answer within {timeout:g} s"
+        return fetch.d.addTimeout(
+            self.timeout, self.reactor, lambda result, timeout: self._timedOut(fetch, timeout)
         )
+
+    def _timedOut(self, fetch: _Fetch, timeout: float):
+        where = f"calculator server {self.host}:{self.port}"
+        if fetch.why:
+            raise UpstreamError(
+                f"{where} unreachable within {timeout:g} s "
+                f"({fetch.attempt} attempt{'s' if fetch.attempt > 1 else ''}): {fetch.why}"
+            )
+        raise UpstreamError(f"{where} did not answer within {timeout:g} s")
 
     def _dispatch(self, fetch: _Fetch) -> None:
         while self._idle:
@@ -135,17 +142,17 @@ class UpstreamPool:
         self._send(fetch, conn, reused=False)
 
     def _connectFailed(self, reason, fetch: _Fetch) -> None:
-        self.connections -= 1
+        self._freed()
         if reason.check(defer.CancelledError):
             return
+        why = reason.value.osError if isinstance(reason.value, error.ConnectError) else None
+        fetch.why = _reason(reason.value, why)
         if fetch.attempt >= self.attempts:
-            why = reason.value.osError if isinstance(reason.value, error.ConnectError) else None
             fetch.pending = None
             fetch.d.errback(
                 UpstreamError(
                     f"calculator server {self.host}:{self.port} unreachable after "
-                    f"{fetch.attempt} attempt{'s' if fetch.attempt > 1 else ''}: "
-                    f"{_reason(reason.value, why)}"
+                    f"{fetch.attempt} attempt{'s' if fetch.attempt > 1 else ''}: {fetch.why}"
                 )
             )
             return
@@ -196,10 +203,15 @@ class UpstreamPool:
         self._idle.append(conn)
 
     def lost(self, conn: UpstreamProtocol) -> None:
-        """A connection closed: forget it and let a queued request connect."""
-        self.connections -= 1
+        """A connection closed: forget it."""
         if conn in self._idle:
             self._idle.remove(conn)
+        self._freed()
+
+    def _freed(self) -> None:
+        """A connection (or an attempt at one) is gone: its place goes to the
+        requests queued for one."""
+        self.connections -= 1
         while self._queue and self.connections < self.max_connections:
             fetch = self._queue.popleft()
             if not fetch.d.called:

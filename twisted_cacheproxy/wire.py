@@ -24,6 +24,8 @@ MAX_MESSAGE_SIZE = 8192
 #: The largest message the 16-bit length field can describe.
 LENGTH_LIMIT = 65535
 
+#: Bits 15-13 of the flags word: sent as 0, ignored on receipt.
+RESERVED_MASK = 0xE000
 FLAG_CACHE = 1 << 12
 FLAG_STEPS = 1 << 11
 FLAG_REQUEST = 1 << 10
@@ -97,6 +99,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     idleTimeout: float | None = None
     _buffer = b""
     _paused = False
+    _broken = False
     #: Bytes already received after the message being handled.
     bufferedAfter = 0
 
@@ -106,6 +109,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._broken:
+            return
         self._buffer = self._buffer + data if self._buffer else data
         self._process()
 
@@ -118,6 +123,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             length = header.length
             if length < HEADER_SIZE or length > self.maxMessageSize:
                 self._buffer = b""
+                self._broken = True
                 first = buf[offset + HEADER_SIZE : offset + HEADER_SIZE + 1]
                 limit = self.maxMessageSize
                 self.invalidFrame(
@@ -125,7 +131,6 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
                     f"(must be {HEADER_SIZE}..{limit}); closing the connection",
                     first,
                 )
-                self.transport.loseConnection()
                 return
             if end - offset < length:
                 break
@@ -144,8 +149,10 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         raise NotImplementedError
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
-        """The stream cannot be resynchronised; the connection is closed after
-        this returns. ``first`` is the first data byte, when it has arrived."""
+        """The stream cannot be resynchronised: nothing more is read from it,
+        and this must close it. ``first`` is the first data byte, when it has
+        arrived (it tells the encoding of an answer)."""
+        self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         self.transport.abortConnection()
@@ -163,7 +170,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     def resumeProducing(self) -> None:
         self._paused = False
         self.transport.resumeProducing()
-        self._process()
+        if not self._broken:
+            self._process()
 
     def stopProducing(self) -> None:
         self._paused = True
@@ -212,7 +220,7 @@ class FrameClient(FrameReceiver):
         self._pending.popleft().callback((header, data))
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
-        self._failAll(ProtocolError(f"peer sent an {reason}"))
+        self._fail(ProtocolError(f"peer sent an {reason}"))
 
     def _fail(self, error: Exception) -> None:
         self._failAll(error)
