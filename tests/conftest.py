@@ -2,16 +2,57 @@
 
 from __future__ import annotations
 
-import json
-import pathlib
+import sys
 
 import pytest
-
-HERE = pathlib.Path(__file__).parent
-VECTORS = json.loads((HERE / "data" / "protocol-vectors.json").read_text())["vectors"]
+from helpers import VECTORS, make_api_module, make_course_module
 
 
 @pytest.fixture(params=VECTORS, ids=lambda v: v["text"])
 def vector(request):
     """One of the six standard expressions with its exact result and steps."""
     return request.param
+
+
+@pytest.fixture
+def course(monkeypatch):
+    """The course-style ``calculator`` module, in ``sys.modules`` for this test."""
+    module = make_course_module()
+    monkeypatch.setitem(sys.modules, "calculator", module)
+    return module
+
+
+@pytest.fixture
+def api(monkeypatch):
+    """The course-style ``api`` module, in ``sys.modules`` for this test."""
+    module = make_api_module()
+    monkeypatch.setitem(sys.modules, "api", module)
+    return module
+
+
+@pytest.fixture
+def proxy_log():
+    """Every event logged during the test (a list); the test fails at teardown
+    if any of them carries a failure or is at error or critical level, which
+    includes unhandled errors in garbage-collected Deferreds."""
+    import gc
+
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    bad = [
+        e
+        for e in events
+        if "log_failure" in e or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+    ]
+    details = [
+        formatEvent(e) + ("\n" + e["log_failure"].getTraceback() if "log_failure" in e else "")
+        for e in bad
+    ]
+    assert not bad, "errors were logged:\n" + "\n".join(details)

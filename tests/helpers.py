@@ -1,0 +1,172 @@
+"""Helpers shared by the tests (not fixtures): the vectors, Deferred
+inspection, and the course programs' ``calculator``/``api`` modules, written
+independently of the package's own stand-ins in codec.py."""
+
+from __future__ import annotations
+
+import builtins
+import copyreg
+import enum
+import io
+import json
+import math
+import operator
+import pathlib
+import pickle
+import random
+import types
+
+from twisted.python.failure import Failure
+
+from twisted_cacheproxy import expression as ex
+
+HERE = pathlib.Path(__file__).parent
+#: The six standard expressions (a copy of shared/protocol-vectors.json).
+VECTORS = json.loads((HERE / "data" / "protocol-vectors.json").read_text())["vectors"]
+
+
+def vector_value(vector):
+    """The exact result of a vector as a Python number of the right type."""
+    kind = {"int": int, "float": float}[vector["result_type"]]
+    value = kind(vector["result_repr"])
+    assert repr(value) == vector["result_repr"]
+    return value
+
+
+# --- Deferred helpers -------------------------------------------------------
+
+
+def success_of(d):
+    """The result a Deferred has already fired with (fails if it has not)."""
+    box = []
+    d.addBoth(box.append)
+    assert len(box) == 1, "the Deferred has not fired"
+    assert not isinstance(box[0], Failure), box[0].getTraceback()
+    return box[0]
+
+
+def failure_of(d, *types_):
+    """The Failure a Deferred has already failed with; handled here."""
+    box = []
+    d.addBoth(box.append)
+    assert len(box) == 1, "the Deferred has not fired"
+    assert isinstance(box[0], Failure), f"succeeded with {box[0]!r}"
+    if types_:
+        assert box[0].check(*types_), box[0].getTraceback()
+    return box[0]
+
+
+# --- the course's `calculator` module, written independently of codec.py ----
+
+
+def _course_class(module, name, fields):
+    def init(self, *values):
+        assert len(values) == len(fields)
+        for field, value in zip(fields, values, strict=True):
+            setattr(self, field, value)
+
+    return type(
+        name,
+        (),
+        {"__init__": init, "__module__": module, "__qualname__": name, "fields": fields},
+    )
+
+
+def course_pickle(obj, protocol: int = 4) -> bytes:
+    """``pickle.dumps`` as it behaves in the course client's process.
+
+    Importing ``twisted.persisted.styles`` (``twisted.application.service``
+    does) registers a process-wide copyreg reducer that pickles every bound
+    method as ``twisted.persisted.styles.unpickleMethod``; the course client
+    has no Twisted, so a bound ``Random.uniform`` pickles as
+    ``getattr(Random, 'uniform')``. This pickler ignores that registration.
+    """
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol)
+    table = dict(copyreg.dispatch_table)
+    table.pop(types.MethodType, None)
+    pickler.dispatch_table = table
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
+def make_course_module(seed: int = 1234) -> types.ModuleType:
+    """A module named ``calculator`` holding classes shaped like the course
+    client's, its shared operator and function objects, and helpers that turn
+    one of our model trees into the course client's object graph."""
+    m = types.ModuleType("calculator", "course-style stand-ins (tests only)")
+    m.Constant = _course_class("calculator", "Constant", ("value",))
+    m.NamedConstant = _course_class("calculator", "NamedConstant", ("name", "value"))
+    m.BinaryExpr = _course_class(
+        "calculator", "BinaryExpr", ("left_operand", "operator", "right_operand")
+    )
+    m.BinaryOperator = _course_class(
+        "calculator", "BinaryOperator", ("symbol", "function", "associativity")
+    )
+    m.UnaryExpr = _course_class("calculator", "UnaryExpr", ("operator", "operand"))
+    m.UnaryOperator = _course_class("calculator", "UnaryOperator", ("symbol", "function"))
+    m.FunctionCallExpr = _course_class("calculator", "FunctionCallExpr", ("function", "args"))
+    m.Function = _course_class("calculator", "Function", ("name", "function"))
+    m.Associativity = enum.Enum(
+        "Associativity", [("LEFT", 0), ("RIGHT", 1)], module="calculator", qualname="Associativity"
+    )
+    left, right = m.Associativity.LEFT, m.Associativity.RIGHT
+    # One operator object per symbol, shared by every node, as the course client does.
+    m.BINARY = {
+        "+": m.BinaryOperator("+", operator.add, left),
+        "-": m.BinaryOperator("-", operator.sub, left),
+        "*": m.BinaryOperator("*", operator.mul, left),
+        "/": m.BinaryOperator("/", operator.truediv, left),
+        "%": m.BinaryOperator("%", operator.mod, left),
+        "**": m.BinaryOperator("**", operator.pow, right),
+    }
+    m.UNARY = {
+        "-": m.UnaryOperator("-", operator.neg),
+        "+": m.UnaryOperator("+", operator.pos),
+    }
+    m.FUNCTIONS = {
+        "sin": m.Function("sin", math.sin),
+        "cos": m.Function("cos", math.cos),
+        "tan": m.Function("tan", math.tan),
+        "sqrt": m.Function("sqrt", math.sqrt),
+        "log": m.Function("log", math.log),
+        "max": m.Function("max", builtins.max),
+        "min": m.Function("min", builtins.min),
+        "pow": m.Function("pow", builtins.pow),
+        "rand": m.Function("rand", random.Random(seed).uniform),
+    }
+
+    def build(node):
+        """Our model tree as the course client's objects."""
+        if isinstance(node, ex.Number):
+            return m.Constant(node.value)
+        if isinstance(node, ex.Constant):
+            return m.NamedConstant(node.name, ex.CONSTANTS[node.name])
+        if isinstance(node, ex.Binary):
+            return m.BinaryExpr(build(node.left), m.BINARY[node.op], build(node.right))
+        if isinstance(node, ex.Unary):
+            return m.UnaryExpr(m.UNARY[node.op], build(node.operand))
+        return m.FunctionCallExpr(m.FUNCTIONS[node.name], [build(a) for a in node.args])
+
+    def dumps(node, protocol=4):
+        """The course client's request data for ``node``."""
+        return course_pickle(build(node), protocol)
+
+    m.build = build
+    m.dumps = dumps
+    return m
+
+
+def make_api_module() -> types.ModuleType:
+    """The course server's ``api`` module: its three exception classes."""
+    m = types.ModuleType("api", "course-style error classes (tests only)")
+    m.CalculatorError = type(
+        "CalculatorError", (Exception,), {"__module__": "api", "__qualname__": "CalculatorError"}
+    )
+    for name in ("CalculatorClientError", "CalculatorServerError"):
+        setattr(
+            m,
+            name,
+            type(name, (m.CalculatorError,), {"__module__": "api", "__qualname__": name}),
+        )
+    return m

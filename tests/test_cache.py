@@ -1,0 +1,304 @@
+"""`MemoryCache` and `Entry`: LRU order, the byte bound, replacement, deletion,
+expiry with the stale-if-error grace, all on an injected `task.Clock`."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from twisted_cacheproxy.cache import ENTRY_OVERHEAD, FOREVER, Entry, MemoryCache
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def clock():
+    c = Clock()
+    c.advance(T0)
+    return c
+
+
+def size_of(key: bytes, answer: bytes) -> int:
+    """What one entry counts against the bound."""
+    return len(key) + len(answer) + ENTRY_OVERHEAD
+
+
+def entry(clock, answer: bytes = b"answer", lifetime: int = FOREVER) -> Entry:
+    return Entry(answer, clock.seconds(), lifetime)
+
+
+def stored(cache: MemoryCache, *keys: bytes) -> list[bytes]:
+    """Which of ``keys`` the cache holds (looking them up, so call it last)."""
+    return [k for k in keys if cache.get(k) is not None]
+
+
+# --- Entry ------------------------------------------------------------------
+
+
+def test_entry_age_and_freshness():
+    e = Entry(b"x", 100.0, 10)
+    assert e.age(100.0) == 0.0
+    assert e.age(104.5) == 4.5
+    # A clock reading before the store time never gives a negative age.
+    assert e.age(90.0) == 0.0
+    assert e.fresh(109.999)
+    assert not e.fresh(110.0)
+    assert not e.fresh(500.0)
+
+
+def test_forever_entry_is_always_fresh():
+    e = Entry(b"x", 100.0, FOREVER)
+    assert e.fresh(100.0 + 10 * 365 * 86400)
+
+
+# --- store, look up, replace, delete ----------------------------------------
+
+
+def test_empty_cache(clock):
+    cache = MemoryCache(10_000, clock)
+    assert cache.get(b"k") is None
+    assert (cache.entries, cache.bytes, cache.evictions) == (0, 0, 0)
+
+
+def test_put_then_get_returns_the_entry_and_counts_its_bytes(clock):
+    cache = MemoryCache(10_000, clock)
+    e = entry(clock, b"the answer")
+    cache.put(b"key", e)
+    assert cache.get(b"key") is e
+    assert e.answer == b"the answer"
+    assert e.size == size_of(b"key", b"the answer")
+    assert cache.entries == 1
+    assert cache.bytes == size_of(b"key", b"the answer")
+    assert cache.evictions == 0
+
+
+def test_put_replaces_an_older_entry_for_the_same_key(clock):
+    cache = MemoryCache(10_000, clock)
+    cache.put(b"key", entry(clock, b"old answer, long"))
+    clock.advance(3)
+    new = entry(clock, b"new")
+    cache.put(b"key", new)
+    assert cache.get(b"key") is new
+    assert cache.entries == 1
+    assert cache.bytes == size_of(b"key", b"new")
+    # A replacement is not an eviction.
+    assert cache.evictions == 0
+
+
+def test_delete_forgets_the_entry_and_its_bytes(clock):
+    cache = MemoryCache(10_000, clock)
+    cache.put(b"a", entry(clock, b"1"))
+    cache.put(b"b", entry(clock, b"22"))
+    cache.delete(b"a")
+    assert cache.get(b"a") is None
+    assert cache.entries == 1
+    assert cache.bytes == size_of(b"b", b"22")
+    # Deleting what is not there changes nothing.
+    cache.delete(b"a")
+    cache.delete(b"never")
+    assert cache.entries == 1
+    assert cache.bytes == size_of(b"b", b"22")
+    assert cache.evictions == 0
+
+
+# --- the byte bound and LRU order --------------------------------------------
+
+
+def test_byte_bound_evicts_least_recently_stored(clock):
+    one = size_of(b"a", b"x" * 50)
+    cache = MemoryCache(2 * one, clock)
+    for k in (b"a", b"b", b"c"):
+        cache.put(k, entry(clock, b"x" * 50))
+    assert cache.entries == 2
+    assert cache.bytes == 2 * one
+    assert cache.evictions == 1
+    assert stored(cache, b"a", b"b", b"c") == [b"b", b"c"]
+
+
+def test_a_lookup_makes_an_entry_most_recently_used(clock):
+    one = size_of(b"a", b"x" * 50)
+    cache = MemoryCache(2 * one, clock)
+    cache.put(b"a", entry(clock, b"x" * 50))
+    cache.put(b"b", entry(clock, b"x" * 50))
+    assert cache.get(b"a") is not None
+    cache.put(b"c", entry(clock, b"x" * 50))
+    assert cache.evictions == 1
+    assert stored(cache, b"a", b"b", b"c") == [b"a", b"c"]
+
+
+def test_replacing_makes_an_entry_most_recently_used(clock):
+    one = size_of(b"a", b"x" * 50)
+    cache = MemoryCache(2 * one, clock)
+    cache.put(b"a", entry(clock, b"x" * 50))
+    cache.put(b"b", entry(clock, b"x" * 50))
+    cache.put(b"a", entry(clock, b"y" * 50))
+    cache.put(b"c", entry(clock, b"x" * 50))
+    assert cache.evictions == 1
+    assert stored(cache, b"a", b"b", b"c") == [b"a", b"c"]
+    assert cache.get(b"a").answer == b"y" * 50
+
+
+def test_one_big_entry_evicts_as_many_as_needed(clock):
+    small = size_of(b"k0", b"s")
+    cache = MemoryCache(5 * small, clock)
+    for i in range(5):
+        cache.put(b"k%d" % i, entry(clock, b"s"))
+    assert cache.bytes == 5 * small
+    # Needs the room of three small entries (and a little more).
+    big_answer = b"B" * (3 * small - len(b"big") - ENTRY_OVERHEAD + 1)
+    cache.put(b"big", entry(clock, big_answer))
+    assert cache.evictions == 4
+    assert cache.bytes == small + size_of(b"big", big_answer)
+    assert cache.bytes <= cache.max_bytes
+    assert stored(cache, *(b"k%d" % i for i in range(5)), b"big") == [b"k4", b"big"]
+
+
+def test_entry_exactly_at_the_bound_is_kept(clock):
+    cache = MemoryCache(size_of(b"k", b"v" * 10), clock)
+    cache.put(b"k", entry(clock, b"v" * 10))
+    assert cache.entries == 1
+    assert cache.bytes == cache.max_bytes
+
+
+def test_entry_larger_than_the_whole_cache_is_not_stored_and_evicts_nothing(clock):
+    cache = MemoryCache(1000, clock)
+    cache.put(b"small", entry(clock, b"s"))
+    cache.put(b"huge", entry(clock, b"h" * 1000))
+    assert cache.evictions == 0
+    assert cache.bytes == size_of(b"small", b"s")
+    assert stored(cache, b"small", b"huge") == [b"small"]
+
+
+def test_oversized_replacement_drops_the_old_entry(clock):
+    cache = MemoryCache(1000, clock)
+    cache.put(b"k", entry(clock, b"old"))
+    cache.put(b"k", entry(clock, b"h" * 1000))
+    assert cache.get(b"k") is None
+    assert (cache.entries, cache.bytes) == (0, 0)
+
+
+def test_zero_byte_cache_stores_nothing(clock):
+    cache = MemoryCache(0, clock)
+    cache.put(b"k", entry(clock, b"v"))
+    assert (cache.entries, cache.bytes, cache.evictions) == (0, 0, 0)
+
+
+# --- expiry and grace, on the injected clock ---------------------------------
+
+
+def test_entry_expires_at_its_lifetime_without_grace(clock):
+    cache = MemoryCache(10_000, clock)
+    cache.put(b"k", entry(clock, b"v", lifetime=10))
+    clock.advance(9.999)
+    assert cache.get(b"k") is not None
+    clock.advance(0.001)
+    assert cache.get(b"k") is None
+    # The expired entry is gone, bytes and all; expiry is not an eviction.
+    assert (cache.entries, cache.bytes, cache.evictions) == (0, 0, 0)
+
+
+def test_grace_keeps_an_expired_entry_for_n_more_seconds(clock):
+    cache = MemoryCache(10_000, clock, grace=30)
+    e = entry(clock, b"v", lifetime=10)
+    cache.put(b"k", e)
+    clock.advance(39.999)
+    got = cache.get(b"k")
+    assert got is e
+    # Returned, but not fresh: the caller decides whether it may serve it.
+    assert not got.fresh(clock.seconds())
+    clock.advance(0.001)
+    assert cache.get(b"k") is None
+    assert (cache.entries, cache.bytes) == (0, 0)
+
+
+def test_forever_entries_never_expire(clock):
+    cache = MemoryCache(10_000, clock)
+    e = entry(clock, b"v", lifetime=FOREVER)
+    cache.put(b"k", e)
+    clock.advance(20 * 365 * 86400)
+    assert cache.get(b"k") is e
+
+
+def test_expiry_uses_the_store_time_in_the_entry_not_the_put_time(clock):
+    # The proxy stores answers with the time it *sent* the request.
+    cache = MemoryCache(10_000, clock)
+    cache.put(b"k", Entry(b"v", clock.seconds() - 8, 10))
+    clock.advance(1.999)
+    assert cache.get(b"k") is not None
+    clock.advance(0.001)
+    assert cache.get(b"k") is None
+
+
+def test_the_cache_reads_only_the_injected_clock(clock):
+    cache = MemoryCache(10_000, clock)
+    cache.put(b"k", entry(clock, b"v", lifetime=5))
+    # No real time passes here; only the fake clock moves.
+    assert cache.get(b"k") is not None
+    clock.advance(5)
+    assert cache.get(b"k") is None
+
+
+# --- a model check: whatever happens, the bookkeeping adds up ----------------
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.sampled_from([b"a", b"b", b"c", b"d", b"e"]),
+            st.integers(0, 300),
+            st.sampled_from([1, 5, 30, FOREVER]),
+        ),
+        st.tuples(st.just("get"), st.sampled_from([b"a", b"b", b"c", b"d", b"e"])),
+        st.tuples(st.just("delete"), st.sampled_from([b"a", b"b", b"c", b"d", b"e"])),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1, 4, 10])),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_ops, max_bytes=st.integers(0, 1500), grace=st.sampled_from([0, 3, 20]))
+def test_cache_matches_an_lru_model(ops, max_bytes, grace):
+    clock = Clock()
+    clock.advance(T0)
+    cache = MemoryCache(max_bytes, clock, grace=grace)
+    model: dict[bytes, tuple[bytes, float, int]] = {}  # insertion order = LRU order
+    evictions = 0
+
+    def expired(stored: float, lifetime: int) -> bool:
+        return lifetime != FOREVER and clock.seconds() - stored >= lifetime + grace
+
+    for op in ops:
+        if op[0] == "put":
+            _, key, n, lifetime = op
+            answer = b"v" * n
+            model.pop(key, None)
+            if size_of(key, answer) <= max_bytes:
+                model[key] = (answer, clock.seconds(), lifetime)
+                while sum(size_of(k, v[0]) for k, v in model.items()) > max_bytes:
+                    del model[next(iter(model))]
+                    evictions += 1
+            cache.put(key, Entry(answer, clock.seconds(), lifetime))
+        elif op[0] == "get":
+            key = op[1]
+            got = cache.get(key)
+            if key in model and not expired(model[key][1], model[key][2]):
+                assert got is not None
+                assert (got.answer, got.stored, got.lifetime) == model[key]
+                model[key] = model.pop(key)
+            else:
+                model.pop(key, None)
+                assert got is None
+        elif op[0] == "delete":
+            cache.delete(op[1])
+            model.pop(op[1], None)
+        else:
+            clock.advance(op[1])
+        assert cache.entries == len(model)
+        assert cache.bytes == sum(size_of(k, v[0]) for k, v in model.items())
+        assert cache.bytes <= max_bytes
+        assert cache.evictions == evictions
+    live = [k for k, v in model.items() if not expired(v[1], v[2])]
+    assert stored(cache, *model) == live

@@ -1,0 +1,373 @@
+"""Integration: ``twistd -n cacheserver`` over real TCP on 127.0.0.1, and ``calc-client``.
+
+One server process serves the whole module; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import VECTORS, vector_value
+from twisted.python import usage
+
+from twisted_cacheproxy import tap, wire
+from twisted_cacheproxy.parser import parse
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WAIT = 10.0  # seconds: the most any single wait here may take
+
+
+def script(name: str) -> str:
+    """The console script installed beside this Python, else the one on PATH."""
+    here = pathlib.Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    assert found, f"{name} is not installed (pip install .)"
+    return found
+
+
+def environment() -> dict[str, str]:
+    """Run the package under test (this checkout) even if an older copy is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, *, input=None, timeout=WAIT, cwd=None):
+    return subprocess.run(
+        args,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment(),
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def cacheserver(tmp_path_factory):
+    """A running ``twistd -n cacheserver``; yields its port."""
+    workdir = tmp_path_factory.mktemp("twistd")
+    port = free_port()
+    log = (workdir / "twistd.log").open("w")
+    proc = subprocess.Popen(
+        [script("twistd"), "-n", "--pidfile=", "cacheserver", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        env=environment(),
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"twistd exited with {proc.returncode}:\n{read(workdir)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"twistd did not listen within {WAIT} s:\n{read(workdir)}")
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=WAIT)
+        log.close()
+    # twistd re-raises the SIGTERM it handled, after a clean shutdown.
+    assert proc.returncode in (0, -signal.SIGTERM), read(workdir)
+    text = read(workdir)
+    assert "Server Shut Down." in text
+    assert "Traceback" not in text and "Unhandled" not in text, text
+
+
+def read(workdir) -> str:
+    return (workdir / "twistd.log").read_text()
+
+
+# --- raw TCP helpers -----------------------------------------------------------------------
+
+
+def request(data: bytes, steps=True, cache=True, max_age=65535) -> bytes:
+    return wire.encode(
+        int(time.time()), wire.make_flags(request=True, steps=steps, cache=cache), max_age, data
+    )
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        assert chunk, "the server closed the connection"
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_answer(sock) -> tuple[wire.Header, bytes]:
+    head = recv_exactly(sock, 12)
+    h = wire.decode_header(head)
+    return h, recv_exactly(sock, h.length - 12)
+
+
+def connect(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    return sock
+
+
+# --- the six vectors over TCP --------------------------------------------------------------
+
+
+def test_vector_text_over_tcp(cacheserver, vector):
+    with connect(cacheserver) as sock:
+        sock.sendall(request(vector["text"].encode()))
+        h, body = read_answer(sock)
+    assert (h.status, h.cache, h.steps, h.request, h.max_age) == (200, True, True, False, 65535)
+    answer = json.loads(body)
+    assert answer["steps"] == vector["steps"]
+    assert repr(answer["result"]) == vector["result_repr"]
+    assert type(answer["result"]).__name__ == vector["result_type"]
+    assert abs(h.timestamp - time.time()) < 60
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_vector_legacy_over_tcp(cacheserver, vector, course, protocol):
+    with connect(cacheserver) as sock:
+        sock.sendall(request(course.dumps(parse(vector["text"]), protocol)))
+        h, body = read_answer(sock)
+    assert (h.status, h.cache, h.steps, h.max_age) == (200, True, True, 65535)
+    assert body == pickle.dumps((vector_value(vector), vector["steps"]), 4)
+
+
+def test_pipelined_requests_over_tcp(cacheserver, course):
+    frames = []
+    for v in VECTORS:
+        frames.append(request(v["text"].encode()))
+        frames.append(request(course.dumps(parse(v["text"])), steps=False))
+    frames.insert(5, request(b"1 / 0"))
+    with connect(cacheserver) as sock:
+        sock.sendall(b"".join(frames))
+        answers = [read_answer(sock) for _ in frames]
+    assert answers[5][0].status == 400
+    assert json.loads(answers[5][1]) == {"error": "division by zero", "type": "ZeroDivisionError"}
+    del answers[5]
+    for i, v in enumerate(VECTORS):
+        (h1, text_body), (h2, legacy_body) = answers[2 * i], answers[2 * i + 1]
+        assert (h1.status, h1.steps, h2.status, h2.steps) == (200, True, 200, False)
+        assert json.loads(text_body)["steps"] == v["steps"]
+        assert legacy_body == pickle.dumps((vector_value(v), []), 4)
+
+
+def test_one_message_in_many_tiny_writes(cacheserver):
+    frame = request(b"max(2, 3) + 3")
+    with connect(cacheserver) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(frame), 3):
+            sock.sendall(frame[i : i + 3])
+        h, body = read_answer(sock)
+    assert (h.status, body) == (200, b'{"result": 6, "steps": ["max(2, 3) + 3", "3 + 3", "6"]}')
+
+
+def test_deep_nesting_over_tcp(cacheserver):
+    with connect(cacheserver) as sock:
+        sock.sendall(request(("sqrt(" * 199 + "4" + ")" * 199).encode(), steps=False))
+        h, body = read_answer(sock)
+    assert (h.status, body) == (200, b'{"result": 1.0, "steps": []}')
+
+
+def test_impossible_header_over_tcp_gets_one_400_then_close(cacheserver):
+    with connect(cacheserver) as sock:
+        sock.sendall(struct.pack("!LHHHxx", 0, 3, 0x0400, 0) + b"1 + 1")
+        h, body = read_answer(sock)
+        assert h.status == 400
+        assert json.loads(body) == {
+            "error": "impossible message length 3 (must be 12..8192); closing the connection",
+            "type": "ValueError",
+        }
+        assert sock.recv(100) == b""  # closed, nothing more
+
+
+# --- calc-client against the server ------------------------------------------------------------
+
+
+def test_calc_client_result(cacheserver):
+    proc = run([script("calc-client"), "--port", str(cacheserver), "max(2, 3) + 3"])
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == (
+        "Expression: max(2, 3) + 3\n"
+        "          = 3 + 3\n"
+        "          = 6\n"
+        "Result: 6  (cacheable for ever)\n"
+    )
+
+
+def test_calc_client_legacy_without_steps(cacheserver):
+    proc = run(
+        [
+            script("calc-client"),
+            "--port",
+            str(cacheserver),
+            "--legacy",
+            "--no-steps",
+            VECTORS[0]["text"],
+        ]
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == (
+        f"Expression: {VECTORS[0]['text']}\nResult: -0.38748277824137206  (cacheable for ever)\n"
+    )
+
+
+def test_calc_client_legacy_rand(cacheserver):
+    proc = run(
+        [script("calc-client"), "--port", str(cacheserver), "--legacy", "--no-steps", "rand(5, 6)"]
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    first, second, end = proc.stdout.split("\n")
+    assert (first, end) == ("Expression: rand(5, 6)", "")
+    value = float(second.removeprefix("Result: ").removesuffix("  (not cacheable)"))
+    assert 5 <= value <= 6
+
+
+def test_calc_client_error_answer_exits_1(cacheserver):
+    proc = run([script("calc-client"), "--port", str(cacheserver), "sqrt(-1)"])
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == "Error 400 (ValueError): math domain error\n"
+
+
+def test_calc_client_nothing_listening_exits_2():
+    proc = run([script("calc-client"), "--port", str(free_port()), "1 + 1"])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith("Error: cannot connect: ")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_calc_client_menu_with_piped_input(cacheserver):
+    proc = run([script("calc-client"), "--port", str(cacheserver)], input="2\n9\n7\n1/0\nq\n")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    out = proc.stdout
+    assert out.startswith(f"Connected to 127.0.0.1:{cacheserver}.\n")
+    assert out.count("choice> ") == 4  # start, after the answer, the re-prompt, after the error
+    assert "Expression: max(2, 3) + 3\n          = 3 + 3\n          = 6\nResult: 6" in out
+    assert "Please answer 1-7 or q.\n" in out
+    assert "Error 400 (ZeroDivisionError): division by zero\n" in out
+
+
+def test_calc_client_menu_end_of_input_quits(cacheserver):
+    proc = run([script("calc-client"), "--port", str(cacheserver)], input="5\n")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "Result: 9.92290301275212e-08" in proc.stdout
+
+
+# --- twistd command line -----------------------------------------------------------------------
+
+
+def test_twistd_help_lists_cacheserver():
+    proc = run([script("twistd"), "--help"])
+    assert proc.returncode == 0
+    commands = proc.stdout.split("Commands:")[1]
+    assert any(line.split()[:1] == ["cacheserver"] for line in commands.splitlines())
+
+
+def test_twistd_cacheserver_help_lists_the_options():
+    proc = run([script("twistd"), "cacheserver", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    for option in (
+        "--port=",
+        "--interface=",
+        "--max-message-size=",
+        "--idle-timeout=",
+        "--max-age=",
+        "--no-cache",
+    ):
+        assert option in proc.stdout, option
+
+
+def test_twistd_cacheserver_refuses_a_bad_port(tmp_path):
+    proc = run([script("twistd"), "-n", "--pidfile=", "cacheserver", "--port", "0"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "--port must be 1..65535, not 0" in proc.stdout + proc.stderr
+
+
+# --- the options, in process -------------------------------------------------------------------
+
+
+def options(*argv):
+    config = tap.ServerOptions()
+    config.parseOptions(list(argv))
+    return config
+
+
+def test_server_options_defaults():
+    config = options()
+    assert (config["port"], config["interface"], config["max-message-size"]) == (
+        9999,
+        "127.0.0.1",
+        8192,
+    )
+    assert (config["idle-timeout"], config["max-age"], config["no-cache"]) == (60.0, 65535, 0)
+    assert config["max-connections"] == 10_000
+
+
+def test_server_options_build_the_service():
+    config = options(
+        "--port",
+        "4567",
+        "--interface",
+        "0.0.0.0",
+        "--max-age",
+        "30",
+        "--max-message-size",
+        "1000",
+        "--idle-timeout",
+        "0",
+        "--no-cache",
+        "--max-connections",
+        "5",
+    )
+    service = tap.server.makeService(config)
+    port, factory = service.args
+    assert port == 4567
+    assert service.kwargs == {"interface": "0.0.0.0"}
+    assert (factory.max_age, factory.cacheable, factory.max_message_size) == (30, False, 1000)
+    assert (factory.idle_timeout, factory.connectionLimit) == (None, 5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "0"], "--port must be 1..65535, not 0"),
+        (["--port", "65536"], "--port must be 1..65535, not 65536"),
+        (["--max-message-size", "255"], "--max-message-size must be 256..65535"),
+        (["--max-message-size", "65536"], "--max-message-size must be 256..65535"),
+        (["--idle-timeout", "-1"], "--idle-timeout cannot be negative"),
+        (["--max-connections", "0"], "--max-connections must be at least 1"),
+        (["--max-age", "65536"], "--max-age must be 0..65535"),
+        (["--max-age", "-1"], "--max-age must be 0..65535"),
+    ],
+)
+def test_server_options_refuse_bad_values(argv, message):
+    with pytest.raises(usage.UsageError) as info:
+        options(*argv)
+    assert str(info.value) == message

@@ -1,0 +1,496 @@
+"""The proxy over real TCP on 127.0.0.1: real ``twistd cacheserver`` and
+``twistd cacheproxy`` processes, and small servers of our own in this process
+that count what reaches them.
+
+The twistd processes run the *installed* package: run ``pip install .`` first
+so that they see the current code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+
+from twisted_cacheproxy import codec, wire
+from twisted_cacheproxy.proxy import CacheProxyFactory
+from twisted_cacheproxy.server import CalculatorServerFactory
+
+HOST = "127.0.0.1"
+VECTORS = json.loads(
+    (pathlib.Path(__file__).parent / "data" / "protocol-vectors.json").read_text()
+)["vectors"]
+#: How long any single exchange in these tests may take.
+TIMEOUT = 10.0
+
+
+def _twistd() -> list[str]:
+    local = pathlib.Path(sys.executable).with_name("twistd")
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("twistd")
+    assert found, "twistd is not installed"
+    return [found]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def accepting(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Process:
+    """One ``twistd -n`` process, logging to a file of its own."""
+
+    def __init__(self, args: list[str], port: int, log: pathlib.Path, cwd: pathlib.Path):
+        self.args = args
+        self.port = port
+        self.log = log
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: float = 15.0) -> None:
+        command = [*_twistd(), "-n", "--pidfile=", f"--logfile={self.log}", *self.args]
+        self.proc = subprocess.Popen(
+            command,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + wait
+        while not accepting(self.port):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"twistd {self.args} exited:\n{self.logText()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"twistd {self.args} did not listen:\n{self.logText()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def logText(self) -> str:
+        return self.log.read_text() if self.log.exists() else "(no log)"
+
+
+@pytest.fixture
+def twistd(tmp_path):
+    """Starts twistd processes; every one is stopped when the test ends."""
+    started: list[Process] = []
+
+    def start(*args: str, port: int) -> Process:
+        p = Process(list(args), port, tmp_path / f"twistd-{len(started)}.log", tmp_path)
+        started.append(p)
+        p.start()
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def calc_server(twistd):
+    port = free_port()
+    return twistd("cacheserver", "--port", str(port), port=port)
+
+
+def start_proxy(twistd, server_port: int, *extra: str):
+    port = free_port()
+    return twistd(
+        "cacheproxy",
+        "--port",
+        str(port),
+        "--server-port",
+        str(server_port),
+        "--retry-delay",
+        "0.05",
+        *extra,
+        port=port,
+    )
+
+
+# --- clients and counting servers in this process --------------------------------------
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def within(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
+    from twisted.internet import reactor
+
+    return d.addTimeout(seconds, reactor)
+
+
+def connect(port: int) -> defer.Deferred:
+    from twisted.internet import reactor
+
+    creator = protocol.ClientCreator(reactor, wire.FrameClient)
+    return within(creator.connectTCP(HOST, port, timeout=5))
+
+
+def raw(message: tuple[wire.Header, bytes]) -> bytes:
+    """The message as it came over the wire (padding is always 0)."""
+    header, data = message
+    return wire.encode(header.timestamp, header.flags, header.max_age, data)
+
+
+@defer.inlineCallbacks
+def ask(port: int, *frames: bytes):
+    """Send ``frames`` pipelined on one new connection; the answers' bytes, in order."""
+    conn = yield connect(port)
+    try:
+        answers = yield within(defer.gatherResults([conn.sendRequest(f) for f in frames]))
+    finally:
+        conn.transport.loseConnection()
+    return [raw(a) for a in answers]
+
+
+def request(text: str, *, steps=True, cache=True, max_age=wire.FOREVER) -> bytes:
+    flags = wire.make_flags(request=True, cache=cache, steps=steps)
+    return wire.encode(int(time.time()), flags, max_age, text.encode())
+
+
+def vector_payload(v: dict) -> bytes:
+    value = int(v["result_repr"]) if v["result_type"] == "int" else float(v["result_repr"])
+    return codec.encode_result(codec.TEXT, value, v["steps"])
+
+
+def assert_answer(frame: bytes, payload: bytes, *, cache=True, max_age=wire.FOREVER) -> None:
+    header = wire.decode_header(frame)
+    assert abs(header.timestamp - time.time()) < 60
+    assert header.length == len(frame)
+    flags = wire.make_flags(request=False, status=wire.OK, cache=cache, steps=True)
+    assert (header.flags, header.max_age) == (flags, max_age)
+    assert frame[12:] == payload
+
+
+class CountingProtocol(wire.FrameReceiver):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connections += 1
+
+    answered = 0
+
+    def frameReceived(self, header: wire.Header, data: bytes) -> None:
+        f = self.factory
+        f.requests.append(raw((header, data)))
+        if f.answers_per_connection and self.answered >= f.answers_per_connection:
+            # As if this connection had been closed while idle, just before the request.
+            self.transport.loseConnection()
+            return
+        self.answered += 1
+        now = int(f.clock.seconds())
+        frame = f.calculator.answer(header.flags & wire.FLAG_STEPS, data, codec.TEXT, now)
+        f.sent.append(frame)
+        if f.delay:
+            f.clock.callLater(f.delay, self.transport.write, frame)
+        else:
+            self.transport.write(frame)
+
+
+class CountingServer(protocol.Factory):
+    """A calculator server that records every connection, request and answer,
+    and can hold each answer back for ``delay`` seconds."""
+
+    protocol = CountingProtocol
+
+    def __init__(self, delay: float = 0.0, answers_per_connection: int = 0) -> None:
+        from twisted.internet import reactor
+
+        self.clock = reactor
+        self.delay = delay
+        self.answers_per_connection = answers_per_connection
+        self.calculator = CalculatorServerFactory(clock=reactor)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.port = None
+
+    def listen(self) -> int:
+        from twisted.internet import reactor
+
+        self.port = reactor.listenTCP(0, self, interface=HOST)
+        return self.port.getHost().port
+
+    def close(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+# --- 3.1: client -> server ---------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_scenario_3_1_client_to_server(calc_server):
+    a, b = VECTORS[1], VECTORS[0]
+    first = yield ask(calc_server.port, request(a["text"]))
+    second = yield ask(calc_server.port, request(a["text"]))
+    other = yield ask(calc_server.port, request(b["text"]))
+    for frame in (first[0], second[0]):
+        assert_answer(frame, vector_payload(a))
+    assert_answer(other[0], vector_payload(b))
+
+
+# --- 3.2: the same through the proxy -----------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_scenario_3_2_through_the_proxy_hit_without_upstream_contact(twistd):
+    server = CountingServer()
+    server_port = server.listen()
+    try:
+        proxy = start_proxy(twistd, server_port)
+        a, b = VECTORS[1], VECTORS[0]
+        first = request(a["text"])
+        (miss,) = yield ask(proxy.port, first)
+        assert_answer(miss, vector_payload(a))
+        assert server.requests == [first]  # forwarded unchanged
+        assert server.sent == [miss]  # relayed unchanged
+        assert server.connections == 1
+
+        (hit,) = yield ask(proxy.port, request(a["text"]))
+        assert hit == miss  # forever-cacheable: the stored bytes, as they were
+        assert len(server.requests) == 1
+        assert server.connections == 1
+
+        other = request(b["text"])
+        (different,) = yield ask(proxy.port, other)
+        assert_answer(different, vector_payload(b))
+        assert server.requests == [first, other]
+        assert server.sent[1] == different
+        assert server.connections == 1  # the pooled connection was reused
+    finally:
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_scenario_3_2_with_the_real_server(calc_server, twistd):
+    proxy = start_proxy(twistd, calc_server.port)
+    a = VECTORS[1]
+    (miss,) = yield ask(proxy.port, request(a["text"]))
+    assert_answer(miss, vector_payload(a))
+    calc_server.stop()  # nothing upstream any more: the hit must come from the cache
+    (hit,) = yield ask(proxy.port, request(a["text"]))
+    assert hit == miss
+
+
+# --- 3.3: the server stopped, then restarted --------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_scenario_3_3_server_down_then_back(calc_server, twistd):
+    proxy = start_proxy(twistd, calc_server.port)
+    a, b = VECTORS[1], VECTORS[4]
+    (cached,) = yield ask(proxy.port, request(a["text"]))
+    assert_answer(cached, vector_payload(a))
+
+    calc_server.stop()
+    (again,) = yield ask(proxy.port, request(a["text"]))
+    assert again == cached
+
+    started = time.monotonic()
+    (failed,) = yield ask(proxy.port, request(b["text"]))
+    elapsed = time.monotonic() - started
+    header = wire.decode_header(failed)
+    assert (header.status, header.cache, header.steps, header.max_age) == (500, False, False, 0)
+    message = (
+        f"calculator server 127.0.0.1:{calc_server.port} unreachable after 5 attempts: "
+        "Connection refused"
+    )
+    assert failed[12:] == json.dumps({"error": message, "type": "ConnectionError"}).encode()
+    # Four waits of 0.05, 0.1, 0.2 and 0.4 s between the five attempts.
+    assert 0.7 <= elapsed < 5
+
+    calc_server.start()  # same port; the proxy was not restarted
+    (recovered,) = yield ask(proxy.port, request(b["text"]))
+    assert_answer(recovered, vector_payload(b))
+    (still,) = yield ask(proxy.port, request(a["text"]))
+    assert still == cached
+
+
+@pytest_twisted.inlineCallbacks
+def test_legacy_request_gets_a_pickled_500_when_the_server_is_down(twistd):
+    from twisted_cacheproxy.parser import parse
+
+    dead = free_port()  # nothing listens here
+    proxy = start_proxy(twistd, dead, "--retries", "2")
+    data = codec.encode_request(parse("1 + 2"), codec.LEGACY)
+    frame = wire.encode(int(time.time()), wire.make_flags(request=True, cache=True), 60, data)
+    (failed,) = yield ask(proxy.port, frame)
+    header = wire.decode_header(failed)
+    assert (header.status, header.cache, header.max_age) == (500, False, 0)
+    message = f"calculator server 127.0.0.1:{dead} unreachable after 2 attempts: Connection refused"
+    with pytest.raises(codec.RemoteError) as info:
+        codec.decode_response(failed[12:])
+    assert (info.value.kind, info.value.message) == ("ConnectionError", message)
+    assert failed[12:] == codec.encode_error(codec.LEGACY, "ConnectionError", message)
+
+
+# --- coalescing with a slow upstream -------------------------------------------------------
+
+
+@defer.inlineCallbacks
+def _many_identical_requests(proxy_port: int, server: CountingServer, n: int):
+    conns = yield within(defer.gatherResults([connect(proxy_port) for _ in range(n)]))
+    try:
+        frame = request("max(2, 3) + 3")
+        answers = yield within(defer.gatherResults([c.sendRequest(frame) for c in conns]))
+        assert len(server.requests) == 1
+        assert server.connections == 1
+        assert server.requests[0][12:] == b"max(2, 3) + 3"
+        assert [raw(a) for a in answers] == server.sent * n
+        # And now they are all hits.
+        answers = yield within(defer.gatherResults([c.sendRequest(frame) for c in conns]))
+        assert [raw(a) for a in answers] == server.sent * n
+        assert len(server.requests) == 1
+    finally:
+        for c in conns:
+            c.transport.loseConnection()
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_concurrent_identical_requests_make_one_upstream_request_twistd(twistd):
+    server = CountingServer(delay=1.0)
+    server_port = server.listen()
+    try:
+        proxy = start_proxy(twistd, server_port)
+        yield _many_identical_requests(proxy.port, server, 50)
+    finally:
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_concurrent_identical_requests_make_one_upstream_request_in_process():
+    from twisted.internet import reactor
+
+    server = CountingServer(delay=0.5)
+    server_port = server.listen()
+    factory = CacheProxyFactory(server_port=server_port, retry_delay=0.05)
+    listening = reactor.listenTCP(0, factory, interface=HOST)
+    try:
+        yield _many_identical_requests(listening.getHost().port, server, 50)
+        assert factory.counters()["misses"] == 1
+        assert factory.counters()["coalesced"] == 49
+        assert factory.counters()["hits"] == 50
+    finally:
+        yield listening.stopListening()
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_slow_miss_does_not_delay_a_hit_over_tcp():
+    from twisted.internet import reactor
+
+    server = CountingServer()
+    server_port = server.listen()
+    factory = CacheProxyFactory(server_port=server_port, retry_delay=0.05)
+    listening = reactor.listenTCP(0, factory, interface=HOST)
+    port = listening.getHost().port
+    try:
+        (cached,) = yield ask(port, request("1 + 2"))
+        server.delay = 2.0
+        slow_conn = yield connect(port)
+        slow = slow_conn.sendRequest(request("2 + 3"))
+        started = time.monotonic()
+        (hit,) = yield ask(port, request("1 + 2"))
+        assert time.monotonic() - started < 1.0
+        assert hit == cached
+        assert not slow.called
+        answer = yield within(slow)
+        assert raw(answer) == server.sent[-1]
+        slow_conn.transport.loseConnection()
+    finally:
+        yield listening.stopListening()
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_pooled_connection_closed_under_a_request_is_retried_over_tcp(twistd):
+    server = CountingServer(answers_per_connection=1)
+    server_port = server.listen()
+    try:
+        proxy = start_proxy(twistd, server_port)
+        first, second = request("1 + 2"), request("2 + 3")
+        (a,) = yield ask(proxy.port, first)
+        assert a == server.sent[0]
+        (b,) = yield ask(proxy.port, second)
+        assert wire.decode_header(b).status == wire.OK
+        assert b == server.sent[1]
+        # Sent on the pooled connection, lost there, sent again on a new one.
+        assert server.requests == [first, second, second]
+        assert server.connections == 2
+    finally:
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_connection_closed_by_the_real_server_is_replaced(twistd):
+    server_port = free_port()
+    twistd("cacheserver", "--port", str(server_port), "--idle-timeout", "0.2", port=server_port)
+    proxy = start_proxy(twistd, server_port)
+    (a,) = yield ask(proxy.port, request("1 + 2"))
+    assert wire.decode_header(a).status == wire.OK
+    yield deferLater(0.5)  # the server closes the pooled connection meanwhile
+    (b,) = yield ask(proxy.port, request("2 + 3"))
+    assert_answer(b, codec.encode_result(codec.TEXT, 5, ["2 + 3", "5"]))
+
+
+# --- the plugin's help ---------------------------------------------------------------------
+
+
+def test_twistd_cacheproxy_help_lists_every_option(tmp_path):
+    out = subprocess.run(
+        [*_twistd(), "cacheproxy", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert out.returncode == 0, out.stderr
+    for option in (
+        "--port",
+        "--interface",
+        "--server-host",
+        "--server-port",
+        "--cache-size",
+        "--retries",
+        "--retry-delay",
+        "--timeout",
+        "--stale-if-error",
+        "--idle-timeout",
+        "--max-message-size",
+        "--upstream-connections",
+        "--max-connections",
+    ):
+        assert f"{option}=" in out.stdout, option

@@ -1,0 +1,523 @@
+"""`UpstreamPool` on a `MemoryReactorClock`: connection reuse, the connection
+limit, broken idle connections, the timeout and the retry backoff."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from twisted_cacheproxy import codec, wire
+from twisted_cacheproxy.upstream import UpstreamError, UpstreamPool
+
+pytestmark = pytest.mark.usefixtures("proxy_log")
+
+T0 = 1_700_000_000.0
+TS = int(T0)
+EPS = 2.0**-10
+
+
+def request(data: bytes) -> bytes:
+    return wire.encode(TS, wire.make_flags(request=True, cache=True), wire.FOREVER, data)
+
+
+def answer(result) -> bytes:
+    payload = codec.encode_result(codec.TEXT, result, [])
+    return wire.encode(TS, wire.make_flags(request=False, status=200, cache=True), 60, payload)
+
+
+class Conn:
+    """The server's end of one pooled connection."""
+
+    def __init__(self, protocol, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+
+    def take(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def reply(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def close(self, reason=error.ConnectionDone) -> None:
+        self.protocol.connectionLost(Failure(reason()))
+
+
+class Result:
+    """What one fetch came to: ``value`` (header, data, sent) or ``error``."""
+
+    def __init__(self, d: defer.Deferred) -> None:
+        self.value = self.failure = None
+        self.done = False
+        d.addCallbacks(self._ok, self._failed)
+
+    def _ok(self, value) -> None:
+        self.done, self.value = True, value
+
+    def _failed(self, failure) -> None:
+        self.done, self.failure = True, failure
+
+    @property
+    def error(self) -> str:
+        assert self.done and self.failure is not None, self.value
+        assert self.failure.check(UpstreamError), self.failure
+        return str(self.failure.value)
+
+
+class Pool:
+    def __init__(self, **options) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(T0)
+        self.pool = UpstreamPool(self.reactor, "127.0.0.1", 9999, **options)
+
+    def fetch(self, frame: bytes) -> Result:
+        return Result(self.pool.fetch(frame))
+
+    @property
+    def attempts(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def accept(self, index: int = -1) -> Conn:
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.reactor.advance(0)
+        return Conn(protocol, transport)
+
+    def refuse(self, index: int = -1, reason=None) -> None:
+        factory = self.reactor.tcpClients[index][2]
+        reason = reason if reason is not None else error.ConnectionRefusedError()
+        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(reason))
+        self.reactor.advance(0)
+
+    def advance(self, seconds: float) -> None:
+        self.reactor.advance(seconds)
+
+
+@pytest.fixture
+def p() -> Pool:
+    return Pool()
+
+
+# --- one fetch -------------------------------------------------------------------
+
+
+def test_fetch_sends_the_frame_and_fires_with_the_answer_and_the_send_time(p):
+    r = p.fetch(request(b"1 + 2"))
+    assert p.attempts == 1
+    host, port, _factory, timeout, _bind = p.reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 9999, 10.0)
+    p.advance(2)  # the connection opens 2 s later: that is when the request leaves
+    conn = p.accept()
+    assert conn.take() == request(b"1 + 2")
+    p.advance(3)
+    assert not r.done
+    reply = answer(3)
+    conn.reply(reply)
+    header, data, sent = r.value
+    assert header == wire.decode_header(reply)
+    assert data == reply[12:]
+    assert sent == T0 + 2
+    assert p.reactor.getDelayedCalls() == []
+
+
+def test_answer_split_across_reads_is_reassembled(p):
+    r = p.fetch(request(b"1 + 2"))
+    conn = p.accept()
+    reply = answer(3)
+    for i in range(len(reply) - 1):
+        conn.reply(reply[i : i + 1])
+        assert not r.done
+    conn.reply(reply[-1:])
+    assert r.value[1] == reply[12:]
+
+
+# --- reuse and the connection limit ------------------------------------------------
+
+
+def test_one_connection_is_reused_request_after_request(p):
+    conn = None
+    for n in range(4):
+        r = p.fetch(request(b"%d" % n))
+        if conn is None:
+            conn = p.accept()
+        assert conn.take() == request(b"%d" % n)
+        conn.reply(answer(n))
+        assert r.value[1] == answer(n)[12:]
+        assert (p.pool.connections, p.pool.idle) == (1, 1)
+    assert p.attempts == 1
+
+
+def test_concurrent_fetches_use_separate_connections(p):
+    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    assert p.attempts == 2
+    c1, c2 = p.accept(0), p.accept(1)
+    assert c1.take() == request(b"1")
+    assert c2.take() == request(b"2")
+    c2.reply(answer(2))
+    c1.reply(answer(1))
+    assert r1.value[1] == answer(1)[12:]
+    assert r2.value[1] == answer(2)[12:]
+    assert (p.pool.connections, p.pool.idle) == (2, 2)
+
+
+def test_fetches_over_the_connection_limit_wait_for_a_free_connection():
+    p = Pool(max_connections=2)
+    r1, r2, r3 = (p.fetch(request(b"%d" % n)) for n in (1, 2, 3))
+    assert p.attempts == 2
+    c1, c2 = p.accept(0), p.accept(1)
+    assert c1.take() == request(b"1")
+    assert c2.take() == request(b"2")
+    c2.reply(answer(2))
+    # The waiting request goes out on the connection that just became free.
+    assert c2.take() == request(b"3")
+    assert c1.take() == b""
+    assert p.attempts == 2
+    c2.reply(answer(3))
+    c1.reply(answer(1))
+    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n)[12:] for n in (1, 2, 3)]
+    assert (p.pool.connections, p.pool.idle) == (2, 2)
+
+
+def test_a_waiting_fetch_connects_when_a_busy_connection_is_lost():
+    p = Pool(max_connections=1)
+    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    c1 = p.accept()
+    c1.close()
+    assert r1.error == "calculator server 127.0.0.1:9999 closed the connection before answering"
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"2")
+    c2.reply(answer(2))
+    assert r2.value[1] == answer(2)[12:]
+
+
+def test_a_waiting_fetch_connects_after_the_busy_connection_times_out():
+    p = Pool(max_connections=1, timeout=5)
+    r1 = p.fetch(request(b"1"))
+    c1 = p.accept()
+    p.advance(1)
+    r2 = p.fetch(request(b"2"))
+    p.advance(4)  # T0 + 5: the first times out and its connection is closed
+    assert r1.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
+    assert c1.transport.disconnecting
+    assert p.attempts == 1
+    c1.close(error.ConnectionAborted)
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"2")
+    c2.reply(answer(2))
+    assert r2.value[1] == answer(2)[12:]
+    assert c1.take() == request(b"1")
+
+
+def test_a_cancelled_waiting_fetch_is_never_sent():
+    p = Pool(max_connections=1)
+    r1 = p.fetch(request(b"1"))
+    c1 = p.accept()
+    d2 = p.pool.fetch(request(b"2"))
+    d2.addErrback(lambda f: f.trap(defer.CancelledError))
+    d2.cancel()
+    c1.reply(answer(1))
+    assert r1.done
+    assert c1.take() == request(b"1")
+    assert (p.pool.connections, p.pool.idle) == (1, 1)
+    assert p.reactor.getDelayedCalls() == []
+
+
+# --- broken idle connections --------------------------------------------------------
+
+
+def test_idle_connection_closed_by_the_server_is_discarded(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(answer(1))
+    assert r.done
+    c1.close()
+    assert (p.pool.connections, p.pool.idle) == (0, 0)
+    r2 = p.fetch(request(b"2"))
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"2")
+    assert c1.take() == request(b"1")
+    c2.reply(answer(2))
+    assert r2.value[1] == answer(2)[12:]
+
+
+def test_idle_connection_already_closing_is_skipped(p):
+    p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(answer(1))
+    c1.take()
+    c1.transport.loseConnection()  # closing, its connectionLost not yet delivered
+    r2 = p.fetch(request(b"2"))
+    assert c1.take() == b""
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"2")
+    c2.reply(answer(2))
+    assert r2.value[1] == answer(2)[12:]
+
+
+def test_unrequested_bytes_on_an_idle_connection_drop_it(p):
+    p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(answer(1))
+    c1.reply(answer(99))
+    assert c1.transport.disconnecting
+    c1.close(error.ConnectionAborted)
+    assert (p.pool.connections, p.pool.idle) == (0, 0)
+
+
+@pytest.mark.parametrize("reason", [error.ConnectionDone, error.ConnectionLost])
+def test_request_on_a_broken_pooled_connection_is_retried_on_a_fresh_one(p, reason):
+    p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(answer(1))
+    c1.take()
+    r = p.fetch(request(b"2"))
+    assert c1.take() == request(b"2")
+    c1.close(reason)
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"2")
+    c2.reply(answer(2))
+    assert r.value[1] == answer(2)[12:]
+
+
+def test_every_broken_idle_connection_is_tried_then_a_fresh_one(p):
+    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    c1, c2 = p.accept(0), p.accept(1)
+    c1.reply(answer(1))
+    c2.reply(answer(2))
+    assert r1.done and r2.done
+    c1.take(), c2.take()
+    r = p.fetch(request(b"3"))
+    # The server closed both while they were idle; we learn it one at a time.
+    first = c2 if c2.transport.value() else c1
+    second = c1 if first is c2 else c2
+    assert first.take() == request(b"3")
+    first.close()
+    assert second.take() == request(b"3")
+    second.close()
+    assert p.attempts == 3
+    c3 = p.accept()
+    assert c3.take() == request(b"3")
+    c3.reply(answer(3))
+    assert r.value[1] == answer(3)[12:]
+    assert (p.pool.connections, p.pool.idle) == (1, 1)
+
+
+def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.close()
+    assert r.error == "calculator server 127.0.0.1:9999 closed the connection before answering"
+    assert p.attempts == 1
+    assert (p.pool.connections, p.pool.idle) == (0, 0)
+
+
+def test_extra_bytes_after_an_answer_are_an_invalid_answer(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(answer(1) + b"\x00")
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 sent an invalid answer: "
+        "server sent extra bytes after its answer"
+    )
+    assert c1.transport.disconnecting
+
+
+def test_a_request_instead_of_an_answer_is_an_invalid_answer(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(request(b"2"))
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 sent an invalid answer: "
+        "peer sent a request (T=1) instead of an answer"
+    )
+    assert c1.transport.disconnecting
+
+
+def test_an_impossible_length_is_an_invalid_answer(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.reply(wire.HEADER.pack(TS, 5, 200, 0))
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 sent an invalid answer: peer sent an impossible "
+        "message length 5 (must be 12..65535); closing the connection"
+    )
+    assert c1.transport.disconnecting
+
+
+# --- the timeout ---------------------------------------------------------------------
+
+
+def test_timeout_cancels_a_sent_request_and_closes_its_connection(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    assert c1.take() == request(b"1")
+    p.advance(10 - EPS)
+    assert not r.done
+    assert not c1.transport.disconnecting
+    p.advance(EPS)
+    assert r.error == "calculator server 127.0.0.1:9999 did not answer within 10 s"
+    assert c1.transport.disconnecting
+    c1.close(error.ConnectionAborted)
+    assert (p.pool.connections, p.pool.idle) == (0, 0)
+    p.advance(100)
+    assert p.attempts == 1
+    assert c1.take() == b""
+    assert p.reactor.getDelayedCalls() == []
+
+
+def test_timeout_cancels_a_connection_attempt():
+    p = Pool(timeout=4)
+    r = p.fetch(request(b"1"))
+    p.advance(4)
+    assert r.error == "calculator server 127.0.0.1:9999 did not answer within 4 s"
+    assert p.reactor.connectors[0]._disconnected
+    assert p.pool.connections == 0
+    p.advance(100)
+    assert p.attempts == 1
+    assert p.reactor.getDelayedCalls() == []
+
+
+def test_timeout_cancels_a_waiting_retry():
+    p = Pool(timeout=1, retry_delay=0.75)
+    r = p.fetch(request(b"1"))
+    p.refuse()
+    p.advance(0.75)
+    p.refuse()  # the next attempt would be at T0 + 2.25
+    p.advance(0.25)
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 unreachable within 1 s (2 attempts): Connection refused"
+    )
+    p.advance(100)
+    assert p.attempts == 2
+    assert p.pool.connections == 0
+    assert p.reactor.getDelayedCalls() == []
+
+
+def test_an_answer_before_the_timeout_cancels_the_timer(p):
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    p.advance(9)
+    c1.reply(answer(1))
+    assert r.value is not None
+    assert p.reactor.getDelayedCalls() == []
+    p.advance(100)
+    assert r.failure is None
+    assert not c1.transport.disconnecting
+
+
+def test_cancelling_a_sent_request_closes_its_connection(p):
+    d = p.pool.fetch(request(b"1"))
+    c1 = p.accept()
+    d.cancel()
+    failures = []
+    d.addErrback(failures.append)
+    assert failures[0].check(defer.CancelledError)
+    assert c1.transport.disconnecting
+
+
+# --- retries -------------------------------------------------------------------------
+
+
+def test_retry_backoff_is_half_a_second_doubling(p):
+    r = p.fetch(request(b"1"))
+    started = []
+    for n in range(5):
+        assert p.attempts == n + 1
+        started.append(p.reactor.seconds() - T0)
+        p.refuse()
+        if n < 4:
+            p.advance(0.5 * 2**n - EPS)
+            assert p.attempts == n + 1
+            p.advance(EPS)
+    assert started == [0, 0.5, 1.5, 3.5, 7.5]
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 unreachable after 5 attempts: Connection refused"
+    )
+    p.advance(100)
+    assert p.attempts == 5
+    assert p.pool.connections == 0
+    assert p.reactor.getDelayedCalls() == []
+
+
+def test_retry_delay_and_count_are_configurable():
+    p = Pool(retries=4, retry_delay=0.125)
+    r = p.fetch(request(b"1"))
+    started = []
+    while not r.done:
+        if p.attempts > len(started):
+            started.append(p.reactor.seconds() - T0)
+            p.refuse()
+        else:
+            p.advance(EPS)
+    assert started == [0, 0.125, 0.375, 0.875]
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 unreachable after 4 attempts: Connection refused"
+    )
+
+
+def test_one_attempt_is_named_in_the_singular():
+    p = Pool(retries=1)
+    r = p.fetch(request(b"1"))
+    p.refuse()
+    assert r.error == (
+        "calculator server 127.0.0.1:9999 unreachable after 1 attempt: Connection refused"
+    )
+    assert p.attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "why"),
+    [
+        (error.ConnectionRefusedError(), "Connection refused"),
+        (error.TimeoutError(), "connection timed out"),
+        (error.ConnectError("No route to host"), "No route to host"),
+        (error.DNSLookupError("nowhere.invalid"), "DNS lookup failed: nowhere.invalid"),
+    ],
+    ids=["refused", "timeout", "oserror", "dns"],
+)
+def test_the_last_failure_is_named_in_the_error(reason, why):
+    p = Pool(retries=2, retry_delay=1)
+    r = p.fetch(request(b"1"))
+    p.refuse()
+    p.advance(1)
+    p.refuse(reason=reason)
+    assert r.error == f"calculator server 127.0.0.1:9999 unreachable after 2 attempts: {why}"
+
+
+def test_a_retry_uses_a_connection_that_became_idle_meanwhile():
+    p = Pool(retry_delay=1)
+    busy = p.fetch(request(b"1"))
+    r = p.fetch(request(b"2"))
+    c1 = p.accept(0)
+    p.refuse(1)
+    c1.reply(answer(1))
+    assert busy.done
+    c1.take()
+    p.advance(1)
+    # The retry finds the now idle connection instead of dialling again.
+    assert p.attempts == 2
+    assert c1.take() == request(b"2")
+    c1.reply(answer(2))
+    assert r.value[1] == answer(2)[12:]
+
+
+def test_close_closes_the_idle_connections(p):
+    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    c1, c2 = p.accept(0), p.accept(1)
+    c1.reply(answer(1))
+    assert r1.done and not r2.done
+    p.pool.close()
+    assert c1.transport.disconnecting
+    assert not c2.transport.disconnecting  # busy: its answer is still awaited
+    assert p.pool.idle == 0

@@ -1,0 +1,430 @@
+"""The 12-byte header, `FrameReceiver` framing/timeout/backpressure, `FrameClient`."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from helpers import failure_of, success_of
+from twisted.internet import error, task
+from twisted.internet.defer import CancelledError
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from twisted_cacheproxy import wire
+
+# --- header ------------------------------------------------------------------
+
+
+def test_header_layout_is_network_order_with_zero_padding():
+    flags = wire.make_flags(request=True, cache=True, steps=True)
+    frame = wire.encode(0x01020304, flags, 0x0506, b"xy")
+    assert frame == b"\x01\x02\x03\x04" + b"\x00\x0e" + b"\x1c\x00" + b"\x05\x06" + b"\x00\x00xy"
+    assert wire.HEADER_SIZE == 12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"request": True}, 0x0400),
+        ({"request": False, "status": 200}, 200),
+        ({"request": False, "status": 400, "cache": True}, 0x1000 | 400),
+        ({"request": False, "status": 500, "steps": True}, 0x0800 | 500),
+        ({"request": True, "cache": True, "steps": True}, 0x1C00),
+        ({"request": False, "status": 1023}, 0x03FF),
+    ],
+)
+def test_make_flags_bit_positions(kwargs, word):
+    assert wire.make_flags(**kwargs) == word
+
+
+@pytest.mark.parametrize("status", [-1, 1024, 65535])
+def test_make_flags_refuses_a_status_beyond_ten_bits(status):
+    with pytest.raises(ValueError, match=f"status {status} does not fit in 10 bits"):
+        wire.make_flags(request=False, status=status)
+
+
+def test_decode_header_reads_every_field_and_flag():
+    raw = struct.pack("!LHHHxx", 1_700_000_000, 99, 0x1000 | 0x0800 | 200, 300) + b"rest"
+    h = wire.decode_header(raw)
+    assert h == wire.Header(1_700_000_000, 99, 0x1000 | 0x0800 | 200, 300)
+    assert (h.timestamp, h.length, h.max_age) == (1_700_000_000, 99, 300)
+    assert (h.cache, h.steps, h.request, h.status) == (True, True, False, 200)
+
+
+def test_decode_header_at_an_offset():
+    raw = b"junk" + wire.encode(7, wire.make_flags(request=True), 65535, b"1+1")
+    assert wire.decode_header(raw, 4) == wire.Header(7, 15, 0x0400, 65535)
+
+
+def test_reserved_bits_and_padding_are_ignored_on_receipt():
+    raw = struct.pack("!LHHH", 1, 12, 0xE000 | 0x0400 | 0, 5) + b"\xff\xff"
+    h = wire.decode_header(raw)
+    assert (h.request, h.cache, h.steps, h.status) == (True, False, False, 0)
+    raw = struct.pack("!LHHH", 1, 12, 0xE000 | 0x1000 | 400, 5) + b"\x12\x34"
+    h = wire.decode_header(raw)
+    assert (h.request, h.cache, h.steps, h.status) == (False, True, False, 400)
+
+
+def test_encode_length_and_timestamp_wrap():
+    frame = wire.encode(2**32 + 5, 0, 0, b"a" * 100)
+    h = wire.decode_header(frame)
+    assert (h.timestamp, h.length) == (5, 112)
+    assert len(frame) == 112
+    assert wire.decode_header(wire.encode(9, 0, 0, b"")).length == 12
+
+
+def test_encode_refuses_more_than_the_length_field_holds():
+    assert len(wire.encode(0, 0, 0, b"x" * (65535 - 12))) == 65535
+    with pytest.raises(ValueError, match="65536 bytes exceeds the 65535-byte limit"):
+        wire.encode(0, 0, 0, b"x" * (65536 - 12))
+
+
+# --- FrameReceiver --------------------------------------------------------------
+
+
+class Recorder(wire.FrameReceiver):
+    """Records frames; answers an impossible header with one 400 message."""
+
+    def __init__(self, pause_on=None):
+        self.frames = []
+        self.invalid = []
+        self.pause_on = pause_on
+
+    def frameReceived(self, header, data):
+        self.frames.append((header, data))
+        if data == self.pause_on:
+            self.pauseProducing()
+
+    def invalidFrame(self, reason, first):
+        self.invalid.append((reason, first))
+        flags = wire.make_flags(request=False, status=wire.BAD_REQUEST)
+        self.transport.write(wire.encode(0, flags, 0, reason.encode()))
+        self.transport.loseConnection()
+
+
+def request(data: bytes, timestamp: int = 1) -> bytes:
+    return wire.encode(timestamp, wire.make_flags(request=True), 65535, data)
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+def connect(proto, clock=None):
+    t = StringTransport()
+    if clock is not None:
+        proto.callLater = clock.callLater
+    proto.makeConnection(t)
+    return t
+
+
+def datas(proto):
+    return [data for _, data in proto.frames]
+
+
+def test_connection_registers_the_protocol_as_a_streaming_producer():
+    p = Recorder()
+    t = connect(p)
+    assert t.producer is p
+    assert t.streaming is True
+
+
+def test_one_whole_frame():
+    p = Recorder()
+    connect(p)
+    p.dataReceived(request(b"1 + 2", timestamp=42))
+    assert p.frames == [(wire.Header(42, 17, 0x0400, 65535), b"1 + 2")]
+
+
+def test_frame_split_across_reads():
+    p = Recorder()
+    connect(p)
+    frame = request(b"max(2, 3) + 3")
+    p.dataReceived(frame[:5])  # not even a whole header
+    p.dataReceived(frame[5:14])  # header and two data bytes
+    assert p.frames == []
+    p.dataReceived(frame[14:])
+    assert datas(p) == [b"max(2, 3) + 3"]
+
+
+def test_coalesced_frames_and_a_trailing_partial_one():
+    p = Recorder()
+    connect(p)
+    frames = [request(b"1"), request(b""), request(b"22" * 50), request(b"333")]
+    stream = b"".join(frames)
+    p.dataReceived(stream[:-2])
+    assert datas(p) == [b"1", b"", b"22" * 50]
+    p.dataReceived(stream[-2:])
+    assert datas(p) == [b"1", b"", b"22" * 50, b"333"]
+
+
+def test_byte_by_byte_delivery():
+    p = Recorder()
+    connect(p)
+    payloads = [b"sin(1)", b"", b"2 ** 10", b"x" * 300]
+    stream = b"".join(request(d) for d in payloads)
+    for i in range(len(stream)):
+        p.dataReceived(stream[i : i + 1])
+    assert datas(p) == payloads
+    assert [h.length for h, _ in p.frames] == [18, 12, 19, 312]
+
+
+def test_largest_allowed_frame_is_accepted():
+    p = Recorder()
+    t = connect(p)
+    p.dataReceived(request(b"z" * (8192 - 12)))
+    assert datas(p) == [b"z" * 8180]
+    assert p.invalid == []
+    assert not t.disconnecting
+
+
+def test_configured_limit_is_used():
+    p = Recorder()
+    p.maxMessageSize = 20
+    t = connect(p)
+    p.dataReceived(request(b"12345678"))
+    assert datas(p) == [b"12345678"]
+    p.dataReceived(request(b"123456789"))
+    assert len(p.invalid) == 1
+    assert p.invalid[0][0] == (
+        "impossible message length 21 (must be 12..20); closing the connection"
+    )
+    assert t.disconnecting
+
+
+def answers(raw: bytes):
+    out = []
+    while raw:
+        h = wire.decode_header(raw)
+        out.append((h, raw[12 : h.length]))
+        raw = raw[h.length :]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("length", "tail", "first"),
+    [
+        (0, b"", b"\x00"),  # the first byte after the header, whatever it is
+        (11, b"\x80rest", b"\x80"),
+        (8193, b"abc", b"a"),
+        (65535, b"", b"\x00"),
+    ],
+)
+def test_impossible_header_gets_one_answer_then_close(length, tail, first):
+    p = Recorder()
+    t = connect(p)
+    good = request(b"1+1")
+    bad = struct.pack("!LHHHxx", 1, length, 0x0400, 0) + tail
+    # A good frame, then the impossible header, then more that must be ignored.
+    p.dataReceived(good + bad + request(b"2+2") + request(b"3+3"))
+    assert datas(p) == [b"1+1"]
+    reason = f"impossible message length {length} (must be 12..8192); closing the connection"
+    assert p.invalid == [(reason, first)]
+    sent = answers(t.value())
+    assert len(sent) == 1
+    assert sent[0][0].status == 400
+    assert sent[0][1] == reason.encode()
+    assert t.disconnecting
+
+
+# --- idle timeout ---------------------------------------------------------------
+
+
+def timed(clock, seconds=10.0):
+    p = Recorder()
+    p.idleTimeout = seconds
+    t = connect(p, clock)
+    return p, t
+
+
+def test_idle_timeout_aborts_a_silent_connection(clock):
+    _, t = timed(clock)
+    clock.advance(9.999)
+    assert not t.disconnecting
+    clock.advance(0.001)
+    assert t.disconnecting
+    assert t.disconnected  # StringTransport's mark of abortConnection
+
+
+def test_half_sent_frame_does_not_reset_the_idle_timeout(clock):
+    p, t = timed(clock)
+    frame = request(b"1 + 1")
+    clock.advance(6)
+    p.dataReceived(frame[:13])
+    clock.advance(3.5)
+    p.dataReceived(frame[13:16])
+    clock.advance(0.5)
+    assert p.frames == []
+    assert t.disconnecting and t.disconnected
+
+
+def test_complete_frame_resets_the_idle_timeout(clock):
+    p, t = timed(clock)
+    frame = request(b"1 + 1")
+    clock.advance(6)
+    p.dataReceived(frame[:3])
+    clock.advance(2)
+    p.dataReceived(frame[3:])  # completes at t=8: deadline moves to 18
+    assert datas(p) == [b"1 + 1"]
+    clock.advance(9.9)
+    assert not t.disconnecting
+    clock.advance(0.1)
+    assert t.disconnecting and t.disconnected
+
+
+def test_no_idle_timeout_when_not_configured(clock):
+    p = Recorder()
+    t = connect(p, clock)
+    assert clock.getDelayedCalls() == []
+    clock.advance(10**6)
+    assert not t.disconnecting
+
+
+def test_connection_lost_cancels_the_idle_timeout(clock):
+    p, t = timed(clock)
+    assert len(clock.getDelayedCalls()) == 1
+    p.connectionLost(Failure(error.ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+    clock.advance(100)
+    assert not t.disconnecting
+
+
+# --- backpressure -------------------------------------------------------------------
+
+
+def test_paused_protocol_stops_reading_and_buffers_frames():
+    p = Recorder()
+    t = connect(p)
+    p.pauseProducing()
+    assert t.producerState == "paused"
+    p.dataReceived(request(b"a") + request(b"b") + request(b"c")[:7])
+    assert p.frames == []
+    p.resumeProducing()
+    assert t.producerState == "producing"
+    assert datas(p) == [b"a", b"b"]
+    p.dataReceived(request(b"c")[7:])
+    assert datas(p) == [b"a", b"b", b"c"]
+
+
+def test_pause_while_handling_a_frame_holds_back_the_rest():
+    p = Recorder(pause_on=b"b")
+    t = connect(p)
+    p.dataReceived(request(b"a") + request(b"b") + request(b"c") + request(b"d"))
+    assert datas(p) == [b"a", b"b"]
+    assert t.producerState == "paused"
+    p.dataReceived(request(b"e"))
+    assert datas(p) == [b"a", b"b"]
+    p.resumeProducing()
+    assert datas(p) == [b"a", b"b", b"c", b"d", b"e"]
+    assert t.producerState == "producing"
+
+
+def test_stop_producing_stops_handing_frames():
+    p = Recorder()
+    connect(p)
+    p.stopProducing()
+    p.dataReceived(request(b"a"))
+    assert p.frames == []
+
+
+# --- FrameClient -------------------------------------------------------------------
+
+
+def answer(data: bytes, status: int = 200, timestamp: int = 3) -> bytes:
+    return wire.encode(timestamp, wire.make_flags(request=False, status=status), 0, data)
+
+
+@pytest.fixture
+def client():
+    c = wire.FrameClient()
+    c.makeConnection(StringTransport())
+    return c
+
+
+def test_send_request_writes_the_frame_and_waits(client):
+    frame = request(b"1+1")
+    d = client.sendRequest(frame)
+    assert client.transport.value() == frame
+    assert client.pending == 1
+    assert not d.called
+
+
+def test_answers_fire_deferreds_in_order(client):
+    ds = [client.sendRequest(request(str(i).encode())) for i in range(3)]
+    raw = answer(b"zero", timestamp=10) + answer(b"one", 400) + answer(b"two", 500)
+    client.dataReceived(raw[:20])
+    assert [d.called for d in ds] == [True, False, False]
+    client.dataReceived(raw[20:])
+    results = [success_of(d) for d in ds]
+    assert [data for _, data in results] == [b"zero", b"one", b"two"]
+    assert [h.status for h, _ in results] == [200, 400, 500]
+    assert results[0][0] == wire.Header(10, 16, 200, 0)
+    assert client.pending == 0
+    assert not client.transport.disconnecting
+
+
+def test_request_message_from_the_peer_fails_every_pending_request(client):
+    ds = [client.sendRequest(request(b"1")) for _ in range(3)]
+    client.dataReceived(answer(b"ok") + request(b"I am a request") + answer(b"late"))
+    assert success_of(ds[0])[1] == b"ok"
+    for d in ds[1:]:
+        f = failure_of(d, wire.ProtocolError)
+        assert str(f.value) == "peer sent a request (T=1) instead of an answer"
+    assert client.pending == 0
+    assert client.transport.disconnected  # aborted
+
+
+def test_unsolicited_answer_aborts(client):
+    d = client.sendRequest(request(b"1"))
+    client.dataReceived(answer(b"one") + answer(b"extra") + answer(b"more"))
+    assert success_of(d)[1] == b"one"
+    assert client.transport.disconnected
+    assert client.pending == 0
+
+
+def test_unsolicited_answer_before_any_request_aborts(client):
+    client.dataReceived(answer(b"surprise"))
+    assert client.transport.disconnected
+
+
+def test_impossible_header_from_the_peer_fails_pending_requests(client):
+    ds = [client.sendRequest(request(b"1")) for _ in range(2)]
+    client.dataReceived(struct.pack("!LHHHxx", 0, 5, 0, 0))
+    for d in ds:
+        f = failure_of(d, wire.ProtocolError)
+        assert str(f.value) == (
+            "peer sent an impossible message length 5 (must be 12..8192); closing the connection"
+        )
+    assert client.transport.disconnecting
+
+
+def test_connection_loss_fails_pending_requests(client):
+    ds = [client.sendRequest(request(b"1")) for _ in range(2)]
+    client.dataReceived(answer(b"first")[:15])
+    client.connectionLost(Failure(error.ConnectionLost("gone")))
+    for d in ds:
+        failure_of(d, error.ConnectionLost)
+    assert client.pending == 0
+
+
+def test_cancelling_a_pending_request_closes_the_connection(client):
+    d1 = client.sendRequest(request(b"1"))
+    d2 = client.sendRequest(request(b"2"))
+    d1.cancel()
+    failure_of(d1, CancelledError)
+    assert client.pending == 1
+    assert client.transport.disconnected
+    client.connectionLost(Failure(error.ConnectionDone()))
+    failure_of(d2, error.ConnectionDone)
+
+
+def test_impossible_header_alone_reports_no_first_byte():
+    p = Recorder()
+    t = connect(p)
+    p.dataReceived(struct.pack("!LHHHxx", 1, 9000, 0x0400, 0))
+    assert p.invalid == [
+        ("impossible message length 9000 (must be 12..8192); closing the connection", b"")
+    ]
+    assert t.disconnecting
