@@ -18,7 +18,15 @@ from helpers import course_pickle
 
 from twisted_cacheproxy import codec
 from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError
-from twisted_cacheproxy.expression import Binary, CalculationError, Call, Constant, Number, Unary
+from twisted_cacheproxy.expression import (
+    MAX_NODES,
+    Binary,
+    CalculationError,
+    Call,
+    Constant,
+    Number,
+    Unary,
+)
 from twisted_cacheproxy.parser import parse
 
 ALL_OPERATORS = "(1 + 2 - 3 * 4 / 5 % 6 ** 7) + -(8) + +(9.5)"
@@ -141,15 +149,6 @@ def test_encode_request_legacy_with_rand_round_trips(course, monkeypatch):
     assert loaded.operator.associativity is course.Associativity.LEFT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: encode_request pickles rand's bound Random.uniform with the process's "
-    "copyreg table; once twisted.persisted.styles is imported (twisted.application."
-    "service imports it: twistd, tap.py, trial) bound methods pickle as "
-    "twisted.persisted.styles.unpickleMethod, which our own server refuses "
-    "('unsupported payload: twisted.persisted.styles.unpickleMethod is not allowed') "
-    "and a course server without Twisted cannot load",
-)
 def test_encode_request_legacy_with_rand_after_twisted_styles_is_imported():
     import twisted.persisted.styles  # noqa: F401 - registers the reducer
 
@@ -435,12 +434,6 @@ def test_decode_response_builtin_exceptions(exc, protocol):
     assert (e.kind, e.message) == (type(exc).__name__, exc.args[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pickle protocol 2 writes builtin exceptions as 'exceptions.<Name>' "
-    "(Python 2 compatibility names); _AnswerUnpickler.find_class maps only "
-    "'__builtin__', so a protocol-2 error answer is UnreadableAnswer",
-)
 def test_decode_response_protocol_2_builtin_exception():
     e = remote(pickle.dumps(ZeroDivisionError("division by zero"), 2))
     assert (e.kind, e.message) == ("ZeroDivisionError", "division by zero")
@@ -512,7 +505,7 @@ def test_legacy_shared_subtrees_are_counted_as_expanded(course):
     assert len(data) < 2000
     with pytest.raises(CalculationError) as info:
         codec.decode_request(data)
-    assert str(info.value) == "expression has more than 10000 terms"
+    assert str(info.value) == f"expression has more than {MAX_NODES} terms"
 
 
 def test_legacy_cycle_is_bounded(course):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from twisted_cacheproxy import expression as ex
 from twisted_cacheproxy.expression import (
+    MAX_NODES,
     Binary,
     CalculationError,
     Call,
@@ -163,9 +164,9 @@ def test_max_args_is_accepted():
         ("1" + " + 1" * 201, "expression nested deeper than 200 levels", "ValueError"),
         ("2 ** -" * 101 + "1", "expression nested deeper than 200 levels", "ValueError"),
         (
-            # 10,199 nodes, only 100 deep
-            " + ".join(["max(" + ", ".join(["1"] * 100) + ")"] * 100),
-            "expression has more than 10000 terms",
+            # 1,111 nodes, only 12 deep: over MAX_NODES (1,000)
+            " + ".join(["max(" + ", ".join(["1"] * 10) + ")"] * 101),
+            f"expression has more than {MAX_NODES} terms",
             "ValueError",
         ),
     ],

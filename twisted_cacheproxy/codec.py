@@ -18,6 +18,7 @@ import math
 import pickle
 import pickletools
 import random
+import reprlib
 import sys
 import types
 from typing import Any
@@ -121,7 +122,14 @@ def encode_request(node: Node, encoding: str = TEXT) -> bytes:
     saved = sys.modules.get("calculator")
     sys.modules["calculator"] = _CALCULATOR
     try:
-        return pickle.dumps(_to_pickled(node, {}), ANSWER_PROTOCOL)
+        out = io.BytesIO()
+        pickler = pickle.Pickler(out, ANSWER_PROTOCOL)
+        # A private, empty table: reducers registered process-wide (Twisted's
+        # styles module registers one for bound methods) must not change how
+        # rand's Random.uniform is pickled.
+        pickler.dispatch_table = {}
+        pickler.dump(_to_pickled(node, {}))
+        return out.getvalue()
     finally:
         if saved is None:
             del sys.modules["calculator"]
@@ -130,6 +138,11 @@ def encode_request(node: Node, encoding: str = TEXT) -> bytes:
 
 
 # --- the course's `calculator` classes, as stand-ins ------------------------
+#
+# Everything `find_class` hands to the unpickler is either one of these
+# classes (a BUILD on the class itself fails: their ``__setstate__`` needs an
+# instance) or an object with neither ``__dict__`` nor slots, so a BUILD
+# aimed at it cannot change it: no payload can alter how later ones are read.
 
 
 class _Pickled:
@@ -139,10 +152,12 @@ class _Pickled:
     fields: tuple[str, ...] = ()
 
     def __init__(self, *values: Any) -> None:
-        self.__dict__.update(zip(self.fields, values, strict=False))
+        if len(values) != len(self.fields):
+            raise TypeError(f"{type(self).__name__} takes the attributes {self.fields}")
+        self.__dict__.update(zip(self.fields, values, strict=True))
 
     def __setstate__(self, state: Any) -> None:
-        if type(state) is not dict or list(state) != list(self.fields):
+        if type(state) is not dict or tuple(state) != self.fields:
             raise pickle.UnpicklingError(
                 f"{type(self).__name__} needs exactly the attributes {self.fields}"
             )
@@ -150,9 +165,9 @@ class _Pickled:
 
 
 def _standin(name: str, *fields: str) -> type[_Pickled]:
-    cls = type(name, (_Pickled,), {"fields": fields, "__module__": "calculator"})
-    cls.__qualname__ = name
-    return cls
+    return type(
+        name, (_Pickled,), {"fields": fields, "__module__": "calculator", "__qualname__": name}
+    )
 
 
 PConstant = _standin("Constant", "value")
@@ -163,18 +178,7 @@ PUnaryExpr = _standin("UnaryExpr", "operator", "operand")
 PUnaryOperator = _standin("UnaryOperator", "symbol", "function")
 PFunctionCallExpr = _standin("FunctionCallExpr", "function", "args")
 PFunction = _standin("Function", "name", "function")
-
-
-class Associativity(enum.Enum):
-    """``calculator.Associativity``: pickled as a REDUCE of its value."""
-
-    __module__ = "calculator"
-    LEFT = 0
-    RIGHT = 1
-
-
-_CALCULATOR = types.ModuleType("calculator", "stand-ins for the course's classes")
-for _cls in (
+_STANDINS = (
     PConstant,
     PNamedConstant,
     PBinaryExpr,
@@ -183,27 +187,58 @@ for _cls in (
     PUnaryOperator,
     PFunctionCallExpr,
     PFunction,
-    Associativity,
-):
+)
+
+
+class Associativity(enum.Enum):
+    """``calculator.Associativity``, for pickling requests: a REDUCE of its value."""
+
+    __module__ = "calculator"
+    LEFT = 0
+    RIGHT = 1
+
+
+_CALCULATOR = types.ModuleType("calculator", "stand-ins for the course's classes")
+for _cls in (*_STANDINS, Associativity):
     setattr(_CALCULATOR, _cls.__name__, _cls)
 
 
-class _Global:
+class _Global(str):
     """A function named in a payload: a token we look up, never call."""
 
-    __slots__ = ("qualified",)
+    __slots__ = ()
 
-    def __init__(self, module: str, name: str) -> None:
-        self.qualified = f"{module}.{name}"
+
+class _Associativity(int):
+    """An ``Associativity`` member read from a payload."""
+
+    __slots__ = ()
+
+
+_ASSOCIATIVITIES = (_Associativity(0), _Associativity(1))
+
+
+class _AssociativityStandIn:
+    """Stands in for the ``calculator.Associativity`` class."""
+
+    __slots__ = ()
+
+    def __call__(self, value: Any) -> _Associativity:
+        if type(value) is not int or value not in (0, 1):
+            raise pickle.UnpicklingError("Associativity takes 0 or 1")
+        return _ASSOCIATIVITIES[value]
 
 
 class _RandomState:
-    """Stands in for ``random.Random``: accepts only a well-formed state."""
+    """Stands in for a ``random.Random``: takes one well-formed state."""
 
-    state_ok = False
+    __slots__ = ("state_ok",)
+
+    def __init__(self) -> None:
+        self.state_ok = False
 
     def __setstate__(self, state: Any) -> None:
-        if not (
+        if self.state_ok or not (
             type(state) is tuple
             and len(state) == 3
             and state[0] == 3
@@ -216,14 +251,27 @@ class _RandomState:
         self.state_ok = True
 
 
-_UNIFORM = _Global("random.Random", "uniform")
+class _RandomStandIn:
+    """Stands in for the ``random.Random`` class."""
+
+    __slots__ = ()
+
+    def __call__(self) -> _RandomState:
+        return _RandomState()
 
 
-def _getattr(obj: Any, name: Any) -> _Global:
+_UNIFORM = _Global("random.Random.uniform")
+
+
+class _GetattrStandIn:
     """Stands in for ``builtins.getattr``: only ``<Random>.uniform``."""
-    if type(obj) is _RandomState and obj.state_ok and name == "uniform":
-        return _UNIFORM
-    raise pickle.UnpicklingError("getattr is only allowed as random.Random.uniform")
+
+    __slots__ = ()
+
+    def __call__(self, obj: Any, name: Any) -> _Global:
+        if type(obj) is _RandomState and obj.state_ok and type(name) is str and name == "uniform":
+            return _UNIFORM
+        raise pickle.UnpicklingError("getattr is only allowed as random.Random.uniform")
 
 
 _BINARY_FUNCTIONS = {
@@ -244,19 +292,21 @@ _CALL_FUNCTIONS = {
     "max": "builtins.max",
     "min": "builtins.min",
     "pow": "builtins.pow",
-    "rand": _UNIFORM.qualified,
+    "rand": _UNIFORM,
 }
-_TOKENS = {
-    q: _Global(*q.split("."))
-    for q in [*_BINARY_FUNCTIONS.values(), *_UNARY_FUNCTIONS.values()]
-    + [q for q in _CALL_FUNCTIONS.values() if q != _UNIFORM.qualified]
-}
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("calculator", cls.__name__): cls for cls in vars(_CALCULATOR).values() if isinstance(cls, type)
-}
-_ALLOWED.update({tuple(q.split(".")): token for q, token in _TOKENS.items()})
-_ALLOWED[("builtins", "getattr")] = _getattr
-_ALLOWED[("random", "Random")] = _RandomState
+_ALLOWED: dict[tuple[str, str], Any] = {("calculator", cls.__name__): cls for cls in _STANDINS}
+_ALLOWED.update(
+    {
+        tuple(q.split(".")): _Global(q)
+        for q in (*_BINARY_FUNCTIONS.values(), *_UNARY_FUNCTIONS.values())
+    }
+)
+_ALLOWED.update(
+    {tuple(q.split(".")): _Global(q) for q in _CALL_FUNCTIONS.values() if q is not _UNIFORM}
+)
+_ALLOWED[("calculator", "Associativity")] = _AssociativityStandIn()
+_ALLOWED[("builtins", "getattr")] = _GetattrStandIn()
+_ALLOWED[("random", "Random")] = _RandomStandIn()
 _PY2_MODULES = {"__builtin__": "builtins"}  # protocol 2 names builtins so
 
 
@@ -266,50 +316,181 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = _ALLOWED.get((_PY2_MODULES.get(module, module), name))
         if found is None:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            raise pickle.UnpicklingError(f"{module:.40}.{name:.40} is not allowed")
         return found
 
 
-# Opcodes a course pickle can contain; anything else (extension registry,
-# persistent ids, INST/OBJ, out-of-band buffers) is refused unread.
-_REFUSED_OPCODES = {
-    "PERSID",
-    "BINPERSID",
-    "EXT1",
-    "EXT2",
-    "EXT4",
-    "INST",
-    "OBJ",
-    "NEWOBJ_EX",
-    "NEXT_BUFFER",
-    "READONLY_BUFFER",
-    "BYTEARRAY8",
+# --- the opcode pre-scan -------------------------------------------------------
+
+#: Most REDUCE opcodes in one pickle: a course pickle has one per
+#: ``Associativity`` member and two per random generator (of some 3 KB each).
+MAX_REDUCES = 48
+#: Most opcodes in one pickle: a course pickle has about 12 per node and 630
+#: per generator state, so this is room for the largest tree with fifteen
+#: generators; it bounds the time the pre-scan takes.
+MAX_OPCODES = 24 * MAX_NODES
+
+# What the scan does per opcode.
+_PUSH, _STR, _GET, _PUT, _MEMOIZE, _MARK, _TO_MARK, _SETITEMS = range(8)
+_SETITEM, _REDUCE, _POP, _NOOP, _STOP = range(8, 13)
+
+# The opcodes pickle protocols 2 to 5 write for a course pickle or an
+# answer, as (action, argument, items popped, items pushed). The argument is
+# a fixed size in bytes, -n for an n-byte length followed by that many
+# bytes, or None for two text lines.
+_ALLOWED_OPCODES: dict[str, tuple[int, int | None, int, int]] = {
+    "PROTO": (_NOOP, 1, 0, 0),
+    "FRAME": (_NOOP, 8, 0, 0),
+    "STOP": (_STOP, 0, 1, 0),
+    "MARK": (_MARK, 0, 0, 0),
+    "POP": (_POP, 0, 1, 0),
+    "POP_MARK": (_TO_MARK, 0, 0, 0),
+    "NONE": (_PUSH, 0, 0, 1),
+    "NEWTRUE": (_PUSH, 0, 0, 1),
+    "NEWFALSE": (_PUSH, 0, 0, 1),
+    "BININT": (_PUSH, 4, 0, 1),
+    "BININT1": (_PUSH, 1, 0, 1),
+    "BININT2": (_PUSH, 2, 0, 1),
+    "LONG1": (_PUSH, -1, 0, 1),
+    "LONG4": (_PUSH, -4, 0, 1),
+    "BINFLOAT": (_PUSH, 8, 0, 1),
+    "SHORT_BINUNICODE": (_STR, -1, 0, 1),
+    "BINUNICODE": (_STR, -4, 0, 1),
+    "BINUNICODE8": (_STR, -8, 0, 1),
+    "EMPTY_LIST": (_PUSH, 0, 0, 1),
+    "APPEND": (_PUSH, 0, 1, 0),  # the list stays
+    "APPENDS": (_TO_MARK, 0, 1, 0),  # so does the list below the mark
+    "EMPTY_TUPLE": (_PUSH, 0, 0, 1),
+    "TUPLE": (_TO_MARK, 0, 0, 1),
+    "TUPLE1": (_PUSH, 0, 1, 1),
+    "TUPLE2": (_PUSH, 0, 2, 1),
+    "TUPLE3": (_PUSH, 0, 3, 1),
+    "EMPTY_DICT": (_PUSH, 0, 0, 1),
+    "SETITEM": (_SETITEM, 0, 2, 0),
+    "SETITEMS": (_SETITEMS, 0, 1, 0),
+    "BINGET": (_GET, 1, 0, 1),
+    "LONG_BINGET": (_GET, 4, 0, 1),
+    "BINPUT": (_PUT, 1, 0, 0),
+    "LONG_BINPUT": (_PUT, 4, 0, 0),
+    "MEMOIZE": (_MEMOIZE, 0, 0, 0),
+    "GLOBAL": (_PUSH, None, 0, 1),
+    "STACK_GLOBAL": (_PUSH, 0, 2, 1),
+    "REDUCE": (_REDUCE, 0, 2, 1),
+    "BUILD": (_PUSH, 0, 1, 0),  # the object stays
+    "NEWOBJ": (_PUSH, 0, 2, 1),
 }
-_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
-_OPCODES = {op.code.encode("latin-1")[0]: (op.name, op.arg) for op in pickletools.opcodes}
+_OPCODES: list[tuple[int, int | None, int, int] | None] = [None] * 256
+for _op in pickletools.opcodes:
+    if _op.name in _ALLOWED_OPCODES:
+        _OPCODES[ord(_op.code)] = _ALLOWED_OPCODES[_op.name]
 
 
 def _scan(data: bytes) -> None:
-    """Walk the opcodes once, before unpickling: refuse unknown opcodes and
-    memo indexes beyond the payload's length (the C unpickler allocates
-    memo space up to the index it is given)."""
-    limit = len(data)
-    for opcode, arg, _ in pickletools.genops(data):
-        if opcode.name in _REFUSED_OPCODES:
-            raise pickle.UnpicklingError(f"pickle opcode {opcode.name} is not allowed")
-        if opcode.name in _MEMO_OPCODES and not 0 <= int(arg) < limit:
-            raise pickle.UnpicklingError(f"memo index {arg} out of range")
+    """Walk the opcodes once, before unpickling, keeping track of which stack
+    items and memo entries are strings, and refuse:
+
+    - any opcode a course pickle does not use (persistent ids, the extension
+      registry, INST/OBJ, sets, buffers...), more than `MAX_OPCODES` opcodes
+      or more than `MAX_REDUCES` REDUCEs;
+    - memo indexes beyond the payload's length (the C unpickler allocates
+      memo space up to the index it is given);
+    - dictionary keys other than strings (hashing a tuple costs its whole
+      size, each time: a nest of shared tuples takes forever);
+    - stack underflow, truncation and bytes after STOP.
+    """
+    stack: list[bool] = []  # True for a str
+    marks: list[int] = []
+    memo: dict[int, bool] = {}
+    fence = reduces = pos = 0
+    end = len(data)
+    push = stack.append
+    for _ in range(MAX_OPCODES):  # the branches in order of frequency
+        if pos >= end:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        code = data[pos]
+        spec = _OPCODES[code]
+        if spec is None:
+            raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
+        action, size, npop, npush = spec
+        pos += 1
+        if action == _GET:
+            index = int.from_bytes(data[pos : pos + size], "little")
+            pos += size
+            if index not in memo:
+                raise pickle.UnpicklingError(f"memo index {index} not set")
+            push(memo[index])
+        elif action == _MEMOIZE:
+            if len(stack) <= fence:
+                raise pickle.UnpicklingError("pickle stack underflow")
+            memo[len(memo)] = stack[-1]
+        elif action in (_PUSH, _STR, _REDUCE):
+            if size is None:
+                pos = data.index(b"\n", data.index(b"\n", pos) + 1) + 1
+            elif size > 0:
+                pos += size
+            elif size:
+                length = int.from_bytes(data[pos : pos - size], "little", signed=size == -4)
+                if length < 0:
+                    raise pickle.UnpicklingError("negative length")
+                pos += length - size
+            if npop:
+                if len(stack) - npop < fence:
+                    raise pickle.UnpicklingError("pickle stack underflow")
+                del stack[-npop:]
+            if npush:
+                push(action == _STR)
+            if action == _REDUCE:
+                reduces += 1
+                if reduces > MAX_REDUCES:
+                    raise pickle.UnpicklingError(f"more than {MAX_REDUCES} REDUCE opcodes")
+        elif action == _SETITEM:
+            if len(stack) - 3 < fence or not stack[-2]:
+                raise pickle.UnpicklingError("dictionary keys must be strings")
+            del stack[-2:]
+        elif action == _MARK:
+            fence = len(stack)
+            marks.append(fence)
+        elif action in (_TO_MARK, _SETITEMS):
+            if not marks:
+                raise pickle.UnpicklingError("could not find MARK")
+            mark = marks.pop()
+            fence = marks[-1] if marks else 0
+            if npop and mark - npop < fence:  # the list or dict below the mark
+                raise pickle.UnpicklingError("pickle stack underflow")
+            if action == _SETITEMS and ((len(stack) - mark) % 2 or not all(stack[mark::2])):
+                raise pickle.UnpicklingError("dictionary keys must be strings")
+            del stack[mark:]
+            if npush:
+                push(False)
+        elif action == _PUT:
+            index = int.from_bytes(data[pos : pos + size], "little")
+            pos += size
+            if len(stack) <= fence or index >= end:
+                raise pickle.UnpicklingError(f"memo index {index} out of range")
+            memo[index] = stack[-1]
+        elif action == _POP:
+            if marks and marks[-1] == len(stack):
+                marks.pop()
+                fence = marks[-1] if marks else 0
+            elif len(stack) <= fence:
+                raise pickle.UnpicklingError("pickle stack underflow")
+            else:
+                stack.pop()
+        elif action == _STOP:
+            if len(stack) <= fence:
+                raise pickle.UnpicklingError("pickle stack underflow")
+            if pos != end:
+                raise pickle.UnpicklingError("trailing bytes after the pickle")
+            return
+        else:  # PROTO, FRAME
+            pos += size
+    raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
 
 
 def _decode_legacy(data: bytes) -> Node:
     try:
         _scan(data)
-        stream = io.BytesIO(data)
-        obj = _AllowListUnpickler(stream).load()
-        if stream.tell() != len(data):
-            raise pickle.UnpicklingError("trailing bytes after the pickle")
-    except CalculationError:
-        raise
+        obj = _AllowListUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # the unpickler raises many kinds on hostile data
         raise CalculationError(f"unsupported payload: {e}", "ValueError") from None
     return _Converter().convert(obj, 0)
@@ -330,50 +511,58 @@ class _Converter:
             raise CalculationError(f"expression nested deeper than {MAX_DEPTH} levels")
         kind = type(obj)
         if kind is PConstant:
-            return Number(_number(obj.value))
+            return Number(_number(_attributes(obj)[0]))
         if kind is PNamedConstant:
-            name = obj.name
-            if name not in CONSTANTS or obj.value != CONSTANTS[name]:
-                raise _unsupported(f"named constant {name!r} = {obj.value!r}")
+            name, value = _attributes(obj)
+            if type(name) is not str or name not in CONSTANTS or value != CONSTANTS[name]:
+                raise _unsupported(f"named constant {_brief(name)} = {_brief(value)}")
             return Constant(name)
         if kind is PBinaryExpr:
-            op = obj.operator
-            if type(op) is not PBinaryOperator or type(op.associativity) is not Associativity:
+            left, op, right = _attributes(obj)
+            if type(op) is not PBinaryOperator or type(_attributes(op)[2]) is not _Associativity:
                 raise _unsupported("BinaryExpr.operator is not a BinaryOperator")
             symbol = _symbol(op, _BINARY_FUNCTIONS)
-            left = self.convert(obj.left_operand, depth + 1)
-            return Binary(left, symbol, self.convert(obj.right_operand, depth + 1))
+            left = self.convert(left, depth + 1)
+            return Binary(left, symbol, self.convert(right, depth + 1))
         if kind is PUnaryExpr:
-            op = obj.operator
+            op, operand = _attributes(obj)
             if type(op) is not PUnaryOperator:
                 raise _unsupported("UnaryExpr.operator is not a UnaryOperator")
-            return Unary(_symbol(op, _UNARY_FUNCTIONS), self.convert(obj.operand, depth + 1))
+            return Unary(_symbol(op, _UNARY_FUNCTIONS), self.convert(operand, depth + 1))
         if kind is PFunctionCallExpr:
-            function, args = obj.function, obj.args
+            function, args = _attributes(obj)
             if type(function) is not PFunction or type(args) is not list:
                 raise _unsupported("FunctionCallExpr needs a Function and a list")
-            name = function.name
-            if _CALL_FUNCTIONS.get(name) != _qualified(function.function):
-                raise _unsupported(f"function {name!r} does not match its callable")
+            name, callable_ = _attributes(function)
+            if type(name) is not str or _CALL_FUNCTIONS.get(name) != _qualified(callable_):
+                raise _unsupported(f"function {_brief(name)} does not match its callable")
             if len(args) > MAX_ARGS:
                 raise CalculationError(f"{name}() has more than {MAX_ARGS} arguments")
             check_call(name, len(args))
-            return Call(name, tuple(self.convert(a, depth + 1) for a in args))
+            converted = []
+            for arg in args:  # a loop, not a comprehension: one frame per level
+                converted.append(self.convert(arg, depth + 1))
+            return Call(name, tuple(converted))
         raise _unsupported(f"unexpected {kind.__name__} in the expression")
 
 
+def _attributes(obj: _Pickled) -> tuple[Any, ...]:
+    """The attributes of a stand-in, in the protocol's order; refuses one
+    that NEWOBJ made but no BUILD filled in."""
+    state = obj.__dict__
+    if len(state) != len(obj.fields):
+        raise _unsupported(f"{type(obj).__name__} without its attributes")
+    return tuple(state.values())
+
+
 def _qualified(function: Any) -> str | None:
-    return function.qualified if type(function) is _Global else None
+    return str(function) if type(function) is _Global else None
 
 
-def _symbol(op: Any, table: dict[str, str]) -> str:
-    symbol = op.symbol
-    if type(symbol) is not str or table.get(symbol) != _qualified(op.function):
-        raise _unsupported(f"operator {symbol!r} does not match its function")
-    if table is _BINARY_FUNCTIONS:
-        assert symbol in BINARY
-    else:
-        assert symbol in UNARY
+def _symbol(op: _Pickled, table: dict[str, str]) -> str:
+    symbol, function = _attributes(op)[:2]
+    if type(symbol) is not str or table.get(symbol) != _qualified(function):
+        raise _unsupported(f"operator {_brief(symbol)} does not match its function")
     return symbol
 
 
@@ -386,7 +575,21 @@ def _number(value: Any) -> Real:
         return value
     if type(value) is float and math.isfinite(value):
         return value
-    raise _unsupported(f"constant {value!r} is not a finite int or float")
+    raise _unsupported(f"constant {_brief(value)} is not a finite int or float")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3  # a nest of shared tuples costs at most 6 ** 3 items
+_SHORT.maxdict = 0  # reprlib sorts all of a dict's keys to show a few
+
+
+def _brief(value: Any) -> str:
+    """A short ``repr`` of something from a peer, at a bounded cost (the
+    plain ``repr`` of a nest of shared tuples takes forever)."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int beyond Python's int-to-string limit
+        return f"<{type(value).__name__}>"
 
 
 def _unsupported(why: str) -> CalculationError:
@@ -444,17 +647,26 @@ _API_ERRORS = {
 }
 
 
+# Protocol 2 writes builtin exceptions under Python 2's module names.
+_ANSWER_MODULES = {**_PY2_MODULES, "exceptions": "builtins"}
+
+
 class _AnswerUnpickler(pickle.Unpickler):
     """Reads legacy answers: plain data, builtin exceptions, ``api`` errors."""
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)
+        module = _ANSWER_MODULES.get(module, module)
         if module == "api" and name in _API_ERRORS:
             return _API_ERRORS[name]
         found = getattr(builtins, name, None) if module == "builtins" else None
         if isinstance(found, type) and issubclass(found, BaseException):
             return found
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in an answer")
+        raise pickle.UnpicklingError(f"{module:.40}.{name:.40} is not allowed in an answer")
+
+
+def _shown(value: Any) -> str:
+    """A string as itself, anything else as `_brief` shows it."""
+    return value if type(value) is str else _brief(value)
 
 
 def decode_response(data: bytes) -> tuple[Real, list[str]]:
@@ -467,20 +679,21 @@ def decode_response(data: bytes) -> tuple[Real, list[str]]:
         except Exception as e:
             raise RemoteError("UnreadableAnswer", f"cannot read the answer: {e}") from None
         if isinstance(answer, BaseException):
-            message = answer.args[0] if len(answer.args) == 1 else ", ".join(map(str, answer.args))
-            raise RemoteError(type(answer).__name__, str(message))
+            raise RemoteError(type(answer).__name__, ", ".join(map(_shown, answer.args)))
     else:
         try:
             answer = json.loads(data.decode("utf-8"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise RemoteError("UnreadableAnswer", f"cannot read the answer: {e}") from None
         if isinstance(answer, dict) and "error" in answer:
-            raise RemoteError(str(answer.get("type", "Error")), str(answer["error"]))
+            raise RemoteError(_shown(answer.get("type", "Error")), _shown(answer["error"]))
         if isinstance(answer, dict) and "result" in answer:
             answer = (answer["result"], answer.get("steps", []))
     if type(answer) is not tuple or len(answer) != 2 or not isinstance(answer[1], list):
-        raise RemoteError("UnreadableAnswer", f"unexpected answer {answer!r:.80}")
+        raise RemoteError("UnreadableAnswer", f"unexpected answer {_brief(answer)}")
     value = answer[0]
     if isinstance(value, str) and value in ("inf", "-inf", "nan"):
         value = float(value)
-    return value, [str(s) for s in answer[1]]
+    if type(value) not in (int, float):
+        raise RemoteError("UnreadableAnswer", f"unexpected answer {_brief(answer)}")
+    return value, [_shown(s) for s in answer[1]]

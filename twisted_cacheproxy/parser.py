@@ -2,14 +2,21 @@
 
 ``**`` binds tighter than unary minus and is right-associative; ``- 2 ** 2``
 is ``-(2 ** 2)`` and ``2 ** -1`` is allowed, exactly as in Python.
+
+The parser is an operator-precedence parser with explicit stacks, so no
+input, however deeply nested, can exhaust Python's recursion limit; the
+limits of `expression` are checked as the tree is built, and the cheap ones
+(size, number of terms) before parsing starts.
 """
 
 from __future__ import annotations
 
 import re
+from itertools import islice
 
 from .expression import (
     CONSTANTS,
+    FUNCTIONS,
     MAX_DEPTH,
     MAX_INT_BITS,
     MAX_NODES,
@@ -23,36 +30,31 @@ from .expression import (
     check_call,
 )
 
+#: One token per match, as (number, name, operator, stray character).
 _TOKEN = re.compile(
     r"\s*(?:"
-    r"(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
-    r"|(?P<op>\*\*|[-+*/%(),])"
-    r")"
+    r"((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+    r"|([A-Za-z_][A-Za-z0-9_]*)"
+    r"|(\*\*|[-+*/%(),])"
+    r"|(\S))"
 )
-_END = ("end", "", -1)
+#: Most tokens in one expression (room for brackets and commas around the
+#: largest tree); the tokenizer stops reading there.
+MAX_TOKENS = 4 * MAX_NODES
+#: Longest integer literal, in digits (Python's own int-from-string limit).
+MAX_DIGITS = 4300
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "%": 2, "**": 4}
+_UNARY_PRECEDENCE = 3  # below `**` on its right, above everything else
+_OPERAND_HINT = "expected a number, a name or '('"
 
 
 def _syntax(message: str) -> CalculationError:
     return CalculationError(message, "SyntaxError")
 
 
-def _tokenize(text: str) -> list[tuple[str, str, int]]:
-    tokens = []
-    pos = 0
-    end = len(text.rstrip())
-    while pos < end:
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            at = len(text) - len(text[pos:].lstrip())
-            raise _syntax(f"unexpected character {text[at]!r} at position {at}")
-        kind = m.lastgroup
-        tokens.append((kind, m.group(kind), m.start(kind)))
-        pos = m.end()
-    if len(tokens) > 4 * MAX_NODES:
-        raise CalculationError(f"expression has more than {MAX_NODES} terms")
-    tokens.append(_END)
-    return tokens
+def _too_deep() -> CalculationError:
+    return CalculationError(f"expression nested deeper than {MAX_DEPTH} levels")
 
 
 def _number(text: str) -> Number:
@@ -61,7 +63,7 @@ def _number(text: str) -> Number:
         if value in (float("inf"), float("-inf")):
             raise CalculationError(f"number {text} is out of range", "OverflowError")
         return Number(value)
-    if len(text) > 4300:
+    if len(text) > MAX_DIGITS:
         raise CalculationError("integer literal too long", "OverflowError")
     value = int(text)
     if value.bit_length() > MAX_INT_BITS:
@@ -72,132 +74,145 @@ def _number(text: str) -> Number:
 
 
 class _Parser:
-    """Recursive descent over a token list; ``depth`` bounds the recursion."""
+    """One parse: an operand stack of (node, depth) and an operator stack.
 
-    def __init__(self, tokens: list[tuple[str, str, int]]) -> None:
-        self.tokens = tokens
-        self.pos = 0
-        self.depth = 0
+    Operator entries are (precedence, symbol, is_binary); brackets and calls
+    are (0, "(" or the function name, operand-stack height).
+    """
+
+    def __init__(self, matches: list[re.Match[str]]) -> None:
+        self.matches = matches
+        self.operands: list[tuple[Node, int]] = []
+        self.operators: list[tuple] = []
+        self.groups = 0
         self.nodes = 0
 
-    def peek(self) -> tuple[str, str, int]:
-        return self.tokens[self.pos]
+    def position(self, index: int) -> int:
+        match = self.matches[index]
+        return match.start(match.lastindex)
 
-    def take(self) -> tuple[str, str, int]:
-        token = self.tokens[self.pos]
-        self.pos += 1
-        return token
+    def unexpected(self, index: int, hint: str) -> CalculationError:
+        if index == len(self.matches):
+            return _syntax(f"unexpected end of expression: {hint}")
+        text = self.matches[index][self.matches[index].lastindex]
+        return _syntax(f"unexpected {text!r} at position {self.position(index)}: {hint}")
 
-    def expect(self, op: str) -> None:
-        kind, text, at = self.take()
-        if kind != "op" or text != op:
-            raise _unexpected(kind, text, at, f"expected {op!r}")
-
-    def node(self, node: Node, depth: int) -> Node:
+    def push(self, node: Node, depth: int) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise CalculationError(f"expression has more than {MAX_NODES} terms")
         if depth > MAX_DEPTH:
-            raise CalculationError(f"expression nested deeper than {MAX_DEPTH} levels")
-        return node
+            raise _too_deep()
+        self.operands.append((node, depth))
 
-    # Every method returns (node, depth of that node's subtree).
-    def expression(self) -> tuple[Node, int]:
-        left, ld = self.term()
-        while self.peek()[0] == "op" and self.peek()[1] in "+-":
-            op = self.take()[1]
-            right, rd = self.term()
-            ld = max(ld, rd) + 1
-            left = self.node(Binary(left, op, right), ld)
-        return left, ld
+    def reduce_from(self, floor: int) -> None:
+        """Apply the operators on top whose precedence is at least ``floor``."""
+        operators, operands = self.operators, self.operands
+        while operators and operators[-1][0] >= floor:
+            _, symbol, binary = operators.pop()
+            right, rd = operands.pop()
+            if binary:
+                left, ld = operands.pop()
+                self.push(Binary(left, symbol, right), max(ld, rd) + 1)
+            else:
+                self.push(Unary(symbol, right), rd + 1)
 
-    def term(self) -> tuple[Node, int]:
-        left, ld = self.factor()
-        while self.peek()[0] == "op" and self.peek()[1] in ("*", "/", "%"):
-            op = self.take()[1]
-            right, rd = self.factor()
-            ld = max(ld, rd) + 1
-            left = self.node(Binary(left, op, right), ld)
-        return left, ld
+    def open(self, name: str) -> None:
+        self.groups += 1
+        if self.groups > MAX_DEPTH:
+            raise _too_deep()
+        self.operators.append((0, name, len(self.operands)))
 
-    def factor(self) -> tuple[Node, int]:
-        kind, text, _ = self.peek()
-        if kind == "op" and text in ("-", "+"):
-            self.take()
-            operand, d = self.nested(self.factor)
-            return self.node(Unary(text, operand), d + 1), d + 1
-        return self.power()
+    def at_call_start(self) -> bool:
+        """Whether the last token was the ``(`` of a call."""
+        if not self.operators:
+            return False
+        precedence, name, height = self.operators[-1]
+        return precedence == 0 and name != "(" and height == len(self.operands)
 
-    def power(self) -> tuple[Node, int]:
-        base, bd = self.primary()
-        kind, text, _ = self.peek()
-        if kind == "op" and text == "**":
-            self.take()
-            exponent, ed = self.nested(self.factor)
-            d = max(bd, ed) + 1
-            return self.node(Binary(base, "**", exponent), d), d
-        return base, bd
-
-    def nested(self, rule) -> tuple[Node, int]:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise CalculationError(f"expression nested deeper than {MAX_DEPTH} levels")
-        try:
-            return rule()
-        finally:
-            self.depth -= 1
-
-    def primary(self) -> tuple[Node, int]:
-        kind, text, at = self.take()
-        if kind == "number":
-            return self.node(_number(text), 0), 0
-        if kind == "op" and text == "(":
-            inner = self.nested(self.expression)
-            self.expect(")")
-            return inner
-        if kind == "name":
-            upper = text.upper()
-            if self.peek()[1] == "(" and self.peek()[0] == "op":
-                return self.call(text.lower(), at)
-            if upper in CONSTANTS:
-                return self.node(Constant(upper), 0), 0
-            raise _syntax(f"unknown name {text!r} at position {at}")
-        raise _unexpected(kind, text, at, "expected a number, a name or '('")
-
-    def call(self, name: str, at: int) -> tuple[Node, int]:
-        if name not in ("sin", "cos", "tan", "sqrt", "log", "max", "min", "pow", "rand"):
-            raise _syntax(f"unknown function {name!r} at position {at}")
-        self.take()  # "("
-        args: list[Node] = []
-        depth = 0
-        if self.peek()[1] != ")":
-            while True:
-                arg, d = self.nested(self.expression)
-                args.append(arg)
-                depth = max(depth, d)
-                if self.peek()[0] == "op" and self.peek()[1] == ",":
-                    self.take()
-                    continue
-                break
-        self.expect(")")
+    def close(self) -> None:
+        """End the innermost bracket or call at a ``)``."""
+        _, name, height = self.operators.pop()
+        self.groups -= 1
+        if name == "(":
+            return
+        args = self.operands[height:]
         check_call(name, len(args))
-        return self.node(Call(name, tuple(args)), depth + 1), depth + 1
+        del self.operands[height:]
+        self.push(Call(name, tuple(a for a, _ in args)), max((d for _, d in args), default=0) + 1)
 
-
-def _unexpected(kind: str, text: str, at: int, hint: str) -> CalculationError:
-    if kind == "end":
-        return _syntax(f"unexpected end of expression: {hint}")
-    return _syntax(f"unexpected {text!r} at position {at}: {hint}")
+    def parse(self, tokens: list[tuple[str, str, str, str]]) -> Node:
+        operators = self.operators
+        expect_operand = True
+        count = len(tokens)
+        i = 0
+        while i < count:
+            number, name, op, _ = tokens[i]
+            if expect_operand:
+                if number:
+                    self.push(_number(number), 0)
+                    expect_operand = False
+                elif name:
+                    if i + 1 < count and tokens[i + 1][2] == "(":
+                        name = name.lower()
+                        if name not in FUNCTIONS:
+                            at = self.position(i)
+                            raise _syntax(f"unknown function {name!r} at position {at}")
+                        self.open(name)
+                        i += 1
+                    elif name.upper() in CONSTANTS:
+                        self.push(Constant(name.upper()), 0)
+                        expect_operand = False
+                    else:
+                        raise _syntax(f"unknown name {name!r} at position {self.position(i)}")
+                elif op == "(":
+                    self.open("(")
+                elif op == "-" or op == "+":
+                    operators.append((_UNARY_PRECEDENCE, op, False))
+                elif op == ")" and self.at_call_start():
+                    self.close()  # a call without arguments
+                    expect_operand = False
+                else:
+                    raise self.unexpected(i, _OPERAND_HINT)
+            elif op in _PRECEDENCE:
+                precedence = _PRECEDENCE[op]
+                # All but the right-associative `**` end an equal operator before them.
+                self.reduce_from(precedence + 1 if op == "**" else precedence)
+                operators.append((precedence, op, True))
+                expect_operand = True
+            elif (op == ")" or op == ",") and self.groups:
+                self.reduce_from(1)
+                if op == ")":
+                    self.close()
+                elif operators[-1][1] == "(":
+                    raise self.unexpected(i, "expected ')'")
+                else:
+                    expect_operand = True
+            else:
+                raise self.unexpected(i, "expected ')'" if self.groups else "expected an operator")
+            i += 1
+        if expect_operand:
+            raise self.unexpected(count, _OPERAND_HINT)
+        if self.groups:
+            raise self.unexpected(count, "expected ')'")
+        self.reduce_from(1)
+        return self.operands[0][0]
 
 
 def parse(text: str) -> Node:
     """Parse one text-encoded expression, refusing what breaks the limits."""
-    tokens = _tokenize(text)
-    if len(tokens) == 1:
+    # Without trailing blanks every position starts a match, so the scan is
+    # linear (a blank tail would be retried from each of its positions).
+    matches = list(islice(_TOKEN.finditer(text.rstrip()), MAX_TOKENS + 1))
+    if not matches:
         raise _syntax("empty expression")
-    parser = _Parser(tokens)
-    node, _ = parser.expression()
-    kind, token, at = parser.peek()
-    if kind != "end":
-        raise _unexpected(kind, token, at, "expected an operator")
-    return node
+    parser = _Parser(matches)
+    tokens = [m.groups() for m in matches]
+    for i, token in enumerate(tokens):
+        if token[3]:
+            raise _syntax(f"unexpected character {token[3]!r} at position {parser.position(i)}")
+    if sum(1 for t in tokens if t[0] or t[1]) > MAX_NODES:  # each is a node
+        raise CalculationError(f"expression has more than {MAX_NODES} terms")
+    if len(tokens) > MAX_TOKENS:
+        raise CalculationError(f"expression has more than {MAX_TOKENS} tokens")
+    return parser.parse(tokens)
