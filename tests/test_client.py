@@ -503,3 +503,12 @@ def test_pending_request_fails_on_connection_loss():
     d = Calculator(connection, task.Clock(), Settings()).calculate("1")
     connection.connectionLost(Failure(error.ConnectionLost()))
     failure_of(d, error.ConnectionLost)
+
+
+def test_render_describes_integers_too_long_to_print():
+    from twisted_cacheproxy.client import Answer, render
+
+    answer = Answer(status=200, cache=True, max_age=65535, value=2**20000, steps=())
+    assert render("2 ** 20000", answer).splitlines()[-1] == (
+        "Result: <an integer of 20001 bits, too long to print>  (cacheable for ever)"
+    )

@@ -87,8 +87,17 @@ def _answer(message: tuple[wire.Header, bytes]) -> Answer:
     except codec.RemoteError as e:
         return Answer(error=e, **kwargs)
     if header.status != wire.OK:
-        return Answer(error=codec.RemoteError("Error", repr(value)), **kwargs)
+        return Answer(error=codec.RemoteError("Error", show(value)), **kwargs)
     return Answer(value=value, steps=tuple(steps), **kwargs)
+
+
+def show(value: object) -> str:
+    """``repr`` of a result; integers past Python's 4,300-digit limit for
+    decimal text (a course server sends them) are described instead."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<an integer of {value.bit_length()} bits, too long to print>"  # type: ignore[attr-defined]
 
 
 def render(text: str, answer: Answer) -> str:
@@ -105,7 +114,7 @@ def render(text: str, answer: Answer) -> str:
         if answer.cache and answer.max_age
         else "not cacheable"
     )
-    lines.append(f"Result: {answer.value!r}  ({cached})")
+    lines.append(f"Result: {show(answer.value)}  ({cached})")
     return "\n".join(lines) + "\n"
 
 

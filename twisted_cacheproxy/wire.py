@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from time import monotonic
 from typing import NamedTuple
 
 from twisted.internet import protocol
@@ -100,6 +101,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     _buffer = b""
     _paused = False
     _broken = False
+    _nextTurn = None
+    #: Seconds one connection may spend on frames it has buffered before the
+    #: reactor serves others: a pipelined batch of heavy requests must not
+    #: stall every other client.
+    turnBudget = 0.005
     #: Bytes already received after the message being handled.
     bufferedAfter = 0
 
@@ -112,13 +118,19 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         if self._broken:
             return
         self._buffer = self._buffer + data if self._buffer else data
-        self._process()
+        if self._nextTurn is None:
+            self._process()
 
     def _process(self) -> None:
         buf = self._buffer
         offset = 0
         end = len(buf)
+        started = monotonic()
         while not self._paused and end - offset >= HEADER_SIZE:
+            if offset and monotonic() - started >= self.turnBudget:
+                # Other connections get their turn before the rest of ours.
+                self._nextTurn = self.callLater(0, self._resumeTurn)
+                break
             header = Header._make(HEADER.unpack_from(buf, offset))
             length = header.length
             if length < HEADER_SIZE or length > self.maxMessageSize:
@@ -144,6 +156,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
                 return
         self._buffer = buf[offset:] if offset else buf
 
+    def _resumeTurn(self) -> None:
+        self._nextTurn = None
+        if not self._broken:
+            self._process()
+
     def frameReceived(self, header: Header, data: bytes) -> None:
         """Handle one complete message."""
         raise NotImplementedError
@@ -161,6 +178,9 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.connected = False
         self.setTimeout(None)
         self._buffer = b""
+        if self._nextTurn is not None:
+            self._nextTurn.cancel()
+            self._nextTurn = None
 
     # IPushProducer: the transport pauses us when its send buffer is full.
     def pauseProducing(self) -> None:
@@ -170,7 +190,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     def resumeProducing(self) -> None:
         self._paused = False
         self.transport.resumeProducing()
-        if not self._broken:
+        if not self._broken and self._nextTurn is None:
             self._process()
 
     def stopProducing(self) -> None:
