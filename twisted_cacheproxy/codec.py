@@ -385,6 +385,15 @@ for _op in pickletools.opcodes:
         _OPCODES[ord(_op.code)] = _ALLOWED_OPCODES[_op.name]
 
 
+_MEMOIZE_CODE = pickle.MEMOIZE[0]
+_SHORT_BINUNICODE_CODE = pickle.SHORT_BINUNICODE[0]
+_BINGET_CODE = pickle.BINGET[0]
+_PUSH_CODES = frozenset(pickle.EMPTY_TUPLE + pickle.EMPTY_DICT + pickle.EMPTY_LIST)
+_POP2_PUSH1_CODES = frozenset(pickle.STACK_GLOBAL + pickle.NEWOBJ)
+_BUILD_CODE = pickle.BUILD[0]
+_MARK_CODE = pickle.MARK[0]
+
+
 def _scan(data: bytes) -> None:
     """Walk the opcodes once, before unpickling, keeping track of which stack
     items and memo entries are strings, and refuse:
@@ -404,10 +413,53 @@ def _scan(data: bytes) -> None:
     fence = reduces = pos = 0
     end = len(data)
     push = stack.append
-    for _ in range(MAX_OPCODES):  # the branches in order of frequency
+    for _ in range(MAX_OPCODES):
         if pos >= end:
             raise pickle.UnpicklingError("pickle data was truncated")
         code = data[pos]
+        # The opcodes that make up most of a course pickle, most frequent
+        # first; each does exactly what the general branches below would.
+        if code == _MEMOIZE_CODE:
+            if len(stack) <= fence:
+                raise pickle.UnpicklingError("pickle stack underflow")
+            memo[len(memo)] = stack[-1]
+            pos += 1
+            continue
+        if code == _SHORT_BINUNICODE_CODE:
+            if pos + 1 >= end:
+                raise pickle.UnpicklingError("pickle data was truncated")
+            pos += 2 + data[pos + 1]
+            push(True)
+            continue
+        if code == _BINGET_CODE and pos + 1 < end:
+            index = data[pos + 1]
+            if index not in memo:
+                raise pickle.UnpicklingError(f"memo index {index} not set")
+            push(memo[index])
+            pos += 2
+            continue
+        if code in _PUSH_CODES:  # EMPTY_TUPLE, EMPTY_DICT, EMPTY_LIST
+            push(False)
+            pos += 1
+            continue
+        if code in _POP2_PUSH1_CODES:  # STACK_GLOBAL, NEWOBJ
+            if len(stack) - 2 < fence:
+                raise pickle.UnpicklingError("pickle stack underflow")
+            del stack[-1]
+            stack[-1] = False
+            pos += 1
+            continue
+        if code == _BUILD_CODE:
+            if len(stack) - 1 < fence:
+                raise pickle.UnpicklingError("pickle stack underflow")
+            del stack[-1]
+            pos += 1
+            continue
+        if code == _MARK_CODE:
+            fence = len(stack)
+            marks.append(fence)
+            pos += 1
+            continue
         spec = _OPCODES[code]
         if spec is None:
             raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
