@@ -82,10 +82,9 @@ def test_a_trivial_request_is_answered_while_the_worst_one_runs():
 
 
 @pytest_twisted.inlineCallbacks
-def test_pipelined_heavy_requests_delay_other_clients_in_proportion():
-    """The framing layer answers every whole message it has read before it
-    reads again, so requests pipelined in one read hold the loop for all of
-    them (BENCHMARKS.md): measured here, not bounded tightly."""
+def test_pipelined_heavy_requests_do_not_hold_other_clients_for_the_whole_batch():
+    """A batch of heavy requests pipelined in one read is answered in 5 ms
+    turns, so another client's ``1 + 1`` is answered before the batch ends."""
     factory = CalculatorServerFactory(max_message_size=wire.LENGTH_LIMIT)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     creator = protocol.ClientCreator(reactor, Client)
@@ -100,10 +99,15 @@ def test_pipelined_heavy_requests_delay_other_clients_in_proportion():
         pipelined = [heavy.ask(data) for _ in range(count)]
         quick = light.ask(b"1 + 1")
         (answered, status, _) = yield quick.addTimeout(30, reactor)
-        yield defer.gatherResults(pipelined)
+        batch = yield defer.gatherResults(pipelined)
         latency = (answered - started) * 1000
-        print(f"\n{count} pipelined '{kind}' requests: '1 + 1' took {latency:.1f} ms")
+        whole = (max(t for t, _, _ in batch) - started) * 1000
+        print(
+            f"\n{count} pipelined '{kind}' requests ({whole:.1f} ms): '1 + 1' took {latency:.1f} ms"
+        )
         assert status == 200
+        assert count >= 10
+        assert answered < max(t for t, _, _ in batch), "1 + 1 waited for the whole batch"
         assert answered - started < 30 * GENEROUS
     finally:
         for client in (heavy, light):

@@ -12,7 +12,6 @@ from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.protocols.policies import LimitTotalConnectionsFactory
 
 from . import codec, wire
 from .cache import FOREVER, Entry, MemoryCache
@@ -88,7 +87,7 @@ class _Waiters:
         self.clients: list[tuple[CacheProxyProtocol, defer.Deferred, wire.Header, bytes]] = []
 
 
-class CacheProxyFactory(LimitTotalConnectionsFactory):
+class CacheProxyFactory(wire.ServiceFactory):
     """The cache, the upstream pool, the in-flight misses and the counters."""
 
     protocol = CacheProxyProtocol
@@ -110,9 +109,13 @@ class CacheProxyFactory(LimitTotalConnectionsFactory):
         max_connections: int | None = 10_000,
         verbose: bool = False,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+        super().__init__(
+            clock=clock,
+            max_message_size=max_message_size,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        )
+        clock = self.clock
         self.cache = MemoryCache(cache_size, clock, grace=stale_if_error)
         self.pool = UpstreamPool(
             clock,
@@ -124,21 +127,9 @@ class CacheProxyFactory(LimitTotalConnectionsFactory):
             timeout=timeout,
         )
         self.stale_if_error = stale_if_error
-        self.max_message_size = max_message_size
-        self.idle_timeout = idle_timeout
-        self.connectionLimit = max_connections
         self.verbose = verbose
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
-
-    def buildProtocol(self, addr):
-        wrapper = super().buildProtocol(addr)
-        if wrapper is not None:
-            p = wrapper.wrappedProtocol
-            p.maxMessageSize = self.max_message_size
-            p.idleTimeout = self.idle_timeout
-            p.callLater = self.clock.callLater
-        return wrapper
 
     def stopFactory(self) -> None:
         self.pool.close()

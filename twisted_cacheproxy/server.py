@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.policies import LimitTotalConnectionsFactory
 
 from . import codec, wire
 from .expression import CalculationError, evaluate, evaluate_with_steps, is_deterministic
@@ -51,7 +50,7 @@ class CalculatorServerProtocol(wire.FrameReceiver):
         self.transport.loseConnection()
 
 
-class CalculatorServerFactory(LimitTotalConnectionsFactory):
+class CalculatorServerFactory(wire.ServiceFactory):
     """Shared state of the server's connections: limits and the cache policy
     that the course server keeps in module constants."""
 
@@ -67,23 +66,14 @@ class CalculatorServerFactory(LimitTotalConnectionsFactory):
         cache: bool = True,
         max_connections: int | None = 10_000,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
-        self.max_message_size = max_message_size
-        self.idle_timeout = idle_timeout
+        super().__init__(
+            clock=clock,
+            max_message_size=max_message_size,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        )
         self.max_age = max_age
         self.cacheable = cache and max_age > 0
-        self.connectionLimit = max_connections
-
-    def buildProtocol(self, addr):
-        wrapper = super().buildProtocol(addr)
-        if wrapper is not None:
-            p = wrapper.wrappedProtocol
-            p.maxMessageSize = self.max_message_size
-            p.idleTimeout = self.idle_timeout
-            p.callLater = self.clock.callLater
-        return wrapper
 
     def answer(self, steps: int, data: bytes, encoding: str, now: int) -> bytes:
         """The whole response message for one request's data."""

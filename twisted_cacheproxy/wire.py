@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.policies import LimitTotalConnectionsFactory, TimeoutMixin
 
 HEADER = struct.Struct("!LHHHxx")
 HEADER_SIZE = HEADER.size
@@ -254,3 +254,33 @@ class FrameClient(FrameReceiver):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         super().connectionLost(reason)
         self._failAll(reason.value)
+
+
+class ServiceFactory(LimitTotalConnectionsFactory):
+    """What the server's and the proxy's factories share: the clock, the
+    message size limit, the idle timeout and the connection limit (counted by
+    `twisted.protocols.policies`), handed to every protocol they build."""
+
+    def __init__(
+        self,
+        *,
+        clock=None,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        idle_timeout: float | None = 60.0,
+        max_connections: int | None = 10_000,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self.connectionLimit = max_connections
+
+    def buildProtocol(self, addr):
+        wrapper = super().buildProtocol(addr)
+        if wrapper is not None:
+            p = wrapper.wrappedProtocol
+            p.maxMessageSize = self.max_message_size
+            p.idleTimeout = self.idle_timeout
+            p.callLater = self.clock.callLater
+        return wrapper
