@@ -159,9 +159,16 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_
         for _ in range(count // 100):
             client.transport.write(frame * 100)
             yield task.deferLater(reactor, 0.01)
-        yield task.deferLater(reactor, 0.5)
+        # The service pauses once the kernel's buffers and then Twisted's
+        # high-water mark are full: wait for that (bounded), then stay paused.
         service_side = built[-1]
+        for _ in range(200):
+            if service_side._paused:
+                break
+            yield task.deferLater(reactor, 0.05)
         assert service_side._paused, "the service kept reading from a client that never reads"
+        yield task.deferLater(reactor, 0.3)
+        assert service_side._paused, "the service resumed although nothing was read"
         unsent = len(service_side.transport.transport.dataBuffer) + sum(
             map(len, service_side.transport.transport._tempDataBuffer)
         )
