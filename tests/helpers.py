@@ -170,3 +170,27 @@ def make_api_module() -> types.ModuleType:
             type(name, (m.CalculatorError,), {"__module__": "api", "__qualname__": name}),
         )
     return m
+
+
+class Peer:
+    """Our end of one connection a protocol under test has made (for the
+    proxy, the server side of an upstream connection)."""
+
+    def __init__(self, protocol, transport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+
+    def take(self) -> bytes:
+        """Everything the protocol wrote to us since the last take."""
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def reply(self, *frames: bytes) -> None:
+        self.protocol.dataReceived(b"".join(frames))
+
+    def close(self, reason=None) -> None:
+        """The connection is lost (cleanly unless ``reason`` says otherwise)."""
+        from twisted.internet import error
+
+        self.protocol.connectionLost(Failure((reason or error.ConnectionDone)()))

@@ -11,6 +11,7 @@ import json
 import pickle
 
 import pytest
+from helpers import Peer
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -132,26 +133,6 @@ class Client:
         self.wrapper.connectionLost(Failure(error.ConnectionDone()))
 
 
-class Upstream:
-    """One proxy-to-server connection, with us as the server."""
-
-    def __init__(self, protocol, transport: StringTransport) -> None:
-        self.protocol = protocol
-        self.transport = transport
-
-    def take(self) -> bytes:
-        """Everything the proxy wrote to the server since the last take."""
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    def reply(self, *frames: bytes) -> None:
-        self.protocol.dataReceived(b"".join(frames))
-
-    def close(self, reason=error.ConnectionDone) -> None:
-        self.protocol.connectionLost(Failure(reason()))
-
-
 class Harness:
     """A proxy factory on a fake reactor, its clients and its upstream connections."""
 
@@ -171,7 +152,7 @@ class Harness:
         """Connection attempts made to the server so far."""
         return len(self.reactor.tcpClients)
 
-    def accept(self, index: int = -1) -> Upstream:
+    def accept(self, index: int = -1) -> Peer:
         """Let connection attempt ``index`` succeed."""
         host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
         assert (host, port) == ("127.0.0.1", 9999)
@@ -179,7 +160,7 @@ class Harness:
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.reactor.advance(0)
-        return Upstream(protocol, transport)
+        return Peer(protocol, transport)
 
     def refuse(self, index: int = -1, reason=None) -> None:
         """Let connection attempt ``index`` fail."""
@@ -201,7 +182,7 @@ class Harness:
         """No timer is left behind (retry, timeout) once everything is answered."""
         assert self.reactor.getDelayedCalls() == []
 
-    def miss(self, client: Client, frame: bytes, reply: bytes, upstream: Upstream | None = None):
+    def miss(self, client: Client, frame: bytes, reply: bytes, upstream: Peer | None = None):
         """Send ``frame`` as a miss, check it went upstream unchanged, answer it."""
         client.send(frame)
         if upstream is None:

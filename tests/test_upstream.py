@@ -4,6 +4,7 @@ limit, broken idle connections, the timeout and the retry backoff."""
 from __future__ import annotations
 
 import pytest
+from helpers import Peer
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -26,25 +27,6 @@ def request(data: bytes) -> bytes:
 def answer(result) -> bytes:
     payload = codec.encode_result(codec.TEXT, result, [])
     return wire.encode(TS, wire.make_flags(request=False, status=200, cache=True), 60, payload)
-
-
-class Conn:
-    """The server's end of one pooled connection."""
-
-    def __init__(self, protocol, transport: StringTransport) -> None:
-        self.protocol = protocol
-        self.transport = transport
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    def reply(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def close(self, reason=error.ConnectionDone) -> None:
-        self.protocol.connectionLost(Failure(reason()))
 
 
 class Result:
@@ -81,13 +63,13 @@ class Pool:
     def attempts(self) -> int:
         return len(self.reactor.tcpClients)
 
-    def accept(self, index: int = -1) -> Conn:
+    def accept(self, index: int = -1) -> Peer:
         host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.reactor.advance(0)
-        return Conn(protocol, transport)
+        return Peer(protocol, transport)
 
     def refuse(self, index: int = -1, reason=None) -> None:
         factory = self.reactor.tcpClients[index][2]
