@@ -56,6 +56,10 @@ class Connection:
         """Deliver raw bytes; the whole messages written back."""
         self.transport.clear()
         self.protocol.dataReceived(data)
+        # Let the protocol take every turn it yields (its turn budget is real
+        # time, so a slow run yields where a fast one does not); Clock runs
+        # turns scheduled during the advance in that same advance.
+        self.factory.clock.advance(0)
         return split_frames(self.transport.value())
 
     def ask(self, data: bytes, *, steps: bool = False) -> tuple[int, object]:

@@ -1352,3 +1352,44 @@ def test_queued_miss_also_gets_retries_when_the_server_is_down():
     assert got[12:] == proxy_error(unreachable(2), TS)[12:]
     assert got[4:12] == proxy_error(unreachable(2), TS)[4:12]
     assert refused == 4
+
+
+def test_a_client_pipelining_misses_is_held_at_the_cap_then_read_again():
+    """Past MAX_AWAITED awaited answers the proxy stops reading that client,
+    so a slow server cannot make it hold unbounded work; it reads again as
+    answers go out."""
+    from twisted_cacheproxy.proxy import MAX_AWAITED
+
+    h = Harness(upstream_connections=1000)
+    c = h.client()
+    c.send(*[request(b"%d" % i) for i in range(MAX_AWAITED + 10)])
+    assert h.attempts == MAX_AWAITED  # the rest stays unread in the buffer
+    assert c.transport.producerState == "paused"
+    peers = [h.accept(i) for i in range(MAX_AWAITED)]
+    forwarded = [peer.take() for peer in peers]
+    assert forwarded == [request(b"%d" % i) for i in range(MAX_AWAITED)]
+    peers[0].reply(answer(0))
+    assert c.take() == answer(0)
+    # One answer out: one more request read, sent on the connection just freed.
+    assert peers[0].take() == request(b"%d" % MAX_AWAITED)
+    assert c.transport.producerState == "paused"  # at the cap again
+    for i in range(1, 10):
+        peers[i].reply(answer(i))
+        assert peers[i].take() == request(b"%d" % (MAX_AWAITED + i))
+    assert c.transport.producerState == "paused"  # all read, and 64 awaited again
+    peers[10].reply(answer(10))
+    assert c.transport.producerState == "producing"  # below the cap
+    assert h.attempts == MAX_AWAITED
+
+
+def test_requests_past_the_upstream_queue_bound_get_an_overloaded_500():
+    h = Harness(upstream_connections=1)
+    h.factory.pool.max_queued = 2
+    clients = [h.client() for _ in range(4)]
+    for i, c in enumerate(clients):
+        c.send(request(b"%d" % i))
+    assert h.attempts == 1
+    got = clients[3].take()
+    assert wire.decode_header(got).status == wire.SERVER_ERROR
+    assert b"proxy overloaded: 2 requests already wait for calculator server" in got
+    assert [c.take() for c in clients[:3]] == [b"", b"", b""]

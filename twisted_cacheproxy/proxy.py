@@ -21,6 +21,10 @@ from .upstream import UpstreamError, UpstreamPool
 log = Logger()
 
 _STEPS_KEY = (b"\x00", b"\x01")
+#: Most answers one client may await at once; past it the proxy stops
+#: reading from that client until answers go out (a pipelining client must
+#: not make the proxy hold unbounded work for a slow server).
+MAX_AWAITED = 64
 
 
 class CacheProxyProtocol(wire.FrameReceiver):
@@ -49,6 +53,8 @@ class CacheProxyProtocol(wire.FrameReceiver):
         if not self._slots:
             self.setTimeout(None)
         self._slots.append(slot)
+        if len(self._slots) >= MAX_AWAITED:
+            self.holdInput()
         if slot[0] is None:
             answer.addCallback(self._filled, slot)
 
@@ -57,6 +63,8 @@ class CacheProxyProtocol(wire.FrameReceiver):
         slots = self._slots
         while slots and slots[0][0] is not None:
             self.transport.write(slots.popleft()[0])
+        if self._held and len(slots) < MAX_AWAITED and self.connected:
+            self.releaseInput()
         if not slots:
             if self._closing:
                 self.transport.loseConnection()

@@ -69,6 +69,8 @@ class UpstreamPool:
     """Persistent connections to one server, reused for request after request
     (nginx ``keepalive``). `fetch` fires with ``(header, data, sent)``, where
     ``sent`` is the clock time the request left, or fails with `UpstreamError`.
+    At most ``max_queued`` requests wait for a free connection; past that a
+    request fails at once ("proxy overloaded") rather than pile up.
     """
 
     #: Each retry waits this factor longer than the one before.
@@ -84,8 +86,10 @@ class UpstreamPool:
         retries: int = 5,
         retry_delay: float = 0.5,
         timeout: float = 10.0,
+        max_queued: int = 4096,
     ) -> None:
         self.reactor = reactor
+        self.max_queued = max_queued
         self.host = host
         self.port = port
         self.max_connections = max_connections
@@ -126,6 +130,13 @@ class UpstreamPool:
                 return
         if self.connections < self.max_connections:
             self._connect(fetch)
+        elif len(self._queue) >= self.max_queued:
+            fetch.d.errback(
+                UpstreamError(
+                    f"proxy overloaded: {len(self._queue)} requests already wait for "
+                    f"calculator server {self.host}:{self.port}"
+                )
+            )
         else:
             self._queue.append(fetch)
             fetch.pending = _Unqueue(self._queue, fetch)

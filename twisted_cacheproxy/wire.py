@@ -100,6 +100,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     idleTimeout: float | None = None
     _buffer = b""
     _paused = False
+    _held = False
     _broken = False
     _nextTurn = None
     #: Seconds one connection may spend on frames it has buffered before the
@@ -126,7 +127,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         offset = 0
         end = len(buf)
         started = monotonic()
-        while not self._paused and end - offset >= HEADER_SIZE:
+        while not (self._paused or self._held) and end - offset >= HEADER_SIZE:
             if offset and monotonic() - started >= self.turnBudget:
                 # Other connections get their turn before the rest of ours.
                 self._nextTurn = self.callLater(0, self._resumeTurn)
@@ -189,6 +190,22 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._readAgain()
+
+    def holdInput(self) -> None:
+        """Stop reading until `releaseInput`: enough work is already in hand."""
+        self._held = True
+        self.transport.pauseProducing()
+
+    def releaseInput(self) -> None:
+        self._held = False
+        self._readAgain()
+
+    def _readAgain(self) -> None:
+        """Read and handle frames again, unless output backpressure or a hold
+        still stops it."""
+        if self._paused or self._held:
+            return
         self.transport.resumeProducing()
         if not self._broken and self._nextTurn is None:
             self._process()
