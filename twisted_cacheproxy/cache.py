@@ -30,9 +30,9 @@ class Entry:
         """Seconds since the answer was fetched (never negative)."""
         return max(0.0, now - self.stored)
 
-    def fresh(self, now: float) -> bool:
-        """Whether the answer is still within its freshness lifetime."""
-        return self.lifetime == FOREVER or now - self.stored < self.lifetime
+    def fresh(self, now: float, grace: float = 0.0) -> bool:
+        """Whether the answer is within its freshness lifetime (plus ``grace``)."""
+        return self.lifetime == FOREVER or now - self.stored < self.lifetime + grace
 
 
 class Cache(Protocol):
@@ -70,10 +70,7 @@ class MemoryCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if (
-            entry.lifetime != FOREVER
-            and self.clock.seconds() - entry.stored >= entry.lifetime + self.grace
-        ):
+        if not entry.fresh(self.clock.seconds(), self.grace):
             self.delete(key)
             return None
         self._entries.move_to_end(key)

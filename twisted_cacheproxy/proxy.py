@@ -86,13 +86,8 @@ class CacheProxyProtocol(wire.FrameReceiver):
         self._slots.clear()
 
 
-class _Waiters:
-    """The clients waiting for one in-flight miss (Varnish's waiting list)."""
-
-    __slots__ = ("clients",)
-
-    def __init__(self) -> None:
-        self.clients: list[tuple[CacheProxyProtocol, defer.Deferred, wire.Header, bytes]] = []
+#: The clients waiting for one in-flight miss (Varnish's waiting list).
+_Waiters = list[tuple[CacheProxyProtocol, defer.Deferred, wire.Header, bytes]]
 
 
 class CacheProxyFactory(wire.ServiceFactory):
@@ -173,10 +168,8 @@ class CacheProxyFactory(wire.ServiceFactory):
             entry = self.cache.get(key)
             if entry is not None:
                 now = self.clock.seconds()
-                age = now - entry.stored
-                if (entry.lifetime == FOREVER or age < entry.lifetime) and (
-                    accept == FOREVER or age < accept
-                ):
+                age = entry.age(now)
+                if entry.fresh(now) and _accepts(accept, age):
                     self.hits += 1
                     if self.verbose:
                         log.debug("hit {size} bytes, age {age:.1f} s", size=len(data), age=age)
@@ -185,12 +178,12 @@ class CacheProxyFactory(wire.ServiceFactory):
         if waiting is not None:
             self.coalesced += 1
             d = defer.Deferred()
-            waiting.clients.append((client, d, header, data))
+            waiting.append((client, d, header, data))
             return d
         self.misses += 1
         if self.verbose:
             log.debug("miss {size} bytes", size=len(data))
-        self.inflight[key] = _Waiters()
+        self.inflight[key] = []
         return self._fetch(header, data, key)
 
     def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred:
@@ -215,17 +208,16 @@ class CacheProxyFactory(wire.ServiceFactory):
         if key is None:
             return answer
         waiting = self.inflight.pop(key)
-        status = answer_header.flags & wire.STATUS_MASK
-        if status >= wire.SERVER_ERROR:
-            self._settle(waiting, lambda h, d: answer)
-            return answer
-        if answer_header.flags & wire.FLAG_CACHE and answer_header.max_age:
+        failed = (answer_header.flags & wire.STATUS_MASK) >= wire.SERVER_ERROR
+        cacheable = answer_header.flags & wire.FLAG_CACHE and answer_header.max_age
+        if cacheable and not failed:
             self.cache.put(key, Entry(answer, sent, answer_header.max_age))
+        if cacheable or failed:
             self._settle(waiting, lambda h, d: answer)
         else:
             # Not cacheable (e.g. rand): sharing it would be caching it, so
             # each waiter asks the server for its own answer.
-            for client, d, h, waiter_data in waiting.clients:
+            for client, d, h, waiter_data in waiting:
                 if client.connected:
                     self.misses += 1
                     self._fetch(h, waiter_data, None).chainDeferred(d)
@@ -243,12 +235,16 @@ class CacheProxyFactory(wire.ServiceFactory):
         stale = self.cache.get(key) if key is not None and self.stale_if_error else None
 
         def fallback(h: wire.Header, d: bytes) -> bytes:
-            if stale is not None and h.flags & wire.FLAG_CACHE and h.max_age:
-                age = self.clock.seconds() - stale.stored
-                if h.max_age == FOREVER or age < h.max_age:
-                    self.stale += 1
-                    return _stale(stale)
-            return _error(d, message, int(self.clock.seconds()))
+            now = self.clock.seconds()
+            if (
+                stale is not None
+                and h.flags & wire.FLAG_CACHE
+                and h.max_age
+                and _accepts(h.max_age, stale.age(now))
+            ):
+                self.stale += 1
+                return _stale(stale)
+            return _error(d, message, int(now))
 
         if waiting is not None:
             self._settle(waiting, fallback)
@@ -256,9 +252,14 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def _settle(self, waiting: _Waiters, answer_for) -> None:
         """Answer every waiter still connected; those who left are dropped."""
-        for client, d, h, data in waiting.clients:
+        for client, d, h, data in waiting:
             if client.connected:
                 d.callback(answer_for(h, data))
+
+
+def _accepts(max_age: int, age: float) -> bool:
+    """Whether a request's max-age (65535: any age) accepts an answer this old."""
+    return max_age == FOREVER or age < max_age
 
 
 def _restamp(entry: Entry, age: float) -> bytes:
