@@ -96,6 +96,8 @@ class UpstreamPool:
         self.attempts = max(1, retries)
         self.retry_delay = retry_delay
         self.timeout = timeout
+        #: How error messages name the server.
+        self.name = f"calculator server {host}:{port}"
         self.connections = 0
         self._idle: list[UpstreamProtocol] = []
         self._queue: deque[_Fetch] = deque()
@@ -103,6 +105,7 @@ class UpstreamPool:
 
     @property
     def idle(self) -> int:
+        """Open connections waiting for a request."""
         return len(self._idle)
 
     def fetch(self, frame: bytes) -> defer.Deferred:
@@ -114,13 +117,12 @@ class UpstreamPool:
         )
 
     def _timedOut(self, fetch: _Fetch, timeout: float):
-        where = f"calculator server {self.host}:{self.port}"
         if fetch.why:
             raise UpstreamError(
-                f"{where} unreachable within {timeout:g} s "
-                f"({fetch.attempt} attempt{'s' if fetch.attempt > 1 else ''}): {fetch.why}"
+                f"{self.name} unreachable within {timeout:g} s "
+                f"({_attempts(fetch.attempt)}): {fetch.why}"
             )
-        raise UpstreamError(f"{where} did not answer within {timeout:g} s")
+        raise UpstreamError(f"{self.name} did not answer within {timeout:g} s")
 
     def _dispatch(self, fetch: _Fetch) -> None:
         while self._idle:
@@ -133,8 +135,7 @@ class UpstreamPool:
         elif len(self._queue) >= self.max_queued:
             fetch.d.errback(
                 UpstreamError(
-                    f"proxy overloaded: {len(self._queue)} requests already wait for "
-                    f"calculator server {self.host}:{self.port}"
+                    f"proxy overloaded: {len(self._queue)} requests already wait for {self.name}"
                 )
             )
         else:
@@ -156,14 +157,12 @@ class UpstreamPool:
         self._freed()
         if reason.check(defer.CancelledError):
             return
-        why = reason.value.osError if isinstance(reason.value, error.ConnectError) else None
-        fetch.why = _reason(reason.value, why)
+        fetch.why = _reason(reason.value)
         if fetch.attempt >= self.attempts:
             fetch.pending = None
             fetch.d.errback(
                 UpstreamError(
-                    f"calculator server {self.host}:{self.port} unreachable after "
-                    f"{fetch.attempt} attempt{'s' if fetch.attempt > 1 else ''}: {fetch.why}"
+                    f"{self.name} unreachable after {_attempts(fetch.attempt)}: {fetch.why}"
                 )
             )
             return
@@ -192,13 +191,9 @@ class UpstreamPool:
             self._dispatch(fetch)
             return
         if isinstance(reason.value, wire.ProtocolError):
-            message = (
-                f"calculator server {self.host}:{self.port} sent an invalid answer: {reason.value}"
-            )
+            message = f"{self.name} sent an invalid answer: {reason.value}"
         else:
-            message = (
-                f"calculator server {self.host}:{self.port} closed the connection before answering"
-            )
+            message = f"{self.name} closed the connection before answering"
         fetch.d.errback(UpstreamError(message))
 
     def _release(self, conn: UpstreamProtocol) -> None:
@@ -249,9 +244,15 @@ class _Unqueue:
             self.queue.remove(self.fetch)
 
 
-def _reason(e: BaseException, os_error) -> str:
+def _reason(e: BaseException) -> str:
+    """Why a connection attempt failed, in a few words."""
     if isinstance(e, error.ConnectionRefusedError):
         return "Connection refused"
     if isinstance(e, error.TimeoutError):
         return "connection timed out"
+    os_error = e.osError if isinstance(e, error.ConnectError) else None
     return str(os_error or e).strip().rstrip(".")
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt{'s' if count > 1 else ''}"
