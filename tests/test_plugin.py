@@ -371,3 +371,14 @@ def test_server_options_refuse_bad_values(argv, message):
     with pytest.raises(usage.UsageError) as info:
         options(*argv)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value", ["0", "65536"])
+def test_proxy_options_refuse_a_server_port_out_of_range(value):
+    from twisted.python import usage
+
+    from twisted_cacheproxy.tap import ProxyOptions
+
+    with pytest.raises(usage.UsageError) as info:
+        ProxyOptions().parseOptions(["--server-port", value])
+    assert str(info.value) == f"--server-port must be 1..65535, not {value}"

@@ -57,8 +57,7 @@ class _CommonOptions(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        if not 0 < self["port"] < 65536:
-            raise usage.UsageError(f"--port must be 1..65535, not {self['port']}")
+        self.checkPort("port")
         # 256: the least that still holds every error answer of ours.
         if not 256 <= self["max-message-size"] <= wire.LENGTH_LIMIT:
             raise usage.UsageError("--max-message-size must be 256..65535")
@@ -66,6 +65,11 @@ class _CommonOptions(usage.Options):
             raise usage.UsageError("--idle-timeout cannot be negative")
         if self["max-connections"] < 1:
             raise usage.UsageError("--max-connections must be at least 1")
+
+    def checkPort(self, name: str) -> None:
+        """Refuse a TCP port number outside 1..65535."""
+        if not 0 < self[name] < 65536:
+            raise usage.UsageError(f"--{name} must be 1..65535, not {self[name]}")
 
     def common(self) -> dict[str, Any]:
         """The factory keyword arguments these options give."""
@@ -160,8 +164,7 @@ class ProxyOptions(_CommonOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
-        if not 0 < self["server-port"] < 65536:
-            raise usage.UsageError("--server-port must be 1..65535")
+        self.checkPort("server-port")
         for name in ("retry-delay", "stale-if-error"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} cannot be negative")
