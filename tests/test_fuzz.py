@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import pickletools
 
+from helpers import VECTORS
 from hostile import Connection, course_pickle, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,12 +33,7 @@ fuzz = settings(
 
 NODES = (Number, Constant, Binary, Unary, Call)
 TEXTS = [
-    "(sin(max(2, 3 * 4, 5, 6 * ((7 * 8) / 9), 10 / 11)) / 12) * 13",
-    "max(2, 3) + 3",
-    "3 + ((4 * 2) / ((1 - 5) ** (2 ** 3)))",
-    "((1 + 2) ** (3 * 4)) / (5 * 6)",
-    "-(-((1 + (2 + 3)) ** -(4 + 5)))",
-    "max(2, 3 * 4, log(e), 6 * 7, 9 / 8)",
+    *(v["text"] for v in VECTORS),
     "pow(2, 10, 1000) % 7 - -PI + tau * E",
     "rand(1, 2) + sqrt(16) - cos(0) * tan(1) / min(4, 5.5e-3)",
     "2 ** 3 ** 2 - (-2) ** 0.5",
