@@ -382,3 +382,24 @@ def test_proxy_options_refuse_a_server_port_out_of_range(value):
     with pytest.raises(usage.UsageError) as info:
         ProxyOptions().parseOptions(["--server-port", value])
     assert str(info.value) == f"--server-port must be 1..65535, not {value}"
+
+
+@pytest.mark.parametrize("name", ["--upstream-connections", "--upstream-pipeline"])
+def test_proxy_options_refuse_fewer_than_one_upstream(name):
+    from twisted.python import usage
+
+    from twisted_cacheproxy.tap import ProxyOptions
+
+    with pytest.raises(usage.UsageError) as info:
+        ProxyOptions().parseOptions([name, "0"])
+    assert str(info.value) == f"{name} must be at least 1"
+
+
+def test_proxy_options_pipelining_is_off_by_default_and_reaches_the_pool():
+    from twisted_cacheproxy.tap import ProxyOptions, makeProxyService
+
+    for argv, depth in (([], 1), (["--upstream-pipeline", "16"], 16)):
+        config = ProxyOptions()
+        config.parseOptions(argv)
+        _port, factory = makeProxyService(config).args
+        assert factory.pool.pipeline == depth

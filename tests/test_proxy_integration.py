@@ -465,6 +465,38 @@ def test_idle_connection_closed_by_the_real_server_is_replaced(twistd):
     assert_answer(b, codec.encode_result(codec.TEXT, 5, ["2 + 3", "5"]))
 
 
+@pytest_twisted.inlineCallbacks
+def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
+    server = CountingServer(delay=1.0)
+    server_port = server.listen()
+    n = 40
+    try:
+        proxy = start_proxy(
+            twistd, server_port, "--upstream-pipeline", "64", "--upstream-connections", "1"
+        )
+        conns = yield within(defer.gatherResults([connect(proxy.port) for _ in range(n)]))
+        frames = [request(f"{k} * 3 + 1") for k in range(n)]
+        answered = defer.gatherResults(
+            [c.sendRequest(f) for c, f in zip(conns, frames, strict=True)]
+        )
+        # The server holds each answer for 1 s: only pipelining gets every
+        # request to it before then, all on the proxy's one connection.
+        for _ in range(80):
+            if len(server.requests) == n:
+                break
+            yield deferLater(0.01)
+        assert sorted(server.requests) == sorted(frames)
+        assert server.connections == 1
+        answers = yield within(answered)
+        for k, answer in enumerate(answers):
+            steps = [f"({k} * 3) + 1", f"{k * 3} + 1", f"{k * 3 + 1}"]
+            assert_answer(raw(answer), codec.encode_result(codec.TEXT, k * 3 + 1, steps))
+        for c in conns:
+            c.transport.loseConnection()
+    finally:
+        yield server.close()
+
+
 # --- the plugin's help ---------------------------------------------------------------------
 
 
@@ -491,6 +523,7 @@ def test_twistd_cacheproxy_help_lists_every_option(tmp_path):
         "--idle-timeout",
         "--max-message-size",
         "--upstream-connections",
+        "--upstream-pipeline",
         "--max-connections",
     ):
         assert f"{option}=" in out.stdout, option

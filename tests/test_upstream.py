@@ -503,3 +503,112 @@ def test_close_closes_the_idle_connections(p):
     assert c1.transport.disconnecting
     assert not c2.transport.disconnecting  # busy: its answer is still awaited
     assert p.pool.idle == 0
+
+
+# --- pipelining (--upstream-pipeline) ------------------------------------------------
+
+
+def test_without_pipelining_a_busy_connection_never_takes_a_second_request(p):
+    p.fetch(request(b"1"))
+    c1 = p.accept()
+    p.fetch(request(b"2"))
+    assert c1.take() == request(b"1")
+    assert p.attempts == 2
+
+
+def test_pipelined_requests_share_one_connection_and_fire_in_order():
+    p = Pool(pipeline=3)
+    r1 = p.fetch(request(b"1"))
+    c1 = p.accept()
+    r2, r3 = p.fetch(request(b"2")), p.fetch(request(b"3"))
+    assert p.attempts == 1
+    assert c1.take() == request(b"1") + request(b"2") + request(b"3")
+    # All three answers in one read.
+    c1.reply(answer(1), answer(2), answer(3))
+    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n)[12:] for n in (1, 2, 3)]
+    assert (p.pool.connections, p.pool.idle) == (1, 1)
+
+
+def test_a_full_connection_makes_the_pool_open_another():
+    p = Pool(pipeline=2)
+    p.fetch(request(b"1"))
+    c1 = p.accept()
+    p.fetch(request(b"2"))
+    assert p.attempts == 1
+    p.fetch(request(b"3"))
+    assert p.attempts == 2
+    c2 = p.accept()
+    p.fetch(request(b"4"))  # the emptier connection takes it
+    assert c1.take() == request(b"1") + request(b"2")
+    assert c2.take() == request(b"3") + request(b"4")
+
+
+def test_at_the_connection_limit_a_waiting_request_takes_the_first_free_place():
+    p = Pool(pipeline=2, max_connections=1)
+    rs = [p.fetch(request(b"1"))]
+    c1 = p.accept()
+    rs += [p.fetch(request(b"%d" % n)) for n in (2, 3)]
+    assert c1.take() == request(b"1") + request(b"2")
+    c1.reply(answer(1))
+    assert c1.take() == request(b"3")
+    c1.reply(answer(2), answer(3))
+    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in (1, 2, 3)]
+    assert p.attempts == 1
+    assert p.pool.idle == 1
+
+
+def test_a_timed_out_request_closes_its_connection_and_its_neighbours_are_sent_again():
+    p = Pool(pipeline=4, timeout=5)
+    slow = p.fetch(request(b"slow"))
+    c1 = p.accept()
+    p.advance(1)
+    rs = [p.fetch(request(b"%d" % n)) for n in (1, 2)]
+    assert c1.take() == request(b"slow") + request(b"1") + request(b"2")
+    p.advance(4)
+    assert slow.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
+    assert c1.transport.disconnecting
+    c1.close(error.ConnectionAborted)
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"1") + request(b"2")
+    c2.reply(answer(1), answer(2))
+    assert [r.value[1] for r in rs] == [answer(1)[12:], answer(2)[12:]]
+
+
+def test_bytes_beyond_the_last_pipelined_answer_are_an_invalid_answer():
+    p = Pool(pipeline=2)
+    r1 = p.fetch(request(b"1"))
+    c1 = p.accept()
+    r2 = p.fetch(request(b"2"))
+    c1.reply(answer(1), answer(2), b"\x00")
+    assert r1.value[1] == answer(1)[12:]
+    assert r2.error.endswith("server sent extra bytes after its answer")
+    assert c1.transport.disconnecting
+
+
+def test_pipelined_requests_wait_for_the_connection_being_opened():
+    p = Pool(pipeline=4)
+    rs = [p.fetch(request(b"%d" % n)) for n in range(6)]
+    assert p.attempts == 1  # one dial, not six
+    c1 = p.accept()
+    assert c1.take() == b"".join(request(b"%d" % n) for n in range(4))
+    assert p.attempts == 2  # the two left over need a second connection
+    c2 = p.accept()
+    assert c2.take() == request(b"4") + request(b"5")
+    c1.reply(*(answer(n) for n in range(4)))
+    c2.reply(answer(4), answer(5))
+    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in range(6)]
+
+
+def test_pipelined_requests_waiting_for_a_refused_dial_try_in_turn():
+    p = Pool(pipeline=4, retries=1)
+    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    p.refuse(0)
+    assert (
+        r1.error
+        == "calculator server 127.0.0.1:9999 unreachable after 1 attempt: Connection refused"
+    )
+    assert p.attempts == 2 and not r2.done
+    p.refuse(1)
+    assert r2.error == r1.error
+    assert p.pool.connections == 0

@@ -107,6 +107,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         timeout: float = 10.0,
         stale_if_error: float = 0.0,
         upstream_connections: int = 32,
+        upstream_pipeline: int = 1,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
@@ -128,6 +129,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
+            pipeline=upstream_pipeline,
         )
         self.stale_if_error = stale_if_error
         self.verbose = verbose

@@ -158,6 +158,14 @@ class ProxyOptions(_CommonOptions):
             "Most connections to the server, kept open and reused.",
             int,
         ],
+        [
+            "upstream-pipeline",
+            None,
+            1,
+            "Most requests in flight on one server connection (1: no pipelining). "
+            "Only for servers that frame by length, as ours does; not the course server.",
+            int,
+        ],
         *_CommonOptions.optParameters,
     ]
     optFlags = [["verbose", "v", "Log every hit and miss (at debug level)."]]
@@ -172,8 +180,9 @@ class ProxyOptions(_CommonOptions):
             raise usage.UsageError("--retries must be at least 1")
         if self["timeout"] <= 0:
             raise usage.UsageError("--timeout must be positive")
-        if self["upstream-connections"] < 1:
-            raise usage.UsageError("--upstream-connections must be at least 1")
+        for name in ("upstream-connections", "upstream-pipeline"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
 
 
 def makeProxyService(config: ProxyOptions) -> service.IService:
@@ -189,6 +198,7 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
         timeout=config["timeout"],
         stale_if_error=config["stale-if-error"],
         upstream_connections=config["upstream-connections"],
+        upstream_pipeline=config["upstream-pipeline"],
         verbose=config["verbose"],
         **config.common(),
     )
