@@ -310,6 +310,17 @@ def test_twistd_cacheserver_refuses_a_bad_port(tmp_path):
     assert "--port must be 1..65535, not 0" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("plugin", ["cacheserver", "cacheproxy"])
+def test_twistd_stops_when_its_port_is_taken(tmp_path, plugin):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = run([script("twistd"), "-n", "--pidfile=", plugin, "--port", port], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"Couldn't listen on 127.0.0.1:{port}" in proc.stdout + proc.stderr
+
+
 # --- the options, in process -------------------------------------------------------------------
 
 
@@ -347,9 +358,8 @@ def test_server_options_build_the_service():
         "5",
     )
     service = tap.server.makeService(config)
-    port, factory = service.args
-    assert port == 4567
-    assert service.kwargs == {"interface": "0.0.0.0"}
+    factory = service.factory
+    assert (service.endpoint.port, service.endpoint.interface) == (4567, "0.0.0.0")
     assert (factory.max_age, factory.cacheable, factory.max_message_size) == (30, False, 1000)
     assert (factory.idle_timeout, factory.connectionLimit) == (None, 5)
 
@@ -401,5 +411,5 @@ def test_proxy_options_pipelining_is_off_by_default_and_reaches_the_pool():
     for argv, depth in (([], 1), (["--upstream-pipeline", "16"], 16)):
         config = ProxyOptions()
         config.parseOptions(argv)
-        _port, factory = makeProxyService(config).args
+        factory = makeProxyService(config).factory
         assert factory.pool.pipeline == depth

@@ -474,3 +474,50 @@ def test_a_long_pipelined_batch_yields_to_the_reactor_between_turns():
     assert len(turns) == 1
     p.connectionLost(None)
     assert turns[0].cancelled
+
+
+class Writes(StringTransport):
+    """A StringTransport that also keeps each write call apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+class Echo(wire.FrameReceiver):
+    """Sends each frame's data back as a message, and closes on ``b"bye"``."""
+
+    def frameReceived(self, header, data):
+        self.sendMessage(data)
+        if data == b"bye":
+            self.closeAfterSending()
+
+
+def test_messages_sent_for_frames_of_one_read_leave_in_one_write():
+    p, t = Echo(), Writes()
+    p.makeConnection(t)
+    p.dataReceived(request(b"a") + request(b"b") + request(b"c")[:5])
+    assert t.writes == [b"ab"]
+    p.dataReceived(request(b"c")[5:])
+    assert t.writes == [b"ab", b"c"]
+
+
+def test_a_message_sent_outside_frame_handling_is_written_at_once():
+    p, t = Echo(), Writes()
+    p.makeConnection(t)
+    p.sendMessage(b"later")
+    assert t.writes == [b"later"]
+
+
+def test_close_after_sending_writes_the_batch_before_closing():
+    p = Echo()
+    t = Writes()
+    closed_with = []
+    t.loseConnection = lambda: closed_with.append(list(t.writes))
+    p.makeConnection(t)
+    p.dataReceived(request(b"a") + request(b"bye") + request(b"ignored"))
+    assert closed_with == [[b"abye"]]

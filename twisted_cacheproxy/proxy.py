@@ -42,7 +42,7 @@ class CacheProxyProtocol(wire.FrameReceiver):
     def frameReceived(self, header: wire.Header, data: bytes) -> None:
         answer = self.factory.answer(header, data, self)
         if type(answer) is bytes and not self._slots:
-            self.transport.write(answer)
+            self.sendMessage(answer)
             return
         self._queue(answer)
 
@@ -62,12 +62,12 @@ class CacheProxyProtocol(wire.FrameReceiver):
         slot[0] = answer
         slots = self._slots
         while slots and slots[0][0] is not None:
-            self.transport.write(slots.popleft()[0])
+            self.sendMessage(slots.popleft()[0])
         if self._held and len(slots) < MAX_AWAITED and self.connected:
             self.releaseInput()
         if not slots:
             if self._closing:
-                self.transport.loseConnection()
+                self.closeAfterSending()
             elif self.connected:
                 self.setTimeout(self.idleTimeout)
 
@@ -75,8 +75,8 @@ class CacheProxyProtocol(wire.FrameReceiver):
         """The 400 goes after every answer still awaited, then the close."""
         answer = bad_frame_answer(reason, first, int(self.factory.clock.seconds()))
         if not self._slots:
-            self.transport.write(answer)
-            self.transport.loseConnection()
+            self.sendMessage(answer)
+            self.closeAfterSending()
             return
         self._closing = True
         self._queue(answer)

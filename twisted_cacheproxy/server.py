@@ -41,13 +41,13 @@ class CalculatorServerProtocol(wire.FrameReceiver):
         now = int(factory.clock.seconds())
         encoding = codec.encoding_of(data)
         if not header.flags & wire.FLAG_REQUEST:
-            self.transport.write(not_a_request_answer(encoding, now))
+            self.sendMessage(not_a_request_answer(encoding, now))
             return
-        self.transport.write(factory.answer(header.flags & wire.FLAG_STEPS, data, encoding, now))
+        self.sendMessage(factory.answer(header.flags & wire.FLAG_STEPS, data, encoding, now))
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
-        self.transport.write(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
-        self.transport.loseConnection()
+        self.sendMessage(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+        self.closeAfterSending()
 
 
 class CalculatorServerFactory(wire.ServiceFactory):

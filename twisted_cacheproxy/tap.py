@@ -104,6 +104,20 @@ class ServerOptions(_CommonOptions):
             raise usage.UsageError("--max-age must be 0..65535")
 
 
+def _listening(config: _CommonOptions, factory) -> service.IService:
+    """A service listening on ``--port`` and ``--interface`` whose connections
+    send at once (`endpoint`); a port that cannot be bound stops twistd at
+    start-up, as Twisted's own strports services do."""
+    from twisted.internet import reactor
+
+    from .endpoint import TCPServerEndpoint
+
+    endpoint = TCPServerEndpoint(reactor, config["port"], config["interface"])
+    listening = internet.StreamServerEndpointService(endpoint, factory)
+    listening._raiseSynchronously = True
+    return listening
+
+
 def makeServerService(config: ServerOptions) -> service.IService:
     """A TCP service serving the calculator."""
     from .server import CalculatorServerFactory
@@ -111,7 +125,7 @@ def makeServerService(config: ServerOptions) -> service.IService:
     factory = CalculatorServerFactory(
         max_age=config["max-age"], cache=not config["no-cache"], **config.common()
     )
-    return internet.TCPServer(config["port"], factory, interface=config["interface"])
+    return _listening(config, factory)
 
 
 @dataclass(frozen=True)
@@ -202,7 +216,7 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
         verbose=config["verbose"],
         **config.common(),
     )
-    return internet.TCPServer(config["port"], factory, interface=config["interface"])
+    return _listening(config, factory)
 
 
 proxy = TapEntry(ProxyOptions, makeProxyService)

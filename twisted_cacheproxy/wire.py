@@ -109,6 +109,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     turnBudget = 0.005
     #: Bytes already received after the message being handled.
     bufferedAfter = 0
+    #: Messages sent while frames are being handled, to leave in one write.
+    _outgoing: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
@@ -122,7 +124,33 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         if self._nextTurn is None:
             self._process()
 
+    def sendMessage(self, message: bytes) -> None:
+        """Send one whole message. Those sent while received frames are being
+        handled leave together, in one write, once they are handled."""
+        if self._outgoing is not None:
+            self._outgoing.append(message)
+        else:
+            self.transport.write(message)
+
+    def closeAfterSending(self) -> None:
+        """Close the connection once every message sent so far has left."""
+        self._flush()
+        self.transport.loseConnection()
+
+    def _flush(self) -> None:
+        if self._outgoing:
+            self.transport.write(b"".join(self._outgoing))
+            self._outgoing.clear()
+
     def _process(self) -> None:
+        self._outgoing = []
+        try:
+            self._handleFrames()
+        finally:
+            self._flush()
+            self._outgoing = None
+
+    def _handleFrames(self) -> None:
         buf = self._buffer
         offset = 0
         end = len(buf)
@@ -170,7 +198,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         """The stream cannot be resynchronised: nothing more is read from it,
         and this must close it. ``first`` is the first data byte, when it has
         arrived (it tells the encoding of an answer)."""
-        self.transport.loseConnection()
+        self.closeAfterSending()
 
     def timeoutConnection(self) -> None:
         self.transport.abortConnection()

@@ -1,0 +1,96 @@
+"""`endpoint.TCPServerEndpoint` over real TCP on 127.0.0.1: writes reach the
+socket at once, what the socket refuses is queued in order, Nagle is off."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest_twisted
+from twisted.internet import defer, protocol, task
+
+from twisted_cacheproxy.endpoint import TCPServerEndpoint
+
+
+class Accepted(protocol.Factory):
+    """Keeps the protocol of each accepted connection."""
+
+    def __init__(self) -> None:
+        self.protocols: list[protocol.Protocol] = []
+
+    def buildProtocol(self, addr):
+        p = protocol.Protocol()
+        self.protocols.append(p)
+        return p
+
+
+@defer.inlineCallbacks
+def accepted_pair():
+    """A listening endpoint, a blocking client socket and the server's protocol."""
+    from twisted.internet import reactor
+
+    factory = Accepted()
+    port = yield TCPServerEndpoint(reactor, 0, "127.0.0.1").listen(factory)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    for _ in range(500):
+        if factory.protocols:
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    return port, client, factory.protocols[0]
+
+
+def receive(client: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = client.recv(size - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_reaches_the_socket_before_the_reactor_turns():
+    port, client, server = yield accepted_pair()
+    try:
+        server.transport.write(b"at once")
+        # The reactor cannot run while this blocks: a queued write would never come.
+        client.settimeout(2)
+        assert client.recv(100) == b"at once"
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_the_socket_refuses_is_queued_and_follows_in_order():
+    from twisted.internet import reactor
+
+    port, client, server = yield accepted_pair()
+    big = bytes(range(256)) * (16 * 4096)  # 16 MB: more than the socket buffers hold
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(receive(client, len(big) + 4)))
+    try:
+        server.transport.write(big)
+        server.transport.write(b"tail")
+        reader.start()
+        for _ in range(1000):
+            if not reader.is_alive():
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        reader.join(5)
+        assert received == [big + b"tail"]
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_accepted_connections_do_not_wait_for_nagle():
+    port, client, server = yield accepted_pair()
+    try:
+        assert server.transport.getTcpNoDelay()
+    finally:
+        client.close()
+        yield port.stopListening()
