@@ -1322,6 +1322,22 @@ def test_idle_client_connection_is_closed_after_the_idle_timeout():
     assert c.transport.disconnecting
 
 
+def test_a_client_awaiting_an_answer_is_not_idle():
+    h = Harness(idle_timeout=5, timeout=30)
+    c = h.client()
+    c.send(request(X))
+    up = h.accept()
+    h.advance(5)  # one idle period, still waiting for the server
+    h.advance(2)
+    assert not c.transport.disconnecting
+    up.reply(answer(3))
+    assert c.take() == answer(3)
+    h.advance(3 - EPS)
+    assert not c.transport.disconnecting
+    h.advance(EPS)  # the second period, begun at 5 s, ends with nothing awaited
+    assert c.transport.disconnecting
+
+
 def test_max_connections_refuses_clients_over_the_limit():
     h = Harness(max_connections=2)
     a, _b = h.client(), h.client()
