@@ -325,9 +325,10 @@ class _AllowListUnpickler(pickle.Unpickler):
 #: Most REDUCE opcodes in one pickle: a course pickle has one per
 #: ``Associativity`` member and two per random generator (of some 3 KB each).
 MAX_REDUCES = 48
-#: Most opcodes in one pickle: a course pickle has about 12 per node and 630
-#: per generator state, so this is room for the largest tree with fifteen
-#: generators; it bounds the time the pre-scan takes.
+#: Most opcodes in one pickle, not counting the MEMOIZE after each new
+#: object: a course pickle has about 8 per node and 630 per generator state,
+#: so this is room for the largest tree with fifteen generators; it bounds
+#: the time the pre-scan takes.
 MAX_OPCODES = 24 * MAX_NODES
 
 # What the scan does per opcode.
@@ -386,12 +387,20 @@ for _op in pickletools.opcodes:
 
 
 _MEMOIZE_CODE = pickle.MEMOIZE[0]
-_SHORT_BINUNICODE_CODE = pickle.SHORT_BINUNICODE[0]
-_BINGET_CODE = pickle.BINGET[0]
-_PUSH_CODES = frozenset(pickle.EMPTY_TUPLE + pickle.EMPTY_DICT + pickle.EMPTY_LIST)
-_POP2_PUSH1_CODES = frozenset(pickle.STACK_GLOBAL + pickle.NEWOBJ)
-_BUILD_CODE = pickle.BUILD[0]
 _MARK_CODE = pickle.MARK[0]
+# The fast path's opcodes, by what it does with them (0: not on it).
+_F_MEMOIZE, _F_STR, _F_GET, _F_EMPTY, _F_BUILD, _F_TWO_TO_ONE = range(1, 7)
+_FAST = [0] * 256
+for _codes, _action in (
+    (pickle.MEMOIZE, _F_MEMOIZE),
+    (pickle.SHORT_BINUNICODE, _F_STR),
+    (pickle.BINGET, _F_GET),
+    (pickle.EMPTY_TUPLE + pickle.EMPTY_DICT + pickle.EMPTY_LIST, _F_EMPTY),
+    (pickle.BUILD, _F_BUILD),
+    (pickle.STACK_GLOBAL + pickle.NEWOBJ, _F_TWO_TO_ONE),
+):
+    for _code in _codes:
+        _FAST[_code] = _action
 
 
 def _scan(data: bytes) -> None:
@@ -405,7 +414,9 @@ def _scan(data: bytes) -> None:
       memo space up to the index it is given);
     - dictionary keys other than strings (hashing a tuple costs its whole
       size, each time: a nest of shared tuples takes forever);
-    - stack underflow, truncation and bytes after STOP.
+    - truncation and bytes after STOP, and the stack underflows the model
+      meets (the unpickler refuses the others, before the model's view of
+      the stack can matter).
     """
     stack: list[bool] = []  # True for a str
     marks: list[int] = []
@@ -413,130 +424,132 @@ def _scan(data: bytes) -> None:
     fence = reduces = pos = 0
     end = len(data)
     push = stack.append
-    for _ in range(MAX_OPCODES):
-        if pos >= end:
-            raise pickle.UnpicklingError("pickle data was truncated")
-        code = data[pos]
-        # The opcodes that make up most of a course pickle, most frequent
-        # first; each does exactly what the general branches below would.
-        if code == _MEMOIZE_CODE:
-            if len(stack) <= fence:
-                raise pickle.UnpicklingError("pickle stack underflow")
-            memo[len(memo)] = stack[-1]
-            pos += 1
-            continue
-        if code == _SHORT_BINUNICODE_CODE:
-            if pos + 1 >= end:
+    try:
+        for _ in range(MAX_OPCODES):
+            if pos >= end:
                 raise pickle.UnpicklingError("pickle data was truncated")
-            pos += 2 + data[pos + 1]
-            push(True)
-            continue
-        if code == _BINGET_CODE and pos + 1 < end:
-            index = data[pos + 1]
-            if index not in memo:
-                raise pickle.UnpicklingError(f"memo index {index} not set")
-            push(memo[index])
-            pos += 2
-            continue
-        if code in _PUSH_CODES:  # EMPTY_TUPLE, EMPTY_DICT, EMPTY_LIST
-            push(False)
+            code = data[pos]
+            fast = _FAST[code]
+            if fast:
+                # The opcodes that make up most of a course pickle, without the
+                # mark checks: at a mark the unpickler refuses them anyway,
+                # before anything the model got wrong from there can matter.
+                if fast == _F_MEMOIZE:
+                    memo[len(memo)] = stack[-1]
+                    pos += 1
+                    continue
+                if fast == _F_STR:  # SHORT_BINUNICODE
+                    pos += 2 + data[pos + 1]
+                    push(True)
+                elif fast == _F_GET:  # BINGET
+                    index = data[pos + 1]
+                    if index not in memo:
+                        raise pickle.UnpicklingError(f"memo index {index} not set")
+                    push(memo[index])
+                    pos += 2
+                    continue
+                elif fast == _F_EMPTY:  # EMPTY_TUPLE, EMPTY_DICT, EMPTY_LIST
+                    push(False)
+                    pos += 1
+                elif fast == _F_BUILD:  # the object stays
+                    del stack[-1]
+                    pos += 1
+                    continue
+                else:  # STACK_GLOBAL, NEWOBJ: two items make one
+                    del stack[-1]
+                    stack[-1] = False
+                    pos += 1
+                # What the pickler writes after each new object.
+                if pos < end and data[pos] == _MEMOIZE_CODE:
+                    memo[len(memo)] = stack[-1]
+                    pos += 1
+                continue
+            if code == _MARK_CODE:
+                fence = len(stack)
+                marks.append(fence)
+                pos += 1
+                continue
+            spec = _OPCODES[code]
+            if spec is None:
+                raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
+            action, size, npop, npush = spec
             pos += 1
-            continue
-        if code in _POP2_PUSH1_CODES:  # STACK_GLOBAL, NEWOBJ
-            if len(stack) - 2 < fence:
-                raise pickle.UnpicklingError("pickle stack underflow")
-            del stack[-1]
-            stack[-1] = False
-            pos += 1
-            continue
-        if code == _BUILD_CODE:
-            if len(stack) - 1 < fence:
-                raise pickle.UnpicklingError("pickle stack underflow")
-            del stack[-1]
-            pos += 1
-            continue
-        if code == _MARK_CODE:
-            fence = len(stack)
-            marks.append(fence)
-            pos += 1
-            continue
-        spec = _OPCODES[code]
-        if spec is None:
-            raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
-        action, size, npop, npush = spec
-        pos += 1
-        if action == _GET:
-            index = int.from_bytes(data[pos : pos + size], "little")
-            pos += size
-            if index not in memo:
-                raise pickle.UnpicklingError(f"memo index {index} not set")
-            push(memo[index])
-        elif action == _MEMOIZE:
-            if len(stack) <= fence:
-                raise pickle.UnpicklingError("pickle stack underflow")
-            memo[len(memo)] = stack[-1]
-        elif action in (_PUSH, _STR, _REDUCE):
-            if size is None:
-                pos = data.index(b"\n", data.index(b"\n", pos) + 1) + 1
-            elif size > 0:
+            if action == _GET:
+                index = int.from_bytes(data[pos : pos + size], "little")
                 pos += size
-            elif size:
-                length = int.from_bytes(data[pos : pos - size], "little", signed=size == -4)
-                if length < 0:
-                    raise pickle.UnpicklingError("negative length")
-                pos += length - size
-            if npop:
-                if len(stack) - npop < fence:
+                if index not in memo:
+                    raise pickle.UnpicklingError(f"memo index {index} not set")
+                push(memo[index])
+            elif action == _MEMOIZE:
+                if len(stack) <= fence:
                     raise pickle.UnpicklingError("pickle stack underflow")
-                del stack[-npop:]
-            if npush:
-                push(action == _STR)
-            if action == _REDUCE:
-                reduces += 1
-                if reduces > MAX_REDUCES:
-                    raise pickle.UnpicklingError(f"more than {MAX_REDUCES} REDUCE opcodes")
-        elif action == _SETITEM:
-            if len(stack) - 3 < fence or not stack[-2]:
-                raise pickle.UnpicklingError("dictionary keys must be strings")
-            del stack[-2:]
-        elif action == _MARK:
-            fence = len(stack)
-            marks.append(fence)
-        elif action in (_TO_MARK, _SETITEMS):
-            if not marks:
-                raise pickle.UnpicklingError("could not find MARK")
-            mark = marks.pop()
-            fence = marks[-1] if marks else 0
-            if npop and mark - npop < fence:  # the list or dict below the mark
-                raise pickle.UnpicklingError("pickle stack underflow")
-            if action == _SETITEMS and ((len(stack) - mark) % 2 or not all(stack[mark::2])):
-                raise pickle.UnpicklingError("dictionary keys must be strings")
-            del stack[mark:]
-            if npush:
-                push(False)
-        elif action == _PUT:
-            index = int.from_bytes(data[pos : pos + size], "little")
-            pos += size
-            if len(stack) <= fence or index >= end:
-                raise pickle.UnpicklingError(f"memo index {index} out of range")
-            memo[index] = stack[-1]
-        elif action == _POP:
-            if marks and marks[-1] == len(stack):
-                marks.pop()
+                memo[len(memo)] = stack[-1]
+            elif action in (_PUSH, _STR, _REDUCE):
+                if size is None:
+                    pos = data.index(b"\n", data.index(b"\n", pos) + 1) + 1
+                elif size > 0:
+                    pos += size
+                elif size:
+                    length = int.from_bytes(data[pos : pos - size], "little", signed=size == -4)
+                    if length < 0:
+                        raise pickle.UnpicklingError("negative length")
+                    pos += length - size
+                if npop:
+                    if len(stack) - npop < fence:
+                        raise pickle.UnpicklingError("pickle stack underflow")
+                    del stack[-npop:]
+                if npush:
+                    push(action == _STR)
+                if action == _REDUCE:
+                    reduces += 1
+                    if reduces > MAX_REDUCES:
+                        raise pickle.UnpicklingError(f"more than {MAX_REDUCES} REDUCE opcodes")
+            elif action == _SETITEM:
+                if len(stack) - 3 < fence or not stack[-2]:
+                    raise pickle.UnpicklingError("dictionary keys must be strings")
+                del stack[-2:]
+            elif action == _MARK:
+                fence = len(stack)
+                marks.append(fence)
+            elif action in (_TO_MARK, _SETITEMS):
+                if not marks:
+                    raise pickle.UnpicklingError("could not find MARK")
+                mark = marks.pop()
                 fence = marks[-1] if marks else 0
-            elif len(stack) <= fence:
-                raise pickle.UnpicklingError("pickle stack underflow")
-            else:
-                stack.pop()
-        elif action == _STOP:
-            if len(stack) <= fence:
-                raise pickle.UnpicklingError("pickle stack underflow")
-            if pos != end:
-                raise pickle.UnpicklingError("trailing bytes after the pickle")
-            return
-        else:  # PROTO, FRAME
-            pos += size
-    raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
+                if npop and mark - npop < fence:  # the list or dict below the mark
+                    raise pickle.UnpicklingError("pickle stack underflow")
+                if action == _SETITEMS and ((len(stack) - mark) % 2 or not all(stack[mark::2])):
+                    raise pickle.UnpicklingError("dictionary keys must be strings")
+                del stack[mark:]
+                if npush:
+                    push(False)
+            elif action == _PUT:
+                index = int.from_bytes(data[pos : pos + size], "little")
+                pos += size
+                if len(stack) <= fence or index >= end:
+                    raise pickle.UnpicklingError(f"memo index {index} out of range")
+                memo[index] = stack[-1]
+            elif action == _POP:
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                    fence = marks[-1] if marks else 0
+                elif len(stack) <= fence:
+                    raise pickle.UnpicklingError("pickle stack underflow")
+                else:
+                    stack.pop()
+            elif action == _STOP:
+                if len(stack) <= fence:
+                    raise pickle.UnpicklingError("pickle stack underflow")
+                if pos != end:
+                    raise pickle.UnpicklingError("trailing bytes after the pickle")
+                return
+            else:  # PROTO, FRAME
+                pos += size
+        raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
+    except IndexError:  # an argument past the end, or an item the stack lacks
+        raise pickle.UnpicklingError(
+            "pickle data was truncated" if pos + 1 >= end else "pickle stack underflow"
+        ) from None
 
 
 def _decode_legacy(data: bytes) -> Node:
