@@ -47,23 +47,40 @@ class UpstreamProtocol(wire.FrameClient):
 
 
 class _Fetch:
-    """One request's way to an answer: which attempt it is on, and what to
-    cancel (a retry timer, a connection attempt, a sent request) on timeout."""
+    """One request's way to an answer: which attempt it is on, what to cancel
+    (a retry timer, a connection attempt, a sent request) when it is given up,
+    and the timer of its timeout."""
 
-    __slots__ = ("attempt", "d", "frame", "pending", "sent", "why")
+    __slots__ = ("attempt", "d", "frame", "pending", "sent", "timer", "why")
 
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
         self.attempt = 0
         self.why = ""  # why the last connection attempt failed
         self.pending = None  # the DelayedCall or Deferred to cancel
+        self.timer = None
         self.sent = 0.0
         self.d = defer.Deferred(self.cancel)
 
-    def cancel(self, d: defer.Deferred) -> None:
+    def settle(self, result: tuple | Exception) -> None:
+        """Fire with an answer or fail, and stop the timeout."""
+        self._stopTimer()
+        if isinstance(result, Exception):
+            self.d.errback(result)
+        else:
+            self.d.callback(result)
+
+    def cancel(self, d: defer.Deferred | None = None) -> None:
+        """Give up: stop the pending work (also ``d``'s canceller)."""
+        self._stopTimer()
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.cancel()
+
+    def _stopTimer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
 
 
 class UpstreamPool:
@@ -124,18 +141,18 @@ class UpstreamPool:
     def fetch(self, frame: bytes) -> defer.Deferred:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame)
+        fetch.timer = self.reactor.callLater(self.timeout, self._timedOut, fetch)
         self._dispatch(fetch)
-        return fetch.d.addTimeout(
-            self.timeout, self.reactor, lambda result, timeout: self._timedOut(fetch, timeout)
-        )
+        return fetch.d
 
-    def _timedOut(self, fetch: _Fetch, timeout: float):
+    def _timedOut(self, fetch: _Fetch) -> None:
+        fetch.timer = None
+        fetch.cancel()
         if fetch.why:
-            raise UpstreamError(
-                f"{self.name} unreachable within {timeout:g} s "
-                f"({_attempts(fetch.attempt)}): {fetch.why}"
-            )
-        raise UpstreamError(f"{self.name} did not answer within {timeout:g} s")
+            why = f"unreachable within {self.timeout:g} s ({_attempts(fetch.attempt)}): {fetch.why}"
+        else:
+            why = f"did not answer within {self.timeout:g} s"
+        fetch.d.errback(UpstreamError(f"{self.name} {why}"))
 
     def _dispatch(self, fetch: _Fetch) -> None:
         while self._idle:
@@ -151,7 +168,7 @@ class UpstreamPool:
         if self.connections < self.max_connections and not self._waitForDial():
             self._connect(fetch)
         elif len(self._queue) >= self.max_queued:
-            fetch.d.errback(
+            fetch.settle(
                 UpstreamError(
                     f"proxy overloaded: {len(self._queue)} requests already wait for {self.name}"
                 )
@@ -201,7 +218,7 @@ class UpstreamPool:
         fetch.why = _reason(reason.value)
         if fetch.attempt >= self.attempts:
             fetch.pending = None
-            fetch.d.errback(
+            fetch.settle(
                 UpstreamError(
                     f"{self.name} unreachable after {_attempts(fetch.attempt)}: {fetch.why}"
                 )
@@ -220,7 +237,7 @@ class UpstreamPool:
         fetch.pending = None
         header, data = message
         self._release(conn)
-        fetch.d.callback((header, data, fetch.sent))
+        fetch.settle((header, data, fetch.sent))
 
     def _sendFailed(self, reason, fetch: _Fetch, reused: bool) -> None:
         if reason.check(defer.CancelledError):
@@ -235,7 +252,7 @@ class UpstreamPool:
             message = f"{self.name} sent an invalid answer: {reason.value}"
         else:
             message = f"{self.name} closed the connection before answering"
-        fetch.d.errback(UpstreamError(message))
+        fetch.settle(UpstreamError(message))
 
     def _release(self, conn: UpstreamProtocol) -> None:
         """Give a connection with room (its answer has come, or it has just
