@@ -245,3 +245,60 @@ def test_framed_random_payloads_keep_the_connection_in_step(messages, chunk):
             assert header.status == 400
         assert codec.encoding_of(payload) == codec.encoding_of(data)
     assert_answered(conn, b"6 * 7")
+
+
+# --- the pre-scan's remembered preambles ----------------------------------------------
+
+
+def fresh_verdict(data: bytes) -> str:
+    """What the pre-scan says of ``data`` with nothing remembered."""
+    saved = dict(codec._PREAMBLES)
+    codec._PREAMBLES.clear()
+    try:
+        codec._scan(data)
+        return "ok"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        codec._PREAMBLES.clear()
+        codec._PREAMBLES.update(saved)
+
+
+def verdict(data: bytes) -> str:
+    try:
+        codec._scan(data)
+        return "ok"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@fuzz
+@given(st.lists(mutated(PICKLES, OPCODES), min_size=2, max_size=6))
+def test_a_scan_resumed_after_a_remembered_preamble_says_what_a_fresh_one_says(batch):
+    # Each payload is scanned after the others, so it may resume after a
+    # preamble one of them left: it must come to the same verdict.
+    for data in batch:
+        verdict(data)
+    for data in batch:
+        assert verdict(data) == fresh_verdict(data)
+
+
+def test_course_pickles_of_one_shape_resume_after_their_shared_preamble():
+    codec._PREAMBLES.clear()
+    first, second = (
+        codec.encode_request(parse(t), codec.LEGACY) for t in ("max(2, 3) + 4", "max(5, 6) + 7")
+    )
+    codec._scan(first)
+    (preamble,) = codec._PREAMBLES
+    assert second.startswith(preamble) and len(preamble) > len(first) // 3
+    state = codec._resume(second)
+    assert state is not None and state[5] == len(preamble)  # resumes at the first number
+    codec._scan(second)
+    assert len(codec._PREAMBLES) == 1
+
+
+def test_remembered_preambles_are_bounded():
+    codec._PREAMBLES.clear()
+    for n in range(3 * codec.MAX_PREAMBLES):
+        codec._scan(codec.encode_request(parse("-" * n + "1"), codec.LEGACY))
+    assert len(codec._PREAMBLES) == codec.MAX_PREAMBLES

@@ -21,6 +21,7 @@ import random
 import reprlib
 import sys
 import types
+from collections import OrderedDict
 from typing import Any
 
 from .expression import (
@@ -418,14 +419,18 @@ def _scan(data: bytes) -> None:
       meets (the unpickler refuses the others, before the model's view of
       the stack can matter).
     """
-    stack: list[bool] = []  # True for a str
-    marks: list[int] = []
-    memo: dict[int, bool] = {}
-    fence = reduces = pos = 0
+    resumed = _resume(data)
+    if resumed is None:
+        stack: list[bool] = []  # True for a str
+        marks: list[int] = []
+        memo: dict[int, bool] = {}
+        fence = reduces = pos = done = 0
+    else:
+        stack, marks, memo, fence, reduces, pos, done = resumed
     end = len(data)
     push = stack.append
     try:
-        for _ in range(MAX_OPCODES):
+        for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
             if pos >= end:
                 raise pickle.UnpicklingError("pickle data was truncated")
             code = data[pos]
@@ -473,6 +478,9 @@ def _scan(data: bytes) -> None:
             if spec is None:
                 raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
             action, size, npop, npush = spec
+            if resumed is None and code in _NUMBERS:
+                _remember(data, (stack, marks, memo, fence, reduces, pos, done))
+                resumed = ()
             pos += 1
             if action == _GET:
                 index = int.from_bytes(data[pos : pos + size], "little")
@@ -550,6 +558,36 @@ def _scan(data: bytes) -> None:
         raise pickle.UnpicklingError(
             "pickle data was truncated" if pos + 1 >= end else "pickle stack underflow"
         ) from None
+
+
+#: The opcodes of number literals.
+_NUMBERS = frozenset(
+    pickle.BININT + pickle.BININT1 + pickle.BININT2 + pickle.BINFLOAT + pickle.LONG1 + pickle.LONG4
+)
+#: Scan states at the first number literal, by the bytes before it. Course
+#: pickles of one shape of tree share everything before their first number
+#: (the classes and functions down the leftmost path, about half the
+#: opcodes), so the scan of the next one resumes there. The state depends
+#: only on those bytes, so whoever sent them, it is the same.
+_PREAMBLES: OrderedDict[bytes, tuple] = OrderedDict()
+MAX_PREAMBLES = 8
+
+
+def _resume(data: bytes) -> tuple | None:
+    """A copy of the scan state after a remembered preamble of ``data``."""
+    for preamble, state in _PREAMBLES.items():
+        if data.startswith(preamble):
+            _PREAMBLES.move_to_end(preamble)
+            stack, marks, memo, *rest = state
+            return (list(stack), list(marks), dict(memo), *rest)
+    return None
+
+
+def _remember(data: bytes, state: tuple) -> None:
+    stack, marks, memo, fence, reduces, pos, done = state
+    _PREAMBLES[data[:pos]] = (tuple(stack), tuple(marks), dict(memo), fence, reduces, pos, done)
+    while len(_PREAMBLES) > MAX_PREAMBLES:
+        _PREAMBLES.popitem(last=False)
 
 
 def _decode_legacy(data: bytes) -> Node:
