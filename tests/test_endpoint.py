@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, task
 
@@ -50,47 +51,42 @@ def receive(client: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_write_reaches_the_socket_before_the_reactor_turns():
-    port, client, server = yield accepted_pair()
-    try:
-        server.transport.write(b"at once")
-        # The reactor cannot run while this blocks: a queued write would never come.
-        client.settimeout(2)
-        assert client.recv(100) == b"at once"
-    finally:
-        client.close()
-        yield port.stopListening()
+@pytest.fixture
+def pair():
+    """A listening endpoint's port, a blocking client and the server's protocol."""
+    port, client, server = pytest_twisted.blockon(accepted_pair())
+    yield client, server
+    client.close()
+    pytest_twisted.blockon(port.stopListening())
+
+
+def test_a_write_reaches_the_socket_before_the_reactor_turns(pair):
+    client, server = pair
+    server.transport.write(b"at once")
+    # The reactor cannot run while this blocks: a queued write would never come.
+    client.settimeout(2)
+    assert client.recv(100) == b"at once"
 
 
 @pytest_twisted.inlineCallbacks
-def test_what_the_socket_refuses_is_queued_and_follows_in_order():
+def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
     from twisted.internet import reactor
 
-    port, client, server = yield accepted_pair()
+    client, server = pair
     big = bytes(range(256)) * (16 * 4096)  # 16 MB: more than the socket buffers hold
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(receive(client, len(big) + 4)))
-    try:
-        server.transport.write(big)
-        server.transport.write(b"tail")
-        reader.start()
-        for _ in range(1000):
-            if not reader.is_alive():
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        reader.join(5)
-        assert received == [big + b"tail"]
-    finally:
-        client.close()
-        yield port.stopListening()
+    server.transport.write(big)
+    server.transport.write(b"tail")
+    reader.start()
+    for _ in range(1000):
+        if not reader.is_alive():
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    reader.join(5)
+    assert received == [big + b"tail"]
 
 
-@pytest_twisted.inlineCallbacks
-def test_accepted_connections_do_not_wait_for_nagle():
-    port, client, server = yield accepted_pair()
-    try:
-        assert server.transport.getTcpNoDelay()
-    finally:
-        client.close()
-        yield port.stopListening()
+def test_accepted_connections_do_not_wait_for_nagle(pair):
+    _client, server = pair
+    assert server.transport.getTcpNoDelay()
