@@ -612,3 +612,48 @@ def test_pipelined_requests_waiting_for_a_refused_dial_try_in_turn():
     p.refuse(1)
     assert r2.error == r1.error
     assert p.pool.connections == 0
+
+
+def test_pipelined_requests_on_a_connection_the_server_closes_go_to_a_fresh_one():
+    p = Pool(pipeline=4)
+    r1 = p.fetch(request(b"1"))
+    c1 = p.accept()
+    r2, r3 = p.fetch(request(b"2")), p.fetch(request(b"3"))
+    assert c1.take() == request(b"1") + request(b"2") + request(b"3")
+    # As over real TCP: the loss arrives without the transport closing first.
+    c1.close()
+    assert r1.error == "calculator server 127.0.0.1:9999 closed the connection before answering"
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"2") + request(b"3")
+    c2.reply(answer(2), answer(3))
+    assert [r.value[1] for r in (r2, r3)] == [answer(2)[12:], answer(3)[12:]]
+    assert c1.take() == b""
+
+
+def test_a_connection_aborted_for_a_timeout_takes_no_new_request_before_it_closes():
+    p = Pool(pipeline=4, timeout=5)
+    slow = p.fetch(request(b"slow"))
+    c1 = p.accept()
+    c1.transport.abortConnection = lambda: None  # as over real TCP: it closes a turn later
+    p.advance(5)
+    assert slow.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
+    r = p.fetch(request(b"new"))
+    assert c1.take() == request(b"slow")
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"new")
+    c2.reply(answer(1))
+    assert r.value[1] == answer(1)[12:]
+
+
+def test_a_request_whose_connection_we_aborted_for_another_is_sent_again():
+    p = Pool()
+    r = p.fetch(request(b"1"))
+    c1 = p.accept()
+    c1.close(error.ConnectionAborted)  # closed by us, for a neighbour's timeout
+    assert p.attempts == 2
+    c2 = p.accept()
+    assert c2.take() == request(b"1")
+    c2.reply(answer(1))
+    assert r.value[1] == answer(1)[12:]

@@ -41,9 +41,10 @@ class UpstreamProtocol(wire.FrameClient):
         super().frameReceived(header, data)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        super().connectionLost(reason)
+        # Out of the pool first: the requests failed next may be sent again.
         if self.pool is not None:
             self.pool.lost(self)
+        super().connectionLost(reason)
 
 
 class _Fetch:
@@ -157,7 +158,7 @@ class UpstreamPool:
     def _dispatch(self, fetch: _Fetch) -> None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.transport.disconnecting:
+            if conn.usable:
                 self._send(fetch, conn, reused=True)
                 return
         if self.pipeline > 1:
@@ -184,7 +185,7 @@ class UpstreamPool:
         for conn in self._open:
             if (
                 conn.pending < self.pipeline
-                and not conn.transport.disconnecting
+                and conn.usable
                 and (best is None or conn.pending < best.pending)
             ):
                 best = conn
@@ -243,9 +244,12 @@ class UpstreamPool:
         if reason.check(defer.CancelledError):
             return
         fetch.pending = None
-        if reused and reason.check(error.ConnectionDone, error.ConnectionLost):
-            # The server closed an idle pooled connection: not this request's
-            # fault, so try again on a fresh one.
+        if reason.check(error.ConnectionAborted) or (
+            reused and reason.check(error.ConnectionDone, error.ConnectionLost)
+        ):
+            # We closed the connection for another request on it, or the
+            # server closed an idle pooled one: not this request's fault, so
+            # try again on another.
             self._dispatch(fetch)
             return
         if isinstance(reason.value, wire.ProtocolError):
@@ -258,7 +262,7 @@ class UpstreamPool:
         """Give a connection with room (its answer has come, or it has just
         opened) to the requests queued for one, or keep it idle once nothing
         is in flight on it."""
-        if conn.transport is None or conn.transport.disconnecting or not conn.connected:
+        if conn.transport is None or not conn.usable:
             return
         queue = self._queue
         while queue and conn.pending < self.pipeline:

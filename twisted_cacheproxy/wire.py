@@ -255,6 +255,8 @@ class FrameClient(FrameReceiver):
     answer already asked for cannot be skipped on a shared stream.
     """
 
+    _aborted = False
+
     def __init__(self) -> None:
         self._pending: deque[Deferred] = deque()
 
@@ -262,6 +264,12 @@ class FrameClient(FrameReceiver):
     def pending(self) -> int:
         """How many requests still wait for their answer."""
         return len(self._pending)
+
+    @property
+    def usable(self) -> bool:
+        """Whether a request sent now could be answered: connected, and not
+        closing (a closing connection may not know it yet)."""
+        return self.connected and not self._aborted and not self.transport.disconnecting
 
     def sendRequest(self, frame: bytes) -> Deferred:
         """Send one whole request message; the Deferred fires with its answer."""
@@ -273,7 +281,7 @@ class FrameClient(FrameReceiver):
     def _cancel(self, d: Deferred) -> None:
         if d in self._pending:
             self._pending.remove(d)
-        self.transport.abortConnection()
+        self._abort()
 
     def frameReceived(self, header: Header, data: bytes) -> None:
         if not self._pending:
@@ -288,7 +296,12 @@ class FrameClient(FrameReceiver):
         self._fail(ProtocolError(f"peer sent an {reason}"))
 
     def _fail(self, error: Exception) -> None:
+        self._aborted = True
         self._failAll(error)
+        self._abort()
+
+    def _abort(self) -> None:
+        self._aborted = True
         self.transport.abortConnection()
 
     def _failAll(self, error: Exception) -> None:
