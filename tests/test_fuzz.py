@@ -302,3 +302,20 @@ def test_remembered_preambles_are_bounded():
     for n in range(3 * codec.MAX_PREAMBLES):
         codec._scan(codec.encode_request(parse("-" * n + "1"), codec.LEGACY))
     assert len(codec._PREAMBLES) == codec.MAX_PREAMBLES
+
+
+def test_a_preamble_whose_memo_index_needs_a_longer_payload_is_not_remembered():
+    codec._PREAMBLES.clear()
+    index = 60_000
+    preamble = b"\x80\x04]r" + index.to_bytes(4, "little")  # EMPTY_LIST, LONG_BINPUT 60000
+    filler = b"X" + index.to_bytes(4, "little") + b"a" * index + b"0"  # a long string, POP
+    codec._scan(preamble + b"K\x01a" + filler + b".")  # the index is within this payload
+    assert not codec._PREAMBLES
+    assert verdict(preamble + b"K\x01a.") == "UnpicklingError: memo index 60000 out of range"
+
+
+def test_a_refused_pickle_leaves_no_preamble():
+    codec._PREAMBLES.clear()
+    good = codec.encode_request(parse("max(2, 3) + 4"), codec.LEGACY)
+    assert verdict(good + b"junk").startswith("UnpicklingError: trailing bytes")
+    assert not codec._PREAMBLES

@@ -429,6 +429,8 @@ def _scan(data: bytes) -> None:
         stack, marks, memo, fence, reduces, pos, done = resumed
     end = len(data)
     push = stack.append
+    preamble = None  # the state at the first number, to remember
+    top_put = -1  # the largest memo index a PUT has used
     try:
         for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
             if pos >= end:
@@ -479,8 +481,11 @@ def _scan(data: bytes) -> None:
                 raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
             action, size, npop, npush = spec
             if resumed is None and code in _NUMBERS:
-                _remember(data, (stack, marks, memo, fence, reduces, pos, done))
                 resumed = ()
+                # Kept if the pickle proves whole, and if no PUT index in the
+                # preamble needs a longer payload than the preamble itself.
+                if top_put < pos:
+                    preamble = (tuple(stack), tuple(marks), dict(memo), fence, reduces, pos, done)
             pos += 1
             if action == _GET:
                 index = int.from_bytes(data[pos : pos + size], "little")
@@ -537,6 +542,7 @@ def _scan(data: bytes) -> None:
                 if len(stack) <= fence or index >= end:
                     raise pickle.UnpicklingError(f"memo index {index} out of range")
                 memo[index] = stack[-1]
+                top_put = max(top_put, index)
             elif action == _POP:
                 if marks and marks[-1] == len(stack):
                     marks.pop()
@@ -550,6 +556,8 @@ def _scan(data: bytes) -> None:
                     raise pickle.UnpicklingError("pickle stack underflow")
                 if pos != end:
                     raise pickle.UnpicklingError("trailing bytes after the pickle")
+                if preamble is not None:
+                    _remember(data, preamble)
                 return
             else:  # PROTO, FRAME
                 pos += size
@@ -584,8 +592,7 @@ def _resume(data: bytes) -> tuple | None:
 
 
 def _remember(data: bytes, state: tuple) -> None:
-    stack, marks, memo, fence, reduces, pos, done = state
-    _PREAMBLES[data[:pos]] = (tuple(stack), tuple(marks), dict(memo), fence, reduces, pos, done)
+    _PREAMBLES[data[: state[5]]] = state
     while len(_PREAMBLES) > MAX_PREAMBLES:
         _PREAMBLES.popitem(last=False)
 
