@@ -90,3 +90,12 @@ def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
 def test_accepted_connections_do_not_wait_for_nagle(pair):
     _client, server = pair
     assert server.transport.getTcpNoDelay()
+
+
+def test_nothing_is_sent_once_the_connection_is_aborted(pair):
+    client, server = pair
+    server.transport.abortConnection()
+    server.transport.write(b"late")
+    client.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        client.recv(100)

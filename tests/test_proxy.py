@@ -1332,9 +1332,9 @@ def test_a_client_awaiting_an_answer_is_not_idle():
     assert not c.transport.disconnecting
     up.reply(answer(3))
     assert c.take() == answer(3)
-    h.advance(3 - EPS)
+    h.advance(5 - EPS)  # a whole period after its last answer, not after 5 s
     assert not c.transport.disconnecting
-    h.advance(EPS)  # the second period, begun at 5 s, ends with nothing awaited
+    h.advance(EPS)
     assert c.transport.disconnecting
 
 

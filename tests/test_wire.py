@@ -521,3 +521,30 @@ def test_close_after_sending_writes_the_batch_before_closing():
     p.makeConnection(t)
     p.dataReceived(request(b"a") + request(b"bye") + request(b"ignored"))
     assert closed_with == [[b"abye"]]
+
+
+class FillsUp(Writes):
+    """Pauses its producer once more than ``room`` bytes were written to it."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.room and self.producer is not None:
+            self.room = float("inf")  # once
+            self.producer.pauseProducing()
+
+
+def test_a_long_batch_goes_out_in_parts_so_a_full_transport_can_pause_it():
+    p, t = Echo(), FillsUp(room=100_000)
+    p.makeConnection(t)
+    big = [b"%05d" % n + b"x" * 8_000 for n in range(40)]
+    p.dataReceived(b"".join(request(m) for m in big))
+    # Parts of at most one batch limit plus a message; then the pause stops it.
+    assert max(map(len, t.writes)) < p.batchLimit + 8_100
+    sent = b"".join(t.writes)
+    assert 100_000 < len(sent) < 100_000 + p.batchLimit + 8_100
+    p.resumeProducing()
+    assert b"".join(t.writes) == b"".join(big)

@@ -32,6 +32,7 @@ class SendAtOnceServer(tcp.Server):
             data
             and self.connected
             and not self.disconnecting
+            and not self._aborting
             and not self._writeDisconnected
             and not self._tempDataLen
             and self.offset == len(self.dataBuffer)

@@ -62,8 +62,12 @@ class CacheProxyProtocol(wire.FrameReceiver):
             self.sendMessage(slots.popleft()[0])
         if self._held and len(slots) < MAX_AWAITED and self.connected:
             self.releaseInput()
-        if not slots and self._closing:
-            self.closeAfterSending()
+        if not slots:
+            if self._closing:
+                self.closeAfterSending()
+            else:
+                # Idle from its last answer on (a reset, not a new timer).
+                self.resetTimeout()
 
     def timeoutConnection(self) -> None:
         """A client still awaiting an answer is not idle: it gets another

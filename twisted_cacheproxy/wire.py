@@ -109,8 +109,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     turnBudget = 0.005
     #: Bytes already received after the message being handled.
     bufferedAfter = 0
-    #: Messages sent while frames are being handled, to leave in one write.
+    #: Messages sent while frames are being handled, to leave in one write
+    #: (or more: one per `batchLimit` bytes, so a full transport can pause us).
     _outgoing: list[bytes] | None = None
+    _outgoingSize = 0
+    batchLimit = 1 << 16
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
@@ -127,10 +130,14 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     def sendMessage(self, message: bytes) -> None:
         """Send one whole message. Those sent while received frames are being
         handled leave together, in one write, once they are handled."""
-        if self._outgoing is not None:
-            self._outgoing.append(message)
-        else:
+        outgoing = self._outgoing
+        if outgoing is None:
             self.transport.write(message)
+            return
+        outgoing.append(message)
+        self._outgoingSize += len(message)
+        if self._outgoingSize >= self.batchLimit:
+            self._flush()
 
     def closeAfterSending(self) -> None:
         """Close the connection once every message sent so far has left."""
@@ -141,6 +148,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         if self._outgoing:
             self.transport.write(b"".join(self._outgoing))
             self._outgoing.clear()
+            self._outgoingSize = 0
 
     def _process(self) -> None:
         self._outgoing = []
