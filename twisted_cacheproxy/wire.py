@@ -129,7 +129,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
 
     def sendMessage(self, message: bytes) -> None:
         """Send one whole message. Those sent while received frames are being
-        handled leave together, in one write, once they are handled."""
+        handled leave together once they are handled (in one write per
+        `batchLimit` bytes)."""
         outgoing = self._outgoing
         if outgoing is None:
             self.transport.write(message)
@@ -304,7 +305,7 @@ class FrameClient(FrameReceiver):
         self._fail(ProtocolError(f"peer sent an {reason}"))
 
     def _fail(self, error: Exception) -> None:
-        self._aborted = True
+        self._aborted = True  # before the requests fail: they may be sent again
         self._failAll(error)
         self._abort()
 
