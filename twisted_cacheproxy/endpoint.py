@@ -20,7 +20,9 @@ from zope.interface import implementer
 
 class SendAtOnceServer(tcp.Server):
     """An accepted TCP connection whose writes go to the socket at once when
-    nothing is queued (what the socket refuses is queued as usual)."""
+    nothing is queued (what the socket refuses is queued as usual). It reads
+    `tcp.Connection`'s own state to know that; tests/test_endpoint.py would
+    notice if a Twisted release changed it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
