@@ -344,7 +344,7 @@ _ALLOWED_OPCODES: dict[str, tuple[int, int | None, int, int]] = {
     "PROTO": (_NOOP, 1, 0, 0),
     "FRAME": (_NOOP, 8, 0, 0),
     "STOP": (_STOP, 0, 1, 0),
-    "MARK": (_MARK, 0, 0, 0),
+    "MARK": (_MARK, 0, 0, 0),  # taken by the fast path
     "POP": (_POP, 0, 1, 0),
     "POP_MARK": (_TO_MARK, 0, 0, 0),
     "NONE": (_PUSH, 0, 0, 1),
@@ -374,7 +374,7 @@ _ALLOWED_OPCODES: dict[str, tuple[int, int | None, int, int]] = {
     "LONG_BINGET": (_GET, 4, 0, 1),
     "BINPUT": (_PUT, 1, 0, 0),
     "LONG_BINPUT": (_PUT, 4, 0, 0),
-    "MEMOIZE": (_MEMOIZE, 0, 0, 0),
+    "MEMOIZE": (_MEMOIZE, 0, 0, 0),  # taken by the fast path
     "GLOBAL": (_PUSH, None, 0, 1),
     "STACK_GLOBAL": (_PUSH, 0, 2, 1),
     "REDUCE": (_REDUCE, 0, 2, 1),
@@ -388,12 +388,13 @@ for _op in pickletools.opcodes:
 
 
 _MEMOIZE_CODE = pickle.MEMOIZE[0]
-_MARK_CODE = pickle.MARK[0]
-# The fast path's opcodes, by what it does with them (0: not on it).
-_F_MEMOIZE, _F_STR, _F_GET, _F_EMPTY, _F_BUILD, _F_TWO_TO_ONE = range(1, 7)
+# The fast path's opcodes, by what it does with them (0: not on it). MARK and
+# MEMOIZE are only ever taken there; the others also have general entries.
+_F_MEMOIZE, _F_STR, _F_GET, _F_EMPTY, _F_BUILD, _F_TWO_TO_ONE, _F_MARK = range(1, 8)
 _FAST = [0] * 256
 for _codes, _action in (
     (pickle.MEMOIZE, _F_MEMOIZE),
+    (pickle.MARK, _F_MARK),
     (pickle.SHORT_BINUNICODE, _F_STR),
     (pickle.BINGET, _F_GET),
     (pickle.EMPTY_TUPLE + pickle.EMPTY_DICT + pickle.EMPTY_LIST, _F_EMPTY),
@@ -462,6 +463,11 @@ def _scan(data: bytes) -> None:
                     del stack[-1]
                     pos += 1
                     continue
+                elif fast == _F_MARK:
+                    fence = len(stack)
+                    marks.append(fence)
+                    pos += 1
+                    continue
                 else:  # STACK_GLOBAL, NEWOBJ: two items make one
                     del stack[-1]
                     stack[-1] = False
@@ -470,11 +476,6 @@ def _scan(data: bytes) -> None:
                 if pos < end and data[pos] == _MEMOIZE_CODE:
                     memo[len(memo)] = stack[-1]
                     pos += 1
-                continue
-            if code == _MARK_CODE:
-                fence = len(stack)
-                marks.append(fence)
-                pos += 1
                 continue
             spec = _OPCODES[code]
             if spec is None:
@@ -493,10 +494,6 @@ def _scan(data: bytes) -> None:
                 if index not in memo:
                     raise pickle.UnpicklingError(f"memo index {index} not set")
                 push(memo[index])
-            elif action == _MEMOIZE:
-                if len(stack) <= fence:
-                    raise pickle.UnpicklingError("pickle stack underflow")
-                memo[len(memo)] = stack[-1]
             elif action in (_PUSH, _STR, _REDUCE):
                 if size is None:
                     pos = data.index(b"\n", data.index(b"\n", pos) + 1) + 1
@@ -521,9 +518,6 @@ def _scan(data: bytes) -> None:
                 if len(stack) - 3 < fence or not stack[-2]:
                     raise pickle.UnpicklingError("dictionary keys must be strings")
                 del stack[-2:]
-            elif action == _MARK:
-                fence = len(stack)
-                marks.append(fence)
             elif action in (_TO_MARK, _SETITEMS):
                 if not marks:
                     raise pickle.UnpicklingError("could not find MARK")

@@ -153,7 +153,7 @@ class UpstreamPool:
             why = f"unreachable within {self.timeout:g} s ({_attempts(fetch.attempt)}): {fetch.why}"
         else:
             why = f"did not answer within {self.timeout:g} s"
-        fetch.d.errback(UpstreamError(f"{self.name} {why}"))
+        fetch.settle(UpstreamError(f"{self.name} {why}"))
 
     def _dispatch(self, fetch: _Fetch) -> None:
         while self._idle:
