@@ -6,8 +6,10 @@ runs its matrix against ``twistd cacheserver`` / ``twistd cacheproxy`` (service
 on core 0, load generator on core 1, fresh processes per run) and prints the
 issue's target table: ratios to the C limit server measured in the same run,
 beside the exercise's reference proxy from the kit's recorded baseline.
+The all-miss workload runs twice: with the default options, and with
+``--upstream-pipeline 16`` on 250,000 distinct expressions.
 
-    python3 benchmarks/run.py                      # full matrix, ~10 min
+    python3 benchmarks/run.py                      # full matrix, ~12 min
     python3 benchmarks/run.py --duration 3 --reps 1 --targets limit,proxy-hit
     python3 benchmarks/run.py --table benchmarks/out/results.jsonl   # table only
 
