@@ -263,15 +263,18 @@ class Timer:
         return wire.HEADER_SIZE + len(data) <= self.limit
 
     def status(self, data: bytes, steps: bool) -> int:
-        answer = self.factory.answer(steps, data, codec.encoding_of(data), 0)
-        return wire.decode_header(answer).status
+        return wire.decode_header(self._answer(data, steps)).status
+
+    def _answer(self, data: bytes, steps: bool) -> bytes:
+        flags = wire.make_flags(request=True, steps=steps)
+        return self.factory.answer(wire.Header(0, 0, flags, 0), data, codec.encoding_of(data), 0)
 
     def time(self, data: bytes, steps: bool) -> tuple[float, int]:
         """The best of ``repeat`` runs, in ms, and the answer's status."""
         best = math.inf
         for _ in range(self.repeat):
             started = time.perf_counter()
-            answer = self.factory.answer(steps, data, codec.encoding_of(data), 0)
+            answer = self._answer(data, steps)
             best = min(best, time.perf_counter() - started)
         return best * 1000, wire.decode_header(answer).status
 

@@ -19,6 +19,7 @@ import types
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy import expression as ex
+from twisted_cacheproxy import wire
 
 HERE = pathlib.Path(__file__).parent
 #: The six standard expressions (a copy of shared/protocol-vectors.json).
@@ -172,22 +173,80 @@ def make_api_module() -> types.ModuleType:
     return m
 
 
+def untagged(stream: bytes, keep: int = ~wire.TAG_MASK) -> bytes:
+    """``stream``'s whole messages with the tag bits (or every extension bit
+    but ``keep``) zeroed."""
+    out, offset = [], 0
+    while len(stream) - offset >= 12:
+        length = wire.decode_header(stream, offset).length
+        if length < 12:
+            break
+        frame = stream[offset : offset + length]
+        ext = int.from_bytes(frame[10:12], "big") & keep
+        out.append(frame[:10] + ext.to_bytes(2, "big") + frame[12:])
+        offset += length
+    return b"".join(out) + stream[offset:]
+
+
+def headers(stream: bytes) -> list[wire.Header]:
+    """The headers of ``stream``'s whole messages."""
+    out, offset = [], 0
+    while len(stream) - offset >= 12:
+        header = wire.decode_header(stream, offset)
+        if header.length < 12 or len(stream) - offset < header.length:
+            break
+        out.append(header)
+        offset += header.length
+    return out
+
+
 class Peer:
     """Our end of one connection a protocol under test has made (for the
-    proxy, the server side of an upstream connection)."""
+    proxy, the server side of an upstream connection). It answers the way our
+    server does: ``L`` set and each request's tag echoed, in request order,
+    unless told to answer as a course server (``framed=False``)."""
 
-    def __init__(self, protocol, transport) -> None:
+    def __init__(self, protocol, transport, framed: bool = True) -> None:
         self.protocol = protocol
         self.transport = transport
+        self.framed = framed
+        self.tags: list[int] = []  # of the requests not answered yet
+        self.seen: list[int] = []  # of every request, in order
+        self._read = 0
+
+    def _scan(self) -> None:
+        """Note the tags of the whole requests written since the last look."""
+        raw = self.transport.value()
+        while len(raw) - self._read >= 12:
+            header = wire.decode_header(raw, self._read)
+            if len(raw) - self._read < header.length:
+                break
+            self.tags.append(header.tag)
+            self.seen.append(header.tag)
+            self._read += header.length
 
     def take(self) -> bytes:
-        """Everything the protocol wrote to us since the last take."""
+        """Everything the protocol wrote to us since the last take, with the
+        tags of its requests zeroed (they are in `seen`)."""
+        self._scan()
         value = self.transport.value()
         self.transport.clear()
-        return value
+        self._read = 0
+        return untagged(value)
 
-    def reply(self, *frames: bytes) -> None:
+    def reply(self, *frames: bytes, framed: bool | None = None) -> None:
+        """Send ``frames`` as answers, each marked for the next request waiting."""
+        self._scan()
+        if self.framed if framed is None else framed:
+            frames = tuple(self._mark(frame) for frame in frames)
         self.protocol.dataReceived(b"".join(frames))
+
+    def _mark(self, frame: bytes) -> bytes:
+        if len(frame) < 12:
+            return frame
+        tag = self.tags.pop(0) if self.tags else 0
+        ext = int.from_bytes(frame[10:12], "big") | wire.EXT_FRAMED | tag << wire.TAG_SHIFT
+        return frame[:10] + ext.to_bytes(2, "big") + frame[12:]
 
     def close(self, reason=None) -> None:
         """The connection is lost (cleanly unless ``reason`` says otherwise)."""

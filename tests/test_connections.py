@@ -144,9 +144,9 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_
     original = factory.buildProtocol
 
     def remember(addr):
-        wrapper = original(addr)
-        built.append(wrapper.wrappedProtocol)
-        return wrapper
+        p = original(addr)
+        built.append(p)
+        return p
 
     factory.buildProtocol = remember
     listening, port = (server_port, server_at) if service == "server" else listen(factory)
@@ -169,8 +169,8 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_
         assert service_side._paused, "the service kept reading from a client that never reads"
         yield task.deferLater(reactor, 0.3)
         assert service_side._paused, "the service resumed although nothing was read"
-        unsent = len(service_side.transport.transport.dataBuffer) + sum(
-            map(len, service_side.transport.transport._tempDataBuffer)
+        unsent = len(service_side.transport.dataBuffer) + sum(
+            map(len, service_side.transport._tempDataBuffer)
         )
         assert unsent < 1_000_000, unsent
         client.transport.resumeProducing()

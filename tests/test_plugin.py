@@ -339,6 +339,7 @@ def test_server_options_defaults():
     )
     assert (config["idle-timeout"], config["max-age"], config["no-cache"]) == (60.0, 65535, 0)
     assert config["max-connections"] == 10_000
+    assert config["backlog"] == 511
 
 
 def test_server_options_build_the_service():
@@ -356,10 +357,13 @@ def test_server_options_build_the_service():
         "--no-cache",
         "--max-connections",
         "5",
+        "--backlog",
+        "2048",
     )
     service = tap.server.makeService(config)
     factory = service.factory
     assert (service.endpoint.port, service.endpoint.interface) == (4567, "0.0.0.0")
+    assert service.endpoint.backlog == 2048
     assert (factory.max_age, factory.cacheable, factory.max_message_size) == (30, False, 1000)
     assert (factory.idle_timeout, factory.connectionLimit) == (None, 5)
 
@@ -373,6 +377,7 @@ def test_server_options_build_the_service():
         (["--max-message-size", "65536"], "--max-message-size must be 256..65535"),
         (["--idle-timeout", "-1"], "--idle-timeout cannot be negative"),
         (["--max-connections", "0"], "--max-connections must be at least 1"),
+        (["--backlog", "0"], "--backlog must be at least 1"),
         (["--max-age", "65536"], "--max-age must be 0..65535"),
         (["--max-age", "-1"], "--max-age must be 0..65535"),
     ],

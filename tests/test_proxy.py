@@ -11,7 +11,7 @@ import json
 import pickle
 
 import pytest
-from helpers import Peer
+from helpers import Peer, headers, untagged
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -116,18 +116,26 @@ class Client:
 
     def __init__(self, factory: CacheProxyFactory, n: int) -> None:
         self.wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + n))
-        assert isinstance(self.wrapper.wrappedProtocol, CacheProxyProtocol)
+        assert isinstance(self.wrapper, CacheProxyProtocol)
         self.transport = StringTransport()
         self.wrapper.makeConnection(self.transport)
+        self.marks: list[int] = []
+        self.tags: list[int] = []
 
     def send(self, *frames: bytes) -> None:
         self.wrapper.dataReceived(b"".join(frames))
 
     def take(self) -> bytes:
-        """Everything written to this client since the last take."""
+        """Everything written to this client since the last take, with the
+        extension words zeroed: each must carry L, and its cache marks (H,
+        G) and tag are kept in `marks` and `tags`."""
         value = self.transport.value()
         self.transport.clear()
-        return value
+        for header in headers(value):
+            assert header.framed, header
+            self.marks.append(header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE))
+            self.tags.append(header.tag)
+        return untagged(value, keep=0)
 
     def disconnect(self) -> None:
         self.wrapper.connectionLost(Failure(error.ConnectionDone()))
@@ -1220,7 +1228,7 @@ def test_a_response_sent_to_the_proxy_is_a_400_and_not_forwarded(h):
 
 def test_impossible_length_is_answered_400_then_closed(h):
     c = h.client()
-    c.send(wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0) + b"1 + 2")
+    c.send(wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0, 0) + b"1 + 2")
     payload = json.dumps(
         {
             "error": "impossible message length 9000 (must be 12..8192); closing the connection",
@@ -1236,7 +1244,7 @@ def test_impossible_length_is_answered_400_then_closed(h):
 
 def test_impossible_length_after_a_pending_miss_is_answered_in_order(h):
     c = h.client()
-    c.send(request(X), wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0))
+    c.send(request(X), wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0, 0))
     bad = wire.encode(
         TS,
         wire.make_flags(request=False, status=wire.BAD_REQUEST),

@@ -160,19 +160,28 @@ def connect(port: int) -> defer.Deferred:
 
 
 def raw(message: tuple[wire.Header, bytes]) -> bytes:
-    """The message as it came over the wire (padding is always 0)."""
+    """The message as it came over the wire, less its extension word (what
+    the course programs read of it; its bits are checked apart)."""
     header, data = message
     return wire.encode(header.timestamp, header.flags, header.max_age, data)
 
 
 @defer.inlineCallbacks
-def ask(port: int, *frames: bytes):
-    """Send ``frames`` pipelined on one new connection; the answers' bytes, in order."""
+def exchange(port: int, *frames: bytes):
+    """Send ``frames`` pipelined on one new connection; their (header, data) answers."""
     conn = yield connect(port)
     try:
         answers = yield within(defer.gatherResults([conn.sendRequest(f) for f in frames]))
     finally:
         conn.transport.loseConnection()
+    return answers
+
+
+@defer.inlineCallbacks
+def ask(port: int, *frames: bytes):
+    """Send ``frames`` pipelined on one new connection; the answers' bytes
+    less the extension word, in order."""
+    answers = yield exchange(port, *frames)
     return [raw(a) for a in answers]
 
 
@@ -211,8 +220,8 @@ class CountingProtocol(wire.FrameReceiver):
             return
         self.answered += 1
         now = int(f.clock.seconds())
-        frame = f.calculator.answer(header.flags & wire.FLAG_STEPS, data, codec.TEXT, now)
-        f.sent.append(frame)
+        frame = f.calculator.answer(header, data, codec.TEXT, now)
+        f.sent.append(frame[:10] + b"\x00\x00" + frame[12:])
         if f.delay:
             f.clock.callLater(f.delay, self.transport.write, frame)
         else:
@@ -280,6 +289,8 @@ def test_scenario_3_2_through_the_proxy_hit_without_upstream_contact(twistd):
 
         (hit,) = yield ask(proxy.port, request(a["text"]))
         assert hit == miss  # forever-cacheable: the stored bytes, as they were
+        ((header, _),) = yield exchange(proxy.port, request(a["text"]))
+        assert (header.framed, header.from_cache, header.grace) == (True, True, False)
         assert len(server.requests) == 1
         assert server.connections == 1
 
@@ -474,6 +485,9 @@ def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
         proxy = start_proxy(
             twistd, server_port, "--upstream-pipeline", "64", "--upstream-connections", "1"
         )
+        # Pipelining starts once the connection has brought an answer with L.
+        yield ask(proxy.port, request("1 + 1"))
+        server.requests.clear()
         conns = yield within(defer.gatherResults([connect(proxy.port) for _ in range(n)]))
         frames = [request(f"{k} * 3 + 1") for k in range(n)]
         answered = defer.gatherResults(

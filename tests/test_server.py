@@ -35,8 +35,7 @@ class Conn:
 
     def __init__(self, clock, **options):
         self.factory = server.CalculatorServerFactory(clock=clock, **options)
-        self.wrapper = self.factory.buildProtocol(ADDR)
-        self.protocol = self.wrapper.wrappedProtocol
+        self.wrapper = self.protocol = self.factory.buildProtocol(ADDR)
         self.transport = StringTransport()
         self.wrapper.makeConnection(self.transport)
 
@@ -64,10 +63,10 @@ def req(data: bytes, *, steps=True, cache=True, max_age=65535, request=True, ts=
     return wire.encode(ts, flags, max_age, data)
 
 
-def response(status, body, *, cache=False, steps=False, max_age=0, ts=NOW) -> bytes:
-    """The exact message a server must send."""
+def response(status, body, *, cache=False, steps=False, max_age=0, ts=NOW, tag=0) -> bytes:
+    """The exact message a server must send: L set, the request's tag echoed."""
     flags = (0x1000 if cache else 0) | (0x0800 if steps else 0) | status
-    return struct.pack("!LHHHxx", ts, 12 + len(body), flags, max_age) + body
+    return struct.pack("!LHHHH", ts, 12 + len(body), flags, max_age, 1 | tag << 3) + body
 
 
 def ok_json(value_repr: str, steps: list[str]) -> bytes:
@@ -462,12 +461,11 @@ def test_connection_limit(clock):
     first.connectionLost(Failure(error.ConnectionDone()))
     third = factory.buildProtocol(ADDR)
     assert third is not None
-    assert isinstance(third.wrappedProtocol, server.CalculatorServerProtocol)
+    assert isinstance(third, server.CalculatorServerProtocol)
 
 
 def test_built_protocol_carries_the_factory_settings(clock):
     factory = server.CalculatorServerFactory(clock=clock, max_message_size=1000, idle_timeout=7)
-    wrapper = factory.buildProtocol(ADDR)
-    p = wrapper.wrappedProtocol
+    p = factory.buildProtocol(ADDR)
     assert isinstance(p, server.CalculatorServerProtocol)
     assert (p.maxMessageSize, p.idleTimeout, p.factory) == (1000, 7, factory)

@@ -102,7 +102,7 @@ def test_fetch_sends_the_frame_and_fires_with_the_answer_and_the_send_time(p):
     reply = answer(3)
     conn.reply(reply)
     header, data, sent = r.value
-    assert header == wire.decode_header(reply)
+    assert header == wire.decode_header(reply)._replace(ext=wire.EXT_FRAMED | 1 << 3)
     assert data == reply[12:]
     assert sent == T0 + 2
     assert p.reactor.getDelayedCalls() == []
@@ -329,7 +329,7 @@ def test_a_request_instead_of_an_answer_is_an_invalid_answer(p):
 def test_an_impossible_length_is_an_invalid_answer(p):
     r = p.fetch(request(b"1"))
     c1 = p.accept()
-    c1.reply(wire.HEADER.pack(TS, 5, 200, 0))
+    c1.reply(wire.HEADER.pack(TS, 5, 200, 0, 0))
     assert r.error == (
         "calculator server 127.0.0.1:9999 sent an invalid answer: peer sent an impossible "
         "message length 5 (must be 12..65535); closing the connection"
@@ -516,11 +516,21 @@ def test_without_pipelining_a_busy_connection_never_takes_a_second_request(p):
     assert p.attempts == 2
 
 
+def framed(p: Pool) -> Peer:
+    """A connection of ``p`` that has brought an answer with L and our tag
+    (so it may be pipelined), idle again."""
+    r = p.fetch(request(b"0"))
+    conn = p.accept()
+    conn.reply(answer(0))
+    assert r.value[1] == answer(0)[12:]
+    conn.take()
+    return conn
+
+
 def test_pipelined_requests_share_one_connection_and_fire_in_order():
     p = Pool(pipeline=3)
-    r1 = p.fetch(request(b"1"))
-    c1 = p.accept()
-    r2, r3 = p.fetch(request(b"2")), p.fetch(request(b"3"))
+    c1 = framed(p)
+    r1, r2, r3 = p.fetch(request(b"1")), p.fetch(request(b"2")), p.fetch(request(b"3"))
     assert p.attempts == 1
     assert c1.take() == request(b"1") + request(b"2") + request(b"3")
     # All three answers in one read.
@@ -529,25 +539,59 @@ def test_pipelined_requests_share_one_connection_and_fire_in_order():
     assert (p.pool.connections, p.pool.idle) == (1, 1)
 
 
+def test_a_new_connection_takes_one_request_until_it_has_answered_with_l():
+    p = Pool(pipeline=3)
+    r1 = p.fetch(request(b"1"))
+    c1 = p.accept()
+    r2 = p.fetch(request(b"2"))
+    assert p.attempts == 2  # not pipelined behind the first: c1 has not said L yet
+    c2 = p.accept()
+    assert (c1.take(), c2.take()) == (request(b"1"), request(b"2"))
+    c1.reply(answer(1))
+    c2.reply(answer(2))
+    r3, r4 = p.fetch(request(b"3")), p.fetch(request(b"4"))
+    assert sorted([c1.take(), c2.take()]) == [request(b"3"), request(b"4")]
+    assert p.attempts == 2 and r1.done and r2.done and not (r3.done or r4.done)
+
+
+def test_a_server_without_l_gets_one_request_per_connection_whatever_the_pipeline():
+    p = Pool(pipeline=8)
+    rs = [p.fetch(request(b"%d" % n)) for n in range(3)]
+    conns = [p.accept(n) for n in range(3)]
+    assert p.attempts == 3
+    for n, conn in enumerate(conns):
+        assert conn.take() == request(b"%d" % n)
+        conn.reply(answer(n), framed=False)
+        assert conn.transport.disconnecting  # its one answer delivered, then closed
+    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in range(3)]
+    assert p.pool.idle == 0
+    for conn in conns:
+        conn.close()
+    r = p.fetch(request(b"9"))
+    assert p.attempts == 4  # never reused
+    p.accept().reply(answer(9), framed=False)
+    assert r.value[1] == answer(9)[12:]
+
+
 def test_a_full_connection_makes_the_pool_open_another():
     p = Pool(pipeline=2)
+    c1 = framed(p)
     p.fetch(request(b"1"))
-    c1 = p.accept()
     p.fetch(request(b"2"))
     assert p.attempts == 1
     p.fetch(request(b"3"))
     assert p.attempts == 2
     c2 = p.accept()
-    p.fetch(request(b"4"))  # the emptier connection takes it
+    p.fetch(request(b"4"))  # c2 has not said L yet: c1 would, but it is full
+    assert p.attempts == 3
     assert c1.take() == request(b"1") + request(b"2")
-    assert c2.take() == request(b"3") + request(b"4")
+    assert c2.take() == request(b"3")
 
 
 def test_at_the_connection_limit_a_waiting_request_takes_the_first_free_place():
     p = Pool(pipeline=2, max_connections=1)
-    rs = [p.fetch(request(b"1"))]
-    c1 = p.accept()
-    rs += [p.fetch(request(b"%d" % n)) for n in (2, 3)]
+    c1 = framed(p)
+    rs = [p.fetch(request(b"%d" % n)) for n in (1, 2, 3)]
     assert c1.take() == request(b"1") + request(b"2")
     c1.reply(answer(1))
     assert c1.take() == request(b"3")
@@ -557,78 +601,91 @@ def test_at_the_connection_limit_a_waiting_request_takes_the_first_free_place():
     assert p.pool.idle == 1
 
 
-def test_a_timed_out_request_closes_its_connection_and_its_neighbours_are_sent_again():
+def test_a_timed_out_pipelined_request_closes_its_connection_and_ends_pipelining():
     p = Pool(pipeline=4, timeout=5)
+    c1 = framed(p)
     slow = p.fetch(request(b"slow"))
-    c1 = p.accept()
     p.advance(1)
     rs = [p.fetch(request(b"%d" % n)) for n in (1, 2)]
     assert c1.take() == request(b"slow") + request(b"1") + request(b"2")
     p.advance(4)
     assert slow.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
     assert c1.transport.disconnecting
+    assert not p.pool.pipelining
     c1.close(error.ConnectionAborted)
-    assert p.attempts == 2
-    c2 = p.accept()
-    assert c2.take() == request(b"1") + request(b"2")
-    c2.reply(answer(1), answer(2))
+    # Sent again, one request per connection from now on.
+    assert p.attempts == 3
+    c2, c3 = p.accept(1), p.accept(2)
+    assert (c2.take(), c3.take()) == (request(b"1"), request(b"2"))
+    c2.reply(answer(1))
+    c3.reply(answer(2))
     assert [r.value[1] for r in rs] == [answer(1)[12:], answer(2)[12:]]
+    p.fetch(request(b"3"))
+    p.fetch(request(b"4"))
+    assert sorted([c2.take(), c3.take()]) == [request(b"3"), request(b"4")]
 
 
 def test_bytes_beyond_the_last_pipelined_answer_are_an_invalid_answer():
     p = Pool(pipeline=2)
-    r1 = p.fetch(request(b"1"))
-    c1 = p.accept()
-    r2 = p.fetch(request(b"2"))
+    c1 = framed(p)
+    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
     c1.reply(answer(1), answer(2), b"\x00")
     assert r1.value[1] == answer(1)[12:]
     assert r2.error.endswith("server sent extra bytes after its answer")
     assert c1.transport.disconnecting
 
 
-def test_pipelined_requests_wait_for_the_connection_being_opened():
+def test_requests_wait_for_the_connection_being_opened_to_a_server_known_to_frame():
     p = Pool(pipeline=4)
-    rs = [p.fetch(request(b"%d" % n)) for n in range(6)]
-    assert p.attempts == 1  # one dial, not six
+    c0 = framed(p)
+    c0.close()
+    rs = [p.fetch(request(b"%d" % n)) for n in range(1, 7)]
+    assert p.attempts == 2  # one dial, not six
     c1 = p.accept()
-    assert c1.take() == b"".join(request(b"%d" % n) for n in range(4))
-    assert p.attempts == 2  # the two left over need a second connection
+    assert c1.take() == request(b"1")  # alone until it says L
+    assert p.attempts == 3  # meanwhile one more connection for those waiting
+    c1.reply(answer(1))
+    assert c1.take() == b"".join(request(b"%d" % n) for n in range(3, 7))
     c2 = p.accept()
-    assert c2.take() == request(b"4") + request(b"5")
-    c1.reply(*(answer(n) for n in range(4)))
-    c2.reply(answer(4), answer(5))
-    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in range(6)]
+    assert c2.take() == request(b"2")
+    c1.reply(*(answer(n) for n in range(3, 7)))
+    c2.reply(answer(2))
+    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in range(1, 7)]
 
 
 def test_pipelined_requests_waiting_for_a_refused_dial_try_in_turn():
     p = Pool(pipeline=4, retries=1)
+    framed(p).close()
     r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
-    p.refuse(0)
+    p.refuse(1)
     assert (
         r1.error
         == "calculator server 127.0.0.1:9999 unreachable after 1 attempt: Connection refused"
     )
-    assert p.attempts == 2 and not r2.done
-    p.refuse(1)
+    assert p.attempts == 3 and not r2.done
+    p.refuse(2)
     assert r2.error == r1.error
     assert p.pool.connections == 0
 
 
 def test_pipelined_requests_on_a_connection_the_server_closes_go_to_a_fresh_one():
     p = Pool(pipeline=4)
-    r1 = p.fetch(request(b"1"))
-    c1 = p.accept()
-    r2, r3 = p.fetch(request(b"2")), p.fetch(request(b"3"))
+    c1 = framed(p)
+    r1, r2, r3 = (p.fetch(request(b"%d" % n)) for n in (1, 2, 3))
     assert c1.take() == request(b"1") + request(b"2") + request(b"3")
     # As over real TCP: the loss arrives without the transport closing first.
     c1.close()
-    assert r1.error == "calculator server 127.0.0.1:9999 closed the connection before answering"
-    assert p.attempts == 2
-    c2 = p.accept()
-    assert c2.take() == request(b"2") + request(b"3")
-    c2.reply(answer(2), answer(3))
-    assert [r.value[1] for r in (r2, r3)] == [answer(2)[12:], answer(3)[12:]]
-    assert c1.take() == b""
+    assert [r.done for r in (r1, r2, r3)] == [False] * 3  # all sent on a reused connection
+    c2 = p.accept(1)
+    assert c2.take() == request(b"1")
+    c2.reply(answer(1))
+    assert c2.take() == request(b"3")  # pipelined now that c2 has said L
+    c3 = p.accept(2)  # dialed for those waiting while c2 had not said L
+    assert c3.take() == request(b"2")
+    c2.reply(answer(3))
+    c3.reply(answer(2))
+    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n)[12:] for n in (1, 2, 3)]
+    assert c1.take() == b"" and p.attempts == 3
 
 
 def test_a_connection_aborted_for_a_timeout_takes_no_new_request_before_it_closes():

@@ -239,13 +239,20 @@ def timed(clock, seconds=10.0):
     return p, t
 
 
-def test_idle_timeout_aborts_a_silent_connection(clock):
+def test_idle_timeout_closes_a_silent_connection_in_order(clock):
     _, t = timed(clock)
     clock.advance(9.999)
     assert not t.disconnecting
     clock.advance(0.001)
     assert t.disconnecting
-    assert t.disconnected  # StringTransport's mark of abortConnection
+    assert not t.disconnected  # a FIN (loseConnection), not an abort
+
+
+def test_idle_timeout_aborts_a_connection_whose_peer_stopped_reading(clock):
+    p, t = timed(clock)
+    p.pauseProducing()  # the transport's buffer is full of unread answers
+    clock.advance(10)
+    assert t.disconnecting and t.disconnected  # StringTransport's mark of abortConnection
 
 
 def test_half_sent_frame_does_not_reset_the_idle_timeout(clock):
@@ -271,7 +278,7 @@ def test_complete_frame_resets_the_idle_timeout(clock):
     clock.advance(9.9)
     assert not t.disconnecting
     clock.advance(0.1)
-    assert t.disconnecting and t.disconnected
+    assert t.disconnecting and not t.disconnected
 
 
 def test_no_idle_timeout_when_not_configured(clock):
@@ -395,7 +402,7 @@ def test_impossible_header_from_the_peer_fails_pending_requests(client):
     for d in ds:
         f = failure_of(d, wire.ProtocolError)
         assert str(f.value) == (
-            "peer sent an impossible message length 5 (must be 12..8192); closing the connection"
+            "peer sent an impossible message length 5 (must be 12..65535); closing the connection"
         )
     assert client.transport.disconnecting
 

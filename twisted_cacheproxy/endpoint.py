@@ -57,7 +57,7 @@ class TCPServerEndpoint:
     """Listens like ``TCP4ServerEndpoint``, with `SendAtOnceServer` connections."""
 
     def __init__(
-        self, reactor: IReactorTCP, port: int, interface: str = "", backlog: int = 50
+        self, reactor: IReactorTCP, port: int, interface: str = "", backlog: int = 511
     ) -> None:
         self.reactor = reactor
         self.port = port

@@ -27,7 +27,7 @@ _STEPS_KEY = (b"\x00", b"\x01")
 MAX_AWAITED = 64
 
 
-class CacheProxyProtocol(wire.FrameReceiver):
+class CacheProxyProtocol(wire.ServiceProtocol):
     """One client: answers go back in request order, hits at once when no
     earlier answer is still awaited."""
 
@@ -76,6 +76,14 @@ class CacheProxyProtocol(wire.FrameReceiver):
             self.setTimeout(self.idleTimeout)
         else:
             super().timeoutConnection()
+
+    def endOfInput(self) -> None:
+        """Half-closed by the client: close once every awaited answer is sent."""
+        if self._slots:
+            self._discardInput()
+            self._closing = True
+        else:
+            super().endOfInput()
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         """The 400 goes after every answer still awaited, then the close."""
@@ -166,7 +174,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         """The answer to one request: bytes at once, or a Deferred firing with bytes."""
         flags = header.flags
         if not flags & wire.FLAG_REQUEST:
-            return not_a_request_answer(codec.encoding_of(data), int(self.clock.seconds()))
+            return not_a_request_answer(header, codec.encoding_of(data), int(self.clock.seconds()))
         if not flags & wire.FLAG_CACHE:
             self.misses += 1
             return self._fetch(header, data, None)
@@ -181,7 +189,7 @@ class CacheProxyFactory(wire.ServiceFactory):
                     self.hits += 1
                     if self.verbose:
                         log.debug("hit {size} bytes, age {age:.1f} s", size=len(data), age=age)
-                    return _restamp(entry, age)
+                    return _restamp(entry, age, header)
         waiting = self.inflight.get(key)
         if waiting is not None:
             self.coalesced += 1
@@ -199,7 +207,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         (a C=1 request), then answer the requester and every waiter."""
         frame = wire.encode(
             header.timestamp, header.flags & ~wire.RESERVED_MASK, header.max_age, data
-        )
+        )  # the extension word is the pool's: it tags each request itself
         d = self.pool.fetch(frame)
         d.addCallback(self._fetched, header, data, key)
         d.addErrback(self._failed, header, data, key)
@@ -207,21 +215,25 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def _fetched(self, result, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
         answer_header, answer_data, sent = result
+        # L is hop by hop (ours replaces the server's); H and G pass on.
+        marks = answer_header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE)
         answer = wire.encode(
             answer_header.timestamp,
             answer_header.flags & ~wire.RESERVED_MASK,
             answer_header.max_age,
             answer_data,
+            wire.EXT_FRAMED | marks,
         )
         if key is None:
-            return answer
+            return wire.with_tag(answer, header)
         waiting = self.inflight.pop(key)
         failed = (answer_header.flags & wire.STATUS_MASK) >= wire.SERVER_ERROR
         cacheable = answer_header.flags & wire.FLAG_CACHE and answer_header.max_age
         if cacheable and not failed:
-            self.cache.put(key, Entry(answer, sent, answer_header.max_age))
+            stored = wire.rewrite(answer, ext=_HIT)
+            self.cache.put(key, Entry(stored, sent, answer_header.max_age))
         if cacheable or failed:
-            self._settle(waiting, lambda h, d: answer)
+            self._settle(waiting, lambda h, d: wire.with_tag(answer, h))
         else:
             # Not cacheable (e.g. rand): sharing it would be caching it, so
             # each waiter asks the server for its own answer.
@@ -229,7 +241,7 @@ class CacheProxyFactory(wire.ServiceFactory):
                 if client.connected:
                     self.misses += 1
                     self._fetch(h, waiter_data, None).chainDeferred(d)
-        return answer
+        return wire.with_tag(answer, header)
 
     def _failed(self, reason, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
         self.upstream_errors += 1
@@ -251,8 +263,8 @@ class CacheProxyFactory(wire.ServiceFactory):
                 and _accepts(h.max_age, stale.age(now))
             ):
                 self.stale += 1
-                return _stale(stale)
-            return _error(d, message, int(now))
+                return _stale(stale, h)
+            return _error(h, d, message, int(now))
 
         if waiting is not None:
             self._settle(waiting, fallback)
@@ -270,23 +282,36 @@ def _accepts(max_age: int, age: float) -> bool:
     return max_age == FOREVER or age < max_age
 
 
-def _restamp(entry: Entry, age: float) -> bytes:
-    """A stored answer with its cache control set to its remaining lifetime."""
+#: The extension word of a stored answer: ours (L), from the cache (H).
+_HIT = wire.EXT_FRAMED | wire.EXT_FROM_CACHE
+
+
+def _restamp(entry: Entry, age: float, request: wire.Header) -> bytes:
+    """A stored answer for ``request``: its cache control set to its
+    remaining lifetime, the request's tag echoed."""
     answer = entry.answer
     if entry.lifetime == FOREVER:
-        return answer
+        return wire.with_tag(answer, request)
     left = max(1, int(entry.lifetime - age))
-    return answer[:8] + left.to_bytes(2, "big") + answer[10:]
+    return wire.rewrite(answer, max_age=left, ext=wire.answer_ext(request, wire.EXT_FROM_CACHE))
 
 
-def _stale(entry: Entry) -> bytes:
-    """A stored answer past its lifetime: sent with C=0, so nobody keeps it."""
+def _stale(entry: Entry, request: wire.Header) -> bytes:
+    """A stored answer past its lifetime: sent with C=0, so nobody keeps it,
+    and marked G (PROTOCOL.md 6)."""
     answer = entry.answer
-    flags = int.from_bytes(answer[6:8], "big") & ~wire.FLAG_CACHE
-    return answer[:6] + flags.to_bytes(2, "big") + b"\x00\x00" + answer[10:]
+    flags = wire.decode_header(answer).flags & ~wire.FLAG_CACHE
+    ext = wire.answer_ext(request, wire.EXT_FROM_CACHE | wire.EXT_GRACE)
+    return wire.rewrite(answer, flags=flags, max_age=0, ext=ext)
 
 
-def _error(data: bytes, message: str, now: int) -> bytes:
+def _error(request: wire.Header, data: bytes, message: str, now: int) -> bytes:
     """A 500 in the encoding of the request ``data``."""
     payload = codec.encode_error(codec.encoding_of(data), "ConnectionError", message)
-    return wire.encode(now, wire.make_flags(request=False, status=wire.SERVER_ERROR), 0, payload)
+    return wire.encode(
+        now,
+        wire.make_flags(request=False, status=wire.SERVER_ERROR),
+        0,
+        payload,
+        wire.answer_ext(request),
+    )

@@ -19,19 +19,27 @@ def bad_frame_answer(reason: str, first: bytes, timestamp: int) -> bytes:
     in the encoding its first data byte suggests (text when it has not come)."""
     payload = codec.encode_error(codec.encoding_of(first), "ValueError", reason)
     return wire.encode(
-        timestamp, wire.make_flags(request=False, status=wire.BAD_REQUEST), 0, payload
+        timestamp,
+        wire.make_flags(request=False, status=wire.BAD_REQUEST),
+        0,
+        payload,
+        wire.EXT_FRAMED,
     )
 
 
-def not_a_request_answer(encoding: str, timestamp: int) -> bytes:
+def not_a_request_answer(header: wire.Header, encoding: str, timestamp: int) -> bytes:
     """The 400 for a message sent with T=0 (a response) to a service."""
     payload = codec.encode_error(encoding, "ValueError", "not a request: the T flag is 0")
     return wire.encode(
-        timestamp, wire.make_flags(request=False, status=wire.BAD_REQUEST), 0, payload
+        timestamp,
+        wire.make_flags(request=False, status=wire.BAD_REQUEST),
+        0,
+        payload,
+        wire.answer_ext(header),
     )
 
 
-class CalculatorServerProtocol(wire.FrameReceiver):
+class CalculatorServerProtocol(wire.ServiceProtocol):
     """Answers each request as it arrives, so pipelined answers keep their order."""
 
     factory: CalculatorServerFactory
@@ -41,9 +49,9 @@ class CalculatorServerProtocol(wire.FrameReceiver):
         now = int(factory.clock.seconds())
         encoding = codec.encoding_of(data)
         if not header.flags & wire.FLAG_REQUEST:
-            self.sendMessage(not_a_request_answer(encoding, now))
+            self.sendMessage(not_a_request_answer(header, encoding, now))
             return
-        self.sendMessage(factory.answer(header.flags & wire.FLAG_STEPS, data, encoding, now))
+        self.sendMessage(factory.answer(header, data, encoding, now))
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         self.sendMessage(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
@@ -75,8 +83,10 @@ class CalculatorServerFactory(wire.ServiceFactory):
         self.max_age = max_age
         self.cacheable = cache and max_age > 0
 
-    def answer(self, steps: int, data: bytes, encoding: str, now: int) -> bytes:
-        """The whole response message for one request's data."""
+    def answer(self, header: wire.Header, data: bytes, encoding: str, now: int) -> bytes:
+        """The whole response message for one request: ``L`` set and the
+        request's tag echoed (PROTOCOL.md 6)."""
+        steps = header.flags & wire.FLAG_STEPS
         cacheable = self.cacheable
         try:
             node = codec.decode_request(data)
@@ -101,4 +111,6 @@ class CalculatorServerFactory(wire.ServiceFactory):
             )
             status, steps = wire.BAD_REQUEST, 0
         flags = wire.make_flags(request=False, status=status, cache=cacheable, steps=bool(steps))
-        return wire.encode(now, flags, self.max_age if cacheable else 0, payload)
+        return wire.encode(
+            now, flags, self.max_age if cacheable else 0, payload, wire.answer_ext(header)
+        )

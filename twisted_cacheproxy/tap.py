@@ -54,6 +54,14 @@ class _CommonOptions(usage.Options):
             "Most concurrent client connections; more are closed at once.",
             int,
         ],
+        [
+            "backlog",
+            None,
+            511,
+            "Connections the kernel may queue before they are accepted "
+            "(capped by net.core.somaxconn).",
+            int,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -65,6 +73,8 @@ class _CommonOptions(usage.Options):
             raise usage.UsageError("--idle-timeout cannot be negative")
         if self["max-connections"] < 1:
             raise usage.UsageError("--max-connections must be at least 1")
+        if self["backlog"] < 1:
+            raise usage.UsageError("--backlog must be at least 1")
 
     def checkPort(self, name: str) -> None:
         """Refuse a TCP port number outside 1..65535."""
@@ -112,7 +122,7 @@ def _listening(config: _CommonOptions, factory) -> service.IService:
 
     from .endpoint import TCPServerEndpoint
 
-    endpoint = TCPServerEndpoint(reactor, config["port"], config["interface"])
+    endpoint = TCPServerEndpoint(reactor, config["port"], config["interface"], config["backlog"])
     listening = internet.StreamServerEndpointService(endpoint, factory)
     listening._raiseSynchronously = True
     return listening

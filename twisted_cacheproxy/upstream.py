@@ -1,7 +1,12 @@
 """How the proxy reaches the calculator server: a pool of persistent
 connections, opened through a `ClientCreator` Deferred chain, with retries
-for connection failures and one timeout over the whole attempt. Requests
-may optionally be pipelined, several in flight on one connection.
+for connection failures and one timeout over the whole attempt.
+
+Every request is tagged (PROTOCOL.md 6). A connection whose answers carry
+``L`` and echo our tags is kept, reused and may be pipelined; a connection
+whose answer does not (a course server, or a middlebox that drops the tags)
+is closed after that one answer, so that a stray answer from it can never be
+taken for a later request's.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ class UpstreamError(Exception):
 
 
 class UpstreamProtocol(wire.FrameClient):
-    """One connection to the server; answers come back in request order."""
+    """One connection to the server; answers come back in request order,
+    each checked against its request's tag when the server sets ``L``."""
 
     pool: UpstreamPool | None = None
-    # Whatever the server is configured for, an answer never exceeds this.
-    maxMessageSize = wire.LENGTH_LIMIT
+    tagged = True
+    #: Its answers carry L and echo our tags: it may be reused and pipelined.
+    framed = False
 
     def dataReceived(self, data: bytes) -> None:
         if not self._pending:
@@ -38,7 +45,23 @@ class UpstreamProtocol(wire.FrameClient):
         if self.bufferedAfter and len(self._pending) <= 1:
             self._fail(wire.ProtocolError("server sent extra bytes after its answer"))
             return
+        framed = bool(header.ext & wire.EXT_FRAMED and header.tag)
+        if not framed:
+            if len(self._pending) > 1:
+                # Nothing on it can be matched any more: every request is sent again.
+                self._fail(wire.OutOfStepError("untagged answer on a pipelined connection"))
+                return
+            # Its one answer is delivered; it takes no other request.
+            self.transport.loseConnection()
+        self.framed = framed
+        if self.pool is not None:
+            self.pool.learned(framed)
         super().frameReceived(header, data)
+
+    def _fail(self, error: Exception) -> None:
+        if isinstance(error, wire.OutOfStepError) and self.pool is not None:
+            self.pool.outOfStep(self, error)
+        super()._fail(error)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         # Out of the pool first: the requests failed next may be sent again.
@@ -52,11 +75,13 @@ class _Fetch:
     (a retry timer, a connection attempt, a sent request) when it is given up,
     and the timer of its timeout."""
 
-    __slots__ = ("attempt", "d", "frame", "pending", "sent", "timer", "why")
+    __slots__ = ("attempt", "conn", "d", "frame", "pending", "resent", "sent", "timer", "why")
 
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
         self.attempt = 0
+        self.resent = 0  # times sent again after its connection went out of step
+        self.conn: UpstreamProtocol | None = None  # where it was last sent
         self.why = ""  # why the last connection attempt failed
         self.pending = None  # the DelayedCall or Deferred to cancel
         self.timer = None
@@ -94,10 +119,13 @@ class UpstreamPool:
     With ``pipeline`` above 1, a request that finds no idle connection goes
     on the open one with the fewest requests in flight, up to ``pipeline`` of
     them, before a new connection is opened: fewer writes, reads and reactor
-    turns per request on both sides. Only for servers that split the stream
-    by the length field (ours does; the course server reads one ``recv`` as
-    one message). A request on a connection that breaks under it, which one
-    timed-out neighbour does by closing it, is sent again.
+    turns per request on both sides. Only on connections that have brought an
+    answer with ``L`` and our tag (ours do; the course server reads one
+    ``recv`` as one message and never gets more than one request). A request
+    on a connection that breaks under it, which one timed-out neighbour does
+    by closing it, or that went out of step, is sent again. A far end that
+    loses or garbles pipelined requests (a timeout or a tag mismatch with
+    several in flight) gets one request at a time from then on.
     """
 
     #: Each retry waits this factor longer than the one before.
@@ -125,6 +153,10 @@ class UpstreamPool:
         self.retry_delay = retry_delay
         self.timeout = timeout
         self.pipeline = pipeline
+        #: Whether requests may still be pipelined to this server.
+        self.pipelining = pipeline > 1
+        #: What the last answer said: the server frames by length and echoes tags.
+        self.framed = False
         #: How error messages name the server.
         self.name = f"calculator server {host}:{port}"
         self.connections = 0
@@ -146,8 +178,30 @@ class UpstreamPool:
         self._dispatch(fetch)
         return fetch.d
 
+    def learned(self, framed: bool) -> None:
+        """An answer said whether the server frames by length and echoes tags."""
+        self.framed = framed
+
+    def outOfStep(self, conn: UpstreamProtocol, reason: Exception) -> None:
+        """A connection's answers stopped matching its requests."""
+        log.warn("{name}: {reason}; closing the connection", name=self.name, reason=reason)
+        if conn.pending > 1:
+            self._stopPipelining(str(reason))
+
+    def _stopPipelining(self, why: str) -> None:
+        if self.pipelining:
+            self.pipelining = False
+            log.warn(
+                "{name}: {why} with requests pipelined; sending one at a time from now on",
+                name=self.name,
+                why=why,
+            )
+
     def _timedOut(self, fetch: _Fetch) -> None:
         fetch.timer = None
+        conn = fetch.conn
+        if fetch.pending is not None and conn is not None and conn.pending > 1:
+            self._stopPipelining("an answer did not come in time")
         fetch.cancel()
         if fetch.why:
             why = f"unreachable within {self.timeout:g} s ({_attempts(fetch.attempt)}): {fetch.why}"
@@ -161,7 +215,7 @@ class UpstreamPool:
             if conn.usable:
                 self._send(fetch, conn, reused=True)
                 return
-        if self.pipeline > 1:
+        if self.pipelining:
             conn = self._roomiest()
             if conn is not None:
                 self._send(fetch, conn, reused=True)
@@ -184,7 +238,8 @@ class UpstreamPool:
         best = None
         for conn in self._open:
             if (
-                conn.pending < self.pipeline
+                conn.framed
+                and conn.pending < self.pipeline
                 and conn.usable
                 and (best is None or conn.pending < best.pending)
             ):
@@ -192,9 +247,9 @@ class UpstreamPool:
         return best
 
     def _waitForDial(self) -> bool:
-        """Pipelining, requests wait for a connection being opened rather
-        than each open its own."""
-        return self.pipeline > 1 and self._dialing > 0
+        """Pipelining to a server known to frame by length, requests wait for
+        a connection being opened rather than each open its own."""
+        return self.pipelining and self.framed and self._dialing > 0
 
     def _connect(self, fetch: _Fetch) -> None:
         fetch.attempt += 1
@@ -230,6 +285,7 @@ class UpstreamPool:
 
     def _send(self, fetch: _Fetch, conn: UpstreamProtocol, reused: bool) -> None:
         fetch.sent = self.reactor.seconds()
+        fetch.conn = conn
         d = conn.sendRequest(fetch.frame)
         fetch.pending = d
         d.addCallbacks(self._answered, self._sendFailed, (fetch, conn), None, (fetch, reused))
@@ -244,6 +300,13 @@ class UpstreamPool:
         if reason.check(defer.CancelledError):
             return
         fetch.pending = None
+        if reason.check(wire.OutOfStepError):
+            fetch.resent += 1
+            if fetch.resent < self.attempts:
+                self._dispatch(fetch)
+            else:
+                fetch.settle(UpstreamError(f"{self.name} answered out of step: {reason.value}"))
+            return
         if reason.check(error.ConnectionAborted) or (
             reused and reason.check(error.ConnectionDone, error.ConnectionLost)
         ):
@@ -265,7 +328,8 @@ class UpstreamPool:
         if conn.transport is None or not conn.usable:
             return
         queue = self._queue
-        while queue and conn.pending < self.pipeline:
+        room = self.pipeline if conn.framed and self.pipelining else 1
+        while queue and conn.pending < room:
             fetch = queue.popleft()
             if not fetch.d.called:
                 self._send(fetch, conn, reused=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from time import monotonic
 from typing import NamedTuple
 
-from twisted.internet import protocol
+from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
-from twisted.protocols.policies import LimitTotalConnectionsFactory, TimeoutMixin
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 HEADER = struct.Struct("!LHHHH")
 HEADER_SIZE = HEADER.size
@@ -147,27 +148,47 @@ def rewrite(
 _WORDS = struct.Struct("!HHH")
 
 
+def with_tag(answer: bytes, request: Header) -> bytes:
+    """``answer`` with ``request``'s tag in its extension word (the same
+    bytes when it is already there)."""
+    ext = int.from_bytes(answer[10:12], "big")
+    tag = request.ext & TAG_MASK
+    if ext & TAG_MASK == tag:
+        return answer
+    return rewrite(answer, ext=(ext & ~TAG_MASK) | tag)
+
+
 def decode_header(buf: bytes, offset: int = 0) -> Header:
     """Read the header that starts at ``offset`` of ``buf``."""
     return Header._make(HEADER.unpack_from(buf, offset))
 
 
+@implementer(IHalfCloseableProtocol)
 class FrameReceiver(protocol.Protocol, TimeoutMixin):
     """Reassembles messages by their total length, in the spirit of
     ``IntNStringReceiver``, and calls `frameReceived` once per message.
 
     It also carries what every endpoint of ours needs: an idle timeout that
-    only a complete message resets, and backpressure (stop reading while our
-    own unsent output is above the transport's high-water mark).
+    only a complete message resets, backpressure (stop reading while our own
+    unsent output is above the transport's high-water mark), a bound on input
+    waiting to be handled, and half-close: what arrived before the peer's
+    end-of-file is still handled.
     """
 
     maxMessageSize = MAX_MESSAGE_SIZE
     idleTimeout: float | None = None
-    _buffer = b""
+    clock: IReactorTime = reactor  # type: ignore[assignment]
+    #: Received bytes not yet handled, and how many there are.
+    _pieces: list[bytes]
+    _size = 0
+    #: How many bytes must be buffered before a whole frame can be there.
+    _need = HEADER_SIZE
     _paused = False
     _held = False
+    _full = False
     _broken = False
-    _nextTurn = None
+    _eof = False
+    _nextTurn: IDelayedCall | None = None
     #: Seconds one connection may spend on frames it has buffered before the
     #: reactor serves others: a pipelined batch of heavy requests must not
     #: stall every other client.
@@ -180,6 +201,16 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     _outgoingSize = 0
     batchLimit = 1 << 16
 
+    @property
+    def inputLimit(self) -> int:
+        """Most bytes waiting to be handled before we stop reading: four
+        largest messages, and never less than one 64 KiB read."""
+        return max(4 * self.maxMessageSize, 1 << 16)
+
+    def makeConnection(self, transport) -> None:
+        self._pieces = []
+        super().makeConnection(transport)
+
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
         # We produce responses; the transport tells us when its buffer is full.
@@ -188,9 +219,24 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._broken:
             return
-        self._buffer = self._buffer + data if self._buffer else data
-        if self._nextTurn is None:
+        self._pieces.append(data)
+        self._size += len(data)
+        if self._nextTurn is not None or self._paused or self._held:
+            # Not handled now: past the bound, stop reading until it drains.
+            if self._size > self.inputLimit and not self._full:
+                self._full = True
+                self._updateReading()
+        elif self._size >= self._need:
             self._process()
+
+    def readConnectionLost(self) -> None:
+        """The peer sent end-of-file: answer what came before it, then close."""
+        self._eof = True
+        if self._nextTurn is None and not (self._paused or self._held):
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def sendMessage(self, message: bytes) -> None:
         """Send one whole message. Those sent while received frames are being
@@ -223,22 +269,31 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         finally:
             self._flush()
             self._outgoing = None
+        if self._broken or self._nextTurn is not None or self._paused or self._held:
+            return
+        if self._full:
+            self._full = False
+            self._updateReading()
+        if self._eof:
+            self.endOfInput()
 
     def _handleFrames(self) -> None:
-        buf = self._buffer
+        pieces = self._pieces
+        if not pieces:
+            return
+        buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         offset = 0
         end = len(buf)
-        started = monotonic()
+        started = self.clock.seconds()
         while not (self._paused or self._held) and end - offset >= HEADER_SIZE:
-            if offset and monotonic() - started >= self.turnBudget:
+            if offset and self.clock.seconds() - started >= self.turnBudget:
                 # Other connections get their turn before the rest of ours.
                 self._nextTurn = self.callLater(0, self._resumeTurn)
                 break
             header = Header._make(HEADER.unpack_from(buf, offset))
             length = header.length
             if length < HEADER_SIZE or length > self.maxMessageSize:
-                self._buffer = b""
-                self._broken = True
+                self._discardInput()
                 first = buf[offset + HEADER_SIZE : offset + HEADER_SIZE + 1]
                 limit = self.maxMessageSize
                 self.invalidFrame(
@@ -254,10 +309,21 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             self.bufferedAfter = end - offset
             self.resetTimeout()
             self.frameReceived(header, data)
-            if self.transport is None or self.transport.disconnecting:
-                self._buffer = b""
+            if self._broken or self.transport is None or self.transport.disconnecting:
+                self._discardInput()
                 return
-        self._buffer = buf[offset:] if offset else buf
+        rest = buf[offset:] if offset else buf
+        pieces.clear()
+        self._size = len(rest)
+        if rest:
+            pieces.append(rest)
+        self._need = _length_at(rest) if len(rest) >= HEADER_SIZE else HEADER_SIZE
+
+    def _discardInput(self) -> None:
+        """Nothing more is read from this connection, ever."""
+        self._broken = True
+        self._pieces.clear()
+        self._size = 0
 
     def _resumeTurn(self) -> None:
         self._nextTurn = None
@@ -274,13 +340,26 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         arrived (it tells the encoding of an answer)."""
         self.closeAfterSending()
 
+    def endOfInput(self) -> None:
+        """The peer has sent end-of-file and every whole frame before it has
+        been handled (a partial one never will be): close once answered."""
+        self._discardInput()
+        self.closeAfterSending()
+
     def timeoutConnection(self) -> None:
-        self.transport.abortConnection()
+        """Idle: an orderly close (FIN) when nothing is half-received or
+        unsent, an abort when the peer left a frame half-sent or stopped
+        reading its answers."""
+        if self._size or self._paused:
+            self.transport.abortConnection()
+        else:
+            self._discardInput()
+            self.closeAfterSending()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.connected = False
         self.setTimeout(None)
-        self._buffer = b""
+        self._discardInput()
         if self._nextTurn is not None:
             self._nextTurn.cancel()
             self._nextTurn = None
@@ -288,7 +367,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     # IPushProducer: the transport pauses us when its send buffer is full.
     def pauseProducing(self) -> None:
         self._paused = True
-        self.transport.pauseProducing()
+        self._updateReading()
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -297,18 +376,28 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     def holdInput(self) -> None:
         """Stop reading until `releaseInput`: enough work is already in hand."""
         self._held = True
-        self.transport.pauseProducing()
+        self._updateReading()
 
     def releaseInput(self) -> None:
         self._held = False
         self._readAgain()
+
+    def _updateReading(self) -> None:
+        """Read from the transport unless output backpressure, a hold or a
+        full input buffer says not to."""
+        if self.transport is None:
+            return
+        if self._paused or self._held or self._full:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
 
     def _readAgain(self) -> None:
         """Read and handle frames again, unless output backpressure or a hold
         still stops it."""
         if self._paused or self._held:
             return
-        self.transport.resumeProducing()
+        self._updateReading()
         if not self._broken and self._nextTurn is None:
             self._process()
 
@@ -316,8 +405,18 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self._paused = True
 
 
+def _length_at(buf: bytes) -> int:
+    """The total length in the header at the start of ``buf`` (at least a header)."""
+    return max(HEADER_SIZE, int.from_bytes(buf[4:6], "big"))
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not a valid answer to our request."""
+
+
+class OutOfStepError(ProtocolError):
+    """An answer's tag is not its request's: the connection is out of step
+    (a duplicated, late or stray answer); what waits on it may be sent again."""
 
 
 class FrameClient(FrameReceiver):
@@ -326,13 +425,20 @@ class FrameClient(FrameReceiver):
 
     Pending requests fail when the connection is lost or the peer breaks the
     protocol; cancelling a pending request closes the connection, since an
-    answer already asked for cannot be skipped on a shared stream.
+    answer already asked for cannot be skipped on a shared stream. A
+    connection we abort delivers nothing more, not even answers already
+    buffered. With `tagged` set, each request carries a tag of its own
+    (PROTOCOL.md 6) and an ``L`` answer with another request's tag fails
+    everything pending with `OutOfStepError` instead of being delivered.
     """
 
-    _aborted = False
+    maxMessageSize = LENGTH_LIMIT
+    tagged = False
+    _lastTag = 0
 
     def __init__(self) -> None:
-        self._pending: deque[Deferred] = deque()
+        #: (Deferred, tag) of each request awaiting its answer, in order.
+        self._pending: deque[tuple[Deferred, int]] = deque()
 
     @property
     def pending(self) -> int:
@@ -343,18 +449,25 @@ class FrameClient(FrameReceiver):
     def usable(self) -> bool:
         """Whether a request sent now could be answered: connected, and not
         closing (a closing connection may not know it yet)."""
-        return self.connected and not self._aborted and not self.transport.disconnecting
+        return self.connected and not self._broken and not self.transport.disconnecting
 
     def sendRequest(self, frame: bytes) -> Deferred:
         """Send one whole request message; the Deferred fires with its answer."""
         d = Deferred(self._cancel)
-        self._pending.append(d)
+        tag = 0
+        if self.tagged:
+            tag = self._lastTag % MAX_TAG + 1
+            self._lastTag = tag
+            frame = frame[:10] + (tag << TAG_SHIFT).to_bytes(2, "big") + frame[HEADER_SIZE:]
+        self._pending.append((d, tag))
         self.transport.write(frame)
         return d
 
     def _cancel(self, d: Deferred) -> None:
-        if d in self._pending:
-            self._pending.remove(d)
+        for i, (waiting, _) in enumerate(self._pending):
+            if waiting is d:
+                del self._pending[i]
+                break
         self._abort()
 
     def frameReceived(self, header: Header, data: bytes) -> None:
@@ -364,23 +477,37 @@ class FrameClient(FrameReceiver):
         if header.flags & FLAG_REQUEST:
             self._fail(ProtocolError("peer sent a request (T=1) instead of an answer"))
             return
-        self._pending.popleft().callback((header, data))
+        d, tag = self._pending[0]
+        # An L answer with tag 0 means the tags do not get through: no mismatch.
+        if tag and header.ext & EXT_FRAMED and header.tag and header.tag != tag:
+            self._fail(OutOfStepError(f"answer tagged {header.tag} for the request tagged {tag}"))
+            return
+        self._pending.popleft()
+        d.callback((header, data))
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         self._fail(ProtocolError(f"peer sent an {reason}"))
 
+    def endOfInput(self) -> None:
+        """The peer will send nothing more: what still waits fails."""
+        self._discardInput()
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        self._abort()
+
     def _fail(self, error: Exception) -> None:
-        self._aborted = True  # before the requests fail: they may be sent again
+        self._discardInput()  # before the requests fail: they may be sent again
         self._failAll(error)
         self._abort()
 
     def _abort(self) -> None:
-        self._aborted = True
+        self._discardInput()
         self.transport.abortConnection()
 
     def _failAll(self, error: Exception) -> None:
         pending, self._pending = self._pending, deque()
-        for d in pending:
+        for d, _ in pending:
             d.errback(error)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
@@ -388,31 +515,51 @@ class FrameClient(FrameReceiver):
         self._failAll(reason.value)
 
 
-class ServiceFactory(LimitTotalConnectionsFactory):
+class ServiceProtocol(FrameReceiver):
+    """The answering side of a connection to one of our services: counted
+    by its `ServiceFactory` while it is open."""
+
+    factory: ServiceFactory
+
+    def connectionMade(self) -> None:
+        self.factory.connectionCount += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.factory.connectionCount -= 1
+        super().connectionLost(reason)
+
+
+class ServiceFactory(protocol.Factory):
     """What the server's and the proxy's factories share: the clock, the
-    message size limit, the idle timeout and the connection limit (counted by
-    `twisted.protocols.policies`), handed to every protocol they build."""
+    message size limit, the idle timeout and the connection limit, handed to
+    every protocol they build."""
+
+    noisy = False
 
     def __init__(
         self,
         *,
-        clock=None,
+        clock: IReactorTime | None = None,
         max_message_size: int = MAX_MESSAGE_SIZE,
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+        self.clock = reactor if clock is None else clock
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.connectionLimit = max_connections
+        #: Open connections, counted by the protocols.
+        self.connectionCount = 0
 
     def buildProtocol(self, addr):
-        wrapper = super().buildProtocol(addr)
-        if wrapper is not None:
-            p = wrapper.wrappedProtocol
-            p.maxMessageSize = self.max_message_size
-            p.idleTimeout = self.idle_timeout
-            p.callLater = self.clock.callLater
-        return wrapper
+        """A protocol for a new connection, or None (the connection is closed
+        at once) when `connectionLimit` connections are already open."""
+        if self.connectionLimit is not None and self.connectionCount >= self.connectionLimit:
+            return None
+        p = super().buildProtocol(addr)
+        p.maxMessageSize = self.max_message_size
+        p.idleTimeout = self.idle_timeout
+        p.clock = self.clock
+        p.callLater = self.clock.callLater
+        return p
