@@ -1417,3 +1417,111 @@ def test_requests_past_the_upstream_queue_bound_get_an_overloaded_500():
     assert wire.decode_header(got).status == wire.SERVER_ERROR
     assert b"proxy overloaded: 2 requests already wait for calculator server" in got
     assert [c.take() for c in clients[:3]] == [b"", b"", b""]
+
+
+# --- the extension word: cache marks and tags --------------------------------------
+
+H, G = wire.EXT_FROM_CACHE, wire.EXT_GRACE
+
+
+def tagged(frame: bytes, tag: int) -> bytes:
+    return frame[:10] + (tag << wire.TAG_SHIFT).to_bytes(2, "big") + frame[12:]
+
+
+def test_a_hit_is_marked_from_the_cache_and_a_miss_is_not(h):
+    c = h.client()
+    reply = answer(3)
+    up = h.miss(c, request(X), reply)
+    c.send(request(X))
+    assert c.take() == reply
+    reply60 = answer(6, max_age=60)
+    h.miss(c, request(Y), reply60, up)
+    c.send(request(Y))
+    assert c.take() == with_max_age(reply60, 60)
+    assert c.marks == [0, H, 0, H]
+
+
+def test_a_stale_answer_is_marked_from_the_cache_and_grace():
+    h = Harness(stale_if_error=30, retries=1)
+    c = h.client()
+    cached = answer(3, max_age=10)
+    h.miss(c, request(X), cached).close()
+    h.advance(15)
+    c.send(request(X))
+    h.refuse()
+    assert c.take() == as_stale(cached)
+    assert c.marks == [0, H | G]
+
+
+def test_an_upstreams_cache_mark_is_kept_and_its_l_replaced_by_ours(h):
+    c = h.client()
+    c.send(request(X))
+    up = h.accept()
+    up.take()
+    up.reply(answer(3)[:10] + (H | G).to_bytes(2, "big") + answer(3)[12:])
+    assert c.take() == answer(3)
+    assert c.marks == [H | G]  # and take() checked our own L
+
+
+def test_every_answer_echoes_its_requests_tag(h):
+    a, b = h.client(), h.client()
+    a.send(tagged(request(X), 11))
+    b.send(tagged(request(X), 22))  # coalesced behind a's miss
+    up = h.accept()
+    assert up.take() == request(X)  # upstream, the pool's own tag, not the client's
+    up.reply(answer(3))
+    a.send(tagged(request(X), 33))  # a hit
+    a.send(tagged(request(X, cache=False), 44))  # C=0: fetched again
+    up.take()
+    up.reply(answer(3))
+    a.send(tagged(answer(1), 55))  # not a request: 400
+    assert (a.take(), b.take()) != (b"", b"")
+    assert (a.tags, b.tags) == ([11, 33, 44, 55], [22])
+    assert a.marks == [0, H, 0, 0]
+
+
+def test_the_500_for_an_unreachable_server_echoes_the_tag():
+    h = Harness(retries=1)
+    c = h.client()
+    c.send(tagged(request(X), 7))
+    h.refuse()
+    assert c.take() == proxy_error(unreachable(1), TS)
+    assert c.tags == [7]
+
+
+def test_a_stored_answer_is_served_with_each_clients_own_tag(h):
+    c = h.client()
+    c.send(tagged(request(X), 1))
+    up = h.accept()
+    up.take()
+    up.reply(answer(3))
+    for tag in (2, 3, 0):
+        c.send(tagged(request(X), tag))
+    assert c.take() == answer(3) * 4
+    assert c.tags == [1, 2, 3, 0]
+
+
+# --- half-close ---------------------------------------------------------------------
+
+
+def test_a_half_closed_client_gets_its_pending_misses_then_a_close(h):
+    c = h.client()
+    up = h.miss(c, request(Y), answer(6))  # stored: the next Y is a hit
+    c.send(request(X), request(Y), request(Z))
+    c.wrapper.readConnectionLost()
+    assert c.take() == b"" and not c.transport.disconnecting
+    up.take()
+    up.reply(answer(3))
+    assert c.take() == answer(3) + answer(6)
+    assert not c.transport.disconnecting
+    second = h.accept()
+    second.take()
+    second.reply(answer(6, steps=()))
+    assert c.take() == answer(6)
+    assert c.transport.disconnecting and not c.transport.disconnected
+
+
+def test_a_half_closed_client_with_nothing_pending_is_closed_at_once(h):
+    c = h.client()
+    c.wrapper.readConnectionLost()
+    assert c.transport.disconnecting and not c.transport.disconnected

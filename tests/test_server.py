@@ -469,3 +469,61 @@ def test_built_protocol_carries_the_factory_settings(clock):
     p = factory.buildProtocol(ADDR)
     assert isinstance(p, server.CalculatorServerProtocol)
     assert (p.maxMessageSize, p.idleTimeout, p.factory) == (1000, 7, factory)
+
+
+# --- the extension word, half-close, bounded input ---------------------------------
+
+
+def tagged(data: bytes, ext: int) -> bytes:
+    return req(data)[:10] + ext.to_bytes(2, "big") + req(data)[12:]
+
+
+@pytest.mark.parametrize("ext", [77 << 3, 77 << 3 | 0b111], ids=["tag", "tag+unknown-bits"])
+def test_the_request_tag_is_echoed_with_l(conn, ext):
+    got = conn.send(tagged(VALID, ext))
+    assert got == response(200, VALID_ANSWER, cache=True, steps=True, max_age=65535, tag=77)
+
+
+def test_even_a_400_to_a_message_that_is_not_a_request_echoes_the_tag(conn):
+    got = conn.send(tagged(VALID, 9 << 3)[:6] + b"\x10\x00" + tagged(VALID, 9 << 3)[8:])
+    assert wire.decode_header(got).ext == wire.EXT_FRAMED | 9 << 3
+    assert wire.decode_header(got).status == 400
+
+
+def test_a_half_closed_connection_gets_every_answer_then_a_close(conn):
+    conn.transport.clear()
+    conn.wrapper.dataReceived(req(b"1 + 1") + req(b"2 + 2") + req(b"3 + 3"))
+    conn.wrapper.readConnectionLost()
+    answers = split(conn.transport.value())
+    assert [json.loads(a[12:])["result"] for a in answers] == [2, 4, 6]
+    assert conn.transport.disconnecting and not conn.transport.disconnected
+
+
+def test_a_half_closed_connection_is_answered_across_fairness_turns(clock):
+    c = Conn(clock)
+    c.protocol.turnBudget = 0.0
+    c.transport.clear()
+    c.wrapper.dataReceived(b"".join(req(b"%d" % n) for n in range(5)))
+    c.wrapper.readConnectionLost()
+    assert len(split(c.transport.value())) == 1 and not c.transport.disconnecting
+    for _ in range(10):
+        clock.advance(0)  # the fairness turns
+    assert [json.loads(a[12:])["result"] for a in split(c.transport.value())] == list(range(5))
+    assert c.transport.disconnecting
+
+
+def test_a_pipelining_client_is_not_read_while_its_backlog_is_above_the_bound(clock):
+    c = Conn(clock)
+    c.protocol.turnBudget = 0.0
+    batch = req(b"1 + 1") * 1000  # 25 KB
+    c.wrapper.dataReceived(batch)
+    reads = 1
+    while c.transport.producerState == "producing":
+        c.wrapper.dataReceived(batch)
+        reads += 1
+    # Reading stops once more than 64 KiB (four largest messages, at least 64 KiB) wait.
+    assert reads == 4 and c.protocol._size > 65536
+    for _ in range(reads * 1000):
+        clock.advance(0)  # the fairness turns, one answer each
+    assert len(split(c.transport.value())) == reads * 1000
+    assert c.transport.producerState == "producing"

@@ -555,3 +555,137 @@ def test_a_long_batch_goes_out_in_parts_so_a_full_transport_can_pause_it():
     assert 100_000 < len(sent) < 100_000 + p.batchLimit + 8_100
     p.resumeProducing()
     assert b"".join(t.writes) == b"".join(big)
+
+
+# --- never a wrong answer: aborts, tags ---------------------------------------------
+
+
+def tagged_answer(data: bytes, tag: int, framed: bool = True) -> bytes:
+    flags = wire.make_flags(request=False, status=200)
+    ext = (wire.EXT_FRAMED if framed else 0) | wire.tag_bits(tag)
+    return wire.encode(3, flags, 0, data, ext)
+
+
+def test_an_aborted_connection_delivers_none_of_its_buffered_answers(clock):
+    """A request given up (its timeout) between two turns of a batch aborts
+    the connection: the answers still buffered must not be matched against
+    the requests behind it."""
+    c = wire.FrameClient()
+    c.turnBudget = 0.0  # every answer uses up the turn
+    c.callLater = clock.callLater
+    c.makeConnection(StringTransport())
+    ds = [c.sendRequest(request(b"%d" % n)) for n in range(3)]
+    got: list[bytes] = []
+    for d in ds:
+        d.addCallbacks(lambda m: got.append(m[1]), lambda f: None)
+    c.dataReceived(answer(b"0") + answer(b"1") + answer(b"2"))
+    assert got == [b"0"] and len(clock.getDelayedCalls()) == 1
+    ds[1].cancel()  # as the pool's timeout does
+    assert c.transport.disconnected
+    clock.advance(0)  # the next turn
+    assert got == [b"0"]
+    c.dataReceived(answer(b"3"))
+    assert got == [b"0"]
+
+
+def test_a_tagged_client_numbers_its_requests():
+    c = wire.FrameClient()
+    c.tagged = True
+    c.makeConnection(StringTransport())
+    for n in range(3):
+        c.sendRequest(request(b"%d" % n))
+    sent = c.transport.value()
+    tags = [wire.decode_header(sent, offset).tag for offset in (0, 13, 26)]
+    assert tags == [1, 2, 3]
+    c._lastTag = wire.MAX_TAG
+    c.sendRequest(request(b"x"))
+    assert wire.decode_header(c.transport.value(), 39).tag == 1  # 8191 wraps to 1, never 0
+
+
+def test_an_answer_with_another_requests_tag_is_never_delivered():
+    c = wire.FrameClient()
+    c.tagged = True
+    c.makeConnection(StringTransport())
+    d1, d2 = c.sendRequest(request(b"1")), c.sendRequest(request(b"2"))
+    c.dataReceived(tagged_answer(b"two", 2))
+    for d in (d1, d2):
+        f = failure_of(d, wire.OutOfStepError)
+        assert str(f.value) == "answer tagged 2 for the request tagged 1"
+    assert c.transport.disconnected
+
+
+@pytest.mark.parametrize("framed", [True, False], ids=["L-tag-0", "no-L"])
+def test_an_answer_that_cannot_be_matched_is_delivered_as_it_comes(framed):
+    """Tag 0 with L (a middlebox zeroed the tag) or no L at all: nothing to
+    check against; the caller decides what the connection is worth."""
+    c = wire.FrameClient()
+    c.tagged = True
+    c.makeConnection(StringTransport())
+    d = c.sendRequest(request(b"1"))
+    c.dataReceived(tagged_answer(b"one", 0, framed=framed))
+    assert success_of(d)[1] == b"one"
+
+
+# --- bounded input ------------------------------------------------------------------
+
+
+def test_input_waiting_for_a_turn_stops_reading_past_the_bound(clock):
+    p = Recorder()
+    p.turnBudget = 0.0
+    t = connect(p, clock)
+    frame = request(b"x" * 1000)  # 1,012 bytes
+    p.dataReceived(frame * 10)
+    assert len(p.frames) == 1 and t.producerState == "producing"
+    while t.producerState == "producing":
+        p.dataReceived(frame * 10)
+    assert p._size > p.inputLimit == 65536
+    waiting = p._size // len(frame)
+    while clock.getDelayedCalls():
+        clock.advance(0)
+    assert len(p.frames) == waiting + 1
+    assert t.producerState == "producing"  # drained: reading again
+
+
+def test_a_frame_sent_a_byte_at_a_time_is_joined_once():
+    p = Recorder()
+    connect(p)
+    frame = request(b"y" * 5000)
+    for i in range(len(frame) - 1):
+        p.dataReceived(frame[i : i + 1])
+    # The header was joined once, to learn the length; the rest waits unjoined.
+    assert p.frames == [] and len(p._pieces) == 1 + len(frame) - 1 - 12
+    p.dataReceived(frame[-1:])
+    assert datas(p) == [b"y" * 5000] and p._pieces == []
+
+
+# --- half-close ---------------------------------------------------------------------
+
+
+def test_end_of_file_after_requests_handles_them_then_closes():
+    p = Recorder()
+    t = connect(p)
+    p.dataReceived(request(b"a") + request(b"b") + request(b"c")[:5])
+    p.readConnectionLost()
+    assert datas(p) == [b"a", b"b"]
+    assert t.disconnecting and not t.disconnected  # an orderly close
+
+
+def test_end_of_file_while_paused_waits_for_the_frames_to_be_handled():
+    p = Recorder()
+    t = connect(p)
+    p.pauseProducing()
+    p.dataReceived(request(b"a") + request(b"b"))
+    p.readConnectionLost()
+    assert p.frames == [] and not t.disconnecting
+    p.resumeProducing()
+    assert datas(p) == [b"a", b"b"] and t.disconnecting
+
+
+def test_the_services_protocols_are_half_closeable():
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    from twisted_cacheproxy.proxy import CacheProxyProtocol
+    from twisted_cacheproxy.server import CalculatorServerProtocol
+
+    assert IHalfCloseableProtocol.implementedBy(CalculatorServerProtocol)
+    assert IHalfCloseableProtocol.implementedBy(CacheProxyProtocol)

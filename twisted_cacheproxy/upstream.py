@@ -42,14 +42,14 @@ class UpstreamProtocol(wire.FrameClient):
         super().dataReceived(data)
 
     def frameReceived(self, header: wire.Header, data: bytes) -> None:
-        if self.bufferedAfter and len(self._pending) <= 1:
-            self._fail(wire.ProtocolError("server sent extra bytes after its answer"))
-            return
         framed = bool(header.ext & wire.EXT_FRAMED and header.tag)
         if not framed:
-            if len(self._pending) > 1:
-                # Nothing on it can be matched any more: every request is sent again.
-                self._fail(wire.OutOfStepError("untagged answer on a pipelined connection"))
+            if len(self._pending) > 1 or self.bufferedAfter:
+                # Nothing on it can be matched: several requests in flight, or
+                # a second message after the answer (what a course server sends
+                # for a request it read in two pieces). Every request is sent again.
+                why = "pipelined" if len(self._pending) > 1 else "followed by more bytes"
+                self._fail(wire.OutOfStepError(f"untagged answer {why}"))
                 return
             # Its one answer is delivered; it takes no other request.
             self.transport.loseConnection()
@@ -57,6 +57,8 @@ class UpstreamProtocol(wire.FrameClient):
         if self.pool is not None:
             self.pool.learned(framed)
         super().frameReceived(header, data)
+        if self.bufferedAfter and not self._pending and not self._broken:
+            self._fail(wire.ProtocolError("server sent bytes nobody asked for"))
 
     def _fail(self, error: Exception) -> None:
         if isinstance(error, wire.OutOfStepError) and self.pool is not None:

@@ -1,0 +1,332 @@
+"""Never a wrong answer, never unbounded memory, over real TCP on 127.0.0.1:
+real ``twistd`` services (the installed package) and misbehaving stand-in
+servers in threads of this process (late batches, duplicated answers, with
+and without the ``L`` bit), half-closing clients, a fast pipelining reader,
+the listen backlog."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import test_proxy_integration
+from test_proxy_integration import HOST, free_port, start_proxy
+
+from twisted_cacheproxy import codec, wire
+from twisted_cacheproxy.server import CalculatorServerFactory
+
+pytestmark = pytest.mark.integration
+
+#: Real ``twistd`` processes, stopped when each test ends.
+twistd = test_proxy_integration.twistd
+
+
+def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
+    flags = wire.make_flags(request=True, cache=cache, steps=steps)
+    return wire.encode(int(time.time()), flags, wire.FOREVER if cache else 0, text.encode())
+
+
+def read_message(sock: socket.socket) -> tuple[wire.Header, bytes]:
+    """One whole message from a blocking socket."""
+    head = _read_exactly(sock, wire.HEADER_SIZE)
+    header = wire.decode_header(head)
+    return header, _read_exactly(sock, header.length - wire.HEADER_SIZE)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise ConnectionError("closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_all(sock: socket.socket) -> list[tuple[wire.Header, bytes]]:
+    """Every message until the far end closes."""
+    raw = b""
+    while chunk := sock.recv(1 << 16):
+        raw += chunk
+    out = []
+    while raw:
+        header = wire.decode_header(raw)
+        out.append((header, raw[wire.HEADER_SIZE : header.length]))
+        raw = raw[header.length :]
+    return out
+
+
+class StandIn:
+    """A calculator server in a thread that misbehaves on purpose. Every
+    answer is computed right (by our own evaluator) for the request it
+    answers; what goes wrong is when and how often it is sent:
+
+    - ``framed``: set L and echo tags (our server) or not (a course server);
+    - ``duplicate``: send every answer a second time ``duplicate`` s later;
+    - ``hold``: answer the first request of a connection at once, then keep
+      its answers and send them all in one write ``hold`` seconds after the
+      first of them arrived.
+    """
+
+    def __init__(self, *, framed: bool, duplicate: float = 0.0, hold: float = 0.0) -> None:
+        self.framed = framed
+        self.duplicate = duplicate
+        self.hold = hold
+        self.calculator = CalculatorServerFactory()
+        self.requests = 0
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stopping:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self._spawn(self._serve, conn)
+
+    def answer(self, header: wire.Header, data: bytes) -> bytes:
+        answer = self.calculator.answer(header, data, codec.encoding_of(data), int(time.time()))
+        return answer if self.framed else answer[:10] + b"\x00\x00" + answer[12:]
+
+    def _serve(self, conn: socket.socket) -> None:
+        held: list[bytes] = []
+        deadline = None
+        answered = 0
+        conn.settimeout(0.002 if self.hold else 0.2)
+        with conn:
+            while not self.stopping:
+                try:
+                    header, data = read_message(conn)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        conn.sendall(b"".join(held))
+                        held, deadline = [], None
+                    continue
+                except OSError:
+                    return
+                self.requests += 1
+                answered += 1
+                answer = self.answer(header, data)
+                if self.hold and answered > 1:
+                    held.append(answer)
+                    deadline = deadline or time.monotonic() + self.hold
+                    continue
+                try:
+                    conn.sendall(answer)
+                    if self.duplicate:
+                        time.sleep(self.duplicate)
+                        conn.sendall(answer)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stopping = True
+        self.listener.close()
+        for t in self.threads:
+            t.join(2)
+
+
+@pytest.fixture
+def stand_in():
+    made: list[StandIn] = []
+
+    def make(**options) -> StandIn:
+        made.append(StandIn(**options))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def expected(k: int, steps: bool) -> tuple[int, list[str]]:
+    """The answer to ``k * 7 + 1``."""
+    return k * 7 + 1, ([f"({k} * 7) + 1", f"{k * 7} + 1", f"{k * 7 + 1}"] if steps else [])
+
+
+def ask_each(port: int, ks, steps_of) -> list[str]:
+    """Ask ``k * 7 + 1`` for every k, one request at a time on one connection
+    per k; what was wrong, as text (nothing when every answer was right)."""
+    wrong = []
+    for k in ks:
+        steps = steps_of(k)
+        with socket.create_connection((HOST, port), timeout=10) as sock:
+            sock.sendall(request(f"{k} * 7 + 1", steps=steps))
+            header, data = read_message(sock)
+        got = json.loads(data)
+        want = expected(k, steps)
+        if header.status != 200 or (got.get("result"), got.get("steps")) != want:
+            wrong.append(f"{k}: {header.status} {got} instead of {want}")
+        if bool(header.steps) != steps:
+            wrong.append(f"{k}: S={header.steps} for a request with S={steps}")
+    return wrong
+
+
+def in_threads(count: int, work) -> list[str]:
+    """Run ``work(i)`` in ``count`` threads; everything they found wrong."""
+    found: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: found.extend(work(i))) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("framed", "extra"),
+    [(False, ()), (True, ("--upstream-pipeline", "8"))],
+    ids=["course-server-no-L", "L-pipelined"],
+)
+def test_a_server_that_answers_twice_never_gives_anyone_a_wrong_answer(
+    twistd, stand_in, framed, extra
+):
+    """Each answer is sent again 50 ms later: without L the proxy takes one
+    answer per connection, with L the tags show the copy for what it is.
+    180 requests from six clients, then the same again from the cache."""
+    server = stand_in(framed=framed, duplicate=0.05)
+    proxy = start_proxy(twistd, server.port, *extra)
+
+    def work(i: int) -> list[str]:
+        return ask_each(proxy.port, range(i * 30, i * 30 + 30), lambda k: k % 3 == 0)
+
+    assert in_threads(6, work) == []
+    reached = server.requests
+    assert reached >= 180
+    assert in_threads(6, work) == []  # served from the cache, all right
+    assert server.requests == reached
+
+
+@pytest.mark.parametrize("hold", [0.490, 0.495])
+def test_a_late_batch_racing_the_timeout_gives_no_wrong_answer(twistd, stand_in, hold):
+    """The server holds every answer of a connection and sends them in one
+    write just before the proxy's timeout: the proxy handles such a batch over
+    several fairness turns, timeouts fire between them, and the connection
+    they abort must deliver nothing more. 1,008 pipelined misses from 16 clients."""
+    server = stand_in(framed=True, hold=hold)
+    proxy = start_proxy(
+        twistd,
+        server.port,
+        "--timeout",
+        "0.5",
+        "--upstream-pipeline",
+        "1024",
+        "--upstream-connections",
+        "1",
+        "--retries",
+        "1",
+    )
+    # The proxy's one connection brings an answer with L first: then it pipelines.
+    with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+        sock.sendall(request("0 * 7 + 1"))
+        assert read_message(sock)[0].status == 200
+
+    answered: dict[int, int] = {}
+
+    def work(i: int) -> list[str]:
+        ks = range(1 + i * 63, 1 + i * 63 + 63)
+        with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+            sock.sendall(b"".join(request(f"{k} * 7 + 1", steps=True) for k in ks))
+            answers = [read_message(sock) for _ in ks]
+        wrong = []
+        for k, (header, data) in zip(ks, answers, strict=True):
+            answered[k] = header.status
+            got = json.loads(data)
+            if header.status == 200 and (got["result"], got["steps"]) != expected(k, True):
+                wrong.append(f"{k}: {got}")
+        return wrong
+
+    assert in_threads(16, work) == []
+    assert len(answered) == 1008
+    assert set(answered.values()) <= {200, 500}
+    # What was answered is stored, and right; nothing else reaches the server.
+    reached = server.requests
+    stored = [k for k, status in answered.items() if status == 200][:50]
+    assert ask_each(proxy.port, stored, lambda k: True) == []
+    assert server.requests == reached
+
+
+@pytest.mark.parametrize("service", ["server", "proxy"])
+def test_a_half_closing_client_gets_every_answer(twistd, service):
+    """``nc -N``: send the requests, shut down the sending side, read to the end."""
+    server_port = free_port()
+    twistd("cacheserver", "--port", str(server_port), port=server_port)
+    port = server_port if service == "server" else start_proxy(twistd, server_port).port
+    count = 10_000 if service == "server" else 3
+    frames = [request(f"{k} * 7 + 1") for k in range(count)]
+    with socket.create_connection((HOST, port), timeout=20) as sock:
+        sock.sendall(b"".join(frames))
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_all(sock)
+    assert [json.loads(data)["result"] for _, data in answers] == [k * 7 + 1 for k in range(count)]
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_client_pipelining_as_fast_as_it_reads_keeps_the_server_small(twistd):
+    """A writer thread sends as fast as the socket takes, a reader drains the
+    answers, for 4 s: the server stops reading while its backlog is above the
+    bound, so its memory stays flat instead of growing with the backlog."""
+    port = free_port()
+    server = twistd("cacheserver", "--port", str(port), port=port)
+    pid = server.proc.pid
+    batch = request("1 + 1") * 2000
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(request("1 + 1"))
+        read_message(sock)
+        before = rss_kb(pid)
+        stop = time.monotonic() + 4
+        answered = [0]
+
+        def reader() -> None:
+            while time.monotonic() < stop + 2:
+                try:
+                    answered[0] += len(sock.recv(1 << 20))
+                except OSError:
+                    return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        peak = before
+        sent = 0
+        while time.monotonic() < stop:
+            sock.sendall(batch)
+            sent += len(batch)
+            peak = max(peak, rss_kb(pid))
+        grown_mb = (peak - before) / 1024
+        sock.shutdown(socket.SHUT_WR)
+        t.join(10)
+    assert sent > 5_000_000, sent  # it really was a flood
+    assert answered[0] > 0
+    assert grown_mb < 20, f"the server grew by {grown_mb:.1f} MB"
+
+
+@pytest.mark.parametrize("plugin", ["cacheserver", "cacheproxy"])
+def test_the_listen_backlog_absorbs_a_storm_by_default(twistd, plugin):
+    """The kernel shows a listening socket's backlog as its Send-Q."""
+    port = free_port()
+    twistd(plugin, "--port", str(port), port=port)
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    backlog = int(out.split()[2])
+    with open("/proc/sys/net/core/somaxconn") as f:
+        assert backlog == min(511, int(f.read()))
