@@ -76,6 +76,18 @@ def tshark() -> str:
     return require_tool("tshark")
 
 
+def test_require_tool_skips_but_fails_in_ci(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="tshark is not installed"):
+        require_tool("tshark")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the Wireshark tests"):
+        require_tool("tshark")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert require_tool("tshark") == "/usr/bin/tshark"
+
+
 # --- pcap files, by hand ------------------------------------------------------------------
 
 
@@ -357,6 +369,20 @@ def test_three_messages_in_one_segment_are_three_messages(tshark, tmp_path):
     assert one["calc.result"] == "2" and one["calc.request_in"] == str(batch)
     assert two["calc.result"] == "6|4.0"
     assert two["calc.request_in"] == f"{batch}|{batch}"
+
+
+def test_the_end_of_one_message_and_a_whole_one_in_one_segment(tshark, tmp_path):
+    pcap = Pcap()
+    flow = TcpFlow(pcap, 40012, 9999)
+    flow.open()
+    first, second = message(REQUEST, 65535, b"pi * 2"), message(REQUEST, 0, b"tau / 2")
+    flow.request(first[:7])
+    both = flow.request(first[7:] + second)
+    (row,) = read(tshark, pcap.write(tmp_path / "tail.pcap"))
+    assert row["frame.number"] == str(both)
+    assert row["calc.expression"] == "pi * 2|tau / 2"
+    assert row["calc.cache_control"] == "65535|0"
+    assert row["_ws.col.Info"] == "Request: pi * 2 ; Request: tau / 2"
 
 
 def test_pipelined_answers_match_their_requests_in_order(tshark, tmp_path):
@@ -795,7 +821,10 @@ def test_client_to_proxy_miss_hit_and_another_miss(live, services, capture):
     calc_client(proxy.port, "max(2, 3) + 3")
     calc_client(proxy.port, "2 ** 10", "--no-steps")
     rows = read(live, cap.stop(), ports=[proxy.port, server.port])
-    assert [(hop(r, proxy.port, server.port), r["calc.flags.request"], r["calc.expression"]) for r in rows] == [
+    assert [
+        (hop(r, proxy.port, server.port), r["calc.flags.request"], r["calc.expression"])
+        for r in rows
+    ] == [
         ("client>proxy", "1", "max(2, 3) + 3"),  # a miss
         ("proxy>server", "1", "max(2, 3) + 3"),
         ("server>proxy", "0", ""),

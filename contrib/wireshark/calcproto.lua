@@ -998,19 +998,19 @@ local function ext_summary(ext)
     return #names > 0 and table.concat(names, ", ") or "none"
 end
 
-local info_frame, info_count = nil, 0
+-- Several messages in one frame share the Info column: the first replaces
+-- what TCP wrote there, the others are appended.
+local OUR_INFO = { "^Request", "^Response", "^Continuation after" }
 
 local function set_info(pinfo, text)
-    -- Several messages in one frame share the Info column.
-    if info_frame ~= pinfo.number or not pinfo.visited and info_count == 0 then
-        info_frame, info_count = pinfo.number, 0
+    local current = tostring(pinfo.cols.info)
+    for _, pattern in ipairs(OUR_INFO) do
+        if current:find(pattern) then
+            pinfo.cols.info:append(" ; " .. text)
+            return
+        end
     end
-    if info_count == 0 then
-        pinfo.cols.info:set(text)
-    else
-        pinfo.cols.info:append(" ; " .. text)
-    end
-    info_count = info_count + 1
+    pinfo.cols.info:set(text)
 end
 
 local function dissect_message(tvb, pinfo, tree)
