@@ -250,11 +250,10 @@ end
 local MAX_OPCODES = 100000
 local MARK = {}
 
-local function P_global(module, name)
+local function new_global(module, name)
     return { kind = "global", module = module, name = name }
 end
 
--- Arguments (sizes in bytes) of the opcodes handled below.
 local function read_pickle(s)
     local pos, len = 1, #s
     local stack, marks, memo = {}, {}, {}
@@ -441,7 +440,7 @@ local function read_pickle(s)
             if not b then
                 error("pickle data was truncated", 0)
             end
-            local g = P_global(s:sub(pos, a - 1), s:sub(a + 1, b - 1))
+            local g = new_global(s:sub(pos, a - 1), s:sub(a + 1, b - 1))
             pos = b + 1
             note_global(g)
             push(g)
@@ -451,7 +450,7 @@ local function read_pickle(s)
             if module.kind ~= "str" or name.kind ~= "str" then
                 error("STACK_GLOBAL needs two strings", 0)
             end
-            local g = P_global(module.value, name.value)
+            local g = new_global(module.value, name.value)
             note_global(g)
             push(g)
         elseif op == 0x52 then -- REDUCE: a call, recorded, never made
