@@ -304,21 +304,166 @@ def test_twistd_cacheserver_help_lists_the_options():
         assert option in proc.stdout, option
 
 
-def test_twistd_cacheserver_refuses_a_bad_port(tmp_path):
-    proc = run([script("twistd"), "-n", "--pidfile=", "cacheserver", "--port", "0"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "--port must be 1..65535, not 0" in proc.stdout + proc.stderr
+@pytest.mark.parametrize(
+    ("plugin", "argv", "message"),
+    [
+        ("cacheserver", ["--port", "0"], "--port must be 1..65535, not 0"),
+        ("cacheserver", ["--port", "abc"], "--port: not a number: 'abc'"),
+        ("cacheserver", ["--idle-timeout", "soon"], "--idle-timeout: not a number: 'soon'"),
+        ("cacheproxy", ["--cache-size", "12Q"], "--cache-size: not a size: '12Q'"),
+        ("cacheproxy", ["--bogus"], "option --bogus not recognized"),
+    ],
+)
+def test_twistd_bad_option_says_the_error_first(tmp_path, plugin, argv, message):
+    proc = run([script("twistd"), "-n", "--pidfile=", plugin, *argv], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    first, second = proc.stderr.splitlines()
+    assert first.startswith(f"{plugin}: {message}")
+    assert second == f"Run 'twistd {plugin} --help' for the options."
 
 
 @pytest.mark.parametrize("plugin", ["cacheserver", "cacheproxy"])
-def test_twistd_stops_when_its_port_is_taken(tmp_path, plugin):
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_twistd_taken_port_is_one_line_and_exit_1(tmp_path, plugin, daemon):
+    mode = ["--pidfile", "t.pid", "--logfile", "t.log"] if daemon else ["-n", "--pidfile="]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        proc = run([script("twistd"), "-n", "--pidfile=", plugin, "--port", port], cwd=tmp_path)
-    assert proc.returncode == 1
-    assert f"Couldn't listen on 127.0.0.1:{port}" in proc.stdout + proc.stderr
+        proc = run([script("twistd"), *mode, plugin, "--port", port], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"{plugin}: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert not (tmp_path / "t.pid").exists()
+
+
+def test_twistd_missing_interface_is_one_line(tmp_path):
+    argv = ["-n", "--pidfile=", "cacheproxy", "--interface", "192.0.2.1", "--port", "9"]
+    proc = run([script("twistd"), *argv], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (
+        proc.stderr == "cacheproxy: cannot listen on 192.0.2.1:9: cannot assign requested address\n"
+    )
+
+
+def test_listening_failure_after_the_check_is_one_line(monkeypatch):
+    """A port taken between the check and the listening itself still ends
+    twistd with the one line, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = options("--port", str(taken.getsockname()[1]))
+        service = tap.makeServerService(config)
+        with pytest.raises(SystemExit) as info:
+            service.privilegedStartService()
+    assert str(info.value) == (
+        f"cacheserver: cannot listen on 127.0.0.1:{config['port']}: address already in use"
+    )
+
+
+@pytest.mark.parametrize("plugin", ["cacheserver", "cacheproxy"])
+def test_twistd_plugin_version_is_ours(plugin):
+    from importlib.metadata import version
+
+    proc = run([script("twistd"), plugin, "--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{plugin} (twisted-cacheproxy) {version('twisted-cacheproxy')},")
+
+
+def test_package_version_is_the_distributions():
+    from importlib.metadata import version
+
+    import twisted_cacheproxy
+
+    assert twisted_cacheproxy.__version__ == version("twisted-cacheproxy")
+    assert "version = " + twisted_cacheproxy.__version__ in (ROOT / "setup.cfg").read_text()
+
+
+def test_twistd_help_says_where_the_plugins_listen():
+    proc = run([script("twistd"), "--help"])
+    commands = " ".join(proc.stdout.split("Commands:")[1].split())
+    assert "cacheserver A calculator server for the course protocol (default: 127.0.0.1:9999)." in (
+        commands
+    )
+    assert (
+        "cacheproxy A caching proxy for the calculator protocol "
+        "(default: 127.0.0.1:9998, in front of 127.0.0.1:9999)."
+    ) in commands
+
+
+def test_startup_log_is_one_line_with_the_settings(tmp_path):
+    """No "<Factory> starting on <port>" nor "Starting factory <... at 0x...>":
+    one line with the address, the upstream, the cache and the limits."""
+    port = free_port()
+    log = tmp_path / "proxy.log"
+    argv = ["-n", "--pidfile=", f"--logfile={log}", "cacheproxy", "--port", str(port)]
+    proc = subprocess.Popen([script("twistd"), *argv, "--cache-size", "16M"], env=environment())
+    try:
+        deadline = time.monotonic() + WAIT
+        while "listening on" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=WAIT)
+    text = log.read_text()
+    assert "starting on" not in text and "Starting factory" not in text
+    lines = [line for line in text.splitlines() if "[cacheproxy#info]" in line]
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        f"[cacheproxy#info] listening on 127.0.0.1:{port}, in front of the server at "
+        "127.0.0.1:9999 (32 connections, no pipelining, 5 attempts, timeout 10 s); "
+        "cache 16M, stale-if-error off; "
+        "messages up to 8192 bytes, idle timeout 60 s, at most 10000 connections"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            [],
+            "answers cacheable for ever; messages up to 8192 bytes, idle timeout 60 s, "
+            "at most 10000 connections",
+        ),
+        (
+            ["--max-age", "60", "--idle-timeout", "0", "--max-connections", "5"],
+            "answers cacheable for 60 s; messages up to 8192 bytes, idle timeout off, "
+            "at most 5 connections",
+        ),
+        (
+            ["--no-cache"],
+            "answers not cacheable; messages up to 8192 bytes, idle timeout 60 s, "
+            "at most 10000 connections",
+        ),
+    ],
+)
+def test_server_settings_line(argv, line):
+    assert tap.server_settings(options(*argv)) == line
+
+
+def test_proxy_settings_line():
+    config = tap.ProxyOptions()
+    config.parseOptions(
+        [
+            "--server-host",
+            "::1",
+            "--server-port",
+            "7000",
+            "--cache-size",
+            "1000",
+            "--stale-if-error",
+            "30",
+            "--upstream-pipeline",
+            "8",
+            "--retries",
+            "2",
+        ]
+    )
+    assert tap.proxy_settings(config) == (
+        "in front of the server at [::1]:7000 (32 connections, pipelining 8 deep, 2 attempts, "
+        "timeout 10 s); cache 1000 bytes, stale-if-error 30 s; "
+        "messages up to 8192 bytes, idle timeout 60 s, at most 10000 connections"
+    )
 
 
 # --- the options, in process -------------------------------------------------------------------
@@ -357,7 +502,7 @@ def test_server_options_build_the_service():
         "--max-connections",
         "5",
     )
-    service = tap.server.makeService(config)
+    service = tap.makeServerService(config)
     factory = service.factory
     assert (service.endpoint.port, service.endpoint.interface) == (4567, "0.0.0.0")
     assert (factory.max_age, factory.cacheable, factory.max_message_size) == (30, False, 1000)
@@ -375,6 +520,8 @@ def test_server_options_build_the_service():
         (["--max-connections", "0"], "--max-connections must be at least 1"),
         (["--max-age", "65536"], "--max-age must be 0..65535"),
         (["--max-age", "-1"], "--max-age must be 0..65535"),
+        (["--port", "abc"], "--port: not a number: 'abc'"),
+        (["--idle-timeout", "x"], "--idle-timeout: not a number: 'x'"),
     ],
 )
 def test_server_options_refuse_bad_values(argv, message):

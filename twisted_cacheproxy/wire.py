@@ -393,6 +393,10 @@ class ServiceFactory(LimitTotalConnectionsFactory):
     message size limit, the idle timeout and the connection limit (counted by
     `twisted.protocols.policies`), handed to every protocol they build."""
 
+    #: No "Starting factory <...>" lines: the services log one line saying
+    #: what they listen on (tap.py).
+    noisy = False
+
     def __init__(
         self,
         *,
