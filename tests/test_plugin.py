@@ -218,7 +218,7 @@ def test_calc_client_result(cacheserver):
         "Expression: max(2, 3) + 3\n"
         "          = 3 + 3\n"
         "          = 6\n"
-        "Result: 6  (cacheable for ever)\n"
+        "Result: 6  (computed by the server, cacheable for ever)\n"
     )
 
 
@@ -235,7 +235,8 @@ def test_calc_client_legacy_without_steps(cacheserver):
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == (
-        f"Expression: {VECTORS[0]['text']}\nResult: -0.38748277824137206  (cacheable for ever)\n"
+        f"Expression: {VECTORS[0]['text']}\n"
+        "Result: -0.38748277824137206  (computed by the server, cacheable for ever)\n"
     )
 
 
@@ -246,7 +247,9 @@ def test_calc_client_legacy_rand(cacheserver):
     assert (proc.returncode, proc.stderr) == (0, "")
     first, second, end = proc.stdout.split("\n")
     assert (first, end) == ("Expression: rand(5, 6)", "")
-    value = float(second.removeprefix("Result: ").removesuffix("  (not cacheable)"))
+    value = float(
+        second.removeprefix("Result: ").removesuffix("  (computed by the server, not cacheable)")
+    )
     assert 5 <= value <= 6
 
 
@@ -257,21 +260,50 @@ def test_calc_client_error_answer_exits_1(cacheserver):
 
 
 def test_calc_client_nothing_listening_exits_2():
-    proc = run([script("calc-client"), "--port", str(free_port()), "1 + 1"])
+    port = free_port()
+    proc = run([script("calc-client"), "--port", str(port), "1 + 1"])
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr.startswith("Error: cannot connect: ")
+    assert proc.stderr.startswith(f"Error: cannot connect to 127.0.0.1:{port}: ")
     assert proc.stderr.count("\n") == 1
 
 
+def test_calc_client_menu_nothing_listening_exits_2():
+    port = free_port()
+    proc = run([script("calc-client"), "--port", str(port)], input="2\n")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith(f"Error: cannot connect to 127.0.0.1:{port}: ")
+
+
+def test_calc_client_words_are_one_expression(cacheserver):
+    proc = run([script("calc-client"), "--port", str(cacheserver), "--no-steps", "sin", "(pi/2)"])
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == (
+        "Expression: sin (pi/2)\nResult: 1.0  (computed by the server, cacheable for ever)\n"
+    )
+
+
+def test_calc_client_port_out_of_range_is_a_usage_error():
+    proc = run([script("calc-client"), "--port", "70000", "1"])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.endswith(
+        "calc-client: error: argument --port: must be 1..65535, not 70000\n"
+    )
+
+
 def test_calc_client_menu_with_piped_input(cacheserver):
-    proc = run([script("calc-client"), "--port", str(cacheserver)], input="2\n9\n7\n1/0\nq\n")
+    session = "2\n9\n7\n1/0\nm\n\nq\n"
+    proc = run([script("calc-client"), "--port", str(cacheserver)], input=session)
     assert (proc.returncode, proc.stderr) == (0, "")
     out = proc.stdout
     assert out.startswith(f"Connected to 127.0.0.1:{cacheserver}.\n")
-    assert out.count("choice> ") == 4  # start, after the answer, the re-prompt, after the error
-    assert "Expression: max(2, 3) + 3\n          = 3 + 3\n          = 6\nResult: 6" in out
-    assert "Please answer 1-7 or q.\n" in out
-    assert "Error 400 (ZeroDivisionError): division by zero\n" in out
+    assert out.count("Choose an expression") == 2  # at start and for "m", not after answers
+    # Piped lines are echoed after their prompt; "9" is not a menu entry: an expression.
+    assert (
+        "choice> 2\nExpression: max(2, 3) + 3\n          = 3 + 3\n          = 6\nResult: 6" in out
+    )
+    assert "choice> 9\nExpression: 9\nResult: 9  (computed by the server" in out
+    assert "choice> 7\nexpression> 1/0\nError 400 (ZeroDivisionError): division by zero\n" in out
+    assert out.endswith("choice> \nchoice> q\n")
 
 
 def test_calc_client_menu_end_of_input_quits(cacheserver):
