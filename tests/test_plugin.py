@@ -592,3 +592,56 @@ def test_proxy_options_pipelining_is_off_by_default_and_reaches_the_pool():
         config.parseOptions(argv)
         factory = makeProxyService(config).factory
         assert factory.pool.pipeline == depth
+
+
+# --- the README's commands, as written --------------------------------------------------------
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """The README's example command lines that start with ``prefix``."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    found = []
+    for line in lines:
+        command = line.strip().removeprefix("$ ").split("  #")[0].strip()
+        if line.startswith("    ") and command.startswith(prefix + " "):
+            found.append(command)
+    return found
+
+
+def test_readme_twistd_examples_never_share_a_pid_file():
+    """Two twistd started from one directory must not both write twistd.pid."""
+    commands = readme_commands("twistd")
+    assert len(commands) >= 6
+    pidfiles = [c.split("--pidfile")[1].split()[0].lstrip("=") for c in commands]
+    assert all("--pidfile" in c for c in commands)
+    daemon_files = [f for f in pidfiles if f]
+    assert len(set(daemon_files)) == 2  # server.pid and proxy.pid
+
+
+def test_readme_daemon_commands_work_one_after_another(tmp_path):
+    """The README's daemon example, from one directory, on ports of our own."""
+    server_port, proxy_port = free_port(), free_port()
+    daemons = list(dict.fromkeys(c for c in readme_commands("twistd") if "-n" not in c.split()))
+    assert [c.split()[-1] for c in daemons] == ["cacheserver", "cacheproxy"]
+    extra = {
+        "cacheserver": ["--port", str(server_port)],
+        "cacheproxy": ["--port", str(proxy_port), "--server-port", str(server_port)],
+    }
+    started = []
+    try:
+        for command in daemons:
+            argv = command.split()
+            proc = run([script("twistd"), *argv[1:], *extra[argv[-1]]], cwd=tmp_path)
+            assert (proc.returncode, proc.stderr) == (0, ""), proc.stdout
+            started.append(argv[argv.index("--pidfile") + 1])
+        answer = run([script("calc-client"), "--port", str(proxy_port), "--no-steps", "6 * 7"])
+        assert answer.stdout.startswith("Expression: 6 * 7\nResult: 42  (")
+    finally:
+        for name in started:
+            pidfile = tmp_path / name
+            if pidfile.exists():
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    deadline = time.monotonic() + WAIT
+    while any((tmp_path / name).exists() for name in started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any((tmp_path / name).exists() for name in started)  # removed on the way out
