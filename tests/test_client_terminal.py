@@ -5,10 +5,12 @@ an idle connection). The processes run the installed package."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
 import subprocess
+import termios
 import time
 
 import pytest
@@ -37,6 +39,9 @@ class Session:
                 stderr=slave,
                 env=env,
                 cwd=cwd,
+                start_new_session=True,
+                # The terminal becomes its controlling one: Ctrl-C is a SIGINT.
+                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
             )
             os.close(slave)
             self.keys = self.fd
@@ -158,6 +163,18 @@ def test_menu_on_a_terminal(server, session):
     t.type("\x04")  # Ctrl-D at the menu: quit
     assert t.finish() == 0
     assert "Error" not in t.screen and "Traceback" not in t.screen
+
+
+def test_ctrl_c_at_the_menu_quits_and_gives_the_terminal_back(server, session):
+    t = session("--port", str(server.port))
+    t.expect("choice> ")
+    cooked = termios.ECHO | termios.ICANON
+    assert termios.tcgetattr(t.fd)[3] & cooked != cooked  # readline's own mode
+    t.type("\x03")
+    t.finish()
+    assert t.proc.returncode is not None
+    assert termios.tcgetattr(t.fd)[3] & cooked == cooked
+    assert "Traceback" not in t.screen
 
 
 def test_waiting_line_on_a_terminal(session):

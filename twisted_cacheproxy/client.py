@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -364,6 +366,10 @@ class ConsoleReader:
         d: defer.Deferred = defer.Deferred()
 
         def read() -> None:
+            # Ctrl-C must reach the reactor's thread, which handles it; a
+            # signal taken by this thread would leave the reactor asleep.
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             try:
                 line = input(prompt)
             except EOFError:
@@ -396,11 +402,14 @@ def calculator_help() -> str:
     functions = ", ".join(FUNCTIONS)
     constants = ", ".join(name.lower() for name in CONSTANTS)
     operators = " ".join(BINARY)
-    return (
-        f"expressions: numbers (42, 3.25, 1.5e-3), the operators {operators} and\n"
-        f"unary - +, parentheses, the functions {functions}\n"
-        f"and the constants {constants} (in any case). Several words are joined\n"
-        'into one expression: calc-client sin "(pi/2)".'
+    return "\n\n".join(
+        textwrap.fill(paragraph, 79)
+        for paragraph in (
+            f"Expressions: numbers (42, 3.25, 1.5e-3), the operators {operators}, unary - "
+            f"and +, parentheses, the functions {functions}, and the constants "
+            f"{constants} (in any case).",
+            'Several words are joined into one expression: calc-client sin "(pi/2)".',
+        )
     )
 
 
@@ -411,8 +420,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="calc-client",
-        description="Calculator client: one expression from the command line, "
-        "or the exercise's menu when none is given.",
+        description=textwrap.fill(
+            "Calculator client: one expression from the command line, "
+            "or the exercise's menu when none is given.",
+            79,
+        ),
         epilog=calculator_help(),
         formatter_class=_HelpFormatter,
     )
