@@ -78,9 +78,10 @@ class Calculator:
 
     It keeps one connection, opened when first needed. When the far end has
     closed it (an idle timeout, a restart), the next request opens a new one
-    and `notify` says so; a request lost with a connection that had served
-    earlier ones is sent once more on a new connection (a calculation has no
-    side effects, so sending it again is safe).
+    and `notify` says so. A request lost with a connection opened before it
+    (closed by the far end just as it was sent) is sent once more on a new
+    connection: a calculation has no side effects, so sending it again is
+    safe.
     """
 
     def __init__(
