@@ -645,3 +645,17 @@ def test_readme_daemon_commands_work_one_after_another(tmp_path):
     while any((tmp_path / name).exists() for name in started) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any((tmp_path / name).exists() for name in started)  # removed on the way out
+
+
+def test_license_and_changelog_match_the_release():
+    from importlib.metadata import version
+
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n")
+    assert "Copyright (c) the twisted-cacheproxy developers" in license_text
+    assert "license = MIT" in (ROOT / "setup.cfg").read_text()
+    changelog = (ROOT / "CHANGELOG.md").read_text().splitlines()
+    assert f"## {version('twisted-cacheproxy')}" in changelog
+    assert next(line for line in changelog if line.startswith("## ")) == (
+        f"## {version('twisted-cacheproxy')}"
+    )
