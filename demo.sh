@@ -2,22 +2,65 @@
 # Start the calculator server (9999) and the caching proxy (9998) with twistd,
 # run calc-client through the proxy (the menu, or one expression given as
 # arguments), then stop both services. Logs go to ./demo-logs/.
+# SERVER_PORT=... and PROXY_PORT=... choose other ports.
 set -eu
+server_port=${SERVER_PORT:-9999}
+proxy_port=${PROXY_PORT:-9998}
+
+# Both ports must be free: otherwise the client would talk to whatever
+# already listens there instead of the services started here.
+python3 - "$server_port" "$proxy_port" <<'PY'
+import socket
+import sys
+
+busy = []
+for port in sys.argv[1:]:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            busy.append(port)
+if busy:
+    sys.exit(
+        f"demo.sh: 127.0.0.1:{' and '.join(busy)} already in use (a service started "
+        "earlier?); stop it first, or choose other ports with SERVER_PORT=... PROXY_PORT=..."
+    )
+PY
+
 mkdir -p demo-logs
-twistd -n --pidfile= --logfile=demo-logs/server.log cacheserver &
+twistd -n --pidfile= --logfile=demo-logs/server.log cacheserver --port "$server_port" &
 server=$!
-twistd -n --pidfile= --logfile=demo-logs/proxy.log cacheproxy &
+twistd -n --pidfile= --logfile=demo-logs/proxy.log \
+    cacheproxy --port "$proxy_port" --server-port "$server_port" &
 proxy=$!
 trap 'kill $proxy $server 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
-# Wait (at most ~5 s) until the proxy accepts connections.
-python3 - <<'PY'
-import socket, sys, time
-for _ in range(100):
-    try:
-        socket.create_connection(("127.0.0.1", 9998), timeout=0.2).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.05)
-sys.exit("the proxy did not start; see demo-logs/")
-PY
-calc-client --port 9998 "$@"
+
+# Wait (at most ~10 s) until each of our own services accepts connections;
+# stop at once if one of them has exited.
+running() {
+    state=$(ps -o stat= -p "$1" 2>/dev/null || true)
+    case "$state" in "" | Z*) return 1 ;; esac
+}
+accepting() {
+    python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2).close()' "$1" 2>/dev/null
+}
+wait_for() { # pid port name
+    tries=0
+    until accepting "$2"; do
+        if ! running "$1"; then
+            echo "demo.sh: the $3 did not start; see demo-logs/$3.log" >&2
+            exit 1
+        fi
+        tries=$((tries + 1))
+        if [ "$tries" -ge 100 ]; then
+            echo "demo.sh: the $3 did not listen within 10 s; see demo-logs/$3.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+}
+wait_for "$server" "$server_port" server
+wait_for "$proxy" "$proxy_port" proxy
+
+calc-client --port "$proxy_port" "$@"

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from twisted_cacheproxy import client, codec, server, wire
-from twisted_cacheproxy.client import EXAMPLES, Answer, Calculator, Menu, Settings, render
+from twisted_cacheproxy.client import EXAMPLES, Answer, Calculator, Settings, render
 from twisted_cacheproxy.expression import CalculationError
 from twisted_cacheproxy.parser import parse
 
@@ -26,7 +26,7 @@ def test_render_aligns_the_steps_under_the_expression():
         "Expression: max(2, 3) + 3\n"
         "          = 3 + 3\n"
         "          = 6\n"
-        "Result: 6  (cacheable for ever)\n"
+        "Result: 6  (computed by the server, cacheable for ever)\n"
     )
     lines = render("max(2, 3) + 3", answer).splitlines()
     assert lines[1].index("3 + 3") == lines[0].index("max(2, 3) + 3") == len("Expression: ")
@@ -38,7 +38,7 @@ def test_render_a_vector():
     out = render(v["text"], answer).splitlines()
     assert out[0] == "Expression: " + v["text"]
     assert out[1:-1] == ["          = " + s for s in v["steps"][1:]]
-    assert out[-1] == "Result: 3.0001220703125  (cacheable for 30 s)"
+    assert out[-1] == "Result: 3.0001220703125  (computed by the server, cacheable for 30 s)"
 
 
 @pytest.mark.parametrize(
@@ -52,13 +52,15 @@ def test_render_a_vector():
     ],
 )
 def test_render_cacheability(cache, max_age, note):
-    assert render("7", Answer(200, cache, max_age, 7)) == f"Expression: 7\nResult: 7  ({note})\n"
+    assert render("7", Answer(200, cache, max_age, 7)) == (
+        f"Expression: 7\nResult: 7  (computed by the server, {note})\n"
+    )
 
 
 def test_render_float_uses_repr():
     answer = Answer(200, False, 0, 0.1 + 0.2, ("0.1 + 0.2", "0.30000000000000004"))
     assert render("0.1 + 0.2", answer).splitlines()[-1] == (
-        "Result: 0.30000000000000004  (not cacheable)"
+        "Result: 0.30000000000000004  (computed by the server, not cacheable)"
     )
 
 
@@ -78,8 +80,8 @@ def test_render_error_is_one_line():
             CalculationError("empty expression", "SyntaxError"),
             "Error (local, SyntaxError): empty expression\n",
         ),
-        (error.ConnectionDone(), "Error: the connection was closed before the answer came\n"),
-        (error.ConnectionLost(), "Error: the connection was closed before the answer came\n"),
+        (error.ConnectionDone(), "Error: h:1 closed the connection before the answer came\n"),
+        (error.ConnectionLost(), "Error: h:1 closed the connection before the answer came\n"),
         (
             wire.ProtocolError("peer sent a request (T=1) instead of an answer"),
             "Error: peer sent a request (T=1) instead of an answer\n",
@@ -87,12 +89,12 @@ def test_render_error_is_one_line():
     ],
 )
 def test_describe_failure(exc, text):
-    assert client.describe_failure(exc) == text
+    assert client.describe_failure(exc, "h:1") == text
 
 
-def test_describe_connect_failure():
-    text = client.describe_failure(error.ConnectionRefusedError("111: Connection refused"))
-    assert text.startswith("Error: cannot connect: ")
+def test_describe_connect_failure_names_host_and_port():
+    text = client.describe_failure(error.ConnectionRefusedError("111: Connection refused"), "h:1")
+    assert text.startswith("Error: cannot connect to h:1: ")
     assert "Connection refused" in text
     assert text.endswith("\n") and text.count("\n") == 1
 
@@ -105,7 +107,7 @@ def sent_by(settings: Settings, text: str, now: float = 1_700_000_123.7) -> byte
     clock.advance(now)
     connection = wire.FrameClient()
     connection.makeConnection(StringTransport())
-    d = Calculator(connection, clock, settings).calculate(text)
+    d = Calculator(clock, "h", 1, settings, connection=connection).calculate(text)
     assert not d.called
     return connection.transport.value()
 
@@ -138,9 +140,9 @@ def test_legacy_request_is_the_course_pickle(course):
 def test_legacy_request_with_a_syntax_error_fails_locally():
     connection = wire.FrameClient()
     connection.makeConnection(StringTransport())
-    calculator = Calculator(connection, task.Clock(), Settings(legacy=True))
-    with pytest.raises(CalculationError, match="unexpected end of expression"):
-        calculator.calculate("1 +")
+    calculator = Calculator(task.Clock(), "h", 1, Settings(legacy=True), connection=connection)
+    failure = failure_of(calculator.calculate("1 +"), CalculationError)
+    assert "unexpected end of expression" in str(failure.value)
     assert connection.transport.value() == b""
 
 
@@ -163,7 +165,7 @@ def wired():
     )
 
     def calc(text, **settings):
-        d = Calculator(connection, clock, Settings(**settings)).calculate(text)
+        d = Calculator(clock, "h", 1, Settings(**settings), connection=connection).calculate(text)
         pump.flush()
         return success_of(d)
 
@@ -208,22 +210,216 @@ def test_answer_with_a_result_but_an_error_status():
     assert (answer.error.kind, answer.error.message) == ("Error", "1")
 
 
+# --- answers: where they came from (the H and G bits) -----------------------------------------
+
+
+def answer_from(ext: int, *, cache=True, max_age=65535, no_cache=False) -> Answer:
+    """An answer read from a hand-built frame with extension word ``ext``."""
+    flags = wire.make_flags(request=False, status=200, cache=cache, steps=True)
+    frame = wire.encode(0, flags, max_age, b'{"result": 6, "steps": ["3 + 3", "6"]}', ext=ext)
+    return client._answer((wire.decode_header(frame), frame[12:]), no_cache=no_cache)
+
+
+@pytest.mark.parametrize(
+    ("ext", "cache", "max_age", "no_cache", "note"),
+    [
+        (
+            wire.EXT_FROM_CACHE | wire.EXT_FRAMED,
+            True,
+            65535,
+            False,
+            "from the proxy's cache, cacheable for ever",
+        ),
+        (wire.EXT_FROM_CACHE, True, 42, False, "from the proxy's cache, cacheable for 42 s"),
+        (wire.EXT_FRAMED, True, 65535, False, "computed by the server, cacheable for ever"),
+        (
+            wire.EXT_FRAMED | wire.tag_bits(77),
+            True,
+            60,
+            False,
+            "computed by the server, cacheable for 60 s",
+        ),
+        (0, True, 65535, False, "computed by the server, cacheable for ever"),  # a course server
+        (wire.EXT_FRAMED, False, 0, False, "computed by the server, not cacheable"),
+        (wire.EXT_FRAMED, True, 0, False, "computed by the server, not cacheable"),
+        (
+            wire.EXT_FRAMED,
+            True,
+            65535,
+            True,
+            "computed by the server, not stored: asked with --no-cache",
+        ),
+        (
+            wire.EXT_FROM_CACHE | wire.EXT_GRACE | wire.EXT_FRAMED,
+            False,
+            0,
+            False,
+            "from the proxy's cache, stale: served past its lifetime "
+            "because the server is unreachable",
+        ),
+    ],
+)
+def test_render_says_where_the_answer_came_from(ext, cache, max_age, no_cache, note):
+    answer = answer_from(ext, cache=cache, max_age=max_age, no_cache=no_cache)
+    assert render("3 + 3", answer).splitlines()[-1] == f"Result: 6  ({note})"
+
+
+def test_no_cache_never_says_cacheable_for_ever():
+    answer = answer_from(wire.EXT_FRAMED, no_cache=True)
+    assert "for ever" not in render("3 + 3", answer)
+
+
+# --- the waiting line --------------------------------------------------------------------------
+
+
+def test_waiting_line_after_a_second_replaced_then_wiped():
+    clock = task.Clock()
+    screen: list[str] = []
+    d = defer.Deferred()
+    watched = client.WaitingLine(clock, screen.append, "h:1").watch(d)
+    clock.advance(0.9)
+    assert screen == []
+    clock.advance(0.1)
+    assert screen == ["\rwaiting for an answer from h:1... 1 s"]
+    clock.advance(1)
+    clock.advance(1)
+    assert screen[1:] == [
+        "\rwaiting for an answer from h:1... 2 s",
+        "\rwaiting for an answer from h:1... 3 s",
+    ]
+    d.callback("answer")
+    assert screen[-1] == "\r" + " " * len("waiting for an answer from h:1... 3 s") + "\r"
+    assert success_of(watched) == "answer"
+    assert clock.getDelayedCalls() == []
+
+
+def test_waiting_line_silent_for_a_quick_answer():
+    clock = task.Clock()
+    screen: list[str] = []
+    d = defer.Deferred()
+    client.WaitingLine(clock, screen.append, "h:1").watch(d)
+    clock.advance(0.5)
+    d.callback(None)
+    clock.advance(5)
+    assert screen == []
+
+
+# --- Calculator: one connection, opened again after the far end closed it ----------------------
+
+
+class Far:
+    """The far end of the connections a `Calculator` opens on a memory reactor."""
+
+    def __init__(self):
+        self.reactor = MemoryReactorClock()
+        self.notes: list[str] = []
+        self.calculator = Calculator(
+            self.reactor, "h", 1, Settings(steps=False), notify=self.notes.append
+        )
+        self.connections: list[tuple[wire.FrameClient, StringTransport]] = []
+
+    def accept(self):
+        """Complete the latest connection attempt."""
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.reactor.advance(0)
+        self.connections.append((proto, transport))
+        return proto, transport
+
+    def refuse(self):
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.reactor.advance(0)
+
+    @staticmethod
+    def answer(proto, transport):
+        proto.dataReceived(serve(transport.value()))
+        transport.clear()
+
+
+def test_calculator_reuses_its_connection():
+    far = Far()
+    d = far.calculator.calculate("1 + 1")
+    proto, transport = far.accept()
+    far.answer(proto, transport)
+    assert success_of(d).value == 2
+    d = far.calculator.calculate("2 + 2")
+    far.answer(proto, transport)
+    assert success_of(d).value == 4
+    assert len(far.reactor.tcpClients) == 1
+    assert far.notes == []
+
+
+def test_calculator_reconnects_after_the_far_end_closed_and_says_so():
+    far = Far()
+    d = far.calculator.calculate("1 + 1")
+    proto, transport = far.accept()
+    far.answer(proto, transport)
+    success_of(d)
+    proto.connectionLost(Failure(error.ConnectionDone()))  # the idle timeout, say
+    d = far.calculator.calculate("2 + 2")
+    assert not d.called and len(far.reactor.tcpClients) == 2
+    proto2, transport2 = far.accept()
+    assert far.notes == ["(connection closed by h:1; reconnected)\n"]
+    far.answer(proto2, transport2)
+    assert success_of(d).value == 4
+
+
+def test_calculator_sends_again_a_request_lost_with_a_used_connection():
+    far = Far()
+    d = far.calculator.calculate("1 + 1")
+    proto, transport = far.accept()
+    far.answer(proto, transport)
+    success_of(d)
+    d = far.calculator.calculate("3 + 3")
+    assert transport.value().endswith(b"3 + 3")
+    proto.connectionLost(Failure(error.ConnectionLost()))  # closed as we sent
+    proto2, transport2 = far.accept()
+    assert transport2.value().endswith(b"3 + 3")
+    far.answer(proto2, transport2)
+    assert success_of(d).value == 6
+    assert far.notes == ["(connection closed by h:1; reconnected)\n"]
+
+
+def test_calculator_does_not_resend_on_a_fresh_connection():
+    far = Far()
+    d = far.calculator.calculate("1 + 1")
+    proto, _ = far.accept()
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    failure_of(d, error.ConnectionDone)
+    assert len(far.reactor.tcpClients) == 1
+
+
+def test_calculator_cannot_reconnect_fails_and_tries_again_next_time():
+    far = Far()
+    d = far.calculator.calculate("1")
+    proto, transport = far.accept()
+    far.answer(proto, transport)
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    d = far.calculator.calculate("2")
+    far.refuse()
+    f = failure_of(d, error.ConnectionRefusedError)
+    assert client.describe_failure(f.value, "h:1").startswith("Error: cannot connect to h:1: ")
+    d = far.calculator.calculate("3")
+    proto3, transport3 = far.accept()
+    far.answer(proto3, transport3)
+    assert success_of(d).value == 3
+
+
 # --- Menu ------------------------------------------------------------------------------------
 
-MENU = (
-    "\nChoose an expression to calculate:\n"
-    + "".join(f"  {i}) {t}\n" for i, t in enumerate(EXAMPLES, 1))
-    + "  7) type your own\n  q) quit\nchoice> "
-)
-AGAIN = "Please answer 1-7 or q.\nchoice> "
+MENU = client.menu_text()
 SIX = Answer(200, True, 65535, 6, ("max(2, 3) + 3", "3 + 3", "6"))
 
 
 class FakeCalculator:
+    where = "h:1"
+
     def __init__(self):
         self.texts = []
         self.pending = []
-        self.connection = SimpleNamespace(connected=True)
 
     def calculate(self, text):
         if text == "raise":
@@ -234,9 +430,29 @@ class FakeCalculator:
         return d
 
 
-class Screen(StringTransport):
+class Keyboard:
+    """What `Menu` reads: each prompt waits for `type`."""
+
+    def __init__(self):
+        self.prompts: list[str] = []
+        self.waiting: defer.Deferred | None = None
+
+    def __call__(self, prompt: str) -> defer.Deferred:
+        assert self.waiting is None, "asked for two lines at once"
+        self.prompts.append(prompt)
+        self.waiting = defer.Deferred()
+        return self.waiting
+
+    def type(self, *lines):
+        for line in lines:
+            d, self.waiting = self.waiting, None
+            assert d is not None, f"nobody reads {line!r}"
+            d.callback(line)
+
+
+class Screen(list):
     def take(self) -> str:
-        out = self.value().decode()
+        out = "".join(self)
         self.clear()
         return out
 
@@ -244,145 +460,212 @@ class Screen(StringTransport):
 @pytest.fixture
 def menu():
     calculator = FakeCalculator()
-    done = defer.Deferred()
-    m = Menu(calculator, done)
+    keyboard = Keyboard()
     screen = Screen()
-    m.makeConnection(screen)
-    return SimpleNamespace(menu=m, calc=calculator, screen=screen, done=done)
+    done = client.Menu(calculator, keyboard, screen.append).run()
+    return SimpleNamespace(calc=calculator, keys=keyboard, screen=screen, done=done)
 
 
-def test_menu_is_shown_on_start(menu):
+def test_menu_is_shown_once_at_start(menu):
     assert menu.screen.take() == MENU
     assert "  1) (sin(max(2, 3 * 4, 5, 6 * ((7 * 8) / 9), 10 / 11)) / 12) * 13\n" in MENU
+    assert "  m) show this menu again\n" in MENU
+    assert menu.keys.prompts == ["choice> "]
 
 
 @pytest.mark.parametrize("choice", range(1, 7))
-def test_menu_choices_send_the_examples(menu, choice):
+def test_menu_choices_send_the_examples_and_the_menu_is_not_reprinted(menu, choice):
     menu.screen.take()
-    menu.menu.dataReceived(f"{choice}\n".encode())
+    menu.keys.type(str(choice))
     assert menu.calc.texts == [EXAMPLES[choice - 1]]
-    assert menu.screen.take() == "\n"
+    assert menu.keys.waiting is None  # no prompt until the answer is shown
     menu.calc.pending[0].callback(SIX)
-    assert menu.screen.take() == render(EXAMPLES[choice - 1], SIX) + MENU
+    assert menu.screen.take() == render(EXAMPLES[choice - 1], SIX) + "\n"
+    assert menu.keys.prompts == ["choice> ", "choice> "]
+
+
+@pytest.mark.parametrize("word", ["m", "M", "?", "help", "menu"])
+def test_menu_again_on_request(menu, word):
+    menu.screen.take()
+    menu.keys.type(word)
+    assert menu.screen.take() == MENU
+    assert menu.calc.texts == []
 
 
 def test_menu_type_your_own(menu):
     menu.screen.take()
-    menu.menu.dataReceived(b"7\n")
-    assert menu.screen.take() == "expression> "
-    menu.menu.dataReceived(b"  2 ** 10 \r\n")
+    menu.keys.type("7")
+    assert menu.keys.prompts[-1] == "expression> "
+    menu.keys.type("  2 ** 10 ")
     assert menu.calc.texts == ["2 ** 10"]
     menu.calc.pending[0].callback(Answer(200, True, 65535, 1024, ("2 ** 10", "1024")))
     assert menu.screen.take() == (
-        "\nExpression: 2 ** 10\n          = 1024\nResult: 1024  (cacheable for ever)\n" + MENU
+        "Expression: 2 ** 10\n          = 1024\n"
+        "Result: 1024  (computed by the server, cacheable for ever)\n\n"
     )
+    assert menu.keys.prompts[-1] == "choice> "
 
 
 def test_menu_type_your_own_empty_goes_back(menu):
     menu.screen.take()
-    menu.menu.dataReceived(b"7\n\n")
-    assert menu.screen.take() == "expression> " + MENU
+    menu.keys.type("7", "")
+    assert menu.keys.prompts == ["choice> ", "expression> ", "choice> "]
     assert menu.calc.texts == []
 
 
-@pytest.mark.parametrize("line", [b"0", b"8", b"abc", b"", b"1 2", b"-1", b"77"])
-def test_menu_bad_input_reprompts(menu, line):
+def test_menu_ctrl_d_at_the_expression_prompt_goes_back_to_the_menu(menu):
     menu.screen.take()
-    menu.menu.dataReceived(line + b"\n")
-    assert menu.screen.take() == AGAIN
-    assert menu.calc.texts == []
-    assert not menu.screen.disconnecting
+    menu.keys.type("7", None)
+    assert menu.keys.prompts == ["choice> ", "expression> ", "choice> "]
+    assert menu.screen.take() == "\n"
+    assert not menu.done.called
 
 
-@pytest.mark.parametrize("word", [b"q", b"Q", b"quit", b"exit"])
+def test_menu_ctrl_d_at_the_menu_quits(menu):
+    menu.screen.take()
+    menu.keys.type(None)
+    assert success_of(menu.done) is None
+    assert menu.screen.take() == "\n"
+
+
+@pytest.mark.parametrize("line", ["sin(pi/2)", "8", "0", "-1", "77", "1 2", "abc"])
+def test_menu_anything_else_is_an_expression(menu, line):
+    menu.screen.take()
+    menu.keys.type(line)
+    assert menu.calc.texts == [line]
+
+
+def test_menu_empty_line_asks_again(menu):
+    menu.screen.take()
+    menu.keys.type("", "  ")
+    assert menu.keys.prompts == ["choice> "] * 3
+    assert menu.screen.take() == ""
+
+
+@pytest.mark.parametrize("word", ["q", "Q", "quit", "exit", " q "])
 def test_menu_quit(menu, word):
     menu.screen.take()
-    menu.menu.dataReceived(word + b"\n")
-    assert menu.screen.disconnecting
-    assert menu.calc.texts == []
-    menu.menu.connectionLost(Failure(error.ConnectionDone()))
+    menu.keys.type(word)
     assert success_of(menu.done) is None
+    assert menu.calc.texts == []
 
 
-def test_menu_error_answer_then_menu(menu):
+def test_menu_error_answer_then_the_prompt(menu):
     menu.screen.take()
-    menu.menu.dataReceived(b"7\n1/0\n")
-    menu.screen.take()
+    menu.keys.type("1/0")
     err = codec.RemoteError("ZeroDivisionError", "division by zero")
     menu.calc.pending[0].callback(Answer(400, True, 65535, error=err))
-    assert menu.screen.take() == "Error 400 (ZeroDivisionError): division by zero\n" + MENU
-    assert not menu.screen.disconnecting
+    assert menu.screen.take() == "Error 400 (ZeroDivisionError): division by zero\n\n"
+    assert menu.keys.prompts[-1] == "choice> "
 
 
-def test_menu_local_error_then_menu(menu):
+def test_menu_local_error_then_the_prompt(menu):
     menu.screen.take()
-    menu.menu.dataReceived(b"7\nraise\n")
-    assert (
-        menu.screen.take() == "expression> \nError (local, SyntaxError): empty expression\n" + MENU
-    )
-    assert not menu.screen.disconnecting
+    menu.keys.type("raise")
+    assert menu.screen.take() == "Error (local, SyntaxError): empty expression\n\n"
+    assert menu.keys.prompts[-1] == "choice> "
 
 
-def test_menu_quits_when_the_connection_is_gone(menu):
+def test_menu_stays_when_the_connection_is_gone(menu):
+    """One line naming host:port, then the prompt again: the next choice
+    reconnects (the old menu quit, or hung)."""
     menu.screen.take()
-    menu.menu.dataReceived(b"2\n")
-    menu.calc.connection.connected = False
-    menu.calc.pending[0].errback(error.ConnectionDone())
+    menu.keys.type("2")
+    menu.calc.pending[0].errback(error.ConnectionRefusedError())
     out = menu.screen.take()
-    assert out.startswith("\nError: the connection was closed before the answer came\n")
-    assert "choice> " not in out
-    assert menu.screen.disconnecting
+    assert out.startswith("Error: cannot connect to h:1: ")
+    assert out.count("\n") == 2
+    assert menu.keys.prompts[-1] == "choice> "
+    assert not menu.done.called
 
 
-def test_menu_lines_typed_while_waiting_are_kept(menu):
-    menu.screen.take()
-    menu.menu.dataReceived(b"2\n9\n3\nq\n")
-    assert menu.calc.texts == [EXAMPLES[1]]
-    menu.calc.pending[0].callback(SIX)
-    # the answer, the menu, the re-prompt for "9", then "3" is sent
-    assert menu.calc.texts == [EXAMPLES[1], EXAMPLES[2]]
-    assert not menu.screen.disconnecting
-    menu.calc.pending[1].callback(SIX)
-    assert menu.screen.disconnecting  # "q" came last
-
-
-def test_menu_end_of_input_waits_for_the_answer(menu):
-    menu.screen.take()
-    menu.menu.dataReceived(b"2\n")
-    menu.menu.readConnectionLost()
-    assert not menu.screen.disconnecting
-    menu.calc.pending[0].callback(SIX)
-    assert render(EXAMPLES[1], SIX) in menu.screen.take()
-    assert menu.screen.disconnecting
-
-
-class StdioLike:
-    """The attributes `twisted.internet.stdio.StandardIO` really has (no
-    ``connected``): the menu must not rely on more."""
-
-    disconnecting = False
-    disconnected = False
-
-    def __init__(self):
-        self.written = []
-
-    def write(self, data):
-        self.written.append(data)
-
-    def loseConnection(self):
-        self.disconnecting = True
-
-
-def test_menu_on_a_standard_io_transport():
+def test_menu_shows_the_waiting_line():
+    clock = task.Clock()
     calculator = FakeCalculator()
-    m = Menu(calculator, defer.Deferred())
-    transport = StdioLike()
-    m.makeConnection(transport)
-    m.dataReceived(b"2\n")
-    d = calculator.pending[0]
-    d.callback(SIX)
-    assert b"".join(transport.written).decode().count("choice> ") == 2
-    assert d.result is None  # the menu's chain ended cleanly, no error left in it
+    keyboard = Keyboard()
+    screen = Screen()
+    waiting = client.WaitingLine(clock, screen.append, "h:1")
+    client.Menu(calculator, keyboard, screen.append, waiting).run()
+    screen.take()
+    keyboard.type("2")
+    clock.advance(1)
+    assert screen.take() == "\rwaiting for an answer from h:1... 1 s"
+    calculator.pending[0].callback(SIX)
+    out = screen.take()
+    wipe = "\r" + " " * len("waiting for an answer from h:1... 1 s") + "\r"
+    assert out.startswith(wipe + "Expression: max(2, 3) + 3")
+
+
+def test_console_reader_reads_lines_then_none(monkeypatch):
+    """`ConsoleReader` on piped input: one line per prompt, echoed after it
+    so the screen reads as a session; None at the end of input."""
+    import io
+    import queue
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("2\n"))
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    handed: queue.Queue = queue.Queue()
+    reactor = SimpleNamespace(callFromThread=lambda f, *a: handed.put((f, a)))
+    reader = client.ConsoleReader(reactor, echo=True)
+    got: list = []
+    for _ in range(2):
+        reader("choice> ").addCallback(got.append)
+        f, args = handed.get(timeout=5)
+        f(*args)
+    assert got == ["2", None]
+    assert out.getvalue() == "choice> 2\nchoice> "
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "argument --port: must be 1..65535, not 0"),
+        ("65536", "argument --port: must be 1..65535, not 65536"),
+        ("http", "argument --port: not a number: 'http'"),
+    ],
+)
+def test_parse_args_refuses_a_port_out_of_range(value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        client.parse_args(["--port", value, "1"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"calc-client: error: {message}\n")
+
+
+def test_parse_args_joins_the_words_of_an_expression():
+    assert client.parse_args(["sin", "(pi/2)"]).expression == "sin (pi/2)"
+    assert client.parse_args(["--port", "9998", "1", "+", "2"]).expression == "1 + 2"
+    assert client.parse_args(["max(2, 3) + 3"]).expression == "max(2, 3) + 3"
+
+
+def test_help_shows_every_default_and_what_the_calculator_knows(capsys):
+    with pytest.raises(SystemExit):
+        client.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in (
+        "(default: 127.0.0.1)",
+        "(default: 9999)",
+        "(default: True)",
+        "(default: 65535)",
+        "(default: 10.0)",
+    ):
+        assert default in text, default
+    from twisted_cacheproxy.expression import CONSTANTS, FUNCTIONS
+
+    for name in [*FUNCTIONS, *(c.lower() for c in CONSTANTS)]:
+        assert f" {name}," in text or f" {name} " in text, name
+
+
+def test_version_is_ours(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        client.parse_args(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"calc-client {version('twisted-cacheproxy')}\n"
 
 
 # --- run: the command's main, on a memory reactor ------------------------------------------
@@ -437,7 +720,10 @@ def test_run_one_shot_options(capsys):
     assert request[12:14] == b"\x80\x04"
     proto.dataReceived(serve(request))
     assert success_of(d) == 0
-    assert capsys.readouterr().out == "Expression: 7/2\nResult: 3.5  (cacheable for ever)\n"
+    assert capsys.readouterr().out == (
+        "Expression: 7/2\n"
+        "Result: 3.5  (computed by the server, not stored: asked with --no-cache)\n"
+    )
 
 
 def test_run_one_shot_error_answer_exits_1(capsys):
@@ -455,7 +741,7 @@ def test_run_connection_refused_exits_2(capsys):
     factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError("refused")))
     reactor.advance(0)
     assert success_of(d) == 2
-    assert capsys.readouterr().err.startswith("Error: cannot connect: ")
+    assert capsys.readouterr().err.startswith("Error: cannot connect to 127.0.0.1:9999: ")
 
 
 def test_run_connection_lost_before_the_answer_exits_2(capsys):
@@ -463,18 +749,20 @@ def test_run_connection_lost_before_the_answer_exits_2(capsys):
     proto, _ = connected(reactor, factory)
     proto.connectionLost(Failure(error.ConnectionDone()))
     assert success_of(d) == 2
-    assert capsys.readouterr().err == "Error: the connection was closed before the answer came\n"
+    assert capsys.readouterr().err == (
+        "Error: 127.0.0.1:9999 closed the connection before the answer came\n"
+    )
 
 
 def test_run_local_syntax_error_with_legacy_exits_2(capsys):
-    reactor, d, _, factory = start(["--legacy", "1 +"])
-    _, transport = connected(reactor, factory)
+    reactor = MemoryReactorClock()
+    d = client.run(reactor, ["--legacy", "1 +"])
     assert success_of(d) == 2
     assert capsys.readouterr().err == (
         "Error (local, SyntaxError): unexpected end of expression: expected a number, "
         "a name or '('\n"
     )
-    assert transport.value() == b""
+    assert reactor.tcpClients == []  # refused before connecting
 
 
 @pytest.mark.parametrize("argv", [["--max-age", "65536", "1"], ["--max-age", "-1", "1"]])
@@ -497,18 +785,11 @@ def test_parse_args_defaults():
     assert (args.max_age, args.legacy, args.timeout) == (65535, False, 10.0)
 
 
-def test_pending_request_fails_on_connection_loss():
-    connection = wire.FrameClient()
-    connection.makeConnection(StringTransport())
-    d = Calculator(connection, task.Clock(), Settings()).calculate("1")
-    connection.connectionLost(Failure(error.ConnectionLost()))
-    failure_of(d, error.ConnectionLost)
-
-
 def test_render_describes_integers_too_long_to_print():
     from twisted_cacheproxy.client import Answer, render
 
     answer = Answer(status=200, cache=True, max_age=65535, value=2**20000, steps=())
     assert render("2 ** 20000", answer).splitlines()[-1] == (
-        "Result: <an integer of 20001 bits, too long to print>  (cacheable for ever)"
+        "Result: <an integer of 20001 bits, too long to print>  "
+        "(computed by the server, cacheable for ever)"
     )

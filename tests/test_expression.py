@@ -82,8 +82,8 @@ def test_parse_trees(text, tree):
         ("7.5 % 2", 1.5),
         ("max(1, 2.0)", 2.0),
         ("max(2, 2.0)", 2),
-        ("min(3)", 3),
-        ("max(4)", 4),
+        ("min(3, 4)", 3),
+        ("max(4, -4.5)", 4),
         ("pow(2, 10)", 1024),
         ("pow(2, -1, 5)", 3),
         ("pow(2, 10, 1000)", 24),
@@ -246,6 +246,11 @@ def test_nesting_beyond_max_depth_is_a_calculation_error(text):
             "TypeError",
         ),
         ("pow(2, 3, 0)", "pow() 3rd argument cannot be 0", "ValueError"),
+        # One argument: the builtins iterate over it, as on the course server.
+        ("max(5)", "'int' object is not iterable", "TypeError"),
+        ("min(2.5)", "'float' object is not iterable", "TypeError"),
+        ("max(1 + 2) + 1", "'int' object is not iterable", "TypeError"),
+        ("min(-(2))", "'int' object is not iterable", "TypeError"),
     ],
 )
 def test_evaluation_errors_carry_python_messages(text, message, kind):

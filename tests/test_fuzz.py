@@ -192,7 +192,7 @@ def header_bytes() -> st.SearchStrategy[bytes]:
         lengths,
         st.integers(0, 2**16 - 1),
         st.integers(0, 2**16 - 1),
-        st.integers(0, 2**16 - 1),
+        st.integers(0, 2**16 - 1),  # the extension word
     )
 
 

@@ -218,7 +218,7 @@ def test_calc_client_result(cacheserver):
         "Expression: max(2, 3) + 3\n"
         "          = 3 + 3\n"
         "          = 6\n"
-        "Result: 6  (cacheable for ever)\n"
+        "Result: 6  (computed by the server, cacheable for ever)\n"
     )
 
 
@@ -235,7 +235,8 @@ def test_calc_client_legacy_without_steps(cacheserver):
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == (
-        f"Expression: {VECTORS[0]['text']}\nResult: -0.38748277824137206  (cacheable for ever)\n"
+        f"Expression: {VECTORS[0]['text']}\n"
+        "Result: -0.38748277824137206  (computed by the server, cacheable for ever)\n"
     )
 
 
@@ -246,7 +247,9 @@ def test_calc_client_legacy_rand(cacheserver):
     assert (proc.returncode, proc.stderr) == (0, "")
     first, second, end = proc.stdout.split("\n")
     assert (first, end) == ("Expression: rand(5, 6)", "")
-    value = float(second.removeprefix("Result: ").removesuffix("  (not cacheable)"))
+    value = float(
+        second.removeprefix("Result: ").removesuffix("  (computed by the server, not cacheable)")
+    )
     assert 5 <= value <= 6
 
 
@@ -257,21 +260,50 @@ def test_calc_client_error_answer_exits_1(cacheserver):
 
 
 def test_calc_client_nothing_listening_exits_2():
-    proc = run([script("calc-client"), "--port", str(free_port()), "1 + 1"])
+    port = free_port()
+    proc = run([script("calc-client"), "--port", str(port), "1 + 1"])
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr.startswith("Error: cannot connect: ")
+    assert proc.stderr.startswith(f"Error: cannot connect to 127.0.0.1:{port}: ")
     assert proc.stderr.count("\n") == 1
 
 
+def test_calc_client_menu_nothing_listening_exits_2():
+    port = free_port()
+    proc = run([script("calc-client"), "--port", str(port)], input="2\n")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith(f"Error: cannot connect to 127.0.0.1:{port}: ")
+
+
+def test_calc_client_words_are_one_expression(cacheserver):
+    proc = run([script("calc-client"), "--port", str(cacheserver), "--no-steps", "sin", "(pi/2)"])
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == (
+        "Expression: sin (pi/2)\nResult: 1.0  (computed by the server, cacheable for ever)\n"
+    )
+
+
+def test_calc_client_port_out_of_range_is_a_usage_error():
+    proc = run([script("calc-client"), "--port", "70000", "1"])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.endswith(
+        "calc-client: error: argument --port: must be 1..65535, not 70000\n"
+    )
+
+
 def test_calc_client_menu_with_piped_input(cacheserver):
-    proc = run([script("calc-client"), "--port", str(cacheserver)], input="2\n9\n7\n1/0\nq\n")
+    session = "2\n9\n7\n1/0\nm\n\nq\n"
+    proc = run([script("calc-client"), "--port", str(cacheserver)], input=session)
     assert (proc.returncode, proc.stderr) == (0, "")
     out = proc.stdout
     assert out.startswith(f"Connected to 127.0.0.1:{cacheserver}.\n")
-    assert out.count("choice> ") == 4  # start, after the answer, the re-prompt, after the error
-    assert "Expression: max(2, 3) + 3\n          = 3 + 3\n          = 6\nResult: 6" in out
-    assert "Please answer 1-7 or q.\n" in out
-    assert "Error 400 (ZeroDivisionError): division by zero\n" in out
+    assert out.count("Choose an expression") == 2  # at start and for "m", not after answers
+    # Piped lines are echoed after their prompt; "9" is not a menu entry: an expression.
+    assert (
+        "choice> 2\nExpression: max(2, 3) + 3\n          = 3 + 3\n          = 6\nResult: 6" in out
+    )
+    assert "choice> 9\nExpression: 9\nResult: 9  (computed by the server" in out
+    assert "choice> 7\nexpression> 1/0\nError 400 (ZeroDivisionError): division by zero\n" in out
+    assert out.endswith("choice> \nchoice> q\n")
 
 
 def test_calc_client_menu_end_of_input_quits(cacheserver):
@@ -304,21 +336,166 @@ def test_twistd_cacheserver_help_lists_the_options():
         assert option in proc.stdout, option
 
 
-def test_twistd_cacheserver_refuses_a_bad_port(tmp_path):
-    proc = run([script("twistd"), "-n", "--pidfile=", "cacheserver", "--port", "0"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "--port must be 1..65535, not 0" in proc.stdout + proc.stderr
+@pytest.mark.parametrize(
+    ("plugin", "argv", "message"),
+    [
+        ("cacheserver", ["--port", "0"], "--port must be 1..65535, not 0"),
+        ("cacheserver", ["--port", "abc"], "--port: not a number: 'abc'"),
+        ("cacheserver", ["--idle-timeout", "soon"], "--idle-timeout: not a number: 'soon'"),
+        ("cacheproxy", ["--cache-size", "12Q"], "--cache-size: not a size: '12Q'"),
+        ("cacheproxy", ["--bogus"], "option --bogus not recognized"),
+    ],
+)
+def test_twistd_bad_option_says_the_error_first(tmp_path, plugin, argv, message):
+    proc = run([script("twistd"), "-n", "--pidfile=", plugin, *argv], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    first, second = proc.stderr.splitlines()
+    assert first.startswith(f"{plugin}: {message}")
+    assert second == f"Run 'twistd {plugin} --help' for the options."
 
 
 @pytest.mark.parametrize("plugin", ["cacheserver", "cacheproxy"])
-def test_twistd_stops_when_its_port_is_taken(tmp_path, plugin):
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_twistd_taken_port_is_one_line_and_exit_1(tmp_path, plugin, daemon):
+    mode = ["--pidfile", "t.pid", "--logfile", "t.log"] if daemon else ["-n", "--pidfile="]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        proc = run([script("twistd"), "-n", "--pidfile=", plugin, "--port", port], cwd=tmp_path)
-    assert proc.returncode == 1
-    assert f"Couldn't listen on 127.0.0.1:{port}" in proc.stdout + proc.stderr
+        proc = run([script("twistd"), *mode, plugin, "--port", port], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"{plugin}: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert not (tmp_path / "t.pid").exists()
+
+
+def test_twistd_missing_interface_is_one_line(tmp_path):
+    argv = ["-n", "--pidfile=", "cacheproxy", "--interface", "192.0.2.1", "--port", "9"]
+    proc = run([script("twistd"), *argv], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (
+        proc.stderr == "cacheproxy: cannot listen on 192.0.2.1:9: cannot assign requested address\n"
+    )
+
+
+def test_listening_failure_after_the_check_is_one_line(monkeypatch):
+    """A port taken between the check and the listening itself still ends
+    twistd with the one line, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = options("--port", str(taken.getsockname()[1]))
+        service = tap.makeServerService(config)
+        with pytest.raises(SystemExit) as info:
+            service.privilegedStartService()
+    assert str(info.value) == (
+        f"cacheserver: cannot listen on 127.0.0.1:{config['port']}: address already in use"
+    )
+
+
+@pytest.mark.parametrize("plugin", ["cacheserver", "cacheproxy"])
+def test_twistd_plugin_version_is_ours(plugin):
+    from importlib.metadata import version
+
+    proc = run([script("twistd"), plugin, "--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{plugin} (twisted-cacheproxy) {version('twisted-cacheproxy')},")
+
+
+def test_package_version_is_the_distributions():
+    from importlib.metadata import version
+
+    import twisted_cacheproxy
+
+    assert twisted_cacheproxy.__version__ == version("twisted-cacheproxy")
+    assert "version = " + twisted_cacheproxy.__version__ in (ROOT / "setup.cfg").read_text()
+
+
+def test_twistd_help_says_where_the_plugins_listen():
+    proc = run([script("twistd"), "--help"])
+    commands = " ".join(proc.stdout.split("Commands:")[1].split())
+    assert "cacheserver A calculator server for the course protocol (default: 127.0.0.1:9999)." in (
+        commands
+    )
+    assert (
+        "cacheproxy A caching proxy for the calculator protocol "
+        "(default: 127.0.0.1:9998, in front of 127.0.0.1:9999)."
+    ) in commands
+
+
+def test_startup_log_is_one_line_with_the_settings(tmp_path):
+    """No "<Factory> starting on <port>" nor "Starting factory <... at 0x...>":
+    one line with the address, the upstream, the cache and the limits."""
+    port = free_port()
+    log = tmp_path / "proxy.log"
+    argv = ["-n", "--pidfile=", f"--logfile={log}", "cacheproxy", "--port", str(port)]
+    proc = subprocess.Popen([script("twistd"), *argv, "--cache-size", "16M"], env=environment())
+    try:
+        deadline = time.monotonic() + WAIT
+        while "listening on" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=WAIT)
+    text = log.read_text()
+    assert "starting on" not in text and "Starting factory" not in text
+    lines = [line for line in text.splitlines() if "[cacheproxy#info]" in line]
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        f"[cacheproxy#info] listening on 127.0.0.1:{port}, in front of the server at "
+        "127.0.0.1:9999 (32 connections, no pipelining, 5 attempts, timeout 10 s); "
+        "cache 16M, stale-if-error off; "
+        "messages up to 8192 bytes, idle timeout 60 s, at most 10000 connections"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            [],
+            "answers cacheable for ever; messages up to 8192 bytes, idle timeout 60 s, "
+            "at most 10000 connections",
+        ),
+        (
+            ["--max-age", "60", "--idle-timeout", "0", "--max-connections", "5"],
+            "answers cacheable for 60 s; messages up to 8192 bytes, idle timeout off, "
+            "at most 5 connections",
+        ),
+        (
+            ["--no-cache"],
+            "answers not cacheable; messages up to 8192 bytes, idle timeout 60 s, "
+            "at most 10000 connections",
+        ),
+    ],
+)
+def test_server_settings_line(argv, line):
+    assert tap.server_settings(options(*argv)) == line
+
+
+def test_proxy_settings_line():
+    config = tap.ProxyOptions()
+    config.parseOptions(
+        [
+            "--server-host",
+            "::1",
+            "--server-port",
+            "7000",
+            "--cache-size",
+            "1000",
+            "--stale-if-error",
+            "30",
+            "--upstream-pipeline",
+            "8",
+            "--retries",
+            "2",
+        ]
+    )
+    assert tap.proxy_settings(config) == (
+        "in front of the server at [::1]:7000 (32 connections, pipelining 8 deep, 2 attempts, "
+        "timeout 10 s); cache 1000 bytes, stale-if-error 30 s; "
+        "messages up to 8192 bytes, idle timeout 60 s, at most 10000 connections"
+    )
 
 
 # --- the options, in process -------------------------------------------------------------------
@@ -360,7 +537,7 @@ def test_server_options_build_the_service():
         "--backlog",
         "2048",
     )
-    service = tap.server.makeService(config)
+    service = tap.makeServerService(config)
     factory = service.factory
     assert (service.endpoint.port, service.endpoint.interface) == (4567, "0.0.0.0")
     assert service.endpoint.backlog == 2048
@@ -380,6 +557,8 @@ def test_server_options_build_the_service():
         (["--backlog", "0"], "--backlog must be at least 1"),
         (["--max-age", "65536"], "--max-age must be 0..65535"),
         (["--max-age", "-1"], "--max-age must be 0..65535"),
+        (["--port", "abc"], "--port: not a number: 'abc'"),
+        (["--idle-timeout", "x"], "--idle-timeout: not a number: 'x'"),
     ],
 )
 def test_server_options_refuse_bad_values(argv, message):
@@ -418,3 +597,70 @@ def test_proxy_options_pipelining_is_off_by_default_and_reaches_the_pool():
         config.parseOptions(argv)
         factory = makeProxyService(config).factory
         assert factory.pool.pipeline == depth
+
+
+# --- the README's commands, as written --------------------------------------------------------
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """The README's example command lines that start with ``prefix``."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    found = []
+    for line in lines:
+        command = line.strip().removeprefix("$ ").split("  #")[0].strip()
+        if line.startswith("    ") and command.startswith(prefix + " "):
+            found.append(command)
+    return found
+
+
+def test_readme_twistd_examples_never_share_a_pid_file():
+    """Two twistd started from one directory must not both write twistd.pid."""
+    commands = readme_commands("twistd")
+    assert len(commands) >= 6
+    pidfiles = [c.split("--pidfile")[1].split()[0].lstrip("=") for c in commands]
+    assert all("--pidfile" in c for c in commands)
+    daemon_files = [f for f in pidfiles if f]
+    assert len(set(daemon_files)) == 2  # server.pid and proxy.pid
+
+
+def test_readme_daemon_commands_work_one_after_another(tmp_path):
+    """The README's daemon example, from one directory, on ports of our own."""
+    server_port, proxy_port = free_port(), free_port()
+    daemons = list(dict.fromkeys(c for c in readme_commands("twistd") if "-n" not in c.split()))
+    assert [c.split()[-1] for c in daemons] == ["cacheserver", "cacheproxy"]
+    extra = {
+        "cacheserver": ["--port", str(server_port)],
+        "cacheproxy": ["--port", str(proxy_port), "--server-port", str(server_port)],
+    }
+    started = []
+    try:
+        for command in daemons:
+            argv = command.split()
+            proc = run([script("twistd"), *argv[1:], *extra[argv[-1]]], cwd=tmp_path)
+            assert (proc.returncode, proc.stderr) == (0, ""), proc.stdout
+            started.append(argv[argv.index("--pidfile") + 1])
+        answer = run([script("calc-client"), "--port", str(proxy_port), "--no-steps", "6 * 7"])
+        assert answer.stdout.startswith("Expression: 6 * 7\nResult: 42  (")
+    finally:
+        for name in started:
+            pidfile = tmp_path / name
+            if pidfile.exists():
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    deadline = time.monotonic() + WAIT
+    while any((tmp_path / name).exists() for name in started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any((tmp_path / name).exists() for name in started)  # removed on the way out
+
+
+def test_license_and_changelog_match_the_release():
+    from importlib.metadata import version
+
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n")
+    assert "Copyright (c) the twisted-cacheproxy developers" in license_text
+    assert "license = MIT" in (ROOT / "setup.cfg").read_text()
+    changelog = (ROOT / "CHANGELOG.md").read_text().splitlines()
+    assert f"## {version('twisted-cacheproxy')}" in changelog
+    assert next(line for line in changelog if line.startswith("## ")) == (
+        f"## {version('twisted-cacheproxy')}"
+    )

@@ -541,3 +541,83 @@ def test_twistd_cacheproxy_help_lists_every_option(tmp_path):
         "--max-connections",
     ):
         assert f"{option}=" in out.stdout, option
+
+
+# --- what calc-client and a course client see of the proxy's marks (PROTOCOL.md 6) --------------
+
+
+def calc_client(port: int, *args: str) -> subprocess.CompletedProcess:
+    command = [str(pathlib.Path(sys.executable).with_name("calc-client")), "--port", str(port)]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def test_calc_client_tells_a_hit_from_a_miss_through_the_proxy(calc_server, twistd):
+    proxy = start_proxy(twistd, calc_server.port)
+    first = calc_client(proxy.port, "--no-steps", "max(2, 3) + 3")
+    second = calc_client(proxy.port, "--no-steps", "max(2, 3) + 3")
+    unstored = calc_client(proxy.port, "--no-steps", "--no-cache", "max(2, 3) + 3")
+    assert (
+        first.stdout.splitlines()[-1] == "Result: 6  (computed by the server, cacheable for ever)"
+    )
+    assert (
+        second.stdout.splitlines()[-1] == "Result: 6  (from the proxy's cache, cacheable for ever)"
+    )
+    assert unstored.stdout.splitlines()[-1] == (
+        "Result: 6  (computed by the server, not stored: asked with --no-cache)"
+    )
+
+
+def test_calc_client_tells_a_stale_answer_through_the_proxy(twistd):
+    server_port = free_port()
+    server = twistd("cacheserver", "--port", str(server_port), "--max-age", "1", port=server_port)
+    proxy = start_proxy(twistd, server_port, "--stale-if-error", "60", "--retries", "1")
+    fresh = calc_client(proxy.port, "--no-steps", "6 * 7")
+    assert (
+        fresh.stdout.splitlines()[-1] == "Result: 42  (computed by the server, cacheable for 1 s)"
+    )
+    server.stop()
+    time.sleep(1.2)  # past the answer's lifetime
+    stale = calc_client(proxy.port, "--no-steps", "6 * 7")
+    assert stale.stdout.splitlines()[-1] == (
+        "Result: 42  (from the proxy's cache, stale: served past its lifetime "
+        "because the server is unreachable)"
+    )
+
+
+def course_client_ask(port: int, data: bytes) -> object:
+    """One request the way the course client makes it: one ``send``, a
+    header read as ``!LHHHxx`` (the extension word skipped), the data
+    handed to ``pickle.loads``."""
+    import pickle
+    import struct
+
+    frame = struct.pack("!LHHHxx", int(time.time()), 12 + len(data), 0x1C00, 65535) + data
+    with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
+        sock.sendall(frame)
+        received = b""
+        while len(received) < 12 or len(received) < struct.unpack_from("!LH", received)[1]:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the whole answer came"
+            received += chunk
+    _, length, flags, _ = struct.unpack("!LHHHxx", received[:12])
+    assert flags & 0x3FF in (200, 400)
+    return pickle.loads(received[12:length])
+
+
+def test_a_course_client_reads_hits_and_misses_as_before(calc_server, twistd, course):
+    """Whatever the proxy marks in the extension word, the course client's
+    unpickled answers are the same for a miss, a hit and a cached error."""
+    from twisted_cacheproxy.parser import parse
+
+    proxy = start_proxy(twistd, calc_server.port)
+    a = VECTORS[1]
+    data = course.dumps(parse(a["text"]))
+    direct = course_client_ask(calc_server.port, data)
+    miss = course_client_ask(proxy.port, data)
+    hit = course_client_ask(proxy.port, data)
+    assert direct == miss == hit == (6, a["steps"])
+    error = course.dumps(parse("1 / 0"))
+    answers = [course_client_ask(proxy.port, error) for _ in range(2)]
+    assert [(type(e), e.args) for e in answers] == [(ZeroDivisionError, ("division by zero",))] * 2

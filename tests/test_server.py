@@ -194,6 +194,8 @@ MATH_ERRORS = [
     ("2 ** 20000", "integer result too large (over 14000 bits)", "OverflowError"),
     ("1 +", "unexpected end of expression: expected a number, a name or '('", "SyntaxError"),
     ("sin(1, 2)", "sin() takes 1 argument (2 given)", "TypeError"),
+    ("max(5)", "'int' object is not iterable", "TypeError"),
+    ("min(2.5)", "'float' object is not iterable", "TypeError"),
     ("foo(1)", "unknown function 'foo' at position 0", "SyntaxError"),
 ]
 
@@ -218,6 +220,8 @@ def test_calculation_errors_are_400_with_the_message(conn, text, message, kind, 
             ValueError("result is not a real number: (1.7319121124709868e-16+2.8284271247461903j)"),
         ),
         ("2 ** 20000", OverflowError("integer result too large (over 14000 bits)")),
+        ("max(5)", TypeError("'int' object is not iterable")),
+        ("min(2.5)", TypeError("'float' object is not iterable")),
     ],
 )
 def test_legacy_calculation_errors_are_pickled_builtin_exceptions(conn, course, text, exc):

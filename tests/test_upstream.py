@@ -816,3 +816,20 @@ def test_a_server_always_out_of_step_gets_a_500_after_the_attempts():
         "calculator server 127.0.0.1:9999 answered out of step: "
         "answer tagged 4000 for the request tagged 1"
     )
+
+
+def test_a_request_sent_again_after_an_out_of_step_answer_goes_on_a_new_connection():
+    """An idle connection may still have a stray answer on its way."""
+    p = Pool()
+    c1 = framed(p)
+    ra, rb = p.fetch(request(b"a")), p.fetch(request(b"b"))
+    c2 = p.accept()
+    c2.reply(answer(0))
+    assert rb.value[1] == answer(0)[12:]  # c2 is idle now
+    c1.take()
+    c1.tags[:] = [4000]
+    c1.reply(answer(1))
+    c1.close(error.ConnectionAborted)
+    assert p.attempts == 3 and c2.take() == request(b"b")
+    p.accept().reply(answer(1))
+    assert ra.value[1] == answer(1)[12:]

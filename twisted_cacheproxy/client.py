@@ -1,24 +1,29 @@
 """``calc-client``: the calculator client, one-shot or with the exercise's menu.
 
-All of it runs on the reactor: the wire code is `wire.FrameClient`, the menu
-is a `LineReceiver` on standard input, and every choice travels over one
-persistent connection until the user quits.
+The network runs on the reactor: the wire code is `wire.FrameClient`, and
+`Calculator` keeps one connection, opened again when the far end has closed
+it. The menu reads each line with the standard library's ``input`` in a
+thread of its own (`ConsoleReader`), so that ``readline`` gives line editing
+and history on a terminal while the reactor keeps running; piped input is
+read the same way, one line per prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections import deque
+import textwrap
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet import defer, error, protocol, stdio, task
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.protocols.basic import LineReceiver
-from zope.interface import implementer
+from twisted.internet import defer, error, protocol, task
+from twisted.python.failure import Failure
 
-from . import codec, wire
-from .expression import CalculationError, Real
+from . import __version__, codec, wire
+from .expression import BINARY, CONSTANTS, FUNCTIONS, CalculationError, Real
 from .parser import parse
 
 #: The exercise's six standard example expressions.
@@ -31,10 +36,13 @@ EXAMPLES = (
     "max(2, 3 * 4, log(e), 6 * 7, 9 / 8)",
 )
 
+#: Seconds without an answer before `WaitingLine` shows itself.
+WAIT_NOTICE = 1.0
+
 
 @dataclass(frozen=True)
 class Answer:
-    """One answer as the user sees it."""
+    """One answer as the user sees it: its header's marks and its payload."""
 
     status: int
     cache: bool
@@ -42,6 +50,12 @@ class Answer:
     value: Real | None = None
     steps: tuple[str, ...] = ()
     error: codec.RemoteError | None = None
+    #: The ``H`` bit: a cache served it from its store (PROTOCOL.md 6).
+    from_cache: bool = False
+    #: The ``G`` bit: served past its lifetime while the server was unreachable.
+    grace: bool = False
+    #: The request was sent with C=0 (``--no-cache``): nobody stored the answer.
+    no_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,13 +68,60 @@ class Settings:
     legacy: bool = False
 
 
-class Calculator:
-    """Sends expressions over one connection and reads their answers."""
+def where(host: str, port: int) -> str:
+    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def __init__(self, connection: wire.FrameClient, clock, settings: Settings) -> None:
-        self.connection = connection
-        self.clock = clock
+
+class Calculator:
+    """Sends expressions to one server or proxy and reads their answers.
+
+    It keeps one connection, opened when first needed. When the far end has
+    closed it (an idle timeout, a restart), the next request opens a new one
+    and `notify` says so. A request lost with a connection opened before it
+    (closed by the far end just as it was sent) is sent once more on a new
+    connection: a calculation has no side effects, so sending it again is
+    safe.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        host: str,
+        port: int,
+        settings: Settings,
+        *,
+        timeout: float = 10.0,
+        connection: wire.FrameClient | None = None,
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
         self.settings = settings
+        self.timeout = timeout
+        self.connection = connection
+        self.notify = notify or (lambda text: None)
+
+    @property
+    def where(self) -> str:
+        return where(self.host, self.port)
+
+    def open(self) -> defer.Deferred:
+        """Connect now; the Deferred fires with the new `wire.FrameClient`."""
+        creator = protocol.ClientCreator(self.reactor, wire.FrameClient)
+        d = creator.connectTCP(self.host, self.port, timeout=self.timeout)
+
+        def connected(connection: wire.FrameClient) -> wire.FrameClient:
+            self.connection = connection
+            return connection
+
+        return d.addCallback(connected)
+
+    def close(self) -> None:
+        """Close the connection, if one is open."""
+        if self.connection is not None and self.connection.connected:
+            self.connection.transport.loseConnection()
 
     def request_data(self, text: str) -> bytes:
         """Request data for ``text``: the text itself, or the course client's
@@ -69,19 +130,50 @@ class Calculator:
             return codec.encode_request(parse(text), codec.LEGACY)
         return text.encode()
 
-    def calculate(self, text: str) -> defer.Deferred:
+    @defer.inlineCallbacks
+    def calculate(self, text: str):
         """Send ``text``; the Deferred fires with an `Answer`."""
+        data = self.request_data(text)
+        connection, fresh = yield self._usable()
+        try:
+            message = yield self._send(connection, data)
+        except (error.ConnectionDone, error.ConnectionLost):
+            if fresh:
+                raise
+            # Closed by the far end just as we sent: once more, on a new one.
+            connection, _ = yield self._usable()
+            message = yield self._send(connection, data)
+        return _answer(message, no_cache=not self.settings.cache)
+
+    @defer.inlineCallbacks
+    def _usable(self):
+        """The open connection and False, or a new one and True if there is
+        none yet or the far end closed the last one (which `notify` tells)."""
+        closed = self.connection
+        if closed is not None and closed.usable:
+            return closed, False
+        connection = yield self.open()
+        if closed is not None:
+            self.notify(f"(connection closed by {self.where}; reconnected)\n")
+        return connection, True
+
+    def _send(self, connection: wire.FrameClient, data: bytes) -> defer.Deferred:
         s = self.settings
         flags = wire.make_flags(request=True, cache=s.cache, steps=s.steps)
-        frame = wire.encode(
-            int(self.clock.seconds()), flags, s.max_age if s.cache else 0, self.request_data(text)
-        )
-        return self.connection.sendRequest(frame).addCallback(_answer)
+        frame = wire.encode(int(self.reactor.seconds()), flags, s.max_age if s.cache else 0, data)
+        return connection.sendRequest(frame)
 
 
-def _answer(message: tuple[wire.Header, bytes]) -> Answer:
+def _answer(message: tuple[wire.Header, bytes], no_cache: bool = False) -> Answer:
     header, data = message
-    kwargs = {"status": header.status, "cache": header.cache, "max_age": header.max_age}
+    kwargs = {
+        "status": header.status,
+        "cache": header.cache,
+        "max_age": header.max_age,
+        "from_cache": header.from_cache,
+        "grace": header.grace,
+        "no_cache": no_cache,
+    }
     try:
         value, steps = codec.decode_response(data)
     except codec.RemoteError as e:
@@ -100,6 +192,27 @@ def show(value: object) -> str:
         return f"<an integer of {value.bit_length()} bits, too long to print>"  # type: ignore[attr-defined]
 
 
+def origin(answer: Answer) -> str:
+    """Where an answer came from and how long it may be kept, in words. A
+    course server (or ours) never sets ``H``: without it, the server computed
+    the answer for this request."""
+    if answer.grace:
+        return (
+            "from the proxy's cache, stale: served past its lifetime "
+            "because the server is unreachable"
+        )
+    source = "from the proxy's cache" if answer.from_cache else "computed by the server"
+    if answer.no_cache:
+        keep = "not stored: asked with --no-cache"
+    elif answer.cache and answer.max_age:
+        keep = "cacheable for " + (
+            "ever" if answer.max_age == wire.FOREVER else f"{answer.max_age} s"
+        )
+    else:
+        keep = "not cacheable"
+    return f"{source}, {keep}"
+
+
 def render(text: str, answer: Answer) -> str:
     """The answer as printed: steps aligned under the expression, or one
     line for an error."""
@@ -109,129 +222,223 @@ def render(text: str, answer: Answer) -> str:
     label = "Expression: "
     lines = [f"{label}{text}"]
     lines += [f"{' ' * (len(label) - 2)}= {step}" for step in answer.steps[1:]]
-    cached = (
-        f"cacheable for {'ever' if answer.max_age == wire.FOREVER else f'{answer.max_age} s'}"
-        if answer.cache and answer.max_age
-        else "not cacheable"
-    )
-    lines.append(f"Result: {show(answer.value)}  ({cached})")
+    lines.append(f"Result: {show(answer.value)}  ({origin(answer)})")
     return "\n".join(lines) + "\n"
 
 
-def describe_failure(e: BaseException) -> str:
-    """A one-line message for a failed connection or request."""
+def describe_failure(e: BaseException, peer: str = "the server") -> str:
+    """A one-line message for a failed connection or request to ``peer``
+    (``host:port``)."""
     if isinstance(e, CalculationError):
         return f"Error (local, {e.kind}): {e}\n"
     if isinstance(e, error.ConnectError):
-        return f"Error: cannot connect: {e}\n"
+        return f"Error: cannot connect to {peer}: {str(e).rstrip('.')}\n"
     if isinstance(e, error.ConnectionDone | error.ConnectionLost):
-        return "Error: the connection was closed before the answer came\n"
+        return f"Error: {peer} closed the connection before the answer came\n"
     return f"Error: {e}\n"
 
 
-@implementer(IHalfCloseableProtocol)
-class Menu(LineReceiver):
-    """The interactive menu on standard input. Lines typed (or piped) while
-    an answer is awaited wait their turn; the end of input quits once every
-    answer has been shown."""
+class WaitingLine:
+    """After `WAIT_NOTICE` seconds without an answer, one line saying how
+    long the client has waited, rewritten in place (``\\r``) every second
+    and wiped when the answer comes. Meant for a terminal only."""
 
-    delimiter = b"\n"
+    def __init__(self, clock, write: Callable[[str], None], peer: str) -> None:
+        self.clock = clock
+        self.write = write
+        self.peer = peer
 
-    def __init__(self, calculator: Calculator, done: defer.Deferred) -> None:
+    def watch(self, d: defer.Deferred) -> defer.Deferred:
+        """Show the line while ``d`` has not fired; ``d``'s result passes on."""
+        started = self.clock.seconds()
+        shown = [0]
+
+        def tick() -> None:
+            elapsed = self.clock.seconds() - started
+            text = f"\rwaiting for an answer from {self.peer}... {elapsed:.0f} s"
+            self.write(text)
+            shown[0] = len(text) - 1
+            call[0] = self.clock.callLater(1.0, tick)
+
+        call = [self.clock.callLater(WAIT_NOTICE, tick)]
+
+        def done(result):
+            if call[0].active():
+                call[0].cancel()
+            if shown[0]:
+                self.write("\r" + " " * shown[0] + "\r")
+            return result
+
+        return d.addBoth(done)
+
+
+MENU_HELP = ("m", "?", "help", "menu")
+MENU_QUIT = ("q", "quit", "exit")
+
+
+def menu_text() -> str:
+    """The menu, printed at start and again on request."""
+    lines = ["", "Choose an expression to calculate, or type one:"]
+    lines += [f"  {i}) {text}" for i, text in enumerate(EXAMPLES, 1)]
+    lines += [
+        f"  {len(EXAMPLES) + 1}) type your own",
+        "  m) show this menu again",
+        "  q) quit (or Ctrl-D)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class Menu:
+    """The interactive menu. ``read(prompt)`` gives the next line typed (a
+    Deferred firing with the line, or None at the end of input / Ctrl-D);
+    ``write`` shows text. One request at a time: the next prompt comes
+    after the answer."""
+
+    def __init__(
+        self,
+        calculator: Calculator,
+        read: Callable[[str], defer.Deferred],
+        write: Callable[[str], None],
+        waiting: WaitingLine | None = None,
+    ) -> None:
         self.calculator = calculator
-        self.done = done
-        self.lines: deque[str] = deque()
-        self.typing = False
-        self.busy = False
-        self.eof = False
-        self.closing = False
+        self.read = read
+        self.write = write
+        self.waiting = waiting
 
-    def connectionMade(self) -> None:
-        self.showMenu()
-
-    def say(self, text: str) -> None:
-        self.transport.write(text.encode())
-
-    def showMenu(self) -> None:
-        lines = ["", "Choose an expression to calculate:"]
-        lines += [f"  {i}) {text}" for i, text in enumerate(EXAMPLES, 1)]
-        lines += [f"  {len(EXAMPLES) + 1}) type your own", "  q) quit", "choice> "]
-        self.say("\n".join(lines))
-
-    def lineReceived(self, line: bytes) -> None:
-        self.lines.append(line.decode(errors="replace").strip())
-        self.next()
-
-    def readConnectionLost(self) -> None:
-        self.eof = True
-        self.next()
-
-    def writeConnectionLost(self) -> None:
-        self.quit()
-
-    def next(self) -> None:
-        """Handle waiting lines until one needs an answer from the server."""
-        while self.lines and not self.busy and not self.closing:
-            self.handle(self.lines.popleft())
-        if self.eof and not self.busy:
-            self.quit()
-
-    def handle(self, text: str) -> None:
-        if self.typing:
-            self.typing = False
+    @defer.inlineCallbacks
+    def run(self):
+        """Show the menu and answer choices until the user quits."""
+        self.write(menu_text())
+        while True:
+            line = yield self.read("choice> ")
+            if line is None:  # end of input, or Ctrl-D at the menu
+                self.write("\n")
+                return
+            choice = line.strip()
+            if choice.lower() in MENU_QUIT:
+                return
+            text = yield self.choose(choice)
             if text:
-                self.send(text)
-            else:
-                self.showMenu()
-        elif text.lower() in ("q", "quit", "exit"):
-            self.quit()
-        elif text.isdigit() and 1 <= int(text) <= len(EXAMPLES):
-            self.send(EXAMPLES[int(text) - 1])
-        elif text == str(len(EXAMPLES) + 1):
-            self.typing = True
-            self.say("expression> ")
-        else:
-            self.say(f"Please answer 1-{len(EXAMPLES) + 1} or q.\nchoice> ")
+                yield self.send(text)
 
-    def send(self, text: str) -> None:
-        self.busy = True
-        self.say("\n")
+    @defer.inlineCallbacks
+    def choose(self, choice: str):
+        """The expression a menu answer asks for (None: nothing to send)."""
+        if not choice:
+            return None
+        if choice.lower() in MENU_HELP:
+            self.write(menu_text())
+            return None
+        if choice.isdigit() and 1 <= int(choice) <= len(EXAMPLES):
+            return EXAMPLES[int(choice) - 1]
+        if choice == str(len(EXAMPLES) + 1):
+            text = yield self.read("expression> ")
+            if text is None:  # Ctrl-D: back to the menu prompt
+                self.write("\n")
+                return None
+            return text.strip() or None
+        return choice  # anything else is an expression to calculate
+
+    def send(self, text: str) -> defer.Deferred:
+        """Calculate ``text`` and show its answer, or one line saying why
+        there is none; the menu goes on either way."""
         d = defer.maybeDeferred(self.calculator.calculate, text)
-        d.addCallbacks(lambda answer: self.say(render(text, answer)), self.failed)
-        d.addBoth(self.ready)
+        if self.waiting is not None:
+            d = self.waiting.watch(d)
+        d.addCallback(lambda answer: self.write(render(text, answer) + "\n"))
+        d.addErrback(lambda f: self.write(describe_failure(f.value, self.calculator.where) + "\n"))
+        return d
 
-    def failed(self, reason) -> None:
-        self.say(describe_failure(reason.value))
-        if not self.calculator.connection.connected:
-            self.quit()
 
-    def ready(self, _) -> None:
-        self.busy = False
-        if not self.closing:
-            self.showMenu()
-        self.next()
+class ConsoleReader:
+    """Reads one line per prompt with ``input``, in a daemon thread, and
+    hands it to the reactor. On a terminal, ``input`` is the standard
+    library's ``readline`` (line editing, arrow-key history) when it is
+    there. Ctrl-D (end of input) reads as None. Piped input is echoed after
+    its prompt, so the screen reads like a session."""
 
-    def quit(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.say("\n")
-            self.transport.loseConnection()
+    def __init__(self, reactor, echo: bool = False) -> None:
+        self.reactor = reactor
+        self.echo = echo
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self.closing = True
-        if not self.done.called:
-            self.done.callback(None)
+    def __call__(self, prompt: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+
+        def read() -> None:
+            # Ctrl-C must reach the reactor's thread, which handles it; a
+            # signal taken by this thread would leave the reactor asleep.
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                line = input(prompt)
+            except EOFError:
+                line = None
+            except Exception:
+                self.reactor.callFromThread(d.errback, Failure())
+                return
+            else:
+                if self.echo:
+                    print(line, flush=True)
+            self.reactor.callFromThread(d.callback, line)
+
+        threading.Thread(target=read, name="calc-client input", daemon=True).start()
+        return d
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"must be 1..65535, not {port}")
+    return port
+
+
+def calculator_help() -> str:
+    """What the calculator knows, from the evaluator's own tables."""
+    functions = ", ".join(FUNCTIONS)
+    constants = ", ".join(name.lower() for name in CONSTANTS)
+    operators = " ".join(BINARY)
+    return "\n\n".join(
+        textwrap.fill(paragraph, 79)
+        for paragraph in (
+            f"Expressions: numbers (42, 3.25, 1.5e-3), the operators {operators}, unary - "
+            f"and +, parentheses, the functions {functions}, and the constants "
+            f"{constants} (in any case).",
+            'Several words are joined into one expression: calc-client sin "(pi/2)".',
+        )
+    )
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown, the epilog kept as written."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="calc-client",
-        description="Calculator client: one expression from the command line, "
-        "or the exercise's menu when none is given.",
+        description=textwrap.fill(
+            "Calculator client: one expression from the command line, "
+            "or the exercise's menu when none is given.",
+            79,
+        ),
+        epilog=calculator_help(),
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("expression", nargs="?", help="calculate this and exit (quote it)")
-    p.add_argument("--host", default="127.0.0.1", help="server or proxy host (127.0.0.1)")
-    p.add_argument("--port", type=int, default=9999, help="9999 server (default), 9998 proxy")
+    p.add_argument(
+        "expression",
+        nargs="*",
+        default=argparse.SUPPRESS,
+        help="calculate this and exit (none: the menu)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="server or proxy host")
+    p.add_argument(
+        "--port", type=port_number, default=9999, help="9999 for the server, 9998 for the proxy"
+    )
     p.add_argument(
         "--steps", action=argparse.BooleanOptionalAction, default=True, help="ask for the steps"
     )
@@ -245,10 +452,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--legacy", action="store_true", help="send pickles, as the course client does")
     p.add_argument("--timeout", type=float, default=10.0, help="connect timeout in seconds")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
+    args.expression = " ".join(getattr(args, "expression", [])).strip() or None
     if not 0 <= args.max_age <= wire.FOREVER:
         p.error("--max-age must be 0..65535")
     return args
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 @defer.inlineCallbacks
@@ -258,32 +472,37 @@ def run(reactor, argv: list[str]):
     settings = Settings(
         steps=args.steps, cache=not args.no_cache, max_age=args.max_age, legacy=args.legacy
     )
-    try:
-        connection = yield protocol.ClientCreator(reactor, wire.FrameClient).connectTCP(
-            args.host, args.port, timeout=args.timeout
-        )
-    except Exception as e:
-        sys.stderr.write(describe_failure(e))
-        return 2
-    calculator = Calculator(connection, reactor, settings)
+    calculator = Calculator(
+        reactor, args.host, args.port, settings, timeout=args.timeout, notify=_write
+    )
+    peer = calculator.where
+    waiting = WaitingLine(reactor, _write, peer) if sys.stdout.isatty() else None
     try:
         if args.expression is not None:
+            d = defer.maybeDeferred(calculator.calculate, args.expression)
             try:
-                answer = yield calculator.calculate(args.expression)
+                answer = yield (waiting.watch(d) if waiting else d)
             except Exception as e:
-                sys.stderr.write(describe_failure(e))
+                sys.stderr.write(describe_failure(e, peer))
                 return 2
             (sys.stdout if answer.error is None else sys.stderr).write(
                 render(args.expression, answer)
             )
             return 0 if answer.error is None else 1
-        sys.stdout.write(f"Connected to {args.host}:{args.port}.\n")
-        done = defer.Deferred()
-        stdio.StandardIO(Menu(calculator, done), reactor=reactor)
-        yield done
+        try:
+            yield calculator.open()
+        except Exception as e:
+            sys.stderr.write(describe_failure(e, peer))
+            return 2
+        _write(f"Connected to {peer}.\n")
+        if sys.stdin.isatty():
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (input() edits lines and keeps history)
+        reader = ConsoleReader(reactor, echo=not sys.stdin.isatty())
+        yield Menu(calculator, reader, _write, waiting).run()
         return 0
     finally:
-        connection.transport.loseConnection()
+        calculator.close()
 
 
 def _exit(code: int) -> None:
@@ -293,5 +512,18 @@ def _exit(code: int) -> None:
 
 def main() -> None:
     """Console-script entry point; exits 1 on an error answer, 2 when no
-    answer could be had."""
-    task.react(lambda reactor: run(reactor, sys.argv[1:]).addCallback(_exit))
+    answer could be had. The terminal's settings are put back on the way
+    out, even after a Ctrl-C that interrupted ``readline``."""
+    saved = None
+    try:
+        import termios
+
+        if sys.stdin.isatty():
+            saved = termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError):
+        pass
+    try:
+        task.react(lambda reactor: run(reactor, sys.argv[1:]).addCallback(_exit))
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)

@@ -12,7 +12,10 @@ does).
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import defer, tcp
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
@@ -49,7 +52,35 @@ class SendAtOnceServer(tcp.Server):
 
 
 class _Port(tcp.Port):
+    """Twisted's TCP port with `SendAtOnceServer` connections."""
+
     transport = SendAtOnceServer
+
+    def startListening(self) -> None:
+        """``tcp.Port.startListening`` without its ``<factory> starting on
+        <port>`` log line: the services log one line of their own that says
+        what they listen on and with which limits (tap.py)."""
+        tcp._reservedFD.reserve()
+        skt = None
+        try:
+            skt = self.createInternetSocket()
+            if self.addressFamily == socket.AF_INET6:
+                addr = tcp._resolveIPv6(self.interface, self.port)
+            else:
+                addr = (self.interface, self.port)
+            skt.bind(addr)
+        except OSError as le:
+            if skt is not None:
+                skt.close()
+            raise CannotListenError(self.interface, self.port, le) from None
+        skt.listen(self.backlog)
+        self._realPortNumber = skt.getsockname()[1]
+        self.factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.numberAccepts = 100
+        self.startReading()
 
 
 @implementer(IStreamServerEndpoint)

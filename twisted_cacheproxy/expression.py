@@ -66,24 +66,17 @@ def _rand(a: Real, b: Real) -> float:
     return random.uniform(a, b)
 
 
-def _extreme(pick: Callable[..., Real]) -> Callable[..., Real]:
-    """``max``/``min`` that also take one argument (which they return)."""
-
-    def call(*args: Real) -> Real:
-        return args[0] if len(args) == 1 else pick(*args)
-
-    return call
-
-
-#: name -> (implementation, fewest arguments, most arguments)
+#: name -> (implementation, fewest arguments, most arguments). ``max`` and
+#: ``min`` are the builtins themselves, so one argument is their own
+#: ``TypeError`` ("'int' object is not iterable"), as on the course server.
 FUNCTIONS: dict[str, tuple[Callable[..., Real], int, int]] = {
     "sin": (math.sin, 1, 1),
     "cos": (math.cos, 1, 1),
     "tan": (math.tan, 1, 1),
     "sqrt": (math.sqrt, 1, 1),
     "log": (math.log, 1, 2),
-    "max": (_extreme(max), 1, MAX_ARGS),
-    "min": (_extreme(min), 1, MAX_ARGS),
+    "max": (max, 1, MAX_ARGS),
+    "min": (min, 1, MAX_ARGS),
     "pow": (pow, 2, 3),
     "rand": (_rand, 2, 2),
 }

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
-from . import wire
+from . import __version__, wire
+
+
+def _integer(text: str) -> int:
+    """A whole number, refused in words that a user reads."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """A number of seconds (a decimal point allowed)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
 
 
 def _size(text: str) -> int:
@@ -28,8 +49,29 @@ def _size(text: str) -> int:
 _size.coerceDoc = "Bytes, with an optional K, M or G suffix."  # type: ignore[attr-defined]
 
 
+class _NamedCoerce(usage.CoerceParameter):
+    """Twisted's coercion of a parameter, with an error that names the option
+    (``--port: not a number: 'abc'``) instead of "Parameter type enforcement
+    failed"."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: {e}") from None
+
+
 class _CommonOptions(usage.Options):
-    """What both services take: where to listen and how to treat connections."""
+    """What both services take: where to listen and how to treat connections.
+
+    Run by twistd (as its subcommand), a bad option ends twistd at once with
+    the error first and a pointer to ``--help``, instead of twistd's whole
+    help followed by the error."""
+
+    #: The twistd subcommand, for messages.
+    tapname = ""
 
     optParameters: list[list[Any]] = [
         ["interface", "i", "127.0.0.1", "The interface to listen on."],
@@ -38,21 +80,21 @@ class _CommonOptions(usage.Options):
             None,
             wire.MAX_MESSAGE_SIZE,
             "Largest message in bytes, header included (256..65535).",
-            int,
+            _integer,
         ],
         [
             "idle-timeout",
             None,
             60.0,
             "Close connections with no complete request for this many seconds (0: never).",
-            float,
+            _number,
         ],
         [
             "max-connections",
             None,
             10_000,
             "Most concurrent client connections; more are closed at once.",
-            int,
+            _integer,
         ],
         [
             "backlog",
@@ -60,9 +102,32 @@ class _CommonOptions(usage.Options):
             511,
             "Connections the kernel may queue before they are accepted "
             "(capped by net.core.somaxconn).",
-            int,
+            _integer,
         ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, handler in self._dispatch.items():
+            if type(handler) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedCoerce(self, handler.coerce)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            raise SystemExit(
+                f"{self.tapname}: {e}\nRun 'twistd {self.tapname} --help' for the options."
+            ) from None
+
+    def opt_version(self) -> None:
+        """Display the version of twisted-cacheproxy and exit."""
+        from twisted import __version__ as twisted_version
+
+        print(f"{self.tapname} (twisted-cacheproxy) {__version__}, Twisted {twisted_version}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         self.checkPort("port")
@@ -93,16 +158,20 @@ class _CommonOptions(usage.Options):
 class ServerOptions(_CommonOptions):
     """Options of ``twistd cacheserver``."""
 
+    tapname = "cacheserver"
     synopsis = "[options]"
-    longdesc = "A calculator server for the course protocol (text and pickle payloads)."
+    longdesc = (
+        "A calculator server for the course protocol (text and pickle payloads), "
+        "listening on 127.0.0.1:9999 unless told otherwise."
+    )
     optParameters = [
-        ["port", "p", 9999, "The TCP port to listen on.", int],
+        ["port", "p", 9999, "The TCP port to listen on.", _integer],
         [
             "max-age",
             None,
             wire.FOREVER,
             "Cache lifetime in seconds given to answers (65535: forever).",
-            int,
+            _integer,
         ],
         *_CommonOptions.optParameters,
     ]
@@ -114,18 +183,103 @@ class ServerOptions(_CommonOptions):
             raise usage.UsageError("--max-age must be 0..65535")
 
 
-def _listening(config: _CommonOptions, factory) -> service.IService:
+def address(host: str, port: int) -> str:
+    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(e: OSError) -> str:
+    """An OS error in lower-case words: "address already in use"."""
+    text = e.strerror or str(e)
+    return text[:1].lower() + text[1:]
+
+
+def cannot_listen(config: _CommonOptions, e: OSError) -> str:
+    """The one line a service that cannot listen ends with."""
+    where = address(config["interface"], config["port"])
+    return f"{config.tapname}: cannot listen on {where}: {_reason(e)}"
+
+
+def check_listening(config: _CommonOptions) -> None:
+    """Stop twistd with one line, exit status 1, if ``--interface`` and
+    ``--port`` cannot be bound (a port in use, an address this host does not
+    have). twistd makes the service before it daemonizes, writes a pid file
+    or starts logging, so the line reaches the user's terminal; left to the
+    listening itself, the error is a traceback in the log."""
+    interface = config["interface"]
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As Twisted's port does: a connection in TIME_WAIT does not block it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface, config["port"]))
+        except OSError as e:
+            raise SystemExit(cannot_listen(config, e)) from None
+
+
+class ListeningService(internet.StreamServerEndpointService):
+    """Listens at start-up (a failure stops twistd) and logs, once it
+    listens, one line saying where and with which settings."""
+
+    def __init__(self, endpoint, factory, config: _CommonOptions, settings: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.config = config
+        self.settings = settings
+        self.log = Logger(namespace=config.tapname)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # Taken between check_listening and now: still one line.
+            raise SystemExit(cannot_listen(self.config, e.socketError)) from None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        host = port.getHost()
+        self.log.info(
+            "listening on {address}, {settings}",
+            address=address(host.host, host.port),
+            settings=self.settings,
+        )
+        return port
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+def _limits(config: _CommonOptions) -> str:
+    """The connection limits both services share, in words."""
+    idle = config["idle-timeout"]
+    return (
+        f"messages up to {config['max-message-size']} bytes, "
+        f"idle timeout {_seconds(idle) if idle else 'off'}, "
+        f"at most {config['max-connections']} connections"
+    )
+
+
+def server_settings(config: ServerOptions) -> str:
+    """The server's start-up line after its address."""
+    age = config["max-age"]
+    if config["no-cache"] or not age:
+        cache = "answers not cacheable"
+    else:
+        cache = f"answers cacheable for {'ever' if age == wire.FOREVER else _seconds(age)}"
+    return f"{cache}; {_limits(config)}"
+
+
+def _listening(config: _CommonOptions, factory, settings: str) -> service.IService:
     """A service listening on ``--port`` and ``--interface`` whose connections
     send at once (`endpoint`); a port that cannot be bound stops twistd at
-    start-up, as Twisted's own strports services do."""
+    start-up with one line."""
     from twisted.internet import reactor
 
     from .endpoint import TCPServerEndpoint
 
     endpoint = TCPServerEndpoint(reactor, config["port"], config["interface"], config["backlog"])
-    listening = internet.StreamServerEndpointService(endpoint, factory)
-    listening._raiseSynchronously = True
-    return listening
+    return ListeningService(endpoint, factory, config, settings)
 
 
 def makeServerService(config: ServerOptions) -> service.IService:
@@ -135,15 +289,20 @@ def makeServerService(config: ServerOptions) -> service.IService:
     factory = CalculatorServerFactory(
         max_age=config["max-age"], cache=not config["no-cache"], **config.common()
     )
-    return _listening(config, factory)
+    return _listening(config, factory, server_settings(config))
 
 
 @dataclass(frozen=True)
 class TapEntry:
-    """What a twistd ``ServiceMaker`` looks up by name: options and a maker."""
+    """What a twistd ``ServiceMaker`` looks up by name: options and a maker.
+    Through it, twistd checks that the service can listen before making it."""
 
-    Options: type[usage.Options]
-    makeService: Callable[[Any], service.IService]
+    Options: type[_CommonOptions]
+    make: Callable[[Any], service.IService]
+
+    def makeService(self, config: _CommonOptions) -> service.IService:
+        check_listening(config)
+        return self.make(config)
 
 
 server = TapEntry(ServerOptions, makeServerService)
@@ -152,12 +311,16 @@ server = TapEntry(ServerOptions, makeServerService)
 class ProxyOptions(_CommonOptions):
     """Options of ``twistd cacheproxy``."""
 
+    tapname = "cacheproxy"
     synopsis = "[options]"
-    longdesc = "A caching proxy for the calculator protocol, in front of a calculator server."
+    longdesc = (
+        "A caching proxy for the calculator protocol, listening on 127.0.0.1:9998 "
+        "in front of the calculator server at 127.0.0.1:9999 unless told otherwise."
+    )
     optParameters = [
-        ["port", "p", 9998, "The TCP port to listen on.", int],
+        ["port", "p", 9998, "The TCP port to listen on.", _integer],
         ["server-host", None, "127.0.0.1", "The calculator server's host."],
-        ["server-port", None, 9999, "The calculator server's port.", int],
+        ["server-port", None, 9999, "The calculator server's port.", _integer],
         [
             "cache-size",
             None,
@@ -165,22 +328,28 @@ class ProxyOptions(_CommonOptions):
             "Most bytes the cache may hold, with K, M, G suffixes (default 64M).",
             _size,
         ],
-        ["retries", None, 5, "Connection attempts per miss before answering 500.", int],
-        ["retry-delay", None, 0.5, "Seconds before the second attempt; doubles each time.", float],
-        ["timeout", None, 10.0, "Seconds one miss may take upstream, retries included.", float],
+        ["retries", None, 5, "Connection attempts per miss before answering 500.", _integer],
+        [
+            "retry-delay",
+            None,
+            0.5,
+            "Seconds before the second attempt; doubles each time.",
+            _number,
+        ],
+        ["timeout", None, 10.0, "Seconds one miss may take upstream, retries included.", _number],
         [
             "stale-if-error",
             None,
             0.0,
             "Serve answers up to N s past their lifetime while the server is unreachable (0: off).",
-            float,
+            _number,
         ],
         [
             "upstream-connections",
             None,
             32,
             "Most connections to the server, kept open and reused.",
-            int,
+            _integer,
         ],
         [
             "upstream-pipeline",
@@ -188,7 +357,7 @@ class ProxyOptions(_CommonOptions):
             1,
             "Most requests in flight on one server connection (1: no pipelining). "
             "Only for servers that frame by length, as ours does; not the course server.",
-            int,
+            _integer,
         ],
         *_CommonOptions.optParameters,
     ]
@@ -226,7 +395,32 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
         verbose=config["verbose"],
         **config.common(),
     )
-    return _listening(config, factory)
+    return _listening(config, factory, proxy_settings(config))
+
+
+def _bytes(size: int) -> str:
+    """A byte count the way ``--cache-size`` takes it (64M, 512K, 1000)."""
+    for suffix, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{suffix}"
+    return f"{size} bytes"
+
+
+def proxy_settings(config: ProxyOptions) -> str:
+    """The proxy's start-up line after its address."""
+    stale = config["stale-if-error"]
+    depth = config["upstream-pipeline"]
+    upstream = (
+        f"in front of the server at {address(config['server-host'], config['server-port'])} "
+        f"({config['upstream-connections']} connections, "
+        f"{'no pipelining' if depth == 1 else f'pipelining {depth} deep'}, "
+        f"{config['retries']} attempts, timeout {_seconds(config['timeout'])})"
+    )
+    cache = (
+        f"cache {_bytes(config['cache-size'])}, "
+        f"stale-if-error {_seconds(stale) if stale else 'off'}"
+    )
+    return f"{upstream}; {cache}; {_limits(config)}"
 
 
 proxy = TapEntry(ProxyOptions, makeProxyService)

@@ -211,18 +211,21 @@ class UpstreamPool:
             why = f"did not answer within {self.timeout:g} s"
         fetch.settle(UpstreamError(f"{self.name} {why}"))
 
-    def _dispatch(self, fetch: _Fetch) -> None:
-        while self._idle:
+    def _dispatch(self, fetch: _Fetch, fresh: bool = False) -> None:
+        """Send ``fetch`` on an idle or (pipelining) roomy connection, else
+        open one, else queue it; ``fresh`` prefers a new connection, which
+        has no stray answer on its way."""
+        while self._idle and not fresh:
             conn = self._idle.pop()
             if conn.usable:
                 self._send(fetch, conn, reused=True)
                 return
-        if self.pipelining:
+        if self.pipelining and not fresh:
             conn = self._roomiest()
             if conn is not None:
                 self._send(fetch, conn, reused=True)
                 return
-        if self.connections < self.max_connections and not self._waitForDial():
+        if self.connections < self.max_connections and (fresh or not self._waitForDial()):
             self._connect(fetch)
         elif len(self._queue) >= self.max_queued:
             fetch.settle(
@@ -305,7 +308,7 @@ class UpstreamPool:
         if reason.check(wire.OutOfStepError):
             fetch.resent += 1
             if fetch.resent < self.attempts:
-                self._dispatch(fetch)
+                self._dispatch(fetch, fresh=True)
             else:
                 fetch.settle(UpstreamError(f"{self.name} answered out of step: {reason.value}"))
             return

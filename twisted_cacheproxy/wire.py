@@ -537,6 +537,10 @@ class ServiceFactory(protocol.Factory):
 
     noisy = False
 
+    #: No "Starting factory <...>" lines: the services log one line saying
+    #: what they listen on (tap.py).
+    noisy = False
+
     def __init__(
         self,
         *,

@@ -3,11 +3,15 @@
 from twisted.application.service import ServiceMaker
 
 cacheserver = ServiceMaker(
-    "cacheserver", "twisted_cacheproxy.tap.server", "A calculator server.", "cacheserver"
+    "cacheserver",
+    "twisted_cacheproxy.tap.server",
+    "A calculator server for the course protocol (default: 127.0.0.1:9999).",
+    "cacheserver",
 )
 cacheproxy = ServiceMaker(
     "cacheproxy",
     "twisted_cacheproxy.tap.proxy",
-    "A caching proxy for the calculator protocol.",
+    "A caching proxy for the calculator protocol "
+    "(default: 127.0.0.1:9998, in front of 127.0.0.1:9999).",
     "cacheproxy",
 )

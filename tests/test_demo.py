@@ -1,0 +1,54 @@
+"""``demo.sh`` as a newcomer runs it: it refuses taken ports instead of
+talking to whatever listens there, and it runs its own services."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+from test_plugin import ROOT, environment, free_port
+
+DEMO = ROOT / "demo.sh"
+
+
+def demo(tmp_path: pathlib.Path, server_port: int, proxy_port: int, *args: str):
+    env = environment()
+    env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env["PATH"]])
+    env.update(SERVER_PORT=str(server_port), PROXY_PORT=str(proxy_port))
+    return subprocess.run(
+        ["sh", str(DEMO), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_demo_refuses_ports_already_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = demo(tmp_path, port, free_port(), "1 + 1")
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert proc.stderr.startswith(f"demo.sh: 127.0.0.1:{port} already in use")
+    assert not (tmp_path / "demo-logs").exists()  # nothing was started
+
+
+def test_demo_runs_one_calculation_through_its_own_services(tmp_path):
+    server_port, proxy_port = free_port(), free_port()
+    proc = demo(tmp_path, server_port, proxy_port, "6 * 7")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines()[-1].startswith("Result: 42  (")
+    logs = tmp_path / "demo-logs"
+    assert f"listening on 127.0.0.1:{server_port}" in (logs / "server.log").read_text()
+    assert f"listening on 127.0.0.1:{proxy_port}" in (logs / "proxy.log").read_text()
+    for port in (server_port, proxy_port):  # both stopped on the way out
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
