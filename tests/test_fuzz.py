@@ -282,7 +282,7 @@ def test_course_pickles_of_one_shape_resume_after_their_shared_preamble():
     (preamble,) = preambles
     assert second.startswith(preamble) and len(preamble) > len(first) // 3
     state = preambles.resume(second)
-    assert state is not None and state[5] == len(preamble)  # resumes at the first number
+    assert state is not None and state.pos == len(preamble)  # resumes at the first number
     scan(second, preambles)
     assert len(preambles) == 1
 

@@ -1,13 +1,19 @@
 """The opcode pre-scan: one linear walk over legacy data, before the unpickler
 sees it, that refuses what a course pickle never holds and what would cost
-the unpickler more than the payload's size (PROTOCOL.md 3.2, SECURITY)."""
+the unpickler more than the payload's size (PROTOCOL.md 3.2, SECURITY).
+
+It reads the opcodes from the bytes themselves (it never imports pickle),
+keeping a model of the unpickler's stack, marks and memo in which each item
+is only "a string" or "something else": enough to refuse non-string
+dictionary keys. Each opcode is one row of `_OPCODES`: how much argument it
+has, what it pops and pushes, and, for the few that need more, a handler.
+"""
 
 from __future__ import annotations
 
-import pickle
-import pickletools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from ..expression import MAX_NODES
 
@@ -20,246 +26,319 @@ MAX_REDUCES = 48
 #: the time the pre-scan takes.
 MAX_OPCODES = 24 * MAX_NODES
 
-# What the scan does per opcode.
-_PUSH, _STR, _GET, _PUT, _MEMOIZE, _MARK, _TO_MARK, _SETITEMS = range(8)
-_SETITEM, _REDUCE, _POP, _NOOP, _STOP = range(8, 13)
+
+class PickleRefusedError(ValueError):
+    """Legacy data the pre-scan refuses, and why."""
+
+
+class ScanState(NamedTuple):
+    """Where a scan stands: enough to resume it (the model's stack, marks and
+    memo, the REDUCEs so far, the position and the opcodes done)."""
+
+    stack: tuple[bool, ...]
+    marks: tuple[int, ...]
+    memo: dict[int, bool]
+    reduces: int
+    pos: int
+    done: int
+
+
+_MEMOIZE = 0x94
+
+
+class _Scan:
+    """One pre-scan of ``data``: the model, and the handlers of the opcodes
+    that need more than a fixed argument and a fixed stack effect. Each
+    handler takes the opcode's position and its row's argument, makes the
+    opcode's pops and checks, and returns the next opcode's position."""
+
+    __slots__ = ("data", "marks", "memo", "reduces", "stack", "top_put")
+
+    def __init__(self, data: bytes, state: ScanState | None = None) -> None:
+        self.data = data
+        self.stack: list[bool] = []  # True for a str
+        self.marks = [0]  # where each MARK was; the last is the fence
+        self.memo: dict[int, bool] = {}
+        self.reduces = 0
+        self.top_put = -1  # the largest memo index a PUT has used
+        if state is not None:
+            self.stack, self.marks = list(state.stack), list(state.marks)
+            self.memo, self.reduces = dict(state.memo), state.reduces
+
+    def state(self, pos: int, done: int) -> ScanState:
+        """A copy of the model, to resume at ``pos``."""
+        return ScanState(
+            tuple(self.stack), tuple(self.marks), dict(self.memo), self.reduces, pos, done
+        )
+
+    def walk(self, table: list[_Row | None], pos: int, done: int) -> tuple[int, int] | None:
+        """Scan from ``pos`` to STOP (None) or to the first number literal,
+        where ``table`` pauses (its position and the opcode count)."""
+        data, stack, marks, memo = self.data, self.stack, self.marks, self.memo
+        push = stack.append
+        memoize = _MEMOIZE
+        try:
+            for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
+                row = table[data[pos]]
+                if row is None:
+                    raise PickleRefusedError(
+                        f"pickle opcode {data[pos : pos + 1]!r} is not allowed"
+                    )
+                kind, arg, npop, pushed = row
+                if kind == _FIXED:
+                    if npop:
+                        if len(stack) - npop < marks[-1]:
+                            raise PickleRefusedError("pickle stack underflow")
+                        del stack[-npop:]
+                    pos += arg
+                elif kind == _GET:  # BINGET, a quarter of a course pickle
+                    index = data[pos + 1]
+                    if index not in memo:
+                        raise PickleRefusedError(f"memo index {index} not set")
+                    push(memo[index])
+                    pos += 2
+                    continue
+                elif kind == _MARK:
+                    marks.append(len(stack))
+                    pos += 1
+                    continue
+                elif kind == _END:
+                    return self.stop(pos, done)
+                else:
+                    pos = _HANDLERS[kind](self, pos, arg)
+                if pushed is not None:
+                    push(pushed)
+                    # What the pickler writes after each new object.
+                    if data[pos] == memoize:
+                        memo[len(memo)] = pushed
+                        pos += 1
+        except IndexError:  # an argument or an opcode past the end
+            raise PickleRefusedError("pickle data was truncated") from None
+        raise PickleRefusedError(f"more than {MAX_OPCODES} opcodes")
+
+    def stop(self, pos: int, done: int) -> tuple[int, int] | None:
+        """Where `walk` ends: at STOP (None, once checked) or at the first
+        number, where a fresh scan pauses (its position and opcode count)."""
+        if self.data[pos] in _NUMBERS:
+            return pos, done
+        if len(self.stack) <= self.marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        if pos + 1 != len(self.data):
+            raise PickleRefusedError("trailing bytes after the pickle")
+        return None
+
+    def sized(self, pos: int, arg: int) -> int:
+        """An ``arg``-byte length (signed when 4 bytes, as LONG4's is) and that many bytes."""
+        data = self.data
+        if arg == 1:  # SHORT_BINUNICODE, LONG1: most of them
+            return pos + 2 + data[pos + 1]
+        start = pos + 1 + arg
+        length = int.from_bytes(data[pos + 1 : start], "little", signed=arg == 4)
+        if length < 0:
+            raise PickleRefusedError("negative length")
+        return start + length
+
+    def lines(self, pos: int, arg: int) -> int:
+        """Two text lines (GLOBAL's module and name)."""
+        try:
+            return self.data.index(b"\n", self.data.index(b"\n", pos + 1) + 1) + 1
+        except ValueError:
+            raise PickleRefusedError("pickle data was truncated") from None
+
+    def put(self, pos: int, arg: int) -> int:
+        """Memoize the top item at an ``arg``-byte index, within the payload's
+        length (the C unpickler allocates memo space up to the index)."""
+        index = int.from_bytes(self.data[pos + 1 : pos + 1 + arg], "little")
+        if len(self.stack) <= self.marks[-1] or index >= len(self.data):
+            raise PickleRefusedError(f"memo index {index} out of range")
+        self.memo[index] = self.stack[-1]
+        self.top_put = max(self.top_put, index)
+        return pos + 1 + arg
+
+    def get(self, pos: int, arg: int) -> int:
+        """Push a copy of the memo entry at an ``arg``-byte index."""
+        index = int.from_bytes(self.data[pos + 1 : pos + 1 + arg], "little")
+        if index not in self.memo:
+            raise PickleRefusedError(f"memo index {index} not set")
+        self.stack.append(self.memo[index])
+        return pos + 1 + arg
+
+    def memoize(self, pos: int, arg: int) -> int:
+        """A MEMOIZE that does not follow a new object."""
+        if len(self.stack) <= self.marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        self.memo[len(self.memo)] = self.stack[-1]
+        return pos + 1
+
+    def pop_mark(self, below: int) -> int:
+        """Drop the last mark and what is above it; ``below`` items (the list
+        or dict being filled) must sit between it and the fence before it."""
+        marks = self.marks
+        if len(marks) == 1:
+            raise PickleRefusedError("could not find MARK")
+        mark = marks.pop()
+        if mark - below < marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        return mark
+
+    def to_mark(self, pos: int, arg: int) -> int:
+        del self.stack[self.pop_mark(arg) :]
+        return pos + 1
+
+    def setitems(self, pos: int, arg: int) -> int:
+        stack = self.stack
+        mark = self.pop_mark(arg)
+        if (len(stack) - mark) % 2 or not all(stack[mark::2]):
+            raise PickleRefusedError("dictionary keys must be strings")
+        del stack[mark:]
+        return pos + 1
+
+    def setitem(self, pos: int, arg: int) -> int:
+        """One key and value into the dict below them (hashing a key other than
+        a string costs its whole size, each time: a nest of shared tuples
+        takes forever)."""
+        stack = self.stack
+        if len(stack) - 3 < self.marks[-1] or not stack[-2]:
+            raise PickleRefusedError("dictionary keys must be strings")
+        del stack[-2:]
+        return pos + 1
+
+    def reduce(self, pos: int, arg: int) -> int:
+        """A call, of the two items on top (`MAX_REDUCES` at most)."""
+        stack = self.stack
+        if len(stack) - 2 < self.marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        del stack[-2:]
+        self.reduces += 1
+        if self.reduces > MAX_REDUCES:
+            raise PickleRefusedError(f"more than {MAX_REDUCES} REDUCE opcodes")
+        return pos + 1
+
+    def pop(self, pos: int, arg: int) -> int:
+        """POP takes the top item, or the last mark if nothing is above it."""
+        marks, stack = self.marks, self.stack
+        if len(marks) > 1 and marks[-1] == len(stack):
+            marks.pop()
+        elif len(stack) <= marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        else:
+            stack.pop()
+        return pos + 1
+
+
+# What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or by
+# itself, skip its fixed-size argument, push a BINGET's memo entry, set a mark, or end
+# (STOP, or the number where a fresh scan pauses).
+_SIZED, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE, _POP = range(10)
+_FIXED, _GET, _MARK, _END = range(10, 14)
+_HANDLERS: list[Callable[[_Scan, int, int], int]] = [
+    _Scan.sized,
+    _Scan.lines,
+    _Scan.get,
+    _Scan.put,
+    _Scan.memoize,
+    _Scan.to_mark,
+    _Scan.setitem,
+    _Scan.setitems,
+    _Scan.reduce,
+    _Scan.pop,
+]
+#: An opcode's row: what `walk` does with it, its argument (the bytes to
+#: skip, the opcode's included, for `_FIXED`; the handler's
+#: argument otherwise), the items a `_FIXED` opcode pops, and what is
+#: pushed last (True: a str, False: anything else, None: nothing).
+_Row = tuple[int, int, int, bool | None]
 
 # The opcodes pickle protocols 2 to 5 write for a course pickle or an
-# answer, as (action, argument, items popped, items pushed). The argument is
-# a fixed size in bytes, -n for an n-byte length followed by that many
-# bytes, or None for two text lines.
-_ALLOWED_OPCODES: dict[str, tuple[int, int | None, int, int]] = {
-    "PROTO": (_NOOP, 1, 0, 0),
-    "FRAME": (_NOOP, 8, 0, 0),
-    "STOP": (_STOP, 0, 1, 0),
-    "MARK": (_MARK, 0, 0, 0),  # taken by the fast path
-    "POP": (_POP, 0, 1, 0),
-    "POP_MARK": (_TO_MARK, 0, 0, 0),
-    "NONE": (_PUSH, 0, 0, 1),
-    "NEWTRUE": (_PUSH, 0, 0, 1),
-    "NEWFALSE": (_PUSH, 0, 0, 1),
-    "BININT": (_PUSH, 4, 0, 1),
-    "BININT1": (_PUSH, 1, 0, 1),
-    "BININT2": (_PUSH, 2, 0, 1),
-    "LONG1": (_PUSH, -1, 0, 1),
-    "LONG4": (_PUSH, -4, 0, 1),
-    "BINFLOAT": (_PUSH, 8, 0, 1),
-    "SHORT_BINUNICODE": (_STR, -1, 0, 1),
-    "BINUNICODE": (_STR, -4, 0, 1),
-    "BINUNICODE8": (_STR, -8, 0, 1),
-    "EMPTY_LIST": (_PUSH, 0, 0, 1),
-    "APPEND": (_PUSH, 0, 1, 0),  # the list stays
-    "APPENDS": (_TO_MARK, 0, 1, 0),  # so does the list below the mark
-    "EMPTY_TUPLE": (_PUSH, 0, 0, 1),
-    "TUPLE": (_TO_MARK, 0, 0, 1),
-    "TUPLE1": (_PUSH, 0, 1, 1),
-    "TUPLE2": (_PUSH, 0, 2, 1),
-    "TUPLE3": (_PUSH, 0, 3, 1),
-    "EMPTY_DICT": (_PUSH, 0, 0, 1),
-    "SETITEM": (_SETITEM, 0, 2, 0),
-    "SETITEMS": (_SETITEMS, 0, 1, 0),
-    "BINGET": (_GET, 1, 0, 1),
-    "LONG_BINGET": (_GET, 4, 0, 1),
-    "BINPUT": (_PUT, 1, 0, 0),
-    "LONG_BINPUT": (_PUT, 4, 0, 0),
-    "MEMOIZE": (_MEMOIZE, 0, 0, 0),  # taken by the fast path
-    "GLOBAL": (_PUSH, None, 0, 1),
-    "STACK_GLOBAL": (_PUSH, 0, 2, 1),
-    "REDUCE": (_REDUCE, 0, 2, 1),
-    "BUILD": (_PUSH, 0, 1, 0),  # the object stays
-    "NEWOBJ": (_PUSH, 0, 2, 1),
+# answer, by name (a test holds each code against `pickletools`), as
+# (code, *row); every other opcode is refused.
+_ALLOWED: dict[str, tuple[int, int, int, int, bool | None]] = {
+    "PROTO": (0x80, _FIXED, 2, 0, None),
+    "FRAME": (0x95, _FIXED, 9, 0, None),
+    "STOP": (0x2E, _END, 0, 0, None),
+    "MARK": (0x28, _MARK, 0, 0, None),
+    "POP": (0x30, _POP, 0, 0, None),
+    "POP_MARK": (0x31, _TO_MARK, 0, 0, None),
+    "NONE": (0x4E, _FIXED, 1, 0, False),
+    "NEWTRUE": (0x88, _FIXED, 1, 0, False),
+    "NEWFALSE": (0x89, _FIXED, 1, 0, False),
+    "BININT": (0x4A, _FIXED, 5, 0, False),
+    "BININT1": (0x4B, _FIXED, 2, 0, False),
+    "BININT2": (0x4D, _FIXED, 3, 0, False),
+    "LONG1": (0x8A, _SIZED, 1, 0, False),
+    "LONG4": (0x8B, _SIZED, 4, 0, False),
+    "BINFLOAT": (0x47, _FIXED, 9, 0, False),
+    "SHORT_BINUNICODE": (0x8C, _SIZED, 1, 0, True),
+    "BINUNICODE": (0x58, _SIZED, 4, 0, True),
+    "BINUNICODE8": (0x8D, _SIZED, 8, 0, True),
+    "EMPTY_LIST": (0x5D, _FIXED, 1, 0, False),
+    "APPEND": (0x61, _FIXED, 1, 1, None),  # the list stays
+    "APPENDS": (0x65, _TO_MARK, 1, 0, None),  # so does the list below the mark
+    "EMPTY_TUPLE": (0x29, _FIXED, 1, 0, False),
+    "TUPLE": (0x74, _TO_MARK, 0, 0, False),
+    "TUPLE1": (0x85, _FIXED, 1, 1, False),
+    "TUPLE2": (0x86, _FIXED, 1, 2, False),
+    "TUPLE3": (0x87, _FIXED, 1, 3, False),
+    "EMPTY_DICT": (0x7D, _FIXED, 1, 0, False),
+    "SETITEM": (0x73, _SETITEM, 0, 0, None),
+    "SETITEMS": (0x75, _SETITEMS, 1, 0, None),  # the dict stays below the mark
+    "BINGET": (0x68, _GET, 0, 0, None),
+    "LONG_BINGET": (0x6A, _GET4, 4, 0, None),
+    "BINPUT": (0x71, _PUT, 1, 0, None),
+    "LONG_BINPUT": (0x72, _PUT, 4, 0, None),
+    "MEMOIZE": (_MEMOIZE, _MEMO, 0, 0, None),
+    "GLOBAL": (0x63, _LINES, 0, 0, False),
+    "STACK_GLOBAL": (0x93, _FIXED, 1, 2, False),
+    "REDUCE": (0x52, _REDUCE, 0, 0, False),
+    "BUILD": (0x62, _FIXED, 1, 1, None),  # the object stays
+    "NEWOBJ": (0x81, _FIXED, 1, 2, False),
 }
-_OPCODES: list[tuple[int, int | None, int, int] | None] = [None] * 256
-for _op in pickletools.opcodes:
-    if _op.name in _ALLOWED_OPCODES:
-        _OPCODES[ord(_op.code)] = _ALLOWED_OPCODES[_op.name]
+_OPCODES: list[_Row | None] = [None] * 256
+for _code, _kind, _arg, _npop, _pushed in _ALLOWED.values():
+    _OPCODES[_code] = (_kind, _arg, _npop, _pushed)
 
-
-_MEMOIZE_CODE = pickle.MEMOIZE[0]
-# The fast path's opcodes, by what it does with them (0: not on it). MARK and
-# MEMOIZE are only ever taken there; the others also have general entries.
-_F_MEMOIZE, _F_STR, _F_GET, _F_EMPTY, _F_BUILD, _F_TWO_TO_ONE, _F_MARK = range(1, 8)
-_FAST = [0] * 256
-for _codes, _action in (
-    (pickle.MEMOIZE, _F_MEMOIZE),
-    (pickle.MARK, _F_MARK),
-    (pickle.SHORT_BINUNICODE, _F_STR),
-    (pickle.BINGET, _F_GET),
-    (pickle.EMPTY_TUPLE + pickle.EMPTY_DICT + pickle.EMPTY_LIST, _F_EMPTY),
-    (pickle.BUILD, _F_BUILD),
-    (pickle.STACK_GLOBAL + pickle.NEWOBJ, _F_TWO_TO_ONE),
-):
-    for _code in _codes:
-        _FAST[_code] = _action
+#: The number literals: a fresh scan pauses at the first one (`_Scan.stop` tells
+#: it from STOP) to remember the state there, walking `_OPCODES` with these
+#: rows changed until then.
+_NUMBERS = frozenset(
+    _ALLOWED[n][0] for n in ("BININT", "BININT1", "BININT2", "BINFLOAT", "LONG1", "LONG4")
+)
+_UNTIL_NUMBER = list(_OPCODES)
+for _code in _NUMBERS:
+    _UNTIL_NUMBER[_code] = (_END, 0, 0, None)
 
 
 def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
-    """Walk the opcodes once, before unpickling, keeping track of which stack
-    items and memo entries are strings, and refuse:
+    """Walk the opcodes once, before unpickling; `PickleRefusedError` for:
 
     - any opcode a course pickle does not use (persistent ids, the extension
       registry, INST/OBJ, sets, buffers...), more than `MAX_OPCODES` opcodes
       or more than `MAX_REDUCES` REDUCEs;
-    - memo indexes beyond the payload's length (the C unpickler allocates
-      memo space up to the index it is given);
-    - dictionary keys other than strings (hashing a tuple costs its whole
-      size, each time: a nest of shared tuples takes forever);
-    - truncation and bytes after STOP, and the stack underflows the model
-      meets (the unpickler refuses the others, before the model's view of
-      the stack can matter).
+    - memo indexes beyond the payload's length;
+    - dictionary keys other than strings;
+    - truncation, bytes after STOP, and stack underflows.
+
+    With ``preambles``, it resumes after a preamble of ``data`` remembered
+    there, or remembers this one's if the pickle proves whole.
     """
-    resumed = None if preambles is None else preambles.resume(data)
-    if resumed is None:
-        stack: list[bool] = []  # True for a str
-        marks: list[int] = []
-        memo: dict[int, bool] = {}
-        fence = reduces = pos = done = 0
-    else:
-        stack, marks, memo = list(resumed[0]), list(resumed[1]), dict(resumed[2])
-        fence, reduces, pos, done = resumed[3:]
-    end = len(data)
-    push = stack.append
-    preamble = None  # the state at the first number, to remember
-    top_put = -1  # the largest memo index a PUT has used
-    try:
-        for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
-            if pos >= end:
-                raise pickle.UnpicklingError("pickle data was truncated")
-            code = data[pos]
-            fast = _FAST[code]
-            if fast:
-                # The opcodes that make up most of a course pickle, without the
-                # mark checks: at a mark the unpickler refuses them anyway,
-                # before anything the model got wrong from there can matter.
-                if fast == _F_MEMOIZE:
-                    memo[len(memo)] = stack[-1]
-                    pos += 1
-                    continue
-                if fast == _F_STR:  # SHORT_BINUNICODE
-                    pos += 2 + data[pos + 1]
-                    push(True)
-                elif fast == _F_GET:  # BINGET
-                    index = data[pos + 1]
-                    if index not in memo:
-                        raise pickle.UnpicklingError(f"memo index {index} not set")
-                    push(memo[index])
-                    pos += 2
-                    continue
-                elif fast == _F_EMPTY:  # EMPTY_TUPLE, EMPTY_DICT, EMPTY_LIST
-                    push(False)
-                    pos += 1
-                elif fast == _F_BUILD:  # the object stays
-                    del stack[-1]
-                    pos += 1
-                    continue
-                elif fast == _F_MARK:
-                    fence = len(stack)
-                    marks.append(fence)
-                    pos += 1
-                    continue
-                else:  # STACK_GLOBAL, NEWOBJ: two items make one
-                    del stack[-1]
-                    stack[-1] = False
-                    pos += 1
-                # What the pickler writes after each new object.
-                if pos < end and data[pos] == _MEMOIZE_CODE:
-                    memo[len(memo)] = stack[-1]
-                    pos += 1
-                continue
-            spec = _OPCODES[code]
-            if spec is None:
-                raise pickle.UnpicklingError(f"pickle opcode {bytes([code])!r} is not allowed")
-            action, size, npop, npush = spec
-            if resumed is None and code in _NUMBERS:
-                resumed = ()
-                # Kept if the pickle proves whole, and if no PUT index in the
-                # preamble needs a longer payload than the preamble itself.
-                if top_put < pos:
-                    preamble = (tuple(stack), tuple(marks), dict(memo), fence, reduces, pos, done)
-            pos += 1
-            if action == _GET:
-                index = int.from_bytes(data[pos : pos + size], "little")
-                pos += size
-                if index not in memo:
-                    raise pickle.UnpicklingError(f"memo index {index} not set")
-                push(memo[index])
-            elif action in (_PUSH, _STR, _REDUCE):
-                if size is None:
-                    pos = data.index(b"\n", data.index(b"\n", pos) + 1) + 1
-                elif size > 0:
-                    pos += size
-                elif size:
-                    length = int.from_bytes(data[pos : pos - size], "little", signed=size == -4)
-                    if length < 0:
-                        raise pickle.UnpicklingError("negative length")
-                    pos += length - size
-                if npop:
-                    if len(stack) - npop < fence:
-                        raise pickle.UnpicklingError("pickle stack underflow")
-                    del stack[-npop:]
-                if npush:
-                    push(action == _STR)
-                if action == _REDUCE:
-                    reduces += 1
-                    if reduces > MAX_REDUCES:
-                        raise pickle.UnpicklingError(f"more than {MAX_REDUCES} REDUCE opcodes")
-            elif action == _SETITEM:
-                if len(stack) - 3 < fence or not stack[-2]:
-                    raise pickle.UnpicklingError("dictionary keys must be strings")
-                del stack[-2:]
-            elif action in (_TO_MARK, _SETITEMS):
-                if not marks:
-                    raise pickle.UnpicklingError("could not find MARK")
-                mark = marks.pop()
-                fence = marks[-1] if marks else 0
-                if npop and mark - npop < fence:  # the list or dict below the mark
-                    raise pickle.UnpicklingError("pickle stack underflow")
-                if action == _SETITEMS and ((len(stack) - mark) % 2 or not all(stack[mark::2])):
-                    raise pickle.UnpicklingError("dictionary keys must be strings")
-                del stack[mark:]
-                if npush:
-                    push(False)
-            elif action == _PUT:
-                index = int.from_bytes(data[pos : pos + size], "little")
-                pos += size
-                if len(stack) <= fence or index >= end:
-                    raise pickle.UnpicklingError(f"memo index {index} out of range")
-                memo[index] = stack[-1]
-                top_put = max(top_put, index)
-            elif action == _POP:
-                if marks and marks[-1] == len(stack):
-                    marks.pop()
-                    fence = marks[-1] if marks else 0
-                elif len(stack) <= fence:
-                    raise pickle.UnpicklingError("pickle stack underflow")
-                else:
-                    stack.pop()
-            elif action == _STOP:
-                if len(stack) <= fence:
-                    raise pickle.UnpicklingError("pickle stack underflow")
-                if pos != end:
-                    raise pickle.UnpicklingError("trailing bytes after the pickle")
-                if preamble is not None and preambles is not None:
-                    preambles.remember(data, preamble)
-                return
-            else:  # PROTO, FRAME
-                pos += size
-        raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
-    except IndexError:  # an argument past the end, or an item the stack lacks
-        raise pickle.UnpicklingError(
-            "pickle data was truncated" if pos + 1 >= end else "pickle stack underflow"
-        ) from None
+    state = None if preambles is None else preambles.resume(data)
+    if state is not None:
+        _Scan(data, state).walk(_OPCODES, state.pos, state.done)
+        return
+    walker = _Scan(data)
+    paused = walker.walk(_UNTIL_NUMBER, 0, 0)
+    if paused is None:
+        return
+    pos, done = paused
+    # Kept only if no PUT index in the preamble needs a longer payload.
+    preamble = walker.state(pos, done) if preambles is not None and walker.top_put < pos else None
+    walker.walk(_OPCODES, pos, done)
+    if preamble is not None and preambles is not None:
+        preambles.remember(data, preamble)
 
 
-#: The opcodes of number literals.
-_NUMBERS = frozenset(
-    pickle.BININT + pickle.BININT1 + pickle.BININT2 + pickle.BINFLOAT + pickle.LONG1 + pickle.LONG4
-)
 #: How many preambles a `PreambleMemo` keeps by default.
 MAX_PREAMBLES = 8
-
-#: A scan's state: stack, marks, memo, fence, reduces, position, opcodes done.
-_State = tuple[tuple[bool, ...], tuple[int, ...], dict[int, bool], int, int, int, int]
 
 
 class PreambleMemo:
@@ -274,7 +353,7 @@ class PreambleMemo:
 
     def __init__(self, size: int = MAX_PREAMBLES) -> None:
         self.size = size
-        self._states: OrderedDict[bytes, _State] = OrderedDict()
+        self._states: OrderedDict[bytes, ScanState] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._states)
@@ -283,7 +362,7 @@ class PreambleMemo:
         """The remembered preambles, least recently used first."""
         return iter(self._states)
 
-    def resume(self, data: bytes) -> _State | None:
+    def resume(self, data: bytes) -> ScanState | None:
         """The scan state after a remembered preamble of ``data``, if any."""
         for preamble, state in self._states.items():
             if data.startswith(preamble):
@@ -291,8 +370,8 @@ class PreambleMemo:
                 return state
         return None
 
-    def remember(self, data: bytes, state: _State) -> None:
-        """Keep ``state``, the scan state at position ``state[5]`` of ``data``."""
-        self._states[data[: state[5]]] = state
+    def remember(self, data: bytes, state: ScanState) -> None:
+        """Keep ``state``, the scan state at ``state.pos`` of ``data``."""
+        self._states[data[: state.pos]] = state
         while len(self._states) > self.size:
             self._states.popitem(last=False)
