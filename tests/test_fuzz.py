@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import pickletools
+import sys
+from unittest import mock
 
-from helpers import VECTORS
+from helpers import VECTORS, make_course_module
 from hostile import Connection, course_pickle, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_scan import reference_scan
 
 from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.codec.prescan import PreambleMemo, scan
+from twisted_cacheproxy.codec.prescan import _ALLOWED, PreambleMemo, scan
 from twisted_cacheproxy.expression import (
     Binary,
     CalculationError,
@@ -316,3 +319,60 @@ def test_each_server_factory_remembers_its_own_preambles():
     first, second = Connection(), Connection()
     assert first.ask(data) == (200, (7, []))
     assert len(first.factory.preambles) == 1 and not second.factory.preambles
+
+
+# --- the pre-scan against its reference -----------------------------------------------
+
+
+def test_the_scan_knows_each_opcode_by_its_pickletools_code():
+    codes = {op.name: ord(op.code) for op in pickletools.opcodes}
+    assert {name: row[0] for name, row in _ALLOWED.items()} == {n: codes[n] for n in _ALLOWED}
+
+
+with mock.patch.dict(sys.modules, {"calculator": make_course_module()}):
+    COURSE = sys.modules["calculator"]
+    #: Course pickles at every protocol the course programs may use: 2 and 3
+    #: name globals with GLOBAL lines, 5 as 4.
+    ALL_PROTOCOLS = [COURSE.dumps(parse(t), p) for t in TEXTS[:4] for p in (2, 3, 5)]
+#: Answers, which clients scan too.
+ANSWERS = [
+    codec.encode_result(codec.LEGACY, 2**100, ["2 ** 100", str(2**100)]),
+    codec.encode_result(codec.LEGACY, 0.5, []),
+    codec.encode_error(codec.LEGACY, "ZeroDivisionError", "division by zero"),
+]
+
+numbers = st.integers(-(2**70), 2**70).map(Number) | st.floats(allow_nan=False).map(Number)
+trees = st.recursive(
+    numbers | st.sampled_from(["PI", "TAU", "E"]).map(Constant),
+    lambda sub: (
+        st.builds(Binary, sub, st.sampled_from(["+", "-", "*", "/", "%", "**"]), sub)
+        | st.builds(Unary, st.sampled_from(["-", "+"]), sub)
+        | st.builds(Call, st.sampled_from(["max", "min", "sin"]), st.tuples(sub, sub))
+    ),
+    max_leaves=12,
+)
+course_pickles = trees.map(lambda tree: codec.encode_request(tree, codec.LEGACY))
+pickles = (
+    course_pickles
+    | mutated(PICKLES + ALL_PROTOCOLS + ANSWERS, OPCODES)
+    | course_pickles.flatmap(lambda p: mutated([p], OPCODES))
+)
+
+
+def reference_verdict(data: bytes) -> bool:
+    """Whether `reference_scan` accepts ``data``."""
+    try:
+        reference_scan(data)
+        return True
+    except Exception:
+        return False
+
+
+@fuzz
+@given(st.lists(pickles, min_size=1, max_size=4))
+def test_the_scan_refuses_what_the_reference_refuses(batch):
+    # Scanned in turn with one memo, so later ones may resume after a
+    # preamble an earlier one left.
+    preambles = PreambleMemo()
+    for data in batch:
+        assert (verdict(data, preambles) == "ok") == reference_verdict(data), data

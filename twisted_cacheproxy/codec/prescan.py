@@ -11,6 +11,7 @@ has, what it pops and pushes, and, for the few that need more, a handler.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -44,6 +45,7 @@ class ScanState(NamedTuple):
 
 
 _MEMOIZE = 0x94
+_NAME = re.compile(rb"[A-Za-z0-9_.]+")
 
 
 class _Scan:
@@ -84,10 +86,10 @@ class _Scan:
                     raise PickleRefusedError(
                         f"pickle opcode {data[pos : pos + 1]!r} is not allowed"
                     )
-                kind, arg, npop, pushed = row
+                kind, arg, need, npop, pushed = row
                 if kind == _FIXED:
-                    if npop:
-                        if len(stack) - npop < marks[-1]:
+                    if need:
+                        if len(stack) - need < marks[-1]:
                             raise PickleRefusedError("pickle stack underflow")
                         del stack[-npop:]
                     pos += arg
@@ -129,21 +131,36 @@ class _Scan:
 
     def sized(self, pos: int, arg: int) -> int:
         """An ``arg``-byte length (signed when 4 bytes, as LONG4's is) and that many bytes."""
-        data = self.data
-        if arg == 1:  # SHORT_BINUNICODE, LONG1: most of them
-            return pos + 2 + data[pos + 1]
         start = pos + 1 + arg
-        length = int.from_bytes(data[pos + 1 : start], "little", signed=arg == 4)
+        length = int.from_bytes(self.data[pos + 1 : start], "little", signed=arg == 4)
         if length < 0:
             raise PickleRefusedError("negative length")
         return start + length
 
-    def lines(self, pos: int, arg: int) -> int:
-        """Two text lines (GLOBAL's module and name)."""
+    def string(self, pos: int, arg: int) -> int:
+        """A str: an ``arg``-byte length and that many bytes of UTF-8 (as the
+        unpickler decodes them)."""
+        data = self.data
+        start = pos + 1 + arg
+        end = start + data[pos + 1] if arg == 1 else self.sized(pos, arg)  # 1: most of them
         try:
-            return self.data.index(b"\n", self.data.index(b"\n", pos + 1) + 1) + 1
+            data[start:end].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise PickleRefusedError("a string is not UTF-8") from None
+        return end
+
+    def lines(self, pos: int, arg: int) -> int:
+        """GLOBAL's two text lines, module and name: dotted ASCII names, as
+        every global the allow-list admits is."""
+        data = self.data
+        try:
+            first = data.index(b"\n", pos + 1)
+            second = data.index(b"\n", first + 1)
         except ValueError:
             raise PickleRefusedError("pickle data was truncated") from None
+        if not (_NAME.fullmatch(data, pos + 1, first) and _NAME.fullmatch(data, first + 1, second)):
+            raise PickleRefusedError("GLOBAL names must be dotted ASCII names")
+        return second + 1
 
     def put(self, pos: int, arg: int) -> int:
         """Memoize the top item at an ``arg``-byte index, within the payload's
@@ -229,10 +246,11 @@ class _Scan:
 # What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or by
 # itself, skip its fixed-size argument, push a BINGET's memo entry, set a mark, or end
 # (STOP, or the number where a fresh scan pauses).
-_SIZED, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE, _POP = range(10)
-_FIXED, _GET, _MARK, _END = range(10, 14)
+_SIZED, _STR, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE = range(10)
+_POP, _FIXED, _GET, _MARK, _END = range(10, 15)
 _HANDLERS: list[Callable[[_Scan, int, int], int]] = [
     _Scan.sized,
+    _Scan.string,
     _Scan.lines,
     _Scan.get,
     _Scan.put,
@@ -243,59 +261,60 @@ _HANDLERS: list[Callable[[_Scan, int, int], int]] = [
     _Scan.reduce,
     _Scan.pop,
 ]
-#: An opcode's row: what `walk` does with it, its argument (the bytes to
-#: skip, the opcode's included, for `_FIXED`; the handler's
-#: argument otherwise), the items a `_FIXED` opcode pops, and what is
+#: An opcode's row: what `walk` does with it; its argument (the bytes to
+#: skip, the opcode's included, for `_FIXED`, the handler's argument
+#: otherwise); for `_FIXED`, the items it needs above the last mark and the
+#: items it pops (fewer when it changes the one below in place); and what is
 #: pushed last (True: a str, False: anything else, None: nothing).
-_Row = tuple[int, int, int, bool | None]
+_Row = tuple[int, int, int, int, bool | None]
 
 # The opcodes pickle protocols 2 to 5 write for a course pickle or an
 # answer, by name (a test holds each code against `pickletools`), as
 # (code, *row); every other opcode is refused.
-_ALLOWED: dict[str, tuple[int, int, int, int, bool | None]] = {
-    "PROTO": (0x80, _FIXED, 2, 0, None),
-    "FRAME": (0x95, _FIXED, 9, 0, None),
-    "STOP": (0x2E, _END, 0, 0, None),
-    "MARK": (0x28, _MARK, 0, 0, None),
-    "POP": (0x30, _POP, 0, 0, None),
-    "POP_MARK": (0x31, _TO_MARK, 0, 0, None),
-    "NONE": (0x4E, _FIXED, 1, 0, False),
-    "NEWTRUE": (0x88, _FIXED, 1, 0, False),
-    "NEWFALSE": (0x89, _FIXED, 1, 0, False),
-    "BININT": (0x4A, _FIXED, 5, 0, False),
-    "BININT1": (0x4B, _FIXED, 2, 0, False),
-    "BININT2": (0x4D, _FIXED, 3, 0, False),
-    "LONG1": (0x8A, _SIZED, 1, 0, False),
-    "LONG4": (0x8B, _SIZED, 4, 0, False),
-    "BINFLOAT": (0x47, _FIXED, 9, 0, False),
-    "SHORT_BINUNICODE": (0x8C, _SIZED, 1, 0, True),
-    "BINUNICODE": (0x58, _SIZED, 4, 0, True),
-    "BINUNICODE8": (0x8D, _SIZED, 8, 0, True),
-    "EMPTY_LIST": (0x5D, _FIXED, 1, 0, False),
-    "APPEND": (0x61, _FIXED, 1, 1, None),  # the list stays
-    "APPENDS": (0x65, _TO_MARK, 1, 0, None),  # so does the list below the mark
-    "EMPTY_TUPLE": (0x29, _FIXED, 1, 0, False),
-    "TUPLE": (0x74, _TO_MARK, 0, 0, False),
-    "TUPLE1": (0x85, _FIXED, 1, 1, False),
-    "TUPLE2": (0x86, _FIXED, 1, 2, False),
-    "TUPLE3": (0x87, _FIXED, 1, 3, False),
-    "EMPTY_DICT": (0x7D, _FIXED, 1, 0, False),
-    "SETITEM": (0x73, _SETITEM, 0, 0, None),
-    "SETITEMS": (0x75, _SETITEMS, 1, 0, None),  # the dict stays below the mark
-    "BINGET": (0x68, _GET, 0, 0, None),
-    "LONG_BINGET": (0x6A, _GET4, 4, 0, None),
-    "BINPUT": (0x71, _PUT, 1, 0, None),
-    "LONG_BINPUT": (0x72, _PUT, 4, 0, None),
-    "MEMOIZE": (_MEMOIZE, _MEMO, 0, 0, None),
-    "GLOBAL": (0x63, _LINES, 0, 0, False),
-    "STACK_GLOBAL": (0x93, _FIXED, 1, 2, False),
-    "REDUCE": (0x52, _REDUCE, 0, 0, False),
-    "BUILD": (0x62, _FIXED, 1, 1, None),  # the object stays
-    "NEWOBJ": (0x81, _FIXED, 1, 2, False),
+_ALLOWED: dict[str, tuple[int, int, int, int, int, bool | None]] = {
+    "PROTO": (0x80, _FIXED, 2, 0, 0, None),
+    "FRAME": (0x95, _FIXED, 9, 0, 0, None),
+    "STOP": (0x2E, _END, 0, 0, 0, None),
+    "MARK": (0x28, _MARK, 0, 0, 0, None),
+    "POP": (0x30, _POP, 0, 0, 0, None),
+    "POP_MARK": (0x31, _TO_MARK, 0, 0, 0, None),
+    "NONE": (0x4E, _FIXED, 1, 0, 0, False),
+    "NEWTRUE": (0x88, _FIXED, 1, 0, 0, False),
+    "NEWFALSE": (0x89, _FIXED, 1, 0, 0, False),
+    "BININT": (0x4A, _FIXED, 5, 0, 0, False),
+    "BININT1": (0x4B, _FIXED, 2, 0, 0, False),
+    "BININT2": (0x4D, _FIXED, 3, 0, 0, False),
+    "LONG1": (0x8A, _SIZED, 1, 0, 0, False),
+    "LONG4": (0x8B, _SIZED, 4, 0, 0, False),
+    "BINFLOAT": (0x47, _FIXED, 9, 0, 0, False),
+    "SHORT_BINUNICODE": (0x8C, _STR, 1, 0, 0, True),
+    "BINUNICODE": (0x58, _STR, 4, 0, 0, True),
+    "BINUNICODE8": (0x8D, _STR, 8, 0, 0, True),
+    "EMPTY_LIST": (0x5D, _FIXED, 1, 0, 0, False),
+    "APPEND": (0x61, _FIXED, 1, 2, 1, None),  # the list stays
+    "APPENDS": (0x65, _TO_MARK, 1, 0, 0, None),  # so does the list below the mark
+    "EMPTY_TUPLE": (0x29, _FIXED, 1, 0, 0, False),
+    "TUPLE": (0x74, _TO_MARK, 0, 0, 0, False),
+    "TUPLE1": (0x85, _FIXED, 1, 1, 1, False),
+    "TUPLE2": (0x86, _FIXED, 1, 2, 2, False),
+    "TUPLE3": (0x87, _FIXED, 1, 3, 3, False),
+    "EMPTY_DICT": (0x7D, _FIXED, 1, 0, 0, False),
+    "SETITEM": (0x73, _SETITEM, 0, 0, 0, None),
+    "SETITEMS": (0x75, _SETITEMS, 1, 0, 0, None),  # the dict stays below the mark
+    "BINGET": (0x68, _GET, 0, 0, 0, None),
+    "LONG_BINGET": (0x6A, _GET4, 4, 0, 0, None),
+    "BINPUT": (0x71, _PUT, 1, 0, 0, None),
+    "LONG_BINPUT": (0x72, _PUT, 4, 0, 0, None),
+    "MEMOIZE": (_MEMOIZE, _MEMO, 0, 0, 0, None),
+    "GLOBAL": (0x63, _LINES, 0, 0, 0, False),
+    "STACK_GLOBAL": (0x93, _FIXED, 1, 2, 2, False),
+    "REDUCE": (0x52, _REDUCE, 0, 0, 0, False),
+    "BUILD": (0x62, _FIXED, 1, 2, 1, None),  # the object stays
+    "NEWOBJ": (0x81, _FIXED, 1, 2, 2, False),
 }
 _OPCODES: list[_Row | None] = [None] * 256
-for _code, _kind, _arg, _npop, _pushed in _ALLOWED.values():
-    _OPCODES[_code] = (_kind, _arg, _npop, _pushed)
+for _code, *_row in _ALLOWED.values():
+    _OPCODES[_code] = (*_row,)
 
 #: The number literals: a fresh scan pauses at the first one (`_Scan.stop` tells
 #: it from STOP) to remember the state there, walking `_OPCODES` with these
@@ -305,7 +324,7 @@ _NUMBERS = frozenset(
 )
 _UNTIL_NUMBER = list(_OPCODES)
 for _code in _NUMBERS:
-    _UNTIL_NUMBER[_code] = (_END, 0, 0, None)
+    _UNTIL_NUMBER[_code] = (_END, 0, 0, 0, None)
 
 
 def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
