@@ -342,6 +342,7 @@ print(sorted(m for m in sys.modules if m.startswith("twisted")))
 """
 
 
+@pytest.mark.integration  # spawns a plain python
 def test_legacy_answers_unpickle_in_a_plain_python(tmp_path):
     answers = [
         codec.encode_result(LEGACY, -0.38748277824137206, ["(sin(1) / 12) * 13", "x"]),
