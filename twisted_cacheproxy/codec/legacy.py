@@ -17,7 +17,7 @@ import io
 import math
 import pickle
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..expression import (
     BINARY,
@@ -215,15 +215,11 @@ _CALL_FUNCTIONS = {
     "rand": _UNIFORM,
 }
 _ALLOWED: dict[tuple[str, str], Any] = {("calculator", cls.__name__): cls for cls in _STANDINS}
-_ALLOWED.update(
-    {
-        tuple(q.split(".")): _Global(q)
-        for q in (*_BINARY_FUNCTIONS.values(), *_UNARY_FUNCTIONS.values())
-    }
-)
-_ALLOWED.update(
-    {tuple(q.split(".")): _Global(q) for q in _CALL_FUNCTIONS.values() if q is not _UNIFORM}
-)
+_NAMED = (*_BINARY_FUNCTIONS.values(), *_UNARY_FUNCTIONS.values(), *_CALL_FUNCTIONS.values())
+for _qualified_name in _NAMED:
+    if _qualified_name is not _UNIFORM:
+        _module, _, _name = _qualified_name.partition(".")
+        _ALLOWED[(_module, _name)] = _Global(_qualified_name)
 _ALLOWED[("calculator", "Associativity")] = _AssociativityStandIn()
 _ALLOWED[("builtins", "getattr")] = _GetattrStandIn()
 _ALLOWED[("random", "Random")] = _RandomStandIn()
@@ -339,7 +335,13 @@ def _unsupported(why: str) -> CalculationError:
 # --- building legacy requests (the client) ----------------------------------
 
 
-class _RequestPickler(pickle._Pickler):
+if TYPE_CHECKING:  # typeshed lists few of the pure-Python pickler's methods
+    _PurePickler = Any
+else:
+    _PurePickler = pickle._Pickler
+
+
+class _RequestPickler(_PurePickler):
     """Pickles our stand-in classes as the globals ``calculator.<name>``
     without looking the module up, so no ``calculator`` module need exist
     (and a real one, where there is, is left alone). The pure-Python pickler,
@@ -379,18 +381,17 @@ _UNARY_OPERATORS = {s: PUnaryOperator(s, UNARY[s]) for s in UNARY}
 
 def _to_pickled(node: Node, functions: dict[str, _Pickled]) -> _Pickled:
     """Our tree as the course client's objects (operators shared, as it does)."""
-    kind = type(node)
-    if kind is Number:
+    if isinstance(node, Number):
         return PConstant(node.value)
-    if kind is Constant:
+    if isinstance(node, Constant):
         return PNamedConstant(node.name, node.value)
-    if kind is Binary:
+    if isinstance(node, Binary):
         return PBinaryExpr(
             _to_pickled(node.left, functions),
             _OPERATORS[node.op],
             _to_pickled(node.right, functions),
         )
-    if kind is Unary:
+    if isinstance(node, Unary):
         return PUnaryExpr(_UNARY_OPERATORS[node.op], _to_pickled(node.operand, functions))
     if node.name not in functions:
         impl = (

@@ -313,8 +313,8 @@ _ALLOWED: dict[str, tuple[int, int, int, int, int, bool | None]] = {
     "NEWOBJ": (0x81, _FIXED, 1, 2, 2, False),
 }
 _OPCODES: list[_Row | None] = [None] * 256
-for _code, *_row in _ALLOWED.values():
-    _OPCODES[_code] = (*_row,)
+for _code, _kind, _arg, _need, _npop, _pushed in _ALLOWED.values():
+    _OPCODES[_code] = (_kind, _arg, _need, _npop, _pushed)
 
 #: The number literals: a fresh scan pauses at the first one (`_Scan.stop` tells
 #: it from STOP) to remember the state there, walking `_OPCODES` with these
