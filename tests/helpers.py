@@ -1,6 +1,6 @@
 """Helpers shared by the tests (not fixtures): the vectors, Deferred
 inspection, and the course programs' ``calculator``/``api`` modules, written
-independently of the package's own stand-ins in codec.py."""
+independently of the package's own stand-ins in codec/legacy.py."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def failure_of(d, *types_):
     return box[0]
 
 
-# --- the course's `calculator` module, written independently of codec.py ----
+# --- the course's `calculator` module, written independently of codec/legacy.py -
 
 
 def _course_class(module, name, fields):

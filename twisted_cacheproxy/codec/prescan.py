@@ -199,10 +199,12 @@ class _Scan:
         return mark
 
     def to_mark(self, pos: int, arg: int) -> int:
+        """What is above the last mark makes one item, or none (POP_MARK)."""
         del self.stack[self.pop_mark(arg) :]
         return pos + 1
 
     def setitems(self, pos: int, arg: int) -> int:
+        """Keys and values above the last mark, into the dict below it."""
         stack = self.stack
         mark = self.pop_mark(arg)
         if (len(stack) - mark) % 2 or not all(stack[mark::2]):
@@ -243,9 +245,9 @@ class _Scan:
         return pos + 1
 
 
-# What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or by
-# itself, skip its fixed-size argument, push a BINGET's memo entry, set a mark, or end
-# (STOP, or the number where a fresh scan pauses).
+# What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or, by
+# itself, skip a fixed-size argument, push a BINGET's memo entry, set a mark
+# or end (at STOP, or at the number where a fresh scan pauses).
 _SIZED, _STR, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE = range(10)
 _POP, _FIXED, _GET, _MARK, _END = range(10, 15)
 _HANDLERS: list[Callable[[_Scan, int, int], int]] = [
