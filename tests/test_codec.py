@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copyreg
+import io
 import json
 import math
 import operator
@@ -12,13 +13,17 @@ import random
 import subprocess
 import sys
 import types
+from unittest import mock
 
 import pytest
 from helpers import course_pickle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twisted_cacheproxy import codec
-from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError
+from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError, legacy
 from twisted_cacheproxy.expression import (
+    BINARY,
     MAX_NODES,
     Binary,
     CalculationError,
@@ -164,6 +169,66 @@ def test_encode_request_legacy_without_a_calculator_module():
     data = codec.encode_request(parse("1 + 2"), LEGACY)
     assert "calculator" not in sys.modules
     assert codec.decode_request(data) == parse("1 + 2")
+
+
+def c_pickle(graph: object) -> bytes:
+    """What the C pickler writes for a stand-in graph, with the stand-ins in
+    a ``calculator`` module for the moment (as the package once did)."""
+    module = types.ModuleType("calculator")
+    for cls in (*legacy._STANDINS, legacy.Associativity):
+        setattr(module, cls.__name__, cls)
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, legacy.PROTOCOL)
+    pickler.dispatch_table = {}
+    with mock.patch.dict(sys.modules, {"calculator": module}):
+        pickler.dump(graph)
+    return out.getvalue()
+
+
+numbers = (
+    st.integers(-(2**80), 2**80)
+    | st.sampled_from([0, 255, 256, 65535, 65536, -1, -128, -129, 2**31 - 1, 2**31, -(2**31)])
+    | st.floats(allow_nan=False)
+).map(Number)
+trees = st.recursive(
+    numbers | st.sampled_from(["PI", "TAU", "E"]).map(Constant),
+    lambda sub: (
+        st.builds(Binary, sub, st.sampled_from(sorted(BINARY)), sub)
+        | st.builds(Unary, st.sampled_from(["-", "+"]), sub)
+        | st.builds(
+            Call,
+            st.sampled_from(["max", "min", "sin", "rand", "pow"]),
+            st.lists(sub, max_size=4).map(tuple),
+        )
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees)
+def test_the_request_writer_writes_what_the_c_pickler_writes(tree):
+    graph = legacy._to_pickled(tree, {})
+    assert legacy._RequestWriter().dump(graph) == c_pickle(graph)
+
+
+def test_the_request_writer_frames_and_batches_as_the_c_pickler_does():
+    # More than 64 KiB (two frames), a call of more than 1000 arguments
+    # (two batches), more than 256 memo entries (LONG_BINGET).
+    args = tuple(Number(i + 0.5) for i in range(3500))
+    tree = Binary(Call("max", args), "+", Call("rand", (Number(1), Number(2))))
+    graph = legacy._to_pickled(tree, {})
+    data = legacy._RequestWriter().dump(graph)
+    assert len(data) > 64 * 1024
+    assert data == c_pickle(graph)
+
+
+@pytest.mark.parametrize(
+    "text", ["-" * 200 + "1", "(" * 199 + "1" + " + 1)" * 199, "sqrt(" * 199 + "1" + ")" * 199]
+)
+def test_encode_request_legacy_writes_the_deepest_trees(text):
+    tree = parse(text)
+    assert codec.decode_request(codec.encode_request(tree, LEGACY)) == tree
 
 
 def test_encode_request_text():

@@ -17,7 +17,9 @@ import io
 import math
 import pickle
 import random
-from typing import TYPE_CHECKING, Any
+import struct
+import types
+from typing import Any
 
 from ..expression import (
     BINARY,
@@ -335,41 +337,167 @@ def _unsupported(why: str) -> CalculationError:
 # --- building legacy requests (the client) ----------------------------------
 
 
-if TYPE_CHECKING:  # typeshed lists few of the pure-Python pickler's methods
-    _PurePickler = Any
-else:
-    _PurePickler = pickle._Pickler
+class _RequestWriter:
+    """Writes the stand-in graph of a request as protocol 4 opcodes, byte for
+    byte as the C pickler writes the course client's objects (framing, memo
+    and batching included; a test holds the two together), but naming the
+    stand-in classes ``calculator.<name>`` without looking a module of that
+    name up: the C pickler resolves every global through ``sys.modules``.
 
+    It keeps a stack of work instead of recursing, so any tree the limits
+    admit is written whatever the recursion limit."""
 
-class _RequestPickler(_PurePickler):
-    """Pickles our stand-in classes as the globals ``calculator.<name>``
-    without looking the module up, so no ``calculator`` module need exist
-    (and a real one, where there is, is left alone). The pure-Python pickler,
-    because the C one resolves every global through ``sys.modules``; the two
-    write the same bytes."""
+    def __init__(self) -> None:
+        self.frames = bytearray(pickle.PROTO + bytes([PROTOCOL]))
+        self.frame = bytearray()
+        # id -> (index, the object, kept alive so that no id is reused)
+        self.memo: dict[int, tuple[int, Any]] = {}
+        self.todo: list[tuple[int, Any]] = []
 
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        if getattr(obj, "__module__", None) != "calculator" or name is not None:
-            super().save_global(obj, name)
+    def dump(self, obj: Any) -> bytes:
+        """The whole pickle of ``obj``."""
+        todo = self.todo
+        todo.append((_SAVE, obj))
+        while todo:
+            action, item = todo.pop()
+            if action == _SAVE:
+                self.commit_frame(_FRAME_SIZE_TARGET)
+                self.save(item)
+            elif action == _WRITE:
+                self.frame += item
+            else:
+                self.memoize(item)
+        self.frame += pickle.STOP
+        self.commit_frame(0)
+        return bytes(self.frames)
+
+    def commit_frame(self, target: int) -> None:
+        """Close the current frame once it holds ``target`` bytes or more."""
+        frame = self.frame
+        if len(frame) < target or not frame:
             return
-        # What the pickler writes for a global at protocol 4.
-        self.save(obj.__module__)
-        self.save(obj.__qualname__)
-        self.write(pickle.STACK_GLOBAL)
+        if len(frame) >= _FRAME_SIZE_MIN:
+            self.frames += pickle.FRAME + len(frame).to_bytes(8, "little")
+        self.frames += frame
+        self.frame = bytearray()
+
+    def memoize(self, obj: Any) -> None:
+        self.memo[id(obj)] = (len(self.memo), obj)
+        self.frame += pickle.MEMOIZE
+
+    def later(self, *work: tuple[int, Any]) -> None:
+        """Do ``work`` next, in this order."""
+        self.todo.extend(reversed(work))
+
+    def save(self, obj: Any) -> None:
+        """Write ``obj``, or what opens it and queue the rest."""
+        kind = type(obj)
+        if obj is None:
+            self.frame += pickle.NONE
+        elif kind is int:
+            self.save_int(obj)
+        elif kind is float:
+            self.frame += pickle.BINFLOAT + struct.pack(">d", obj)
+        elif id(obj) in self.memo:
+            index = self.memo[id(obj)][0]
+            self.frame += (
+                pickle.BINGET + bytes([index])
+                if index < 256
+                else pickle.LONG_BINGET + index.to_bytes(4, "little")
+            )
+        elif kind is str:
+            data = obj.encode("utf-8", "surrogatepass")
+            if len(data) < 256:
+                self.frame += pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+            else:
+                self.frame += pickle.BINUNICODE + len(data).to_bytes(4, "little") + data
+            self.memoize(obj)
+        elif kind is tuple:
+            self.save_tuple(obj)
+        elif kind is list or kind is dict:
+            self.save_container(obj)
+        elif isinstance(obj, (type, types.BuiltinFunctionType)):
+            # A global: module and name (each a string that may be in the memo).
+            self.later(
+                (_SAVE, obj.__module__),
+                (_SAVE, obj.__qualname__),
+                (_WRITE, pickle.STACK_GLOBAL),
+                (_MEMOIZE, obj),
+            )
+        else:
+            self.save_reduce(obj)
+
+    def save_int(self, value: int) -> None:
+        if 0 <= value < 256:
+            self.frame += pickle.BININT1 + bytes([value])
+        elif 0 <= value < 65536:
+            self.frame += pickle.BININT2 + value.to_bytes(2, "little")
+        elif -(2**31) <= value < 2**31:
+            self.frame += pickle.BININT + value.to_bytes(4, "little", signed=True)
+        else:
+            data = pickle.encode_long(value)
+            if len(data) < 256:
+                self.frame += pickle.LONG1 + bytes([len(data)]) + data
+            else:
+                self.frame += pickle.LONG4 + len(data).to_bytes(4, "little", signed=True) + data
+
+    def save_tuple(self, items: tuple[Any, ...]) -> None:
+        if not items:
+            self.frame += pickle.EMPTY_TUPLE
+            return
+        if len(items) <= 3:
+            end = (pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3)[len(items) - 1]
+        else:
+            self.frame += pickle.MARK
+            end = pickle.TUPLE
+        self.later(*((_SAVE, item) for item in items), (_WRITE, end), (_MEMOIZE, items))
+
+    def save_container(self, obj: list[Any] | dict[Any, Any]) -> None:
+        """A list or dict: empty, memoized, then filled in batches of 1000."""
+        if isinstance(obj, list):
+            self.frame += pickle.EMPTY_LIST
+            items = obj
+            one, many, per = pickle.APPEND, pickle.APPENDS, 1
+        else:
+            self.frame += pickle.EMPTY_DICT
+            items = [part for pair in obj.items() for part in pair]
+            one, many, per = pickle.SETITEM, pickle.SETITEMS, 2
         self.memoize(obj)
+        work: list[tuple[int, Any]] = []
+        for start in range(0, len(items), 1000 * per):
+            batch = items[start : start + 1000 * per]
+            if len(batch) > per:
+                work.append((_WRITE, pickle.MARK))
+            work += [(_SAVE, item) for item in batch]
+            work.append((_WRITE, many if len(batch) > per else one))
+        self.later(*work)
+
+    def save_reduce(self, obj: Any) -> None:
+        """An object by its ``__reduce_ex__``: a class and NEWOBJ (the
+        stand-ins), or a callable and REDUCE (Associativity, the random
+        generator and its bound method), then its state and BUILD."""
+        reduced = obj.__reduce_ex__(PROTOCOL)
+        func, args = reduced[0], reduced[1]
+        state = reduced[2] if len(reduced) > 2 else None
+        if getattr(func, "__name__", None) == "__newobj__":
+            work = [(_SAVE, args[0]), (_SAVE, args[1:]), (_WRITE, pickle.NEWOBJ)]
+        else:
+            work = [(_SAVE, func), (_SAVE, args), (_WRITE, pickle.REDUCE)]
+        work.append((_MEMOIZE, obj))
+        if state is not None:
+            work += [(_SAVE, state), (_WRITE, pickle.BUILD)]
+        self.later(*work)
+
+
+_SAVE, _WRITE, _MEMOIZE = range(3)
+_FRAME_SIZE_TARGET = 64 * 1024
+_FRAME_SIZE_MIN = 4
 
 
 def encode_request(node: Node) -> bytes:
     """Legacy request data for ``node``, pickled exactly the way the course
     client pickles its ``calculator`` objects."""
-    out = io.BytesIO()
-    pickler = _RequestPickler(out, PROTOCOL)
-    # A private, empty table: reducers registered process-wide (Twisted's
-    # styles module registers one for bound methods) must not change how
-    # rand's Random.uniform is pickled.
-    pickler.dispatch_table = {}
-    pickler.dump(_to_pickled(node, {}))
-    return out.getvalue()
+    return _RequestWriter().dump(_to_pickled(node, {}))
 
 
 _OPERATORS = {
