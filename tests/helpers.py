@@ -16,6 +16,7 @@ import pickle
 import random
 import types
 
+from hypothesis import strategies as st
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy import expression as ex
@@ -194,3 +195,22 @@ class Peer:
         from twisted.internet import error
 
         self.protocol.connectionLost(Failure((reason or error.ConnectionDone)()))
+
+
+def trees(functions: tuple[str, ...], max_leaves: int) -> st.SearchStrategy[ex.Node]:
+    """Expression trees of every kind of node, with integers around each
+    width the pickler writes differently; calls to ``functions``."""
+    numbers = (
+        st.integers(-(2**80), 2**80)
+        | st.sampled_from([0, 255, 256, 65535, 65536, -1, -128, -129, 2**31 - 1, 2**31, -(2**31)])
+        | st.floats(allow_nan=False)
+    ).map(ex.Number)
+    return st.recursive(
+        numbers | st.sampled_from(sorted(ex.CONSTANTS)).map(ex.Constant),
+        lambda sub: (
+            st.builds(ex.Binary, sub, st.sampled_from(sorted(ex.BINARY)), sub)
+            | st.builds(ex.Unary, st.sampled_from(sorted(ex.UNARY)), sub)
+            | st.builds(ex.Call, st.sampled_from(functions), st.lists(sub, max_size=4).map(tuple))
+        ),
+        max_leaves=max_leaves,
+    )

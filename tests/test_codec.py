@@ -16,14 +16,12 @@ import types
 from unittest import mock
 
 import pytest
-from helpers import course_pickle
+from helpers import course_pickle, trees
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from twisted_cacheproxy import codec
 from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError, legacy
 from twisted_cacheproxy.expression import (
-    BINARY,
     MAX_NODES,
     Binary,
     CalculationError,
@@ -185,28 +183,8 @@ def c_pickle(graph: object) -> bytes:
     return out.getvalue()
 
 
-numbers = (
-    st.integers(-(2**80), 2**80)
-    | st.sampled_from([0, 255, 256, 65535, 65536, -1, -128, -129, 2**31 - 1, 2**31, -(2**31)])
-    | st.floats(allow_nan=False)
-).map(Number)
-trees = st.recursive(
-    numbers | st.sampled_from(["PI", "TAU", "E"]).map(Constant),
-    lambda sub: (
-        st.builds(Binary, sub, st.sampled_from(sorted(BINARY)), sub)
-        | st.builds(Unary, st.sampled_from(["-", "+"]), sub)
-        | st.builds(
-            Call,
-            st.sampled_from(["max", "min", "sin", "rand", "pow"]),
-            st.lists(sub, max_size=4).map(tuple),
-        )
-    ),
-    max_leaves=40,
-)
-
-
 @settings(max_examples=200, deadline=None)
-@given(trees)
+@given(trees(("max", "min", "sin", "rand", "pow"), 40))
 def test_the_request_writer_writes_what_the_c_pickler_writes(tree):
     graph = legacy._to_pickled(tree, {})
     assert legacy._RequestWriter().dump(graph) == c_pickle(graph)
