@@ -18,7 +18,7 @@ ALLOWED = frozenset(_ALLOWED)
 #: `pickletools` gives their result the type of their first argument).
 IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "MEMOIZE"})
 #: What GLOBAL may name: dotted ASCII names, as every allowed global is.
-NAME = re.compile(r"[A-Za-z0-9_.]+")
+NAME = re.compile(rb"[A-Za-z0-9_.]+")
 
 
 class RefusedError(Exception):
@@ -59,7 +59,7 @@ def reference_scan(data: bytes) -> None:
             below = before.index(pickletools.markobject)
         else:
             above, below = [], len(before)
-        if op.name == "PUT" or op.name.endswith("BINPUT"):
+        if op.name.endswith("PUT"):
             below = 1  # reads the top item
         if len(stack) - below < fence:
             raise RefusedError("stack underflow")
@@ -68,7 +68,8 @@ def reference_scan(data: bytes) -> None:
             raise RefusedError("key not a string")
         if op.name == "SETITEMS" and (len(above) % 2 or not all(above[::2])):
             raise RefusedError("key not a string")
-        if op.name == "GLOBAL" and not all(NAME.fullmatch(part) for part in arg.split(" ")):
+        # genops gives GLOBAL's two lines joined by a space: read them again.
+        if op.name == "GLOBAL" and not all(map(NAME.fullmatch, data[pos + 1 :].split(b"\n")[:2])):
             raise RefusedError("odd global name")
         if op.name.endswith("PUT"):
             if arg >= len(data):

@@ -9,6 +9,7 @@ import pickletools
 import sys
 from unittest import mock
 
+import pytest
 from helpers import VECTORS, make_course_module, trees
 from hostile import Connection, course_pickle, request
 from hypothesis import HealthCheck, given, settings
@@ -370,3 +371,18 @@ def test_the_scan_refuses_what_the_reference_refuses(batch):
     preambles = PreambleMemo()
     for data in batch:
         assert (verdict(data, preambles) == "ok") == reference_verdict(data), data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x04](K\x01a.",  # APPEND with only the item above the mark
+        b"\x80\x04}(K\x01b.",  # BUILD likewise
+        b"\x80\x04\x8c\x01\xff.",  # a string that is not UTF-8
+        b"\x80\x02ca b\nc\n.",  # GLOBAL names with a space
+        b"\x80\x02c\xc3\xa9\nx\n.",  # and not ASCII
+    ],
+)
+def test_what_the_reference_found_is_refused(data):
+    assert not reference_verdict(data)
+    assert verdict(data) != "ok"
