@@ -342,7 +342,10 @@ def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
     With ``preambles``, it resumes after a preamble of ``data`` remembered
     there, or remembers this one's if the pickle proves whole.
     """
-    state = None if preambles is None else preambles.resume(data)
+    if preambles is None:
+        _Scan(data).walk(_OPCODES, 0, 0)
+        return
+    state = preambles.resume(data)
     if state is not None:
         _Scan(data, state).walk(_OPCODES, state.pos, state.done)
         return
@@ -352,9 +355,9 @@ def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
         return
     pos, done = paused
     # Kept only if no PUT index in the preamble needs a longer payload.
-    preamble = walker.state(pos, done) if preambles is not None and walker.top_put < pos else None
+    preamble = walker.state(pos, done) if walker.top_put < pos else None
     walker.walk(_OPCODES, pos, done)
-    if preamble is not None and preambles is not None:
+    if preamble is not None:
         preambles.remember(data, preamble)
 
 
