@@ -1220,7 +1220,7 @@ def test_a_response_sent_to_the_proxy_is_a_400_and_not_forwarded(h):
 
 def test_impossible_length_is_answered_400_then_closed(h):
     c = h.client()
-    c.send(wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0) + b"1 + 2")
+    c.send(wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0, 0) + b"1 + 2")
     payload = json.dumps(
         {
             "error": "impossible message length 9000 (must be 12..8192); closing the connection",
@@ -1236,7 +1236,7 @@ def test_impossible_length_is_answered_400_then_closed(h):
 
 def test_impossible_length_after_a_pending_miss_is_answered_in_order(h):
     c = h.client()
-    c.send(request(X), wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0))
+    c.send(request(X), wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0, 0))
     bad = wire.encode(
         TS,
         wire.make_flags(request=False, status=wire.BAD_REQUEST),

@@ -329,7 +329,7 @@ def test_a_request_instead_of_an_answer_is_an_invalid_answer(p):
 def test_an_impossible_length_is_an_invalid_answer(p):
     r = p.fetch(request(b"1"))
     c1 = p.accept()
-    c1.reply(wire.HEADER.pack(TS, 5, 200, 0))
+    c1.reply(wire.HEADER.pack(TS, 5, 200, 0, 0))
     assert r.error == (
         "calculator server 127.0.0.1:9999 sent an invalid answer: peer sent an impossible "
         "message length 5 (must be 12..65535); closing the connection"
