@@ -1,6 +1,6 @@
 """Helpers shared by the tests (not fixtures): the vectors, Deferred
 inspection, and the course programs' ``calculator``/``api`` modules, written
-independently of the package's own stand-ins in codec.py."""
+independently of the package's own stand-ins in codec/legacy.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pickle
 import random
 import types
 
+from hypothesis import strategies as st
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy import expression as ex
@@ -57,7 +58,7 @@ def failure_of(d, *types_):
     return box[0]
 
 
-# --- the course's `calculator` module, written independently of codec.py ----
+# --- the course's `calculator` module, written independently of codec/legacy.py -
 
 
 def _course_class(module, name, fields):
@@ -253,3 +254,22 @@ class Peer:
         from twisted.internet import error
 
         self.protocol.connectionLost(Failure((reason or error.ConnectionDone)()))
+
+
+def trees(functions: tuple[str, ...], max_leaves: int) -> st.SearchStrategy[ex.Node]:
+    """Expression trees of every kind of node, with integers around each
+    width the pickler writes differently; calls to ``functions``."""
+    numbers = (
+        st.integers(-(2**80), 2**80)
+        | st.sampled_from([0, 255, 256, 65535, 65536, -1, -128, -129, 2**31 - 1, 2**31, -(2**31)])
+        | st.floats(allow_nan=False)
+    ).map(ex.Number)
+    return st.recursive(
+        numbers | st.sampled_from(sorted(ex.CONSTANTS)).map(ex.Constant),
+        lambda sub: (
+            st.builds(ex.Binary, sub, st.sampled_from(sorted(ex.BINARY)), sub)
+            | st.builds(ex.Unary, st.sampled_from(sorted(ex.UNARY)), sub)
+            | st.builds(ex.Call, st.sampled_from(functions), st.lists(sub, max_size=4).map(tuple))
+        ),
+        max_leaves=max_leaves,
+    )

@@ -17,6 +17,8 @@ import pytest
 from test_plugin import environment, script
 from test_proxy_integration import free_port, twistd  # noqa: F401  (twistd: a fixture)
 
+pytestmark = pytest.mark.integration
+
 WAIT = 10.0  # seconds: the most any single wait here may take
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copyreg
+import io
 import json
 import math
 import operator
@@ -12,12 +13,14 @@ import random
 import subprocess
 import sys
 import types
+from unittest import mock
 
 import pytest
-from helpers import course_pickle
+from helpers import course_pickle, trees
+from hypothesis import given, settings
 
 from twisted_cacheproxy import codec
-from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError
+from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError, legacy
 from twisted_cacheproxy.expression import (
     MAX_NODES,
     Binary,
@@ -164,6 +167,46 @@ def test_encode_request_legacy_without_a_calculator_module():
     data = codec.encode_request(parse("1 + 2"), LEGACY)
     assert "calculator" not in sys.modules
     assert codec.decode_request(data) == parse("1 + 2")
+
+
+def c_pickle(graph: object) -> bytes:
+    """What the C pickler writes for a stand-in graph, with the stand-ins in
+    a ``calculator`` module for the moment (as the package once did)."""
+    module = types.ModuleType("calculator")
+    for cls in (*legacy._STANDINS, legacy.Associativity):
+        setattr(module, cls.__name__, cls)
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, legacy.PROTOCOL)
+    pickler.dispatch_table = {}
+    with mock.patch.dict(sys.modules, {"calculator": module}):
+        pickler.dump(graph)
+    return out.getvalue()
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees(("max", "min", "sin", "rand", "pow"), 40))
+def test_the_request_writer_writes_what_the_c_pickler_writes(tree):
+    graph = legacy._to_pickled(tree, {})
+    assert legacy._RequestWriter().dump(graph) == c_pickle(graph)
+
+
+def test_the_request_writer_frames_and_batches_as_the_c_pickler_does():
+    # More than 64 KiB (two frames), a call of more than 1000 arguments
+    # (two batches), more than 256 memo entries (LONG_BINGET).
+    args = tuple(Number(i + 0.5) for i in range(3500))
+    tree = Binary(Call("max", args), "+", Call("rand", (Number(1), Number(2))))
+    graph = legacy._to_pickled(tree, {})
+    data = legacy._RequestWriter().dump(graph)
+    assert len(data) > 64 * 1024
+    assert data == c_pickle(graph)
+
+
+@pytest.mark.parametrize(
+    "text", ["-" * 200 + "1", "(" * 199 + "1" + " + 1)" * 199, "sqrt(" * 199 + "1" + ")" * 199]
+)
+def test_encode_request_legacy_writes_the_deepest_trees(text):
+    tree = parse(text)
+    assert codec.decode_request(codec.encode_request(tree, LEGACY)) == tree
 
 
 def test_encode_request_text():
@@ -342,6 +385,7 @@ print(sorted(m for m in sys.modules if m.startswith("twisted")))
 """
 
 
+@pytest.mark.integration  # spawns a plain python
 def test_legacy_answers_unpickle_in_a_plain_python(tmp_path):
     answers = [
         codec.encode_result(LEGACY, -0.38748277824137206, ["(sin(1) / 12) * 13", "x"]),

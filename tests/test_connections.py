@@ -17,6 +17,8 @@ from twisted_cacheproxy import codec, wire
 from twisted_cacheproxy.proxy import CacheProxyFactory
 from twisted_cacheproxy.server import CalculatorServerFactory
 
+pytestmark = pytest.mark.integration
+
 
 def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
     flags = wire.make_flags(request=True, steps=steps, cache=cache)

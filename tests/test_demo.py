@@ -9,7 +9,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from test_plugin import ROOT, environment, free_port
+
+pytestmark = pytest.mark.integration
 
 DEMO = ROOT / "demo.sh"
 

@@ -12,6 +12,8 @@ from twisted.internet import defer, protocol, task
 
 from twisted_cacheproxy.endpoint import TCPServerEndpoint
 
+pytestmark = pytest.mark.integration
+
 
 class Accepted(protocol.Factory):
     """Keeps the protocol of each accepted connection."""

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
@@ -18,6 +19,8 @@ from twisted_cacheproxy.server import CalculatorServerFactory
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import worst_case
+
+pytestmark = pytest.mark.integration
 
 GENEROUS = 1.0  # seconds; the worst request takes some 10 ms of CPU
 

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import pickletools
+import sys
+from unittest import mock
 
-from helpers import VECTORS
+import pytest
+from helpers import VECTORS, make_course_module, trees
 from hostile import Connection, course_pickle, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_scan import reference_scan
 
 from twisted_cacheproxy import codec, wire
+from twisted_cacheproxy.codec.prescan import _ALLOWED, PreambleMemo, scan
 from twisted_cacheproxy.expression import (
     Binary,
     CalculationError,
@@ -251,23 +256,10 @@ def test_framed_random_payloads_keep_the_connection_in_step(messages, chunk):
 # --- the pre-scan's remembered preambles ----------------------------------------------
 
 
-def fresh_verdict(data: bytes) -> str:
-    """What the pre-scan says of ``data`` with nothing remembered."""
-    saved = dict(codec._PREAMBLES)
-    codec._PREAMBLES.clear()
+def verdict(data: bytes, preambles: PreambleMemo | None = None) -> str:
+    """What the pre-scan says of ``data``, resuming after ``preambles``."""
     try:
-        codec._scan(data)
-        return "ok"
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    finally:
-        codec._PREAMBLES.clear()
-        codec._PREAMBLES.update(saved)
-
-
-def verdict(data: bytes) -> str:
-    try:
-        codec._scan(data)
+        scan(data, preambles)
         return "ok"
     except Exception as e:
         return f"{type(e).__name__}: {e}"
@@ -278,45 +270,119 @@ def verdict(data: bytes) -> str:
 def test_a_scan_resumed_after_a_remembered_preamble_says_what_a_fresh_one_says(batch):
     # Each payload is scanned after the others, so it may resume after a
     # preamble one of them left: it must come to the same verdict.
+    preambles = PreambleMemo()
     for data in batch:
-        verdict(data)
+        verdict(data, preambles)
     for data in batch:
-        assert verdict(data) == fresh_verdict(data)
+        assert verdict(data, preambles) == verdict(data)
 
 
 def test_course_pickles_of_one_shape_resume_after_their_shared_preamble():
-    codec._PREAMBLES.clear()
+    preambles = PreambleMemo()
     first, second = (
         codec.encode_request(parse(t), codec.LEGACY) for t in ("max(2, 3) + 4", "max(5, 6) + 7")
     )
-    codec._scan(first)
-    (preamble,) = codec._PREAMBLES
+    scan(first, preambles)
+    (preamble,) = preambles
     assert second.startswith(preamble) and len(preamble) > len(first) // 3
-    state = codec._resume(second)
-    assert state is not None and state[5] == len(preamble)  # resumes at the first number
-    codec._scan(second)
-    assert len(codec._PREAMBLES) == 1
+    state = preambles.resume(second)
+    assert state is not None and state.pos == len(preamble)  # resumes at the first number
+    scan(second, preambles)
+    assert len(preambles) == 1
 
 
 def test_remembered_preambles_are_bounded():
-    codec._PREAMBLES.clear()
-    for n in range(3 * codec.MAX_PREAMBLES):
-        codec._scan(codec.encode_request(parse("-" * n + "1"), codec.LEGACY))
-    assert len(codec._PREAMBLES) == codec.MAX_PREAMBLES
+    preambles = PreambleMemo()
+    for n in range(3 * preambles.size):
+        scan(codec.encode_request(parse("-" * n + "1"), codec.LEGACY), preambles)
+    assert len(preambles) == preambles.size
 
 
 def test_a_preamble_whose_memo_index_needs_a_longer_payload_is_not_remembered():
-    codec._PREAMBLES.clear()
+    preambles = PreambleMemo()
     index = 60_000
     preamble = b"\x80\x04]r" + index.to_bytes(4, "little")  # EMPTY_LIST, LONG_BINPUT 60000
     filler = b"X" + index.to_bytes(4, "little") + b"a" * index + b"0"  # a long string, POP
-    codec._scan(preamble + b"K\x01a" + filler + b".")  # the index is within this payload
-    assert not codec._PREAMBLES
-    assert verdict(preamble + b"K\x01a.") == "UnpicklingError: memo index 60000 out of range"
+    scan(preamble + b"K\x01a" + filler + b".", preambles)  # the index is within this payload
+    assert not preambles
+    assert verdict(preamble + b"K\x01a.", preambles).endswith(": memo index 60000 out of range")
 
 
 def test_a_refused_pickle_leaves_no_preamble():
-    codec._PREAMBLES.clear()
+    preambles = PreambleMemo()
     good = codec.encode_request(parse("max(2, 3) + 4"), codec.LEGACY)
-    assert verdict(good + b"junk").startswith("UnpicklingError: trailing bytes")
-    assert not codec._PREAMBLES
+    assert ": trailing bytes" in verdict(good + b"junk", preambles)
+    assert not preambles
+
+
+def test_each_server_factory_remembers_its_own_preambles():
+    data = codec.encode_request(parse("max(2, 3) + 4"), codec.LEGACY)
+    first, second = Connection(), Connection()
+    assert first.ask(data) == (200, (7, []))
+    assert len(first.factory.preambles) == 1 and not second.factory.preambles
+
+
+# --- the pre-scan against its reference -----------------------------------------------
+
+
+def test_the_scan_knows_each_opcode_by_its_pickletools_code():
+    codes = {op.name: ord(op.code) for op in pickletools.opcodes}
+    assert {name: row[0] for name, row in _ALLOWED.items()} == {n: codes[n] for n in _ALLOWED}
+
+
+with mock.patch.dict(sys.modules, {"calculator": make_course_module()}):
+    COURSE = sys.modules["calculator"]
+    #: Course pickles at every protocol the course programs may use: 2 and 3
+    #: name globals with GLOBAL lines, 5 as 4.
+    ALL_PROTOCOLS = [COURSE.dumps(parse(t), p) for t in TEXTS[:4] for p in (2, 3, 5)]
+#: Answers, which clients scan too.
+ANSWERS = [
+    codec.encode_result(codec.LEGACY, 2**100, ["2 ** 100", str(2**100)]),
+    codec.encode_result(codec.LEGACY, 0.5, []),
+    codec.encode_error(codec.LEGACY, "ZeroDivisionError", "division by zero"),
+]
+
+# No rand: each of its pickles holds a fresh generator, and hypothesis
+# needs the same data for the same draws.
+course_pickles = trees(("max", "min", "sin"), 12).map(
+    lambda tree: codec.encode_request(tree, codec.LEGACY)
+)
+pickles = (
+    course_pickles
+    | mutated(PICKLES + ALL_PROTOCOLS + ANSWERS, OPCODES)
+    | course_pickles.flatmap(lambda p: mutated([p], OPCODES))
+)
+
+
+def reference_verdict(data: bytes) -> bool:
+    """Whether `reference_scan` accepts ``data``."""
+    try:
+        reference_scan(data)
+        return True
+    except Exception:
+        return False
+
+
+@fuzz
+@given(st.lists(pickles, min_size=1, max_size=4))
+def test_the_scan_refuses_what_the_reference_refuses(batch):
+    # Scanned in turn with one memo, so later ones may resume after a
+    # preamble an earlier one left.
+    preambles = PreambleMemo()
+    for data in batch:
+        assert (verdict(data, preambles) == "ok") == reference_verdict(data), data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x04](K\x01a.",  # APPEND with only the item above the mark
+        b"\x80\x04}(K\x01b.",  # BUILD likewise
+        b"\x80\x04\x8c\x01\xff.",  # a string that is not UTF-8
+        b"\x80\x02ca b\nc\n.",  # GLOBAL names with a space
+        b"\x80\x02c\xc3\xa9\nx\n.",  # and not ASCII
+    ],
+)
+def test_what_the_reference_found_is_refused(data):
+    assert not reference_verdict(data)
+    assert verdict(data) != "ok"

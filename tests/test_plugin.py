@@ -24,6 +24,8 @@ from twisted.python import usage
 from twisted_cacheproxy import tap, wire
 from twisted_cacheproxy.parser import parse
 
+pytestmark = pytest.mark.integration
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the most any single wait here may take
 

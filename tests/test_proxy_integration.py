@@ -26,6 +26,8 @@ from twisted_cacheproxy import codec, wire
 from twisted_cacheproxy.proxy import CacheProxyFactory
 from twisted_cacheproxy.server import CalculatorServerFactory
 
+pytestmark = pytest.mark.integration
+
 HOST = "127.0.0.1"
 VECTORS = json.loads(
     (pathlib.Path(__file__).parent / "data" / "protocol-vectors.json").read_text()

@@ -792,7 +792,7 @@ def test_client_to_server(live, services, capture):
     assert fields(pickled, *HEADER, "calc.encoding", "calc.expression") == (
         "1", "1", "1", "0", "65535", "pickle", "max(2, 3) + 3",
     )  # fmt: skip
-    assert pickled["calc.pickle.protocol"] == str(codec.ANSWER_PROTOCOL)
+    assert pickled["calc.pickle.protocol"] == str(codec.legacy.PROTOCOL)
     assert fields(pickled_answer, *HEADER, "calc.encoding", "calc.result", "calc.steps") == (
         "0", "1", "1", "200", "65535", "pickle", "6", "max(2, 3) + 3|3 + 3|6",
     )  # fmt: skip

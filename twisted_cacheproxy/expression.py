@@ -155,18 +155,17 @@ def is_deterministic(node: Node) -> bool:
 
 def _checked(value: object) -> Real:
     """Refuse what is not a finite real number of bounded size."""
-    kind = type(value)
-    if kind is int:
-        if value.bit_length() > MAX_INT_BITS:  # type: ignore[union-attr]
+    if type(value) is int:
+        if value.bit_length() > MAX_INT_BITS:
             raise _too_large()
-        return value  # type: ignore[return-value]
-    if kind is float:
-        if not math.isfinite(value):  # type: ignore[arg-type]
+        return value
+    if type(value) is float:
+        if not math.isfinite(value):
             raise CalculationError("float result out of range", "OverflowError")
-        return value  # type: ignore[return-value]
-    if kind is complex:
+        return value
+    if type(value) is complex:
         raise CalculationError(f"result is not a real number: {value!r}", "ValueError")
-    raise CalculationError(f"unsupported value of type {kind.__name__}", "TypeError")
+    raise CalculationError(f"unsupported value of type {type(value).__name__}", "TypeError")
 
 
 def _too_large() -> CalculationError:

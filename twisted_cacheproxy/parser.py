@@ -89,12 +89,12 @@ class _Parser:
 
     def position(self, index: int) -> int:
         match = self.matches[index]
-        return match.start(match.lastindex)
+        return match.start(match.lastindex or 0)  # the token's group: one always matches
 
     def unexpected(self, index: int, hint: str) -> CalculationError:
         if index == len(self.matches):
             return _syntax(f"unexpected end of expression: {hint}")
-        text = self.matches[index][self.matches[index].lastindex]
+        text = self.matches[index][self.matches[index].lastindex or 0]
         return _syntax(f"unexpected {text!r} at position {self.position(index)}: {hint}")
 
     def push(self, node: Node, depth: int) -> None:
@@ -141,7 +141,7 @@ class _Parser:
         del self.operands[height:]
         self.push(Call(name, tuple(a for a, _ in args)), max((d for _, d in args), default=0) + 1)
 
-    def parse(self, tokens: list[tuple[str, str, str, str]]) -> Node:
+    def parse(self, tokens: list[tuple[str, ...]]) -> Node:
         operators = self.operators
         expect_operand = True
         count = len(tokens)
@@ -207,7 +207,7 @@ def parse(text: str) -> Node:
     if not matches:
         raise _syntax("empty expression")
     parser = _Parser(matches)
-    tokens = [m.groups() for m in matches]
+    tokens = [m.groups("") for m in matches]  # number, name, operator, other
     for i, token in enumerate(tokens):
         if token[3]:
             raise _syntax(f"unexpected character {token[3]!r} at position {parser.position(i)}")

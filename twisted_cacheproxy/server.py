@@ -82,6 +82,7 @@ class CalculatorServerFactory(wire.ServiceFactory):
         )
         self.max_age = max_age
         self.cacheable = cache and max_age > 0
+        self.preambles = codec.PreambleMemo()
 
     def answer(self, header: wire.Header, data: bytes, encoding: str, now: int) -> bytes:
         """The whole response message for one request: ``L`` set and the
@@ -89,7 +90,7 @@ class CalculatorServerFactory(wire.ServiceFactory):
         steps = header.flags & wire.FLAG_STEPS
         cacheable = self.cacheable
         try:
-            node = codec.decode_request(data)
+            node = codec.decode_request(data, preambles=self.preambles)
             cacheable = cacheable and is_deterministic(node)
             if steps:
                 budget = self.max_message_size - wire.HEADER_SIZE - _STEPS_SLACK

@@ -1,0 +1,401 @@
+"""The opcode pre-scan: one linear walk over legacy data, before the unpickler
+sees it, that refuses what a course pickle never holds and what would cost
+the unpickler more than the payload's size (PROTOCOL.md 3.2, SECURITY).
+
+It reads the opcodes from the bytes themselves (it never imports pickle),
+keeping a model of the unpickler's stack, marks and memo in which each item
+is only "a string" or "something else": enough to refuse non-string
+dictionary keys. Each opcode is one row of `_OPCODES`: how much argument it
+has, what it pops and pushes, and, for the few that need more, a handler.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from ..expression import MAX_NODES
+
+#: Most REDUCE opcodes in one pickle: a course pickle has one per
+#: ``Associativity`` member and two per random generator (of some 3 KB each).
+MAX_REDUCES = 48
+#: Most opcodes in one pickle, not counting the MEMOIZE after each new
+#: object: a course pickle has about 8 per node and 630 per generator state,
+#: so this is room for the largest tree with fifteen generators; it bounds
+#: the time the pre-scan takes.
+MAX_OPCODES = 24 * MAX_NODES
+
+
+class PickleRefusedError(ValueError):
+    """Legacy data the pre-scan refuses, and why."""
+
+
+class ScanState(NamedTuple):
+    """Where a scan stands: enough to resume it (the model's stack, marks and
+    memo, the REDUCEs so far, the position and the opcodes done)."""
+
+    stack: tuple[bool, ...]
+    marks: tuple[int, ...]
+    memo: dict[int, bool]
+    reduces: int
+    pos: int
+    done: int
+
+
+_MEMOIZE = 0x94
+_NAME = re.compile(rb"[A-Za-z0-9_.]+")
+
+
+class _Scan:
+    """One pre-scan of ``data``: the model, and the handlers of the opcodes
+    that need more than a fixed argument and a fixed stack effect. Each
+    handler takes the opcode's position and its row's argument, makes the
+    opcode's pops and checks, and returns the next opcode's position."""
+
+    __slots__ = ("data", "marks", "memo", "reduces", "stack", "top_put")
+
+    def __init__(self, data: bytes, state: ScanState | None = None) -> None:
+        self.data = data
+        self.stack: list[bool] = []  # True for a str
+        self.marks = [0]  # where each MARK was; the last is the fence
+        self.memo: dict[int, bool] = {}
+        self.reduces = 0
+        self.top_put = -1  # the largest memo index a PUT has used
+        if state is not None:
+            self.stack, self.marks = list(state.stack), list(state.marks)
+            self.memo, self.reduces = dict(state.memo), state.reduces
+
+    def state(self, pos: int, done: int) -> ScanState:
+        """A copy of the model, to resume at ``pos``."""
+        return ScanState(
+            tuple(self.stack), tuple(self.marks), dict(self.memo), self.reduces, pos, done
+        )
+
+    def walk(self, table: list[_Row | None], pos: int, done: int) -> tuple[int, int] | None:
+        """Scan from ``pos`` to STOP (None) or to the first number literal,
+        where ``table`` pauses (its position and the opcode count)."""
+        data, stack, marks, memo = self.data, self.stack, self.marks, self.memo
+        push = stack.append
+        memoize = _MEMOIZE
+        try:
+            for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
+                row = table[data[pos]]
+                if row is None:
+                    raise PickleRefusedError(
+                        f"pickle opcode {data[pos : pos + 1]!r} is not allowed"
+                    )
+                kind, arg, need, npop, pushed = row
+                if kind == _FIXED:
+                    if need:
+                        if len(stack) - need < marks[-1]:
+                            raise PickleRefusedError("pickle stack underflow")
+                        del stack[-npop:]
+                    pos += arg
+                elif kind == _GET:  # BINGET, a quarter of a course pickle
+                    index = data[pos + 1]
+                    if index not in memo:
+                        raise PickleRefusedError(f"memo index {index} not set")
+                    push(memo[index])
+                    pos += 2
+                    continue
+                elif kind == _MARK:
+                    marks.append(len(stack))
+                    pos += 1
+                    continue
+                elif kind == _END:
+                    return self.stop(pos, done)
+                else:
+                    pos = _HANDLERS[kind](self, pos, arg)
+                if pushed is not None:
+                    push(pushed)
+                    # What the pickler writes after each new object.
+                    if data[pos] == memoize:
+                        memo[len(memo)] = pushed
+                        pos += 1
+        except IndexError:  # an argument or an opcode past the end
+            raise PickleRefusedError("pickle data was truncated") from None
+        raise PickleRefusedError(f"more than {MAX_OPCODES} opcodes")
+
+    def stop(self, pos: int, done: int) -> tuple[int, int] | None:
+        """Where `walk` ends: at STOP (None, once checked) or at the first
+        number, where a fresh scan pauses (its position and opcode count)."""
+        if self.data[pos] in _NUMBERS:
+            return pos, done
+        if len(self.stack) <= self.marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        if pos + 1 != len(self.data):
+            raise PickleRefusedError("trailing bytes after the pickle")
+        return None
+
+    def sized(self, pos: int, arg: int) -> int:
+        """An ``arg``-byte length (signed when 4 bytes, as LONG4's is) and that many bytes."""
+        start = pos + 1 + arg
+        length = int.from_bytes(self.data[pos + 1 : start], "little", signed=arg == 4)
+        if length < 0:
+            raise PickleRefusedError("negative length")
+        return start + length
+
+    def string(self, pos: int, arg: int) -> int:
+        """A str: an ``arg``-byte length and that many bytes of UTF-8 (as the
+        unpickler decodes them)."""
+        data = self.data
+        start = pos + 1 + arg
+        end = start + data[pos + 1] if arg == 1 else self.sized(pos, arg)  # 1: most of them
+        try:
+            data[start:end].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise PickleRefusedError("a string is not UTF-8") from None
+        return end
+
+    def lines(self, pos: int, arg: int) -> int:
+        """GLOBAL's two text lines, module and name: dotted ASCII names, as
+        every global the allow-list admits is."""
+        data = self.data
+        try:
+            first = data.index(b"\n", pos + 1)
+            second = data.index(b"\n", first + 1)
+        except ValueError:
+            raise PickleRefusedError("pickle data was truncated") from None
+        if not (_NAME.fullmatch(data, pos + 1, first) and _NAME.fullmatch(data, first + 1, second)):
+            raise PickleRefusedError("GLOBAL names must be dotted ASCII names")
+        return second + 1
+
+    def put(self, pos: int, arg: int) -> int:
+        """Memoize the top item at an ``arg``-byte index, within the payload's
+        length (the C unpickler allocates memo space up to the index)."""
+        index = int.from_bytes(self.data[pos + 1 : pos + 1 + arg], "little")
+        if len(self.stack) <= self.marks[-1] or index >= len(self.data):
+            raise PickleRefusedError(f"memo index {index} out of range")
+        self.memo[index] = self.stack[-1]
+        self.top_put = max(self.top_put, index)
+        return pos + 1 + arg
+
+    def get(self, pos: int, arg: int) -> int:
+        """Push a copy of the memo entry at an ``arg``-byte index."""
+        index = int.from_bytes(self.data[pos + 1 : pos + 1 + arg], "little")
+        if index not in self.memo:
+            raise PickleRefusedError(f"memo index {index} not set")
+        self.stack.append(self.memo[index])
+        return pos + 1 + arg
+
+    def memoize(self, pos: int, arg: int) -> int:
+        """A MEMOIZE that does not follow a new object."""
+        if len(self.stack) <= self.marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        self.memo[len(self.memo)] = self.stack[-1]
+        return pos + 1
+
+    def pop_mark(self, below: int) -> int:
+        """Drop the last mark and what is above it; ``below`` items (the list
+        or dict being filled) must sit between it and the fence before it."""
+        marks = self.marks
+        if len(marks) == 1:
+            raise PickleRefusedError("could not find MARK")
+        mark = marks.pop()
+        if mark - below < marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        return mark
+
+    def to_mark(self, pos: int, arg: int) -> int:
+        """What is above the last mark makes one item, or none (POP_MARK)."""
+        del self.stack[self.pop_mark(arg) :]
+        return pos + 1
+
+    def setitems(self, pos: int, arg: int) -> int:
+        """Keys and values above the last mark, into the dict below it."""
+        stack = self.stack
+        mark = self.pop_mark(arg)
+        if (len(stack) - mark) % 2 or not all(stack[mark::2]):
+            raise PickleRefusedError("dictionary keys must be strings")
+        del stack[mark:]
+        return pos + 1
+
+    def setitem(self, pos: int, arg: int) -> int:
+        """One key and value into the dict below them (hashing a key other than
+        a string costs its whole size, each time: a nest of shared tuples
+        takes forever)."""
+        stack = self.stack
+        if len(stack) - 3 < self.marks[-1] or not stack[-2]:
+            raise PickleRefusedError("dictionary keys must be strings")
+        del stack[-2:]
+        return pos + 1
+
+    def reduce(self, pos: int, arg: int) -> int:
+        """A call, of the two items on top (`MAX_REDUCES` at most)."""
+        stack = self.stack
+        if len(stack) - 2 < self.marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        del stack[-2:]
+        self.reduces += 1
+        if self.reduces > MAX_REDUCES:
+            raise PickleRefusedError(f"more than {MAX_REDUCES} REDUCE opcodes")
+        return pos + 1
+
+    def pop(self, pos: int, arg: int) -> int:
+        """POP takes the top item, or the last mark if nothing is above it."""
+        marks, stack = self.marks, self.stack
+        if len(marks) > 1 and marks[-1] == len(stack):
+            marks.pop()
+        elif len(stack) <= marks[-1]:
+            raise PickleRefusedError("pickle stack underflow")
+        else:
+            stack.pop()
+        return pos + 1
+
+
+# What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or, by
+# itself, skip a fixed-size argument, push a BINGET's memo entry, set a mark
+# or end (at STOP, or at the number where a fresh scan pauses).
+_SIZED, _STR, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE = range(10)
+_POP, _FIXED, _GET, _MARK, _END = range(10, 15)
+_HANDLERS: list[Callable[[_Scan, int, int], int]] = [
+    _Scan.sized,
+    _Scan.string,
+    _Scan.lines,
+    _Scan.get,
+    _Scan.put,
+    _Scan.memoize,
+    _Scan.to_mark,
+    _Scan.setitem,
+    _Scan.setitems,
+    _Scan.reduce,
+    _Scan.pop,
+]
+#: An opcode's row: what `walk` does with it; its argument (the bytes to
+#: skip, the opcode's included, for `_FIXED`, the handler's argument
+#: otherwise); for `_FIXED`, the items it needs above the last mark and the
+#: items it pops (fewer when it changes the one below in place); and what is
+#: pushed last (True: a str, False: anything else, None: nothing).
+_Row = tuple[int, int, int, int, bool | None]
+
+# The opcodes pickle protocols 2 to 5 write for a course pickle or an
+# answer, by name (a test holds each code against `pickletools`), as
+# (code, *row); every other opcode is refused.
+_ALLOWED: dict[str, tuple[int, int, int, int, int, bool | None]] = {
+    "PROTO": (0x80, _FIXED, 2, 0, 0, None),
+    "FRAME": (0x95, _FIXED, 9, 0, 0, None),
+    "STOP": (0x2E, _END, 0, 0, 0, None),
+    "MARK": (0x28, _MARK, 0, 0, 0, None),
+    "POP": (0x30, _POP, 0, 0, 0, None),
+    "POP_MARK": (0x31, _TO_MARK, 0, 0, 0, None),
+    "NONE": (0x4E, _FIXED, 1, 0, 0, False),
+    "NEWTRUE": (0x88, _FIXED, 1, 0, 0, False),
+    "NEWFALSE": (0x89, _FIXED, 1, 0, 0, False),
+    "BININT": (0x4A, _FIXED, 5, 0, 0, False),
+    "BININT1": (0x4B, _FIXED, 2, 0, 0, False),
+    "BININT2": (0x4D, _FIXED, 3, 0, 0, False),
+    "LONG1": (0x8A, _SIZED, 1, 0, 0, False),
+    "LONG4": (0x8B, _SIZED, 4, 0, 0, False),
+    "BINFLOAT": (0x47, _FIXED, 9, 0, 0, False),
+    "SHORT_BINUNICODE": (0x8C, _STR, 1, 0, 0, True),
+    "BINUNICODE": (0x58, _STR, 4, 0, 0, True),
+    "BINUNICODE8": (0x8D, _STR, 8, 0, 0, True),
+    "EMPTY_LIST": (0x5D, _FIXED, 1, 0, 0, False),
+    "APPEND": (0x61, _FIXED, 1, 2, 1, None),  # the list stays
+    "APPENDS": (0x65, _TO_MARK, 1, 0, 0, None),  # so does the list below the mark
+    "EMPTY_TUPLE": (0x29, _FIXED, 1, 0, 0, False),
+    "TUPLE": (0x74, _TO_MARK, 0, 0, 0, False),
+    "TUPLE1": (0x85, _FIXED, 1, 1, 1, False),
+    "TUPLE2": (0x86, _FIXED, 1, 2, 2, False),
+    "TUPLE3": (0x87, _FIXED, 1, 3, 3, False),
+    "EMPTY_DICT": (0x7D, _FIXED, 1, 0, 0, False),
+    "SETITEM": (0x73, _SETITEM, 0, 0, 0, None),
+    "SETITEMS": (0x75, _SETITEMS, 1, 0, 0, None),  # the dict stays below the mark
+    "BINGET": (0x68, _GET, 0, 0, 0, None),
+    "LONG_BINGET": (0x6A, _GET4, 4, 0, 0, None),
+    "BINPUT": (0x71, _PUT, 1, 0, 0, None),
+    "LONG_BINPUT": (0x72, _PUT, 4, 0, 0, None),
+    "MEMOIZE": (_MEMOIZE, _MEMO, 0, 0, 0, None),
+    "GLOBAL": (0x63, _LINES, 0, 0, 0, False),
+    "STACK_GLOBAL": (0x93, _FIXED, 1, 2, 2, False),
+    "REDUCE": (0x52, _REDUCE, 0, 0, 0, False),
+    "BUILD": (0x62, _FIXED, 1, 2, 1, None),  # the object stays
+    "NEWOBJ": (0x81, _FIXED, 1, 2, 2, False),
+}
+_OPCODES: list[_Row | None] = [None] * 256
+for _code, _kind, _arg, _need, _npop, _pushed in _ALLOWED.values():
+    _OPCODES[_code] = (_kind, _arg, _need, _npop, _pushed)
+
+#: The number literals: a fresh scan pauses at the first one (`_Scan.stop` tells
+#: it from STOP) to remember the state there, walking `_OPCODES` with these
+#: rows changed until then.
+_NUMBERS = frozenset(
+    _ALLOWED[n][0] for n in ("BININT", "BININT1", "BININT2", "BINFLOAT", "LONG1", "LONG4")
+)
+_UNTIL_NUMBER = list(_OPCODES)
+for _code in _NUMBERS:
+    _UNTIL_NUMBER[_code] = (_END, 0, 0, 0, None)
+
+
+def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
+    """Walk the opcodes once, before unpickling; `PickleRefusedError` for:
+
+    - any opcode a course pickle does not use (persistent ids, the extension
+      registry, INST/OBJ, sets, buffers...), more than `MAX_OPCODES` opcodes
+      or more than `MAX_REDUCES` REDUCEs;
+    - memo indexes beyond the payload's length;
+    - dictionary keys other than strings;
+    - truncation, bytes after STOP, and stack underflows.
+
+    With ``preambles``, it resumes after a preamble of ``data`` remembered
+    there, or remembers this one's if the pickle proves whole.
+    """
+    if preambles is None:
+        _Scan(data).walk(_OPCODES, 0, 0)
+        return
+    state = preambles.resume(data)
+    if state is not None:
+        _Scan(data, state).walk(_OPCODES, state.pos, state.done)
+        return
+    walker = _Scan(data)
+    paused = walker.walk(_UNTIL_NUMBER, 0, 0)
+    if paused is None:
+        return
+    pos, done = paused
+    # Kept only if no PUT index in the preamble needs a longer payload.
+    preamble = walker.state(pos, done) if walker.top_put < pos else None
+    walker.walk(_OPCODES, pos, done)
+    if preamble is not None:
+        preambles.remember(data, preamble)
+
+
+#: How many preambles a `PreambleMemo` keeps by default.
+MAX_PREAMBLES = 8
+
+
+class PreambleMemo:
+    """Scan states at the first number literal, by the bytes before it.
+
+    Course pickles of one shape of tree share everything before their first
+    number (the classes and functions down the leftmost path, about half the
+    opcodes), so the scan of the next one resumes there. The state depends
+    only on those bytes, so whoever sent them, it is the same: one memo can
+    serve every connection of a server.
+    """
+
+    def __init__(self, size: int = MAX_PREAMBLES) -> None:
+        self.size = size
+        self._states: OrderedDict[bytes, ScanState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The remembered preambles, least recently used first."""
+        return iter(self._states)
+
+    def resume(self, data: bytes) -> ScanState | None:
+        """The scan state after a remembered preamble of ``data``, if any."""
+        for preamble, state in self._states.items():
+            if data.startswith(preamble):
+                self._states.move_to_end(preamble)
+                return state
+        return None
+
+    def remember(self, data: bytes, state: ScanState) -> None:
+        """Keep ``state``, the scan state at ``state.pos`` of ``data``."""
+        self._states[data[: state.pos]] = state
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
