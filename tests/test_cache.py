@@ -102,6 +102,31 @@ def test_delete_forgets_the_entry_and_its_bytes(clock):
     assert cache.evictions == 0
 
 
+def test_clear_forgets_everything_and_says_how_many(clock):
+    cache = MemoryCache(10_000, clock)
+    cache.put(b"a", entry(clock, b"1"))
+    cache.put(b"b", entry(clock, b"22"))
+    assert cache.clear() == 2
+    assert (cache.entries, cache.bytes, cache.evictions) == (0, 0, 0)
+    assert stored(cache, b"a", b"b") == []
+    assert cache.clear() == 0
+    # Still usable afterwards, with a true byte count.
+    cache.put(b"c", entry(clock, b"333"))
+    assert cache.bytes == size_of(b"c", b"333")
+
+
+def test_purge_forgets_the_given_keys_and_counts_those_stored(clock):
+    cache = MemoryCache(10_000, clock)
+    for key in (b"\x001 + 2", b"\x011 + 2", b"\x002 * 3"):
+        cache.put(key, entry(clock, b"x"))
+    assert cache.purge([b"\x001 + 2", b"\x011 + 2", b"\x00never"]) == 2
+    assert cache.entries == 1
+    assert cache.bytes == size_of(b"\x002 * 3", b"x")
+    assert stored(cache, b"\x001 + 2", b"\x011 + 2", b"\x002 * 3") == [b"\x002 * 3"]
+    assert cache.purge([b"\x001 + 2"]) == 0
+    assert cache.evictions == 0
+
+
 # --- the byte bound and LRU order --------------------------------------------
 
 

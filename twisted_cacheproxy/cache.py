@@ -7,6 +7,7 @@ time is whatever clock the owner passes in (tests use ``task.Clock``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Protocol
 
 #: A lifetime meaning "never expires" (the protocol's 65535).
@@ -102,3 +103,20 @@ class MemoryCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes -= cost(key, entry.answer)
+
+    def clear(self) -> int:
+        """Forget every entry (a purge); how many there were."""
+        count = len(self._entries)
+        self._entries.clear()
+        self.bytes = 0
+        return count
+
+    def purge(self, keys: Iterable[bytes]) -> int:
+        """Forget the entries stored under ``keys``; how many of them there were."""
+        count = 0
+        for key in keys:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self.bytes -= cost(key, entry.answer)
+                count += 1
+        return count

@@ -21,6 +21,36 @@ from .upstream import UpstreamError, UpstreamPool
 log = Logger()
 
 _STEPS_KEY = (b"\x00", b"\x01")
+
+
+def cache_keys(data: bytes) -> tuple[bytes, bytes]:
+    """The cache keys of one request ``data``, without and with steps (a purge)."""
+    return _STEPS_KEY[0] + data, _STEPS_KEY[1] + data
+
+
+# --- observing (metrics, access log): which path each request took --------------
+HIT, MISS, COALESCED, BYPASS, RELOAD = "hit", "miss", "coalesced", "bypass", "reload"
+#: Not decided in `CacheProxyFactory.answer`: a MISS or COALESCED answer that
+#: came back marked G (served past its lifetime while the server failed).
+STALE = "stale"
+
+
+class NoObserver:
+    """The default `CacheProxyFactory.observer`: sees nothing, costs one call."""
+
+    def requestDone(self, cache, answer, started, header, data, client) -> None:
+        """An answer to ``header``/``data`` was decided at once (bytes)."""
+
+    def answered(self, answer, cache, started, header, data, client):
+        """A Deferred answer fired with ``answer``; passes it on."""
+        return answer
+
+    def upstreamDone(self, sent: float) -> None:
+        """The server answered a request sent at ``sent``."""
+
+    def upstreamFailed(self, reason) -> None:
+        """A request to the server failed (a `Failure`)."""
+
 #: Most answers one client may await at once; past it the proxy stops
 #: reading from that client until answers go out (a pipelining client must
 #: not make the proxy hold unbounded work for a slow server).
@@ -149,6 +179,8 @@ class CacheProxyFactory(wire.ServiceFactory):
         self.verbose = verbose
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
+        #: Told of every answer and upstream exchange (metrics.ProxyMetrics).
+        self.observer = NoObserver()
 
     def stopFactory(self) -> None:
         self.pool.close()
@@ -172,12 +204,16 @@ class CacheProxyFactory(wire.ServiceFactory):
         self, header: wire.Header, data: bytes, client: CacheProxyProtocol
     ) -> bytes | defer.Deferred:
         """The answer to one request: bytes at once, or a Deferred firing with bytes."""
+        started = self.clock.seconds()
         flags = header.flags
         if not flags & wire.FLAG_REQUEST:
-            return not_a_request_answer(header, codec.encoding_of(data), int(self.clock.seconds()))
+            answer = not_a_request_answer(header, codec.encoding_of(data), int(started))
+            return self._observed(BYPASS, answer, started, header, data, client)
         if not flags & wire.FLAG_CACHE:
             self.misses += 1
-            return self._fetch(header, data, None)
+            return self._observed(
+                BYPASS, self._fetch(header, data, None), started, header, data, client
+            )
         key = _STEPS_KEY[bool(flags & wire.FLAG_STEPS)] + data
         accept = header.max_age
         if accept:
@@ -189,18 +225,30 @@ class CacheProxyFactory(wire.ServiceFactory):
                     self.hits += 1
                     if self.verbose:
                         log.debug("hit {size} bytes, age {age:.1f} s", size=len(data), age=age)
-                    return _restamp(entry, age, header)
+                    answer = _restamp(entry, age, header)
+                    self.observer.requestDone(HIT, answer, started, header, data, client)
+                    return answer
         waiting = self.inflight.get(key)
         if waiting is not None:
             self.coalesced += 1
             d = defer.Deferred()
             waiting.append((client, d, header, data))
-            return d
+            return self._observed(COALESCED, d, started, header, data, client)
         self.misses += 1
         if self.verbose:
             log.debug("miss {size} bytes", size=len(data))
         self.inflight[key] = []
-        return self._fetch(header, data, key)
+        return self._observed(
+            MISS if accept else RELOAD, self._fetch(header, data, key), started, header, data, client
+        )
+
+    def _observed(self, cache: str, answer, started: float, header, data, client):
+        """Tell the observer how ``answer`` was decided (now, or when it fires)."""
+        if type(answer) is bytes:
+            self.observer.requestDone(cache, answer, started, header, data, client)
+        else:
+            answer.addCallback(self.observer.answered, cache, started, header, data, client)
+        return answer
 
     def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred:
         """Ask the server; store the answer per the rules when ``key`` is given
@@ -215,6 +263,7 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def _fetched(self, result, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
         answer_header, answer_data, sent = result
+        self.observer.upstreamDone(sent)
         # L is hop by hop (ours replaces the server's); H and G pass on.
         marks = answer_header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE)
         answer = wire.encode(
@@ -245,6 +294,7 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def _failed(self, reason, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
         self.upstream_errors += 1
+        self.observer.upstreamFailed(reason)
         if reason.check(UpstreamError):
             message = str(reason.value)
             log.warn("{error}", error=message)

@@ -46,16 +46,26 @@ class CalculatorServerProtocol(wire.ServiceProtocol):
 
     def frameReceived(self, header: wire.Header, data: bytes) -> None:
         factory = self.factory
-        now = int(factory.clock.seconds())
+        started = factory.clock.seconds()
+        now = int(started)
         encoding = codec.encoding_of(data)
         if not header.flags & wire.FLAG_REQUEST:
-            self.sendMessage(not_a_request_answer(header, encoding, now))
-            return
-        self.sendMessage(factory.answer(header, data, encoding, now))
+            answer = not_a_request_answer(header, encoding, now)
+        else:
+            answer = factory.answer(header, data, encoding, now)
+        self.sendMessage(answer)
+        factory.observer.requestDone(encoding, answer, started, header, data, self)
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         self.sendMessage(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
         self.closeAfterSending()
+
+
+class NoObserver:
+    """The default `CalculatorServerFactory.observer`: sees nothing, costs one call."""
+
+    def requestDone(self, encoding, answer, started, header, data, client) -> None:
+        """``answer`` was sent for ``header``/``data``, decided from ``started`` on."""
 
 
 class CalculatorServerFactory(wire.ServiceFactory):
@@ -83,6 +93,8 @@ class CalculatorServerFactory(wire.ServiceFactory):
         self.max_age = max_age
         self.cacheable = cache and max_age > 0
         self.preambles = codec.PreambleMemo()
+        #: Told of every answer sent (metrics.ServerMetrics).
+        self.observer = NoObserver()
 
     def answer(self, header: wire.Header, data: bytes, encoding: str, now: int) -> bytes:
         """The whole response message for one request: ``L`` set and the
