@@ -539,7 +539,7 @@ def test_server_options_build_the_service():
         "--backlog",
         "2048",
     )
-    service = tap.makeServerService(config)
+    service = tap.makeServerService(config).main
     factory = service.factory
     assert (service.endpoint.port, service.endpoint.interface) == (4567, "0.0.0.0")
     assert service.endpoint.backlog == 2048
@@ -597,7 +597,7 @@ def test_proxy_options_pipelining_is_off_by_default_and_reaches_the_pool():
     for argv, depth in (([], 1), (["--upstream-pipeline", "16"], 16)):
         config = ProxyOptions()
         config.parseOptions(argv)
-        factory = makeProxyService(config).factory
+        factory = makeProxyService(config).main.factory
         assert factory.pool.pipeline == depth
 
 

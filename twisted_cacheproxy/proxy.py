@@ -9,6 +9,7 @@ proxies such as Varnish and nginx do: coalescing, retries, stale-if-error.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,18 +39,35 @@ STALE = "stale"
 class NoObserver:
     """The default `CacheProxyFactory.observer`: sees nothing, costs one call."""
 
-    def requestDone(self, cache, answer, started, header, data, client) -> None:
+    def requestDone(
+        self,
+        cache: str,
+        answer: bytes,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: Any,
+    ) -> None:
         """An answer to ``header``/``data`` was decided at once (bytes)."""
 
-    def answered(self, answer, cache, started, header, data, client):
+    def answered(
+        self,
+        answer: bytes,
+        cache: str,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: Any,
+    ) -> bytes:
         """A Deferred answer fired with ``answer``; passes it on."""
         return answer
 
     def upstreamDone(self, sent: float) -> None:
         """The server answered a request sent at ``sent``."""
 
-    def upstreamFailed(self, reason) -> None:
+    def upstreamFailed(self, reason: Any) -> None:
         """A request to the server failed (a `Failure`)."""
+
 
 #: Most answers one client may await at once; past it the proxy stops
 #: reading from that client until answers go out (a pipelining client must
@@ -238,11 +256,18 @@ class CacheProxyFactory(wire.ServiceFactory):
         if self.verbose:
             log.debug("miss {size} bytes", size=len(data))
         self.inflight[key] = []
-        return self._observed(
-            MISS if accept else RELOAD, self._fetch(header, data, key), started, header, data, client
-        )
+        fetched = self._fetch(header, data, key)
+        return self._observed(MISS if accept else RELOAD, fetched, started, header, data, client)
 
-    def _observed(self, cache: str, answer, started: float, header, data, client):
+    def _observed(
+        self,
+        cache: str,
+        answer: Any,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: CacheProxyProtocol,
+    ) -> Any:
         """Tell the observer how ``answer`` was decided (now, or when it fires)."""
         if type(answer) is bytes:
             self.observer.requestDone(cache, answer, started, header, data, client)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -64,7 +66,15 @@ class CalculatorServerProtocol(wire.ServiceProtocol):
 class NoObserver:
     """The default `CalculatorServerFactory.observer`: sees nothing, costs one call."""
 
-    def requestDone(self, encoding, answer, started, header, data, client) -> None:
+    def requestDone(
+        self,
+        encoding: str,
+        answer: bytes,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: Any,
+    ) -> None:
         """``answer`` was sent for ``header``/``data``, decided from ``started`` on."""
 
 

@@ -63,6 +63,28 @@ class _NamedCoerce(usage.CoerceParameter):
             raise usage.UsageError(f"--{parameterName}: {e}") from None
 
 
+#: Watching and steering a running service (admin.py): both services take them.
+_OPERATING_OPTIONS: list[list[Any]] = [
+    [
+        "admin-port",
+        None,
+        0,
+        "Serve /status, /metrics, /stats.json (and /purge on the proxy) on this port (0: off).",
+        _integer,
+    ],
+    ["admin-interface", None, "127.0.0.1", "The interface the admin site listens on."],
+    ["admin-token", None, None, "POSTs to the admin site need 'Authorization: Bearer TOKEN'."],
+    ["access-log", None, None, "Write one line per answered request to this file ('-': stdout)."],
+    [
+        "stats-interval",
+        None,
+        60.0,
+        "Log a summary line every this many seconds and at shutdown (0: off).",
+        _number,
+    ],
+]
+
+
 class _CommonOptions(usage.Options):
     """What both services take: where to listen and how to treat connections.
 
@@ -104,6 +126,7 @@ class _CommonOptions(usage.Options):
             "(capped by net.core.somaxconn).",
             _integer,
         ],
+        *_OPERATING_OPTIONS,
     ]
 
     def __init__(self) -> None:
@@ -140,6 +163,10 @@ class _CommonOptions(usage.Options):
             raise usage.UsageError("--max-connections must be at least 1")
         if self["backlog"] < 1:
             raise usage.UsageError("--backlog must be at least 1")
+        if self["admin-port"]:
+            self.checkPort("admin-port")
+        if self["stats-interval"] < 0:
+            raise usage.UsageError("--stats-interval cannot be negative")
 
     def checkPort(self, name: str) -> None:
         """Refuse a TCP port number outside 1..65535."""
@@ -289,7 +316,15 @@ def makeServerService(config: ServerOptions) -> service.IService:
     factory = CalculatorServerFactory(
         max_age=config["max-age"], cache=not config["no-cache"], **config.common()
     )
-    return _listening(config, factory, server_settings(config))
+    return _operated(config, factory, _listening(config, factory, server_settings(config)))
+
+
+def _operated(config: _CommonOptions, factory: Any, main: service.IService) -> service.IService:
+    """``main`` with the admin site, access log and stats line beside it (admin.py)."""
+    from .admin import operated
+
+    title = f"{config.tapname} {address(config['interface'], config['port'])}"
+    return operated(config, factory, main, title)
 
 
 @dataclass(frozen=True)
@@ -395,7 +430,7 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
         verbose=config["verbose"],
         **config.common(),
     )
-    return _listening(config, factory, proxy_settings(config))
+    return _operated(config, factory, _listening(config, factory, proxy_settings(config)))
 
 
 def _bytes(size: int) -> str:

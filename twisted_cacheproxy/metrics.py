@@ -1,0 +1,516 @@
+"""What the services have done, counted cheaply on the request path and
+exported on demand: Prometheus collectors, a JSON summary and the stats line.
+
+`ProxyMetrics` and `ServerMetrics` are the factories' observers (see
+``observer`` in proxy.py and server.py). They keep plain integers and bucket
+lists, so counting one request costs a few additions; `prometheus_client`
+sees them only when ``/metrics`` is scraped, through a custom collector
+rendered in the reactor thread. The exported names are stable (README,
+"Operating the proxy").
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterator
+from itertools import pairwise
+from typing import Any, Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import CollectorRegistry
+from twisted.python.failure import Failure
+
+from . import wire
+from .proxy import BYPASS, COALESCED, HIT, MISS, RELOAD, STALE
+from .upstream import UpstreamError
+
+#: The cache statuses of the proxy, in the order they are shown.
+CACHE_STATUSES = (HIT, MISS, COALESCED, STALE, BYPASS, RELOAD)
+#: Why a request to the server failed (the ``reason`` label).
+FAILURE_REASONS = ("refused", "timeout", "reset", "bad_answer", "overloaded")
+#: Answer status labels; any other code a server sends counts as "other".
+STATUSES = ("200", "400", "500")
+_STATUS_LABEL = {200: "200", 400: "400", 500: "500"}
+#: Histogram bucket bounds, in seconds: a hit takes microseconds, a miss
+#: a round trip, a failing server up to the proxy's timeout.
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: The status page's history: one sample every `SAMPLE_EVERY` s, `SAMPLES` kept.
+SAMPLE_EVERY = 5.0
+SAMPLES = 120
+
+
+class AccessLogger(Protocol):
+    """What the metrics hand each answered request to (accesslog.AccessLog)."""
+
+    def proxyRequest(
+        self,
+        now: float,
+        client: Any,
+        header: wire.Header,
+        data: bytes,
+        cache: str,
+        answer: bytes,
+        total: float,
+        upstream: float | None,
+    ) -> None: ...
+
+    def serverRequest(
+        self,
+        now: float,
+        client: Any,
+        header: wire.Header,
+        data: bytes,
+        encoding: str,
+        answer: bytes,
+        total: float,
+    ) -> None: ...
+
+
+class Histogram:
+    """Counts of observations per bucket (not cumulative) and their sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """The buckets as Prometheus wants them: ``le`` bound, observations up to it."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+
+def status_of(answer: bytes) -> str:
+    """The status label of a whole answer message."""
+    return _STATUS_LABEL.get(((answer[6] << 8) | answer[7]) & wire.STATUS_MASK, "other")
+
+
+def failure_reason(reason: Failure) -> str:
+    """Which `FAILURE_REASONS` label a failed upstream request counts under."""
+    if not reason.check(UpstreamError):
+        return "bad_answer"
+    text = str(reason.value)
+    if "overloaded" in text:
+        return "overloaded"
+    if "did not answer within" in text or "unreachable within" in text or "timed out" in text:
+        return "timeout"
+    if "unreachable" in text:
+        return "refused"
+    if "closed the connection" in text:
+        return "reset"
+    return "bad_answer"
+
+
+class _Sample:
+    """Totals at one moment (for the stats line and the status page's chart)."""
+
+    __slots__ = ("errors", "hits", "misses", "requests", "time")
+
+    def __init__(self, time: float, requests: int, hits: int, misses: int, errors: int) -> None:
+        self.time = time
+        self.requests = requests
+        self.hits = hits
+        self.misses = misses
+        self.errors = errors
+
+
+class _Metrics:
+    """What both services' metrics share: the clock, history, the stats line."""
+
+    kind = ""
+
+    def __init__(self, factory: Any, clock: Any = None) -> None:
+        self.factory = factory
+        self.clock: Any = clock if clock is not None else factory.clock
+        self.access_log: AccessLogger | None = None
+        self.responses = dict.fromkeys((*STATUSES, "other"), 0)
+        self.started = self.clock.seconds()
+        self.history: deque[_Sample] = deque(maxlen=SAMPLES + 1)
+        self._lastStats = self.snapshot()
+        self.history.append(self._lastStats)
+
+    # Overridden: the totals the history and the stats line are made of.
+    def totals(self) -> tuple[int, int, int, int]:
+        """Requests, hits, misses and errors since the start."""
+        raise NotImplementedError
+
+    def snapshot(self) -> _Sample:
+        return _Sample(self.clock.seconds(), *self.totals())
+
+    def sample(self) -> None:
+        """Note the totals now, for the status page's chart (every `SAMPLE_EVERY` s)."""
+        self.history.append(self.snapshot())
+
+    def series(self) -> list[tuple[float, float, float | None]]:
+        """Per sample interval: its end time, requests per second and hit
+        ratio (None when it had no request)."""
+        out = []
+        for before, after in pairwise(self.history):
+            span = after.time - before.time
+            requests = after.requests - before.requests
+            if span <= 0:
+                continue
+            hits = after.hits - before.hits
+            out.append((after.time, requests / span, hits / requests if requests else None))
+        return out
+
+    def registry(self) -> CollectorRegistry:
+        """A registry holding only this service's metrics (for ``/metrics``)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return registry
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+    def statsLine(self, final: bool = False) -> str:
+        """The periodic summary: the interval since the last line, and the totals."""
+        now = self.snapshot()
+        last, self._lastStats = self._lastStats, now
+        span = max(now.time - last.time, 1e-9)
+        requests = now.requests - last.requests
+        interval = _summary(
+            requests,
+            now.hits - last.hits,
+            now.misses - last.misses,
+            now.errors - last.errors,
+            self.kind,
+        )
+        rate = requests / span
+        total = _summary(now.requests, now.hits, now.misses, now.errors, self.kind)
+        head = "final stats" if final else "stats"
+        return (
+            f"{head}: last {span:.0f} s: {interval}, {rate:.1f}/s; "
+            f"since start: {total}{self.extraStats()}"
+        )
+
+    def extraStats(self) -> str:
+        return ""
+
+
+def _summary(requests: int, hits: int, misses: int, errors: int, kind: str) -> str:
+    if kind == "proxy":
+        ratio = f"{100 * hits / requests:.1f}%" if requests else "-"
+        return f"{requests} requests, hit ratio {ratio}, {misses} misses, {errors} upstream errors"
+    return f"{requests} requests, {errors} errors"
+
+
+class ProxyMetrics(_Metrics):
+    """The proxy's observer: counts per cache status, answer status and
+    upstream outcome, and hands each answer to the access log if there is one."""
+
+    kind = "proxy"
+
+    def __init__(self, factory: Any, clock: Any = None) -> None:
+        self.requests = dict.fromkeys(CACHE_STATUSES, 0)
+        self.durations = {status: Histogram() for status in CACHE_STATUSES}
+        self.upstream_requests = 0
+        self.upstream_failures = dict.fromkeys(FAILURE_REASONS, 0)
+        self.upstream_duration = Histogram()
+        self.purged = 0
+        self.last_ok: float | None = None
+        self.last_failure: tuple[float, str] | None = None
+        self._upstreamTime: float | None = None
+        super().__init__(factory, clock)
+
+    def totals(self) -> tuple[int, int, int, int]:
+        requests = self.requests
+        misses = requests[MISS] + requests[RELOAD]
+        return sum(requests.values()), requests[HIT], misses, sum(self.upstream_failures.values())
+
+    # --- the observer (called by CacheProxyFactory) ---------------------------
+
+    def requestDone(
+        self,
+        cache: str,
+        answer: bytes,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: Any,
+        upstream: float | None = None,
+    ) -> None:
+        """One answer was decided: count it, time it, log it."""
+        now = self.clock.seconds()
+        self.requests[cache] += 1
+        self.responses[status_of(answer)] += 1
+        self.durations[cache].observe(now - started)
+        log = self.access_log
+        if log is not None:
+            log.proxyRequest(now, client, header, data, cache, answer, now - started, upstream)
+
+    def answered(
+        self,
+        answer: bytes,
+        cache: str,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: Any,
+    ) -> bytes:
+        """A Deferred answer fired: a MISS or COALESCED answer marked G is
+        STALE; who fetched it gets the upstream time of the fetch that just ended."""
+        upstream = None
+        if answer[11] & wire.EXT_GRACE:
+            cache = STALE
+        elif cache != COALESCED:
+            upstream, self._upstreamTime = self._upstreamTime, None
+        self.requestDone(cache, answer, started, header, data, client, upstream)
+        return answer
+
+    def upstreamDone(self, sent: float) -> None:
+        now = self.clock.seconds()
+        self.upstream_requests += 1
+        self._upstreamTime = now - sent
+        self.upstream_duration.observe(now - sent)
+        self.last_ok = now
+
+    def upstreamFailed(self, reason: Failure) -> None:
+        why = failure_reason(reason)
+        self.upstream_requests += 1
+        self.upstream_failures[why] += 1
+        self._upstreamTime = None
+        self.last_failure = (self.clock.seconds(), str(reason.value))
+
+    def purgedEntries(self, count: int) -> None:
+        """A purge removed ``count`` entries."""
+        self.purged += count
+
+    # --- what is exported -------------------------------------------------------
+
+    def upstreamState(self) -> str:
+        """``up`` (its last answer came after any failure), ``down`` or ``unknown``."""
+        if self.last_failure is not None and (
+            self.last_ok is None or self.last_failure[0] >= self.last_ok
+        ):
+            return "down"
+        return "up" if self.last_ok is not None else "unknown"
+
+    def figures(self) -> dict[str, Any]:
+        """Everything ``/stats.json`` and ``/status`` show."""
+        factory = self.factory
+        cache, pool = factory.cache, factory.pool
+        total = sum(self.requests.values())
+        idle = pool.idle
+        return {
+            "service": "cacheproxy",
+            "uptime_seconds": self.clock.seconds() - self.started,
+            "requests": dict(self.requests),
+            "requests_total": total,
+            "hit_ratio": self.requests[HIT] / total if total else None,
+            "responses": dict(self.responses),
+            "client_connections": factory.connectionCount,
+            "cache": {
+                "entries": cache.entries,
+                "bytes": cache.bytes,
+                "capacity_bytes": cache.max_bytes,
+                "evictions": cache.evictions,
+                "purged": self.purged,
+            },
+            "upstream": {
+                "server": f"{pool.host}:{pool.port}",
+                "state": self.upstreamState(),
+                "framed": pool.framed,
+                "pipelining": pool.pipelining,
+                "connections": {"idle": idle, "busy": max(0, pool.connections - idle)},
+                "requests": self.upstream_requests,
+                "failures": dict(self.upstream_failures),
+                "last_failure": self.last_failure[1] if self.last_failure else None,
+            },
+            "history": [
+                {"time": t, "requests_per_second": rate, "hit_ratio": ratio}
+                for t, rate, ratio in self.series()
+            ],
+        }
+
+    def extraStats(self) -> str:
+        cache = self.factory.cache
+        return f"; cache {cache.entries} entries, {cache.bytes} bytes"
+
+    def collect(self) -> Iterator[Metric]:
+        """The Prometheus metric families (a `prometheus_client` collector)."""
+        factory = self.factory
+        cache, pool = factory.cache, factory.pool
+        requests = CounterMetricFamily(
+            "cacheproxy_requests", "Requests answered, by cache status.", labels=["cache"]
+        )
+        for status in CACHE_STATUSES:
+            requests.add_metric([status], self.requests[status])
+        yield requests
+        yield _responses("cacheproxy_responses", self.responses)
+        durations = HistogramMetricFamily(
+            "cacheproxy_request_duration_seconds",
+            "Time from a request's arrival to its answer, by cache status.",
+            labels=["cache"],
+        )
+        for status in CACHE_STATUSES:
+            h = self.durations[status]
+            durations.add_metric([status], h.cumulative(), h.sum)
+        yield durations
+        yield CounterMetricFamily(
+            "cacheproxy_upstream_requests",
+            "Requests sent to the calculator server (counted when they end).",
+            value=self.upstream_requests,
+        )
+        failures = CounterMetricFamily(
+            "cacheproxy_upstream_failures",
+            "Requests to the calculator server that got no answer, by reason.",
+            labels=["reason"],
+        )
+        for why in FAILURE_REASONS:
+            failures.add_metric([why], self.upstream_failures[why])
+        yield failures
+        upstream = HistogramMetricFamily(
+            "cacheproxy_upstream_duration_seconds",
+            "Time from sending a request to the server to its answer.",
+        )
+        upstream.add_metric([], self.upstream_duration.cumulative(), self.upstream_duration.sum)
+        yield upstream
+        yield GaugeMetricFamily("cacheproxy_cache_entries", "Answers stored.", cache.entries)
+        yield GaugeMetricFamily(
+            "cacheproxy_cache_bytes",
+            "Bytes the stored answers count against the capacity.",
+            cache.bytes,
+        )
+        yield GaugeMetricFamily(
+            "cacheproxy_cache_capacity_bytes",
+            "The cache's capacity (--cache-size).",
+            cache.max_bytes,
+        )
+        yield CounterMetricFamily(
+            "cacheproxy_cache_evictions",
+            "Answers evicted to stay within the capacity.",
+            value=cache.evictions,
+        )
+        yield CounterMetricFamily(
+            "cacheproxy_purged", "Answers removed by purges.", value=self.purged
+        )
+        yield GaugeMetricFamily(
+            "cacheproxy_client_connections", "Open client connections.", factory.connectionCount
+        )
+        idle = pool.idle
+        conns = GaugeMetricFamily(
+            "cacheproxy_upstream_connections",
+            "Connections to the calculator server, by state (busy includes connecting).",
+            labels=["state"],
+        )
+        conns.add_metric(["idle"], idle)
+        conns.add_metric(["busy"], max(0, pool.connections - idle))
+        yield conns
+
+
+class ServerMetrics(_Metrics):
+    """The server's observer: counts per encoding and status, and timings."""
+
+    kind = "server"
+
+    def __init__(self, factory: Any, clock: Any = None) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.duration = Histogram()
+        super().__init__(factory, clock)
+
+    def totals(self) -> tuple[int, int, int, int]:
+        requests = sum(self.requests.values())
+        return requests, 0, 0, requests - self.responses["200"]
+
+    def requestDone(
+        self,
+        encoding: str,
+        answer: bytes,
+        started: float,
+        header: wire.Header,
+        data: bytes,
+        client: Any,
+    ) -> None:
+        """One answer was sent: count it, time it, log it."""
+        now = self.clock.seconds()
+        status = status_of(answer)
+        key = (encoding, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        self.responses[status] += 1
+        self.duration.observe(now - started)
+        log = self.access_log
+        if log is not None:
+            log.serverRequest(now, client, header, data, encoding, answer, now - started)
+
+    def figures(self) -> dict[str, Any]:
+        total = sum(self.requests.values())
+        return {
+            "service": "cacheserver",
+            "uptime_seconds": self.clock.seconds() - self.started,
+            "requests_total": total,
+            "requests": {f"{e} {s}": n for (e, s), n in sorted(self.requests.items())},
+            "responses": dict(self.responses),
+            "client_connections": self.factory.connectionCount,
+            "history": [
+                {"time": t, "requests_per_second": rate, "hit_ratio": None}
+                for t, rate, _ in self.series()
+            ],
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "cacheserver_requests",
+            "Requests answered, by payload encoding and answer status.",
+            labels=["encoding", "status"],
+        )
+        for (encoding, status), count in sorted(self.requests.items()):
+            requests.add_metric([encoding, status], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "cacheserver_request_duration_seconds",
+            "Time to compute and send one answer.",
+        )
+        duration.add_metric([], self.duration.cumulative(), self.duration.sum)
+        yield duration
+        yield GaugeMetricFamily(
+            "cacheserver_client_connections",
+            "Open client connections.",
+            self.factory.connectionCount,
+        )
+
+
+def _responses(name: str, responses: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, "Answers sent, by status code.", labels=["status"])
+    for status in STATUSES:
+        family.add_metric([status], responses[status])
+    if responses["other"]:
+        family.add_metric(["other"], responses["other"])
+    return family
