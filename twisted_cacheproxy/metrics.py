@@ -12,7 +12,7 @@ rendered in the reactor thread. The exported names are stable (README,
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any, Protocol
@@ -159,11 +159,21 @@ class _Metrics:
         self.factory = factory
         self.clock: Any = clock if clock is not None else factory.clock
         self.access_log: AccessLogger | None = None
-        self.responses = dict.fromkeys((*STATUSES, "other"), 0)
+        #: Answers by status code (at most 1024 codes fit in the field).
+        self.codes: defaultdict[int, int] = defaultdict(int)
+        self._seconds = self.clock.seconds
         self.started = self.clock.seconds()
         self.history: deque[_Sample] = deque(maxlen=SAMPLES + 1)
         self._lastStats = self.snapshot()
         self.history.append(self._lastStats)
+
+    @property
+    def responses(self) -> dict[str, int]:
+        """Answers by status label (`STATUSES`, then "other")."""
+        out = dict.fromkeys((*STATUSES, "other"), 0)
+        for code, count in self.codes.items():
+            out[_STATUS_LABEL.get(code, "other")] += count
+        return out
 
     # Overridden: the totals the history and the stats line are made of.
     def totals(self) -> tuple[int, int, int, int]:
@@ -238,7 +248,6 @@ class ProxyMetrics(_Metrics):
     kind = "proxy"
 
     def __init__(self, factory: Any, clock: Any = None) -> None:
-        self.requests = dict.fromkeys(CACHE_STATUSES, 0)
         self.durations = {status: Histogram() for status in CACHE_STATUSES}
         self.upstream_requests = 0
         self.upstream_failures = dict.fromkeys(FAILURE_REASONS, 0)
@@ -248,6 +257,11 @@ class ProxyMetrics(_Metrics):
         self.last_failure: tuple[float, str] | None = None
         self._upstreamTime: float | None = None
         super().__init__(factory, clock)
+
+    @property
+    def requests(self) -> dict[str, int]:
+        """Answers by cache status (the duration histograms count them)."""
+        return {status: h.count for status, h in self.durations.items()}
 
     def totals(self) -> tuple[int, int, int, int]:
         requests = self.requests
@@ -267,10 +281,13 @@ class ProxyMetrics(_Metrics):
         upstream: float | None = None,
     ) -> None:
         """One answer was decided: count it, time it, log it."""
-        now = self.clock.seconds()
-        self.requests[cache] += 1
-        self.responses[status_of(answer)] += 1
-        self.durations[cache].observe(now - started)
+        # Inlined: this runs for every hit (the issue's budget: < 5 %).
+        now = self._seconds()
+        took = now - started
+        h = self.durations[cache]
+        h.counts[bisect_left(BUCKETS, took)] += 1
+        h.sum += took
+        self.codes[((answer[6] & 3) << 8) | answer[7]] += 1
         log = self.access_log
         if log is not None:
             log.proxyRequest(now, client, header, data, cache, answer, now - started, upstream)
@@ -441,13 +458,21 @@ class ServerMetrics(_Metrics):
     kind = "server"
 
     def __init__(self, factory: Any, clock: Any = None) -> None:
-        self.requests: dict[tuple[str, str], int] = {}
+        self.by_encoding: defaultdict[tuple[str, int], int] = defaultdict(int)
         self.duration = Histogram()
         super().__init__(factory, clock)
 
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        """Answers by encoding and status label."""
+        out: defaultdict[tuple[str, str], int] = defaultdict(int)
+        for (encoding, code), count in self.by_encoding.items():
+            out[encoding, _STATUS_LABEL.get(code, "other")] += count
+        return dict(out)
+
     def totals(self) -> tuple[int, int, int, int]:
-        requests = sum(self.requests.values())
-        return requests, 0, 0, requests - self.responses["200"]
+        requests = self.duration.count
+        return requests, 0, 0, requests - self.codes[200]
 
     def requestDone(
         self,
@@ -459,12 +484,10 @@ class ServerMetrics(_Metrics):
         client: Any,
     ) -> None:
         """One answer was sent: count it, time it, log it."""
-        now = self.clock.seconds()
-        status = status_of(answer)
-        key = (encoding, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        self.responses[status] += 1
+        now = self._seconds()
+        code = ((answer[6] & 3) << 8) | answer[7]
+        self.codes[code] += 1
+        self.by_encoding[encoding, code] += 1
         self.duration.observe(now - started)
         log = self.access_log
         if log is not None:
