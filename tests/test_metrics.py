@@ -1,0 +1,407 @@
+"""The proxy's and server's metrics, access log and admin resources, driven
+by fakes: the proxy harness of test_proxy (StringTransports and a
+`MemoryReactorClock`), `DummyRequest`s for the web resources, and a real
+access-log file written by its thread (read after `close`, never by sleeping)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_proxy import Harness, X, Y, Z, answer, error_answer, request
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.test.requesthelper import DummyRequest
+
+from twisted_cacheproxy import accesslog, admin
+from twisted_cacheproxy.accesslog import AccessLog
+from twisted_cacheproxy.metrics import ProxyMetrics, ServerMetrics, failure_reason
+from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.upstream import UpstreamError
+
+pytestmark = pytest.mark.usefixtures("proxy_log")
+
+
+class Observed(Harness):
+    """The proxy harness with metrics and an access log in ``path``."""
+
+    def __init__(self, path=None, **options) -> None:
+        super().__init__(**options)
+        self.metrics = ProxyMetrics(self.factory)
+        self.factory.observer = self.metrics
+        self.log = None
+        if path is not None:
+            self.log = AccessLog(str(path), self.reactor)
+            self.log.start()
+            self.metrics.access_log = self.log
+
+    def lines(self) -> list[str]:
+        assert self.log is not None
+        self.log.close()
+        with open(self.log.path) as f:
+            return f.read().splitlines()
+
+
+def scrape(metrics) -> dict[tuple[str, tuple], float]:
+    """``/metrics`` rendered and read back by prometheus_client's own parser."""
+    request = DummyRequest([b""])
+    body = admin.MetricsResource(metrics).render_GET(request)
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def cache_counts(samples) -> dict[str, float]:
+    return {
+        dict(labels)["cache"]: value
+        for (name, labels), value in samples.items()
+        if name == "cacheproxy_requests_total"
+    }
+
+
+def every_status(h: Observed):
+    """One request of each cache status, in a known order; the upstream connection."""
+    c = h.client()
+    up = h.miss(c, request(X), answer(3))  # MISS
+    c.take()
+    c.send(request(X))  # HIT
+    c.send(request(X, max_age=0))  # RELOAD
+    up.take()
+    up.reply(answer(3))
+    c.send(request(Y, cache=False))  # BYPASS
+    up.take()
+    up.reply(answer(6, cache=False, max_age=0))
+    # COALESCED: two identical misses pipelined, one upstream request.
+    c.send(request(Z, steps=True), request(Z, steps=True))
+    assert up.take() == request(Z, steps=True)  # asked for once
+    up.reply(answer(6, steps=["max(2, 3) + 3", "6"]))
+    c.take()
+    return c, up
+
+
+def test_each_cache_status_is_counted_and_timed(tmp_path):
+    h = Observed(tmp_path / "access.log")
+    every_status(h)
+    assert h.metrics.requests == {
+        "hit": 1,
+        "miss": 2,
+        "coalesced": 1,
+        "stale": 0,
+        "bypass": 1,
+        "reload": 1,
+    }
+    samples = scrape(h.metrics)
+    assert cache_counts(samples) == h.metrics.requests
+    assert samples["cacheproxy_responses_total", (("status", "200"),)] == 6
+    assert samples["cacheproxy_upstream_requests_total", ()] == 4
+    assert samples["cacheproxy_cache_entries", ()] == 2
+    assert samples["cacheproxy_client_connections", ()] == 1
+    assert samples["cacheproxy_upstream_connections", (("state", "idle"),)] == 1
+    assert samples["cacheproxy_request_duration_seconds_count", (("cache", "hit"),)] == 1
+    assert samples["cacheproxy_cache_capacity_bytes", ()] == 64 << 20
+    lines = h.lines()
+    assert [line.split()[5] for line in lines] == [
+        "MISS",
+        "HIT",
+        "RELOAD",
+        "BYPASS",
+        "COALESCED",  # the waiter is answered as the fetch ends, before the fetcher
+        "MISS",
+    ]
+
+
+def test_stale_and_failures_by_reason(tmp_path):
+    h = Observed(tmp_path / "access.log", stale_if_error=30, retries=1)
+    c = h.client()
+    up = h.miss(c, request(X), answer(3, max_age=10))
+    up.close()
+    h.advance(15)
+    c.send(request(X))
+    h.refuse()  # STALE: served past its lifetime, marked G
+    c.send(request(Y))
+    h.refuse()  # a 500
+    c.take()
+    assert h.metrics.requests["stale"] == 1
+    assert h.metrics.requests["miss"] == 2
+    assert h.metrics.upstream_failures["refused"] == 2
+    assert h.metrics.responses["500"] == 1
+    assert h.metrics.upstreamState() == "down"
+    lines = h.lines()
+    stale, failed = lines[1].split(), lines[2].split()
+    assert stale[5:7] == ["STALE", "200"] and stale[9] == "-"
+    assert failed[5:7] == ["MISS", "500"] and failed[9] == "-"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("calculator server h:1 unreachable after 5 attempts: Connection refused", "refused"),
+        ("calculator server h:1 did not answer within 10 s", "timeout"),
+        ("calculator server h:1 unreachable within 10 s (3 attempts): x", "timeout"),
+        ("calculator server h:1 closed the connection before answering", "reset"),
+        ("calculator server h:1 sent an invalid answer: junk", "bad_answer"),
+        ("calculator server h:1 answered out of step: tags", "bad_answer"),
+        ("proxy overloaded: 4096 requests already wait for calculator server h:1", "overloaded"),
+    ],
+)
+def test_failure_reasons(message, reason):
+    from twisted.python.failure import Failure
+
+    assert failure_reason(Failure(UpstreamError(message))) == reason
+
+
+# --- the access log ---------------------------------------------------------------
+
+
+def test_access_log_line_fields(tmp_path):
+    h = Observed(tmp_path / "access.log")
+    c = h.client()
+    h.miss(c, request(X), answer(3))
+    h.advance(0.25)
+    c.send(request(X))
+    (miss, hit) = h.lines()
+    fields = hit.split(" ")
+    assert fields[0] == "2023-11-14T22:13:20.250Z"
+    assert fields[1:6] == ["192.168.1.1:54321", "text", "-C", "65535", "HIT"]
+    assert fields[6] == "200" and int(fields[7]) == len(answer(3))
+    assert fields[8] == "0.000" and fields[9] == "-"
+    assert " ".join(fields[10:]) == '"1 + 2"'
+    assert miss.split(" ")[5] == "MISS"
+
+
+def test_access_log_quotes_what_could_split_or_forge_a_line(tmp_path):
+    h = Observed(tmp_path / "access.log")
+    c = h.client()
+    nasty = (
+        b'1 + "2"\n2023-11-14T22:13:20.000Z 10.0.0.1:1 text SC 65535 HIT 200 1 0 - "x"'
+        b"\r\\ \xe2\x80\xa8\xff"
+    )
+    h.miss(c, request(nasty), error_answer("SyntaxError", "bad"))
+    (line,) = h.lines()
+    assert line.count('"') == 2 + line.count('\\"')
+    expression = line.split(" ", 10)[10]
+    assert json.loads(expression) == nasty.decode("utf-8", "backslashreplace")
+    assert expression.isascii() and "\\n" in expression and "\\u2028" in expression
+    assert line.split()[5:7] == ["MISS", "400"]
+
+
+def test_access_log_cuts_long_expressions_and_skips_pickles(tmp_path):
+    h = Observed(tmp_path / "access.log")
+    c = h.client()
+    long = b"1 + " * 100 + b"1"
+    up = h.miss(c, request(long), answer(101))
+    legacy = b"\x80\x04junk"
+    h.miss(c, request(legacy), error_answer("ValueError", "unsupported payload"), up)
+    first, second = h.lines()
+    expression = json.loads(first.split(" ", 10)[10])
+    assert expression == long.decode()[: accesslog.MAX_EXPRESSION] + "..."
+    assert second.split()[2] == "legacy" and second.split()[-1] == "-"
+
+
+def test_access_log_reopen_and_drop_when_the_disk_falls_behind(tmp_path):
+    path = tmp_path / "a.log"
+    clock = Clock()
+    log = AccessLog(str(path), clock, max_backlog=60)
+    log.start()
+    log.line("one\n")
+    log.flush()
+    path.rename(tmp_path / "a.log.1")  # as logrotate does: rename, then signal
+    log.reopen()
+    log.line("two\n")
+    for _ in range(20):
+        log.line("x" * 9 + "\n")  # past the backlog bound: dropped, not queued
+    assert log.dropped > 0
+    log.close()
+    assert (tmp_path / "a.log.1").read_text() == "one\n"
+    assert path.read_text().startswith("two\n")
+    assert len(path.read_text()) <= 60 + 10
+
+
+def test_lines_wait_in_the_reactor_thread_until_flushed(tmp_path):
+    clock = Clock()
+    log = AccessLog(str(tmp_path / "a.log"), clock)
+    log.start()
+    log.line("one\n")
+    assert clock.getDelayedCalls() and log._handed == 0
+    clock.advance(accesslog.FLUSH_DELAY)
+    assert log._handed == 4 and not clock.getDelayedCalls()
+    log.close()
+    assert (tmp_path / "a.log").read_text() == "one\n"
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+def test_server_metrics_by_encoding_and_status(tmp_path):
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    factory = CalculatorServerFactory(clock=clock, idle_timeout=None)
+    metrics = ServerMetrics(factory)
+    factory.observer = metrics
+    metrics.access_log = AccessLog(str(tmp_path / "s.log"), clock)
+    metrics.access_log.start()
+    p = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+    p.makeConnection(StringTransport())
+    p.dataReceived(request(b"1 + 2") + request(b"1 / 0") + request(b"\x80\x04junk"))
+    samples = scrape(metrics)
+    key = "cacheserver_requests_total"
+    assert samples[key, (("encoding", "text"), ("status", "200"))] == 1
+    assert samples[key, (("encoding", "text"), ("status", "400"))] == 1
+    assert samples[key, (("encoding", "legacy"), ("status", "400"))] == 1
+    assert samples["cacheserver_request_duration_seconds_count", ()] == 3
+    assert samples["cacheserver_client_connections", ()] == 1
+    metrics.access_log.close()
+    lines = (tmp_path / "s.log").read_text().splitlines()
+    assert [line.split()[5:7] for line in lines] == [["-", "200"], ["-", "400"], ["-", "400"]]
+    assert "errors" in metrics.statsLine()
+
+
+# --- the stats line and the history --------------------------------------------------------
+
+
+def test_stats_line_covers_the_interval_and_the_total():
+    h = Observed()
+    c = h.client()
+    h.miss(c, request(X), answer(3))
+    c.send(request(X), request(X))
+    h.advance(60)
+    first = h.metrics.statsLine()
+    assert first.startswith("stats: last 60 s: 3 requests, hit ratio 66.7%, 1 misses")
+    assert "since start: 3 requests" in first and "cache 1 entries" in first
+    c.send(request(X))
+    h.advance(60)
+    second = h.metrics.statsLine(final=True)
+    assert second.startswith("final stats: last 60 s: 1 requests, hit ratio 100.0%, 0 misses")
+    assert "since start: 4 requests, hit ratio 75.0%" in second
+
+
+def test_series_gives_rate_and_hit_ratio_per_sample():
+    h = Observed()
+    c = h.client()
+    h.miss(c, request(X), answer(3))
+    c.send(request(X))
+    h.advance(5)
+    h.metrics.sample()
+    h.advance(5)
+    h.metrics.sample()
+    (_, rate1, ratio1), (_, rate2, ratio2) = h.metrics.series()
+    assert (rate1, ratio1) == (2 / 5, 0.5)
+    assert (rate2, ratio2) == (0.0, None)
+
+
+# --- purge and who may POST ----------------------------------------------------------
+
+
+def post(resource, args=None, client=("127.0.0.1", 5000), headers=()):
+    request = DummyRequest([b""])
+    request.method = b"POST"
+    host, port = client
+    request.client = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+    request.args = args or {}
+    for name, value in headers:
+        request.requestHeaders.addRawHeader(name, value)
+    body = resource.render_POST(request)
+    return request.responseCode or 200, json.loads(body)
+
+
+def test_purge_everything_then_the_next_request_reaches_the_server():
+    h = Observed()
+    c = h.client()
+    up = h.miss(c, request(X), answer(3))
+    h.miss(c, request(Y), answer(6), up)
+    purge = admin.PurgeResource(h.factory, h.metrics, None)
+    assert post(purge) == (200, {"purged": 2})
+    assert h.factory.cache.entries == 0 and h.metrics.purged == 2
+    c.send(request(X))
+    assert up.take() == request(X)  # a miss: asked upstream again
+    assert scrape(h.metrics)["cacheproxy_purged_total", ()] == 2
+
+
+def test_purge_one_expression_with_and_without_steps():
+    h = Observed()
+    c = h.client()
+    up = h.miss(c, request(X), answer(3))
+    h.miss(c, request(X, steps=True), answer(3, steps=["1 + 2", "3"]), up)
+    h.miss(c, request(Y), answer(6), up)
+    purge = admin.PurgeResource(h.factory, h.metrics, None)
+    assert post(purge, {b"expr": [X]}) == (200, {"purged": 2})
+    assert post(purge, {b"expr": [X]}) == (200, {"purged": 0})
+    assert h.factory.cache.entries == 1
+    c.send(request(Y))
+    assert up.take() == b""  # still a hit
+    c.send(request(X))
+    assert up.take() == request(X)
+
+
+@pytest.mark.parametrize("client", [("10.1.2.3", 4000), ("2001:db8::1", 4000)])
+def test_purge_from_another_host_is_refused_without_a_token(client):
+    h = Observed()
+    c = h.client()
+    h.miss(c, request(X), answer(3))
+    purge = admin.PurgeResource(h.factory, h.metrics, None)
+    code, body = post(purge, client=client)
+    assert code == 403 and "loopback" in body["error"]
+    assert h.factory.cache.entries == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.9.9.9", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("2001:db8::1", False),
+    ],
+)
+def test_loopback_addresses(host, loopback):
+    address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, 1)
+    assert admin.is_loopback(address) is loopback
+
+
+def test_purge_with_a_token_needs_it_from_everyone():
+    h = Observed()
+    c = h.client()
+    h.miss(c, request(X), answer(3))
+    purge = admin.PurgeResource(h.factory, h.metrics, b"s3cret")
+    code, _ = post(purge)  # loopback is not enough
+    assert code == 401
+    code, _ = post(purge, headers=[(b"Authorization", b"Bearer wrong")])
+    assert code == 401
+    assert h.factory.cache.entries == 1
+    ok = post(purge, client=("10.1.2.3", 1), headers=[(b"Authorization", b"Bearer s3cret")])
+    assert ok == (200, {"purged": 1})
+
+
+def test_a_cross_site_post_is_refused():
+    h = Observed()
+    purge = admin.PurgeResource(h.factory, h.metrics, None)
+    code, body = post(
+        purge, headers=[(b"Origin", b"http://evil.example"), (b"Host", b"127.0.0.1:9100")]
+    )
+    assert code == 403 and "cross-site" in body["error"]
+    same = [(b"Origin", b"http://127.0.0.1:9100"), (b"Host", b"127.0.0.1:9100")]
+    assert post(purge, headers=same) == (200, {"purged": 0})
+
+
+def test_status_page_and_stats_json_show_the_figures():
+    h = Observed()
+    c = h.client()
+    h.miss(c, request(X), answer(3))
+    c.send(request(X), request(X), request(X))
+    page = admin.status_page(h.metrics, "cacheproxy 127.0.0.1:9998")
+    assert '<td class="n" id="requests-hit">3</td>' in page
+    assert '<div class="big" id="hit-ratio">75.0%</div>' in page
+    assert '<meta http-equiv="refresh"' in page and "<svg" in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    request_ = DummyRequest([b""])
+    figures = json.loads(admin.StatsResource(h.metrics).render_GET(request_))
+    assert figures["requests"]["hit"] == 3 and figures["hit_ratio"] == 0.75
+    assert figures["cache"]["entries"] == 1
