@@ -1,0 +1,267 @@
+"""The admin site, access log and stats line of real ``twistd`` processes:
+metrics read back over HTTP with prometheus_client's own parser, a purge,
+a 500 from a stopped server, the access log reopened on SIGUSR1, and the
+status page loaded in headless Chromium.
+
+The twistd processes run the *installed* package (``pip install .`` first).
+Without Chromium the browser test is skipped; with ``CI`` set it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import struct
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from helpers import require_tool
+from prometheus_client.parser import text_string_to_metric_families
+from test_proxy_integration import HOST, accepting, free_port, twistd  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+WAIT = 10.0  # seconds: the most any single wait here may take
+TOKEN = "s3cret"
+
+
+def frame(text: str, *, steps=False, cache=True, max_age=65535) -> bytes:
+    data = text.encode()
+    flags = (0x1000 if cache else 0) | (0x0800 if steps else 0) | 0x0400
+    return struct.pack("!LHHHH", int(time.time()), 12 + len(data), flags, max_age, 0) + data
+
+
+def ask(port: int, *frames: bytes) -> list[tuple[int, int, bytes]]:
+    """Send ``frames`` pipelined in one write; (status, extension word, data) of each answer."""
+    with socket.create_connection((HOST, port), timeout=WAIT) as s:
+        s.sendall(b"".join(frames))
+        buf, out = b"", []
+        while len(out) < len(frames):
+            while len(buf) < 12 or len(buf) < struct.unpack_from("!H", buf, 4)[0]:
+                chunk = s.recv(65536)
+                assert chunk, "connection closed before every answer came"
+                buf += chunk
+            _, length, flags, _, ext = struct.unpack_from("!LHHHH", buf)
+            out.append((flags & 0x3FF, ext, buf[12:length]))
+            buf = buf[length:]
+    return out
+
+
+def http(port: int, path: str, method: str = "GET", token: str | None = None):
+    """(status, body) of one admin request."""
+    request = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if method == "POST":
+        request.data = b""
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def metrics(port: int) -> dict[tuple[str, tuple], float]:
+    status, body = http(port, "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def start(twistd, kind: str, *args: str):  # noqa: F811
+    """A twistd service with an admin port; (process, admin port)."""
+    port, admin = free_port(), free_port()
+    p = twistd(kind, "--port", str(port), "--admin-port", str(admin), *args, port=port)
+    wait_for(lambda: accepting(admin), f"the admin port of {kind}")
+    return p, admin
+
+
+def lines(path: pathlib.Path) -> list[list[str]]:
+    return [line.split(" ", 10) for line in path.read_text().splitlines()]
+
+
+def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):  # noqa: F811
+    server, server_admin = start(twistd, "cacheserver")
+    access = tmp_path / "access.log"
+    proxy, admin = start(
+        twistd,
+        "cacheproxy",
+        "--server-port",
+        str(server.port),
+        "--retries",
+        "1",
+        "--admin-token",
+        TOKEN,
+        "--access-log",
+        str(access),
+    )
+    x, z = "1 + 2", "max(2, 3) + 3"
+    assert ask(proxy.port, frame(x))[0][:2] == (200, 0x1)  # MISS
+    assert [a[1] & 0x2 for a in ask(proxy.port, frame(x), frame(x))] == [2, 2]  # HIT, HIT
+    ask(proxy.port, frame(z, steps=True), frame(z, steps=True))  # MISS, COALESCED
+    ask(proxy.port, frame("2 * 3", cache=False))  # BYPASS
+    ask(proxy.port, frame(x, max_age=0))  # RELOAD
+    served = ("cacheserver_requests_total", (("encoding", "text"), ("status", "200")))
+    assert metrics(server_admin)[served] == 4
+
+    # Purge: refused without the token, then everything.
+    assert http(admin, "/purge", "POST")[0] == 401
+    assert http(admin, "/purge", "POST", token="wrong")[0] == 401
+    assert http(admin, "/purge", "GET")[0] == 405
+    status, body = http(admin, "/purge", "POST", token=TOKEN)
+    assert (status, json.loads(body)) == (200, {"purged": 2})
+    assert ask(proxy.port, frame(x))[0][:2] == (200, 0x1)  # a MISS: it reached the server
+    assert metrics(server_admin)[served] == 5
+    status, body = http(admin, "/purge?expr=1%20%2B%202", "POST", token=TOKEN)
+    assert json.loads(body) == {"purged": 1}
+
+    server.stop()
+    (status, _, data) = ask(proxy.port, frame("7 * 7"))[0]
+    assert status == 500 and b"unreachable" in data
+
+    m = metrics(admin)
+    by_cache = {
+        dict(labels)["cache"]: v for (n, labels), v in m.items() if n == "cacheproxy_requests_total"
+    }
+    assert by_cache == {
+        "hit": 2,
+        "miss": 4,
+        "coalesced": 1,
+        "stale": 0,
+        "bypass": 1,
+        "reload": 1,
+    }
+    assert m["cacheproxy_responses_total", (("status", "200"),)] == 8
+    assert m["cacheproxy_responses_total", (("status", "500"),)] == 1
+    assert m["cacheproxy_upstream_requests_total", ()] == 6
+    assert m["cacheproxy_upstream_failures_total", (("reason", "refused"),)] == 1
+    assert m["cacheproxy_upstream_duration_seconds_count", ()] == 5
+    assert m["cacheproxy_purged_total", ()] == 3
+    assert m["cacheproxy_cache_entries", ()] == 0
+    assert m["cacheproxy_request_duration_seconds_count", (("cache", "hit"),)] == 2
+    hit_le = m["cacheproxy_request_duration_seconds_bucket", (("cache", "hit"), ("le", "0.01"))]
+    assert hit_le == 2  # a hit takes far less than 10 ms
+
+    figures = json.loads(http(admin, "/stats.json")[1])
+    assert figures["requests_total"] == 9 and figures["upstream"]["state"] == "down"
+
+    # The access log: one line per answer, in the order they were decided.
+    wait_for(lambda: len(access.read_text().splitlines()) == 9, "9 access-log lines")
+    rows = lines(access)
+    assert [r[5] for r in rows] == [
+        "MISS",
+        "HIT",
+        "HIT",
+        "COALESCED",
+        "MISS",
+        "BYPASS",
+        "RELOAD",
+        "MISS",
+        "MISS",
+    ]
+    assert [r[6] for r in rows][-1] == "500"
+    assert rows[1][3:5] == ["-C", "65535"] and rows[6][4] == "0" and rows[5][3] == "--"
+    assert rows[0][10] == '"1 + 2"' and rows[3][3] == "SC"
+
+    # logrotate: rename, SIGUSR1, and the next line goes to a new file.
+    access.rename(tmp_path / "access.log.1")
+    os.kill(proxy.proc.pid, signal.SIGUSR1)
+    wait_for(access.exists, "the access log to be reopened")
+    ask(proxy.port, frame("7 * 7"))
+    wait_for(lambda: access.read_text().count("\n") == 1, "a line in the new access log")
+    assert lines(access)[0][10] == '"7 * 7"'
+    assert len((tmp_path / "access.log.1").read_text().splitlines()) == 9
+
+    # The final stats line at shutdown.
+    proxy.stop()
+    log = proxy.logText()
+    assert "final stats: " in log and "since start: 10 requests, hit ratio 20.0%" in log
+
+
+def test_status_page_in_headless_chromium(twistd, tmp_path):  # noqa: F811
+    chromium = require_tool(
+        "chromium", "apt-get install chromium", "the status page's browser test"
+    )
+    server, _ = start(twistd, "cacheserver")
+    proxy, admin = start(twistd, "cacheproxy", "--server-port", str(server.port))
+    ask(proxy.port, frame("1 + 2"))
+    ask(proxy.port, frame("1 + 2"), frame("1 + 2"), frame("1 + 2"))
+    ask(proxy.port, frame("2 * 3", cache=False))
+    url = f"http://{HOST}:{admin}/status"
+    browser = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", url], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    from html.parser import HTMLParser
+
+    class Figures(HTMLParser):
+        """The text inside each element with an id (the innermost such element)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.found: dict[str, str] = {}
+            self._ids: list[str | None] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "link", "br", "rect", "line", "polyline"):
+                self._ids.append(dict(attrs).get("id"))
+
+        def handle_endtag(self, tag):
+            if tag not in ("meta", "link", "br", "rect", "line", "polyline") and self._ids:
+                self._ids.pop()
+
+        def handle_data(self, data):
+            ids = [i for i in self._ids if i]
+            if ids and data.strip():
+                self.found[ids[-1]] = self.found.get(ids[-1], "") + data.strip()
+
+    parser = Figures()
+    parser.feed(dom)
+    shown = parser.found
+    assert shown["requests-total"] == "5"
+    assert shown["hit-ratio"] == "60.0%"
+    assert (shown["requests-hit"], shown["requests-miss"], shown["requests-bypass"]) == (
+        "3",
+        "1",
+        "1",
+    )
+    assert shown["responses-200"] == "5"
+    assert shown["cache-entries"] == "1"
+    assert shown["upstream-state"] == "up"
+    assert shown["upstream-server"] == f"127.0.0.1:{server.port}"
+    assert "<svg" in dom and 'id="chart"' in dom
+    png = tmp_path / "status.png"
+    subprocess.run(
+        [*browser, f"--screenshot={png}", "--window-size=1000,800", url],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
