@@ -405,3 +405,55 @@ def test_status_page_and_stats_json_show_the_figures():
     figures = json.loads(admin.StatsResource(h.metrics).render_GET(request_))
     assert figures["requests"]["hit"] == 3 and figures["hit_ratio"] == 0.75
     assert figures["cache"]["entries"] == 1
+
+
+# --- the options and the services beside the listener -----------------------------------
+
+
+def test_operating_options_and_services(tmp_path):
+    from twisted.python import usage
+
+    from twisted_cacheproxy.tap import ProxyOptions, ServerOptions, makeProxyService
+
+    config = ProxyOptions()
+    config.parseOptions(["--stats-interval", "0"])
+    assert (config["admin-port"], config["admin-interface"], config["access-log"]) == (
+        0,
+        "127.0.0.1",
+        None,
+    )
+    service = makeProxyService(config)
+    assert not hasattr(service, "main")  # nothing to watch: the listener alone
+    assert type(service.factory.observer).__name__ == "NoObserver"
+
+    config = ProxyOptions()
+    config.parseOptions(["--access-log", str(tmp_path / "a.log")])
+    service = makeProxyService(config)
+    assert isinstance(service.main.factory.observer, ProxyMetrics)
+    names = sorted(type(s).__name__ for s in service)
+    assert names == ["AccessLogService", "ListeningService", "StatsService"]
+    for argv, message in (
+        (["--admin-port", "70000"], "--admin-port must be 1..65535, not 70000"),
+        (["--stats-interval", "-1"], "--stats-interval cannot be negative"),
+    ):
+        with pytest.raises(usage.UsageError, match=message):
+            ServerOptions().parseOptions(argv)
+
+
+def test_a_busy_admin_port_or_a_bad_log_path_is_one_line(tmp_path):
+    import socket
+
+    from twisted_cacheproxy.tap import ServerOptions, makeServerService
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = ServerOptions()
+        config.parseOptions(["--admin-port", str(port)])
+        with pytest.raises(SystemExit, match=rf"cacheserver: cannot listen on 127.0.0.1:{port}"):
+            makeServerService(config)
+    config = ServerOptions()
+    config.parseOptions(["--access-log", str(tmp_path / "no" / "such" / "dir")])
+    with pytest.raises(SystemExit, match="cacheserver: cannot open --access-log"):
+        makeServerService(config)
