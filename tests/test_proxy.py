@@ -1525,3 +1525,18 @@ def test_a_half_closed_client_with_nothing_pending_is_closed_at_once(h):
     c = h.client()
     c.wrapper.readConnectionLost()
     assert c.transport.disconnecting and not c.transport.disconnected
+
+
+def test_the_proxy_never_loads_the_calculator():
+    """The proxy never reads payloads: importing it loads neither the
+    evaluator nor the server."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, twisted_cacheproxy.proxy, twisted_cacheproxy.tap;"
+        "print(sorted({'twisted_cacheproxy.expression', 'twisted_cacheproxy.server'}"
+        " & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -13,9 +13,8 @@ from collections import deque
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import codec, wire
+from . import answers, wire
 from .cache import FOREVER, Entry, MemoryCache
-from .server import bad_frame_answer, not_a_request_answer
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()
@@ -87,7 +86,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         """The 400 goes after every answer still awaited, then the close."""
-        answer = bad_frame_answer(reason, first, int(self.factory.clock.seconds()))
+        answer = answers.bad_frame(reason, first, int(self.factory.clock.seconds()))
         if not self._slots:
             self.sendMessage(answer)
             self.closeAfterSending()
@@ -174,7 +173,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         """The answer to one request: bytes at once, or a Deferred firing with bytes."""
         flags = header.flags
         if not flags & wire.FLAG_REQUEST:
-            return not_a_request_answer(header, codec.encoding_of(data), int(self.clock.seconds()))
+            return answers.not_a_request(header, data, int(self.clock.seconds()))
         if not flags & wire.FLAG_CACHE:
             self.misses += 1
             return self._fetch(header, data, None)
@@ -264,7 +263,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             ):
                 self.stale += 1
                 return _stale(stale, h)
-            return _error(h, d, message, int(now))
+            return answers.unreachable(h, d, message, int(now))
 
         if waiting is not None:
             self._settle(waiting, fallback)
@@ -303,15 +302,3 @@ def _stale(entry: Entry, request: wire.Header) -> bytes:
     flags = wire.decode_header(answer).flags & ~wire.FLAG_CACHE
     ext = wire.answer_ext(request, wire.EXT_FROM_CACHE | wire.EXT_GRACE)
     return wire.rewrite(answer, flags=flags, max_age=0, ext=ext)
-
-
-def _error(request: wire.Header, data: bytes, message: str, now: int) -> bytes:
-    """A 500 in the encoding of the request ``data``."""
-    payload = codec.encode_error(codec.encoding_of(data), "ConnectionError", message)
-    return wire.encode(
-        now,
-        wire.make_flags(request=False, status=wire.SERVER_ERROR),
-        0,
-        payload,
-        wire.answer_ext(request),
-    )
