@@ -31,6 +31,4 @@ def not_a_request(header: wire.Header, data: bytes, now: int) -> bytes:
 def unreachable(header: wire.Header, data: bytes, message: str, now: int) -> bytes:
     """The proxy's 500 when the server could not give an answer."""
     ext = wire.answer_ext(header)
-    return _error(
-        wire.SERVER_ERROR, "ConnectionError", message, codec.encoding_of(data), ext, now
-    )
+    return _error(wire.SERVER_ERROR, "ConnectionError", message, codec.encoding_of(data), ext, now)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import answers, wire
-from .cache import FOREVER, Entry, MemoryCache
+from .cache import Cache, Entry
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()
@@ -110,41 +111,25 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def __init__(
         self,
+        cache: Cache,
+        pool: UpstreamPool,
         *,
-        clock=None,
-        server_host: str = "127.0.0.1",
-        server_port: int = 9999,
-        cache_size: int = 64 << 20,
-        retries: int = 5,
-        retry_delay: float = 0.5,
-        timeout: float = 10.0,
-        stale_if_error: float = 0.0,
-        upstream_connections: int = 32,
-        upstream_pipeline: int = 1,
+        clock: IReactorTime | None = None,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
         verbose: bool = False,
     ) -> None:
+        """``cache`` keeps the answers (its grace is the stale-if-error
+        window); ``pool`` asks the server on a miss."""
         super().__init__(
             clock=clock,
             max_message_size=max_message_size,
             idle_timeout=idle_timeout,
             max_connections=max_connections,
         )
-        clock = self.clock
-        self.cache = MemoryCache(cache_size, clock, grace=stale_if_error)
-        self.pool = UpstreamPool(
-            clock,
-            server_host,
-            server_port,
-            max_connections=upstream_connections,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            pipeline=upstream_pipeline,
-        )
-        self.stale_if_error = stale_if_error
+        self.cache = cache
+        self.pool = pool
         self.verbose = verbose
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
@@ -251,7 +236,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             message = "internal proxy error"
             log.failure("Unexpected failure fetching an answer", reason)
         waiting = self.inflight.pop(key, None) if key is not None else None
-        stale = self.cache.get(key) if key is not None and self.stale_if_error else None
+        stale = self.cache.get(key) if key is not None and self.cache.grace else None
 
         def fallback(h: wire.Header, d: bytes) -> bytes:
             now = self.clock.seconds()
@@ -278,7 +263,7 @@ class CacheProxyFactory(wire.ServiceFactory):
 
 def _accepts(max_age: int, age: float) -> bool:
     """Whether a request's max-age (65535: any age) accepts an answer this old."""
-    return max_age == FOREVER or age < max_age
+    return max_age == wire.FOREVER or age < max_age
 
 
 #: The extension word of a stored answer: ours (L), from the cache (H).
@@ -289,7 +274,7 @@ def _restamp(entry: Entry, age: float, request: wire.Header) -> bytes:
     """A stored answer for ``request``: its cache control set to its
     remaining lifetime, the request's tag echoed."""
     answer = entry.answer
-    if entry.lifetime == FOREVER:
+    if entry.lifetime == wire.FOREVER:
         return wire.with_tag(answer, request)
     left = max(1, int(entry.lifetime - age))
     return wire.rewrite(answer, max_age=left, ext=wire.answer_ext(request, wire.EXT_FROM_CACHE))
