@@ -20,10 +20,10 @@ import time
 
 import pytest
 import pytest_twisted
+from helpers import proxy_factory
 from twisted.internet import defer, protocol
 
 from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.proxy import CacheProxyFactory
 from twisted_cacheproxy.server import CalculatorServerFactory
 
 pytestmark = pytest.mark.integration
@@ -408,7 +408,7 @@ def test_many_concurrent_identical_requests_make_one_upstream_request_in_process
 
     server = CountingServer(delay=0.5)
     server_port = server.listen()
-    factory = CacheProxyFactory(server_port=server_port, retry_delay=0.05)
+    factory = proxy_factory(server_port, retry_delay=0.05)
     listening = reactor.listenTCP(0, factory, interface=HOST)
     try:
         yield _many_identical_requests(listening.getHost().port, server, 50)
@@ -426,7 +426,7 @@ def test_a_slow_miss_does_not_delay_a_hit_over_tcp():
 
     server = CountingServer()
     server_port = server.listen()
-    factory = CacheProxyFactory(server_port=server_port, retry_delay=0.05)
+    factory = proxy_factory(server_port, retry_delay=0.05)
     listening = reactor.listenTCP(0, factory, interface=HOST)
     port = listening.getHost().port
     try:

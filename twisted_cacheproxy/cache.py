@@ -10,8 +10,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Protocol
 
-#: A lifetime meaning "never expires" (the protocol's 65535).
-FOREVER = 65535
+from .wire import FOREVER
+
 #: What one entry costs in memory beyond the lengths of its key and answer,
 #: in bytes, as ``tracemalloc`` measures it on CPython 3.11 (64-bit): the two
 #: bytes objects' headers (2 x 33), the `Entry` (64) and its time stamp (24),
@@ -50,6 +50,8 @@ class Cache(Protocol):
     entries: int
     bytes: int
     evictions: int
+    #: Seconds past its lifetime an entry is still kept (stale-if-error).
+    grace: float
 
     def get(self, key: bytes) -> Entry | None: ...
 

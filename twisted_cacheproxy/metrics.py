@@ -361,7 +361,7 @@ class ProxyMetrics(_Metrics):
                 "purged": self.purged,
             },
             "upstream": {
-                "server": f"{pool.host}:{pool.port}",
+                "server": _server_of(pool),
                 "state": self.upstreamState(),
                 "framed": pool.framed,
                 "pipelining": pool.pipelining,
@@ -528,6 +528,15 @@ class ServerMetrics(_Metrics):
             "Open client connections.",
             self.factory.connectionCount,
         )
+
+
+def _server_of(pool: Any) -> str:
+    """``host:port`` of the pool's server when its connector says, else its name."""
+    connector = getattr(pool, "connector", None)
+    host, port = getattr(connector, "host", None), getattr(connector, "port", None)
+    if host is None:
+        return str(pool.name)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _responses(name: str, responses: dict[str, int]) -> CounterMetricFamily:

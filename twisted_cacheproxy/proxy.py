@@ -12,11 +12,11 @@ from collections import deque
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import codec, wire
-from .cache import FOREVER, Entry, MemoryCache
-from .server import bad_frame_answer, not_a_request_answer
+from . import answers, wire
+from .cache import Cache, Entry
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()
@@ -135,7 +135,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         """The 400 goes after every answer still awaited, then the close."""
-        answer = bad_frame_answer(reason, first, int(self.factory.clock.seconds()))
+        answer = answers.bad_frame(reason, first, int(self.factory.clock.seconds()))
         if not self._slots:
             self.sendMessage(answer)
             self.closeAfterSending()
@@ -159,41 +159,25 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def __init__(
         self,
+        cache: Cache,
+        pool: UpstreamPool,
         *,
-        clock=None,
-        server_host: str = "127.0.0.1",
-        server_port: int = 9999,
-        cache_size: int = 64 << 20,
-        retries: int = 5,
-        retry_delay: float = 0.5,
-        timeout: float = 10.0,
-        stale_if_error: float = 0.0,
-        upstream_connections: int = 32,
-        upstream_pipeline: int = 1,
+        clock: IReactorTime | None = None,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
         verbose: bool = False,
     ) -> None:
+        """``cache`` keeps the answers (its grace is the stale-if-error
+        window); ``pool`` asks the server on a miss."""
         super().__init__(
             clock=clock,
             max_message_size=max_message_size,
             idle_timeout=idle_timeout,
             max_connections=max_connections,
         )
-        clock = self.clock
-        self.cache = MemoryCache(cache_size, clock, grace=stale_if_error)
-        self.pool = UpstreamPool(
-            clock,
-            server_host,
-            server_port,
-            max_connections=upstream_connections,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            pipeline=upstream_pipeline,
-        )
-        self.stale_if_error = stale_if_error
+        self.cache = cache
+        self.pool = pool
         self.verbose = verbose
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
@@ -225,7 +209,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         started = self.clock.seconds()
         flags = header.flags
         if not flags & wire.FLAG_REQUEST:
-            answer = not_a_request_answer(header, codec.encoding_of(data), int(started))
+            answer = answers.not_a_request(header, data, int(started))
             return self._observed(BYPASS, answer, started, header, data, client)
         if not flags & wire.FLAG_CACHE:
             self.misses += 1
@@ -327,7 +311,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             message = "internal proxy error"
             log.failure("Unexpected failure fetching an answer", reason)
         waiting = self.inflight.pop(key, None) if key is not None else None
-        stale = self.cache.get(key) if key is not None and self.stale_if_error else None
+        stale = self.cache.get(key) if key is not None and self.cache.grace else None
 
         def fallback(h: wire.Header, d: bytes) -> bytes:
             now = self.clock.seconds()
@@ -339,7 +323,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             ):
                 self.stale += 1
                 return _stale(stale, h)
-            return _error(h, d, message, int(now))
+            return answers.unreachable(h, d, message, int(now))
 
         if waiting is not None:
             self._settle(waiting, fallback)
@@ -354,7 +338,7 @@ class CacheProxyFactory(wire.ServiceFactory):
 
 def _accepts(max_age: int, age: float) -> bool:
     """Whether a request's max-age (65535: any age) accepts an answer this old."""
-    return max_age == FOREVER or age < max_age
+    return max_age == wire.FOREVER or age < max_age
 
 
 #: The extension word of a stored answer: ours (L), from the cache (H).
@@ -365,7 +349,7 @@ def _restamp(entry: Entry, age: float, request: wire.Header) -> bytes:
     """A stored answer for ``request``: its cache control set to its
     remaining lifetime, the request's tag echoed."""
     answer = entry.answer
-    if entry.lifetime == FOREVER:
+    if entry.lifetime == wire.FOREVER:
         return wire.with_tag(answer, request)
     left = max(1, int(entry.lifetime - age))
     return wire.rewrite(answer, max_age=left, ext=wire.answer_ext(request, wire.EXT_FROM_CACHE))
@@ -378,15 +362,3 @@ def _stale(entry: Entry, request: wire.Header) -> bytes:
     flags = wire.decode_header(answer).flags & ~wire.FLAG_CACHE
     ext = wire.answer_ext(request, wire.EXT_FROM_CACHE | wire.EXT_GRACE)
     return wire.rewrite(answer, flags=flags, max_age=0, ext=ext)
-
-
-def _error(request: wire.Header, data: bytes, message: str, now: int) -> bytes:
-    """A 500 in the encoding of the request ``data``."""
-    payload = codec.encode_error(codec.encoding_of(data), "ConnectionError", message)
-    return wire.encode(
-        now,
-        wire.make_flags(request=False, status=wire.SERVER_ERROR),
-        0,
-        payload,
-        wire.answer_ext(request),
-    )

@@ -7,38 +7,13 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import codec, wire
+from . import answers, codec, wire
 from .expression import CalculationError, evaluate, evaluate_with_steps, is_deterministic
 
 log = Logger()
 
 #: Room kept in a message for the result and the encoding around the steps.
 _STEPS_SLACK = 256
-
-
-def bad_frame_answer(reason: str, first: bytes, timestamp: int) -> bytes:
-    """The one 400 sent before closing a stream that cannot be resynchronised,
-    in the encoding its first data byte suggests (text when it has not come)."""
-    payload = codec.encode_error(codec.encoding_of(first), "ValueError", reason)
-    return wire.encode(
-        timestamp,
-        wire.make_flags(request=False, status=wire.BAD_REQUEST),
-        0,
-        payload,
-        wire.EXT_FRAMED,
-    )
-
-
-def not_a_request_answer(header: wire.Header, encoding: str, timestamp: int) -> bytes:
-    """The 400 for a message sent with T=0 (a response) to a service."""
-    payload = codec.encode_error(encoding, "ValueError", "not a request: the T flag is 0")
-    return wire.encode(
-        timestamp,
-        wire.make_flags(request=False, status=wire.BAD_REQUEST),
-        0,
-        payload,
-        wire.answer_ext(header),
-    )
 
 
 class CalculatorServerProtocol(wire.ServiceProtocol):
@@ -52,14 +27,14 @@ class CalculatorServerProtocol(wire.ServiceProtocol):
         now = int(started)
         encoding = codec.encoding_of(data)
         if not header.flags & wire.FLAG_REQUEST:
-            answer = not_a_request_answer(header, encoding, now)
+            answer = answers.not_a_request(header, data, now)
         else:
             answer = factory.answer(header, data, encoding, now)
         self.sendMessage(answer)
         factory.observer.requestDone(encoding, answer, started, header, data, self)
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
-        self.sendMessage(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+        self.sendMessage(answers.bad_frame(reason, first, int(self.factory.clock.seconds())))
         self.closeAfterSending()
 
 

@@ -415,21 +415,26 @@ class ProxyOptions(_CommonOptions):
 
 def makeProxyService(config: ProxyOptions) -> service.IService:
     """A TCP service running the caching proxy."""
-    from .proxy import CacheProxyFactory
+    from twisted.internet import reactor
 
-    factory = CacheProxyFactory(
-        server_host=config["server-host"],
-        server_port=config["server-port"],
-        cache_size=config["cache-size"],
+    from .cache import MemoryCache
+    from .proxy import CacheProxyFactory
+    from .upstream import TCPConnector, UpstreamPool
+
+    cache = MemoryCache(config["cache-size"], reactor, grace=config["stale-if-error"])
+    connector = TCPConnector(
+        reactor, config["server-host"], config["server-port"], timeout=config["timeout"]
+    )
+    pool = UpstreamPool(
+        connector,
+        reactor,
+        max_connections=config["upstream-connections"],
         retries=config["retries"],
         retry_delay=config["retry-delay"],
         timeout=config["timeout"],
-        stale_if_error=config["stale-if-error"],
-        upstream_connections=config["upstream-connections"],
-        upstream_pipeline=config["upstream-pipeline"],
-        verbose=config["verbose"],
-        **config.common(),
+        pipeline=config["upstream-pipeline"],
     )
+    factory = CacheProxyFactory(cache, pool, verbose=config["verbose"], **config.common())
     return _operated(config, factory, _listening(config, factory, proxy_settings(config)))
 
 

@@ -12,8 +12,10 @@ taken for a later request's.
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
 from . import wire
@@ -72,6 +74,10 @@ class UpstreamProtocol(wire.FrameClient):
         super().connectionLost(reason)
 
 
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 class _Fetch:
     """One request's way to an answer: which attempt it is on, what to cancel
     (a retry timer, a connection attempt, a sent request) when it is given up,
@@ -85,8 +91,11 @@ class _Fetch:
         self.resent = 0  # times sent again after its connection went out of step
         self.conn: UpstreamProtocol | None = None  # where it was last sent
         self.why = ""  # why the last connection attempt failed
-        self.pending = None  # the DelayedCall or Deferred to cancel
-        self.timer = None
+        #: What to stop when it is given up: the retry's DelayedCall, the
+        #: connection attempt's or the sent request's Deferred, or the
+        #: `_Unqueue` of its place in the queue.
+        self.pending: _Cancellable | None = None
+        self.timer: IDelayedCall | None = None
         self.sent = 0.0
         self.d = defer.Deferred(self.cancel)
 
@@ -109,6 +118,32 @@ class _Fetch:
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
+
+
+class Connector(Protocol):
+    """What opens connections to one server for a pool."""
+
+    #: How error messages name the server.
+    name: str
+
+    def connect(self) -> defer.Deferred[UpstreamProtocol]:
+        """A new connection, or a failure saying why there is none."""
+        ...
+
+
+class TCPConnector:
+    """Opens connections to a server over TCP through a `ClientCreator`
+    Deferred chain, each attempt bounded by ``timeout``."""
+
+    def __init__(self, reactor: IReactorTCP, host: str, port: int, timeout: float = 10.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.name = f"calculator server {host}:{port}"
+        self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
+
+    def connect(self) -> defer.Deferred[UpstreamProtocol]:
+        return self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
 
 
 class UpstreamPool:
@@ -135,9 +170,8 @@ class UpstreamPool:
 
     def __init__(
         self,
-        reactor,
-        host: str,
-        port: int,
+        connector: Connector,
+        clock: IReactorTime,
         *,
         max_connections: int = 32,
         retries: int = 5,
@@ -146,10 +180,9 @@ class UpstreamPool:
         max_queued: int = 4096,
         pipeline: int = 1,
     ) -> None:
-        self.reactor = reactor
+        self.connector = connector
+        self.clock = clock
         self.max_queued = max_queued
-        self.host = host
-        self.port = port
         self.max_connections = max_connections
         self.attempts = max(1, retries)
         self.retry_delay = retry_delay
@@ -160,23 +193,26 @@ class UpstreamPool:
         #: What the last answer said: the server frames by length and echoes tags.
         self.framed = False
         #: How error messages name the server.
-        self.name = f"calculator server {host}:{port}"
-        self.connections = 0
+        self.name = connector.name
         self._dialing = 0
         self._idle: list[UpstreamProtocol] = []
         self._open: list[UpstreamProtocol] = []
         self._queue: deque[_Fetch] = deque()
-        self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
 
     @property
     def idle(self) -> int:
         """Open connections waiting for a request."""
         return len(self._idle)
 
+    @property
+    def connections(self) -> int:
+        """Connections open or being opened: what counts against the limit."""
+        return self._dialing + len(self._open)
+
     def fetch(self, frame: bytes) -> defer.Deferred:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame)
-        fetch.timer = self.reactor.callLater(self.timeout, self._timedOut, fetch)
+        fetch.timer = self.clock.callLater(self.timeout, self._timedOut, fetch)
         self._dispatch(fetch)
         return fetch.d
 
@@ -258,9 +294,8 @@ class UpstreamPool:
 
     def _connect(self, fetch: _Fetch) -> None:
         fetch.attempt += 1
-        self.connections += 1
         self._dialing += 1
-        d = self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        d = self.connector.connect()
         fetch.pending = d
         d.addCallbacks(self._connected, self._connectFailed, (fetch,), None, (fetch,))
 
@@ -286,10 +321,10 @@ class UpstreamPool:
             )
             return
         delay = self.retry_delay * self.backoff ** (fetch.attempt - 1)
-        fetch.pending = self.reactor.callLater(delay, self._dispatch, fetch)
+        fetch.pending = self.clock.callLater(delay, self._dispatch, fetch)
 
     def _send(self, fetch: _Fetch, conn: UpstreamProtocol, reused: bool) -> None:
-        fetch.sent = self.reactor.seconds()
+        fetch.sent = self.clock.seconds()
         fetch.conn = conn
         d = conn.sendRequest(fetch.frame)
         fetch.pending = d
@@ -354,7 +389,6 @@ class UpstreamPool:
     def _freed(self) -> None:
         """A connection (or an attempt at one) is gone: its place goes to the
         requests queued for one."""
-        self.connections -= 1
         self._dialForQueued()
 
     def _dialForQueued(self) -> None:

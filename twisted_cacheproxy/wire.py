@@ -12,7 +12,7 @@ import struct
 from collections import deque
 from typing import NamedTuple
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.protocols.policies import TimeoutMixin
@@ -177,7 +177,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
 
     maxMessageSize = MAX_MESSAGE_SIZE
     idleTimeout: float | None = None
-    clock: IReactorTime = reactor  # type: ignore[assignment]
+    #: Where the turn budget reads the time (the reactor unless a factory says).
+    clock: IReactorTime | None = None
     #: Received bytes not yet handled, and how many there are.
     _pieces: list[bytes]
     _size = 0
@@ -284,9 +285,10 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         offset = 0
         end = len(buf)
-        started = self.clock.seconds()
+        clock = self.clock or _reactor()
+        started = clock.seconds()
         while not (self._paused or self._held) and end - offset >= HEADER_SIZE:
-            if offset and self.clock.seconds() - started >= self.turnBudget:
+            if offset and clock.seconds() - started >= self.turnBudget:
                 # Other connections get their turn before the rest of ours.
                 self._nextTurn = self.callLater(0, self._resumeTurn)
                 break
@@ -403,6 +405,13 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
 
     def stopProducing(self) -> None:
         self._paused = True
+
+
+def _reactor() -> IReactorTime:
+    """The global reactor, imported only when needed (not at import time)."""
+    from twisted.internet import reactor
+
+    return reactor  # type: ignore[return-value]
 
 
 def _length_at(buf: bytes) -> int:
@@ -549,7 +558,7 @@ class ServiceFactory(protocol.Factory):
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
     ) -> None:
-        self.clock = reactor if clock is None else clock
+        self.clock = _reactor() if clock is None else clock
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.connectionLimit = max_connections
