@@ -59,6 +59,10 @@ class Cache(Protocol):
 
     def delete(self, key: bytes) -> None: ...
 
+    def clear(self) -> int: ...
+
+    def purge(self, keys: Iterable[bytes]) -> int: ...
+
 
 class MemoryCache:
     """An in-memory LRU bounded by bytes, dropping entries once they are past
