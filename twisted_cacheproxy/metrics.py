@@ -116,11 +116,6 @@ class Histogram:
         return out
 
 
-def status_of(answer: bytes) -> str:
-    """The status label of a whole answer message."""
-    return _STATUS_LABEL.get(((answer[6] << 8) | answer[7]) & wire.STATUS_MASK, "other")
-
-
 def failure_reason(reason: Failure) -> str:
     """Which `FAILURE_REASONS` label a failed upstream request counts under."""
     if not reason.check(UpstreamError):
