@@ -509,8 +509,9 @@ class OperatedService(service.MultiService):
 
     def __init__(self, main: Any) -> None:
         super().__init__()
+        #: Added by `operated` after the access log, so that it stops before
+        #: the log closes (a MultiService stops its children last first).
         self.main = main
-        main.setServiceParent(self)
 
 
 def operated(config: Any, factory: Any, main: Any, title: str) -> Any:
@@ -522,6 +523,8 @@ def operated(config: Any, factory: Any, main: Any, title: str) -> Any:
     interval = config["stats-interval"]
     if not (admin_port or access or interval):
         return main
+    if admin_port:
+        check_admin_port(config.tapname, config["admin-interface"], admin_port)
     proxy = hasattr(factory, "cache")
     metrics: ProxyMetrics | ServerMetrics = (
         ProxyMetrics(factory) if proxy else ServerMetrics(factory)
@@ -536,10 +539,10 @@ def operated(config: Any, factory: Any, main: Any, title: str) -> Any:
             why = f"cannot open --access-log {access}: {e.strerror}"
             raise SystemExit(f"{config.tapname}: {why}") from None
         AccessLogService(metrics.access_log).setServiceParent(top)
+    main.setServiceParent(top)
     if interval:
         StatsService(metrics, interval, f"{config.tapname}.stats").setServiceParent(top)
     if admin_port:
-        check_admin_port(config.tapname, config["admin-interface"], admin_port)
         token = config["admin-token"]
         web = site(metrics, title, token.encode() if token else None)
         AdminService(web, admin_port, config["admin-interface"], metrics).setServiceParent(top)
