@@ -16,13 +16,16 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, tcp
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorTCP,
     IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
 )
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 
@@ -107,3 +110,25 @@ class TCPServerEndpoint:
         port = _Port(self.port, factory, self.backlog, self.interface, self.reactor)
         port.startListening()
         return port
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class SendAtOnceParser:
+    """The ``sendatonce:`` endpoint string, for `serverFromString` and every
+    Twisted program that takes endpoint strings (``twistd web --listen``...):
+    ``sendatonce:PORT[:interface=ADDRESS][:backlog=N]``, a `TCPServerEndpoint`."""
+
+    prefix = "sendatonce"
+
+    def parseStreamServer(  # type: ignore[override]
+        self, reactor: IReactorTCP, port: str, interface: str = "", backlog: str = "511"
+    ) -> TCPServerEndpoint:
+        """The endpoint for the string's arguments (the interface's name and
+        the backlog are keyword arguments, as with ``tcp:``)."""
+        return TCPServerEndpoint(reactor, int(port), interface, int(backlog))
+
+
+def description(port: int, interface: str = "", backlog: int = 511) -> str:
+    """The endpoint string of a `TCPServerEndpoint` (interface quoted: an IPv6
+    address has colons)."""
+    return f"sendatonce:{port}:interface={quoteStringArgument(interface)}:backlog={backlog}"
