@@ -22,8 +22,8 @@ import urllib.request
 
 import pytest
 from helpers import require_tool
+from processes import HOST, accepting, free_port
 from prometheus_client.parser import text_string_to_metric_families
-from test_proxy_integration import HOST, accepting, free_port, twistd  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def wait_for(predicate, what: str) -> None:
         time.sleep(0.05)
 
 
-def start(twistd, kind: str, *args: str):  # noqa: F811
+def start(twistd, kind: str, *args: str):
     """A twistd service with an admin port; (process, admin port)."""
     port, admin = free_port(), free_port()
     p = twistd(kind, "--port", str(port), "--admin-port", str(admin), *args, port=port)
@@ -96,7 +96,7 @@ def lines(path: pathlib.Path) -> list[list[str]]:
     return [line.split(" ", 10) for line in path.read_text().splitlines()]
 
 
-def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):  # noqa: F811
+def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
     server, server_admin = start(twistd, "cacheserver")
     access = tmp_path / "access.log"
     proxy, admin = start(
@@ -181,7 +181,7 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):  # 
 
     # logrotate: rename, SIGUSR1, and the next line goes to a new file.
     access.rename(tmp_path / "access.log.1")
-    os.kill(proxy.proc.pid, signal.SIGUSR1)
+    os.kill(proxy.pid, signal.SIGUSR1)
     wait_for(access.exists, "the access log to be reopened")
     ask(proxy.port, frame("7 * 7"))
     wait_for(lambda: access.read_text().count("\n") == 1, "a line in the new access log")
@@ -190,11 +190,11 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):  # 
 
     # The final stats line at shutdown.
     proxy.stop()
-    log = proxy.logText()
+    log = proxy.text()
     assert "final stats: " in log and "since start: 10 requests, hit ratio 20.0%" in log
 
 
-def test_status_page_in_headless_chromium(twistd, tmp_path):  # noqa: F811
+def test_status_page_in_headless_chromium(twistd, tmp_path):
     chromium = require_tool(
         "chromium", "apt-get install chromium", "the status page's browser test"
     )
