@@ -227,7 +227,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         if accept:
             entry = self.cache.get(key)
             if entry is not None:
-                now = self.clock.seconds()
+                now = started
                 age = entry.age(now)
                 if entry.fresh(now) and _accepts(accept, age):
                     self.hits += 1
