@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy import wire
+from twisted_cacheproxy.endpoint import BatchedWrites
 
 # --- header ------------------------------------------------------------------
 
@@ -481,7 +482,7 @@ class Writes(StringTransport):
         super().write(data)
 
 
-class Echo(wire.FrameReceiver):
+class Echo(BatchedWrites, wire.FrameReceiver):
     """Sends each frame's data back as a message, and closes on ``b"bye"``."""
 
     def frameReceived(self, header, data):
