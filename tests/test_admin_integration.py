@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import request_frame as frame
 from helpers import require_tool
 from processes import HOST, accepting, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,12 +30,6 @@ pytestmark = pytest.mark.integration
 
 WAIT = 10.0  # seconds: the most any single wait here may take
 TOKEN = "s3cret"
-
-
-def frame(text: str, *, steps=False, cache=True, max_age=65535) -> bytes:
-    data = text.encode()
-    flags = (0x1000 if cache else 0) | (0x0800 if steps else 0) | 0x0400
-    return struct.pack("!LHHHH", int(time.time()), 12 + len(data), flags, max_age, 0) + data
 
 
 def ask(port: int, *frames: bytes) -> list[tuple[int, int, bytes]]:
