@@ -236,8 +236,9 @@ def summarize(rows):
 
     lim = {(c, m): med(rs, "req_per_s") for (_, t, c, m), rs in groups.items() if t == "limit"}
     limp50 = {(c, m): med(rs, "p50_us") for (_, t, c, m), rs in groups.items() if t == "limit"}
+    width = max([5] + [len(k[0]) for k in groups])
     print(
-        f"{'label':<11}{'target':<14}{'conns':>6} {'mode':<10}{'n':>2} "
+        f"{'label':<{width}} {'target':<14}{'conns':>6} {'mode':<10}{'n':>2} "
         f"{'req/s median [min..max]':<28}{'p50 us':>8}{'p99 us':>9}{'errors':>7}"
         f"{'x limit':>9}{'p50 x lim':>10}{'tgt cpu%':>9}{'miss%':>7}"
     )
@@ -256,7 +257,7 @@ def summarize(rows):
             for f in ("limit_cpu_pct", "server_cpu_pct", "proxy_cpu_pct")
         )
         print(
-            f"{label:<11}{t:<14}{c:>6} {m:<10}{len(rs):>2} {rng:<28}"
+            f"{label:<{width}} {t:<14}{c:>6} {m:<10}{len(rs):>2} {rng:<28}"
             f"{med(rs, 'p50_us'):>8.0f}{med(rs, 'p99_us'):>9.0f}"
             f"{sum(x['errors'] for x in rs):>7}{ratio:>9.4f}{lr:>10.1f}{cpu:>9.0f}"
             + (
