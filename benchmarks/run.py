@@ -149,8 +149,10 @@ def table(rows: list[dict]) -> str:
         ratio = spread([x[field] / base for x in runs])
         mode_text = f"{conns}" + (", reconnect" if mode == "reconnect" else "")
         lines.append(
-            f"| {name} | {mode_text} | {med:,.0f} [{lo:,.0f}..{hi:,.0f}] {unit} "
-            f"| {ratio[0]:.3f}x [{ratio[1]:.3f}..{ratio[2]:.3f}] | {course:.3f}x "
+            f"| {name} | {mode_text} | {med:,.0f}"
+            f"{f' [{lo:,.0f}..{hi:,.0f}]' if len(runs) > 1 else ''} {unit} "
+            f"| {ratio[0]:.3f}x"
+            f"{f' [{ratio[1]:.3f}..{ratio[2]:.3f}]' if len(runs) > 1 else ''} | {course:.3f}x "
             f"| {cpu_us(runs, 'server')} / {cpu_us(runs, 'proxy')} "
             f"| {'-' if what == 'p99' else cpu_ratio(runs, limit)} "
             f"| {'-' if course_cpu is None else f'{course_cpu:.3f}x'} |"
