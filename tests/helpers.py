@@ -273,3 +273,62 @@ def trees(functions: tuple[str, ...], max_leaves: int) -> st.SearchStrategy[ex.N
         ),
         max_leaves=max_leaves,
     )
+
+
+class FakeConnector:
+    """The far end of a pool's connections, for `UpstreamPool` in place of a
+    `TCPConnector`: every `connect` is an attempt that the test lets succeed
+    (`accept`, handing back the server's side as a `Peer`) or fail (`refuse`)."""
+
+    name = "calculator server 127.0.0.1:9999"
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.attempts: list = []
+        self._given_up: list = []
+
+    def connect(self):
+        from twisted.internet import defer
+
+        d: defer.Deferred = defer.Deferred(self._given_up.append)
+        self.attempts.append(d)
+        return d
+
+    def accept(self, index: int = -1, framed: bool = True) -> Peer:
+        """Let attempt ``index`` succeed; a connection opens as over TCP: its
+        protocol is connected, then (a turn later) handed to the pool."""
+        from twisted.internet.testing import StringTransport
+
+        from twisted_cacheproxy.upstream import UpstreamProtocol
+
+        protocol = UpstreamProtocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.clock.callLater(0, self.attempts[index].callback, protocol)
+        self.clock.advance(0)
+        return Peer(protocol, transport, framed)
+
+    def refuse(self, index: int = -1, reason: Exception | None = None) -> None:
+        """Let attempt ``index`` fail (refused, unless ``reason`` says otherwise)."""
+        from twisted.internet import error
+
+        self.attempts[index].errback(Failure(reason or error.ConnectionRefusedError()))
+        self.clock.advance(0)
+
+    def cancelled(self, index: int) -> bool:
+        """Whether the pool gave attempt ``index`` up."""
+        return any(d is self.attempts[index] for d in self._given_up)
+
+
+def proxy_factory(server_port: int, **pool_options):
+    """A `CacheProxyFactory` in this process, put together as ``twistd
+    cacheproxy`` does: a 64 MiB cache and a pool to 127.0.0.1:``server_port``."""
+    from twisted.internet import reactor
+
+    from twisted_cacheproxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy import CacheProxyFactory
+    from twisted_cacheproxy.upstream import TCPConnector, UpstreamPool
+
+    connector = TCPConnector(reactor, "127.0.0.1", server_port)
+    pool = UpstreamPool(connector, reactor, **pool_options)
+    return CacheProxyFactory(MemoryCache(64 << 20, reactor), pool)

@@ -10,13 +10,11 @@ import subprocess
 import sys
 
 import pytest
-import test_proxy_integration
-from test_proxy_integration import HOST, free_port
+from processes import HOST, free_port
 
 pytestmark = pytest.mark.integration
 
 KIT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "kit"
-twistd = test_proxy_integration.twistd
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import socket
 
 import pytest
 import pytest_twisted
+from helpers import proxy_factory
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ConnectionDone
 
 from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.proxy import CacheProxyFactory
 from twisted_cacheproxy.server import CalculatorServerFactory
 
 pytestmark = pytest.mark.integration
@@ -142,7 +142,7 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_
     server_factory = CalculatorServerFactory()
     server_port, server_at = listen(server_factory)
     built = []
-    factory = CacheProxyFactory(server_port=server_at) if service == "proxy" else server_factory
+    factory = proxy_factory(server_at) if service == "proxy" else server_factory
     original = factory.buildProtocol
 
     def remember(addr):
@@ -206,7 +206,7 @@ def test_clients_leaving_during_a_miss_leave_no_error_and_others_get_answers(how
     slow = protocol.ServerFactory.forProtocol(SlowServer)
     slow.requests, slow.calls = [], []
     upstream, upstream_at = listen(slow)
-    factory = CacheProxyFactory(server_port=upstream_at)
+    factory = proxy_factory(upstream_at)
     listening, port = listen(factory)
     try:
         clients = []

@@ -11,17 +11,18 @@ import json
 import pickle
 
 import pytest
-from helpers import Peer, headers, untagged
-from twisted.internet import error
+from helpers import FakeConnector, Peer, headers, untagged
+from twisted.internet import error, task
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.cache import ENTRY_OVERHEAD
+from twisted_cacheproxy.cache import ENTRY_OVERHEAD, MemoryCache
 from twisted_cacheproxy.parser import parse
 from twisted_cacheproxy.proxy import CacheProxyFactory, CacheProxyProtocol
+from twisted_cacheproxy.upstream import UpstreamPool
 from twisted_cacheproxy.wire import FOREVER
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
@@ -144,11 +145,28 @@ class Client:
 class Harness:
     """A proxy factory on a fake reactor, its clients and its upstream connections."""
 
-    def __init__(self, **options) -> None:
-        self.reactor = MemoryReactorClock()
+    def __init__(
+        self, *, cache_size: int = 64 << 20, stale_if_error: float = 0.0, **options
+    ) -> None:
+        self.reactor = task.Clock()
         self.reactor.advance(T0)
+        self.connector = FakeConnector(self.reactor)
+        self.accept = self.connector.accept
+        self.refuse = self.connector.refuse
+        cache = MemoryCache(cache_size, self.reactor, grace=stale_if_error)
+        # The proxy's options as tap.py shares them out: the upstream ones to the pool.
+        pool_options = {
+            name: options.pop(name)
+            for name in ("retries", "retry_delay", "timeout")
+            if name in options
+        }
+        if "upstream_connections" in options:
+            pool_options["max_connections"] = options.pop("upstream_connections")
+        if "upstream_pipeline" in options:
+            pool_options["pipeline"] = options.pop("upstream_pipeline")
+        pool = UpstreamPool(self.connector, self.reactor, **pool_options)
         options.setdefault("idle_timeout", None)
-        self.factory = CacheProxyFactory(clock=self.reactor, **options)
+        self.factory = CacheProxyFactory(cache, pool, clock=self.reactor, **options)
         self._clients = 0
 
     def client(self) -> Client:
@@ -158,24 +176,7 @@ class Harness:
     @property
     def attempts(self) -> int:
         """Connection attempts made to the server so far."""
-        return len(self.reactor.tcpClients)
-
-    def accept(self, index: int = -1) -> Peer:
-        """Let connection attempt ``index`` succeed."""
-        host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
-        assert (host, port) == ("127.0.0.1", 9999)
-        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.reactor.advance(0)
-        return Peer(protocol, transport)
-
-    def refuse(self, index: int = -1, reason=None) -> None:
-        """Let connection attempt ``index`` fail."""
-        factory = self.reactor.tcpClients[index][2]
-        reason = reason or error.ConnectionRefusedError()
-        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(reason))
-        self.reactor.advance(0)
+        return len(self.connector.attempts)
 
     def advance(self, seconds: float) -> None:
         self.reactor.advance(seconds)
@@ -215,8 +216,6 @@ def test_miss_forwards_the_request_unchanged_and_relays_the_answer(h):
     frame = request(X)
     c.send(frame)
     assert h.attempts == 1
-    host, port, _factory, timeout, _bind = h.reactor.tcpClients[0]
-    assert (host, port, timeout) == ("127.0.0.1", 9999, 10.0)
     up = h.accept()
     assert up.take() == frame
     assert c.take() == b""
@@ -884,7 +883,7 @@ def test_timeout_while_connecting_stops_the_attempt():
     assert c.take() == proxy_error(
         "calculator server 127.0.0.1:9999 did not answer within 3 s", TS + 3
     )
-    assert h.reactor.connectors[0]._disconnected
+    assert h.connector.cancelled(0)
     assert h.factory.pool.connections == 0
     h.advance(60)
     assert h.attempts == 1
@@ -1525,3 +1524,18 @@ def test_a_half_closed_client_with_nothing_pending_is_closed_at_once(h):
     c = h.client()
     c.wrapper.readConnectionLost()
     assert c.transport.disconnecting and not c.transport.disconnected
+
+
+def test_the_proxy_never_loads_the_calculator():
+    """The proxy never reads payloads: importing it loads neither the
+    evaluator nor the server."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, twisted_cacheproxy.proxy, twisted_cacheproxy.tap;"
+        "print(sorted({'twisted_cacheproxy.expression', 'twisted_cacheproxy.server'}"
+        " & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -1,14 +1,13 @@
-"""`UpstreamPool` on a `MemoryReactorClock`: connection reuse, the connection
-limit, broken idle connections, the timeout and the retry backoff."""
+"""`UpstreamPool` on a `task.Clock` with a fake connector: connection reuse,
+the connection limit, broken idle connections, the timeout, the retry
+backoff, pipelining and the tag checks; and `TCPConnector`'s ClientCreator chain."""
 
 from __future__ import annotations
 
 import pytest
-from helpers import Peer
-from twisted.internet import defer, error
-from twisted.internet.address import IPv4Address
+from helpers import FakeConnector, Peer
+from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
 
 from twisted_cacheproxy import codec, wire
 from twisted_cacheproxy.upstream import UpstreamError, UpstreamPool
@@ -51,31 +50,22 @@ class Result:
 
 
 class Pool:
+    """An `UpstreamPool` on a `task.Clock`, its connections made by a `FakeConnector`."""
+
     def __init__(self, **options) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = task.Clock()
         self.reactor.advance(T0)
-        self.pool = UpstreamPool(self.reactor, "127.0.0.1", 9999, **options)
+        self.connector = FakeConnector(self.reactor)
+        self.pool = UpstreamPool(self.connector, self.reactor, **options)
+        self.accept = self.connector.accept
+        self.refuse = self.connector.refuse
 
     def fetch(self, frame: bytes) -> Result:
         return Result(self.pool.fetch(frame))
 
     @property
     def attempts(self) -> int:
-        return len(self.reactor.tcpClients)
-
-    def accept(self, index: int = -1) -> Peer:
-        host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
-        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.reactor.advance(0)
-        return Peer(protocol, transport)
-
-    def refuse(self, index: int = -1, reason=None) -> None:
-        factory = self.reactor.tcpClients[index][2]
-        reason = reason if reason is not None else error.ConnectionRefusedError()
-        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(reason))
-        self.reactor.advance(0)
+        return len(self.connector.attempts)
 
     def advance(self, seconds: float) -> None:
         self.reactor.advance(seconds)
@@ -92,8 +82,6 @@ def p() -> Pool:
 def test_fetch_sends_the_frame_and_fires_with_the_answer_and_the_send_time(p):
     r = p.fetch(request(b"1 + 2"))
     assert p.attempts == 1
-    host, port, _factory, timeout, _bind = p.reactor.tcpClients[0]
-    assert (host, port, timeout) == ("127.0.0.1", 9999, 10.0)
     p.advance(2)  # the connection opens 2 s later: that is when the request leaves
     conn = p.accept()
     assert conn.take() == request(b"1 + 2")
@@ -374,7 +362,7 @@ def test_timeout_cancels_a_connection_attempt():
     r = p.fetch(request(b"1"))
     p.advance(4)
     assert r.error == "calculator server 127.0.0.1:9999 did not answer within 4 s"
-    assert p.reactor.connectors[0]._disconnected
+    assert p.connector.cancelled(0)
     assert p.pool.connections == 0
     p.advance(100)
     assert p.attempts == 1
@@ -833,3 +821,27 @@ def test_a_request_sent_again_after_an_out_of_step_answer_goes_on_a_new_connecti
     assert p.attempts == 3 and c2.take() == request(b"b")
     p.accept().reply(answer(1))
     assert ra.value[1] == answer(1)[12:]
+
+
+def test_the_tcp_connector_opens_connections_through_a_client_creator():
+    from twisted_cacheproxy.upstream import TCPConnector, UpstreamProtocol
+
+    reactor = MemoryReactorClock()
+    connector = TCPConnector(reactor, "127.0.0.1", 9999, timeout=7.5)
+    assert connector.name == "calculator server 127.0.0.1:9999"
+    d = connector.connect()
+    host, port, factory, timeout, _bind = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 9999, 7.5)
+    from twisted.internet.address import IPv4Address
+
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(StringTransport())
+    reactor.advance(0)
+    assert isinstance(defer_result(d), UpstreamProtocol)
+
+
+def defer_result(d: defer.Deferred):
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]

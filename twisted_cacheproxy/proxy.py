@@ -9,16 +9,21 @@ proxies such as Varnish and nginx do: coalescing, retries, stale-if-error.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from . import codec, wire
-from .cache import FOREVER, Entry, MemoryCache
-from .server import bad_frame_answer, not_a_request_answer
+from . import answers, upstream, wire
+from .cache import Cache, Entry
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()
+
+#: One answer's place in a client's line: its bytes once they are known.
+_Slot = list[bytes | None]
 
 _STEPS_KEY = (b"\x00", b"\x01")
 #: Most answers one client may await at once; past it the proxy stops
@@ -37,7 +42,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._slots: deque[list] = deque()
+        self._slots: deque[_Slot] = deque()
 
     def frameReceived(self, header: wire.Header, data: bytes) -> None:
         answer = self.factory.answer(header, data, self)
@@ -46,20 +51,21 @@ class CacheProxyProtocol(wire.ServiceProtocol):
             return
         self._queue(answer)
 
-    def _queue(self, answer: bytes | defer.Deferred) -> None:
+    def _queue(self, answer: bytes | defer.Deferred[bytes]) -> None:
         """Keep an answer's place in line."""
-        slot = [answer if type(answer) is bytes else None]
+        slot: _Slot = [answer if isinstance(answer, bytes) else None]
         self._slots.append(slot)
         if len(self._slots) >= MAX_AWAITED:
             self.holdInput()
-        if slot[0] is None:
+        if not isinstance(answer, bytes):
             answer.addCallback(self._filled, slot)
 
-    def _filled(self, answer: bytes, slot: list) -> None:
+    def _filled(self, answer: bytes, slot: _Slot) -> None:
         slot[0] = answer
         slots = self._slots
-        while slots and slots[0][0] is not None:
-            self.sendMessage(slots.popleft()[0])
+        while slots and (ready := slots[0][0]) is not None:
+            slots.popleft()
+            self.sendMessage(ready)
         if self._held and len(slots) < MAX_AWAITED and self.connected:
             self.releaseInput()
         if not slots:
@@ -87,7 +93,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         """The 400 goes after every answer still awaited, then the close."""
-        answer = bad_frame_answer(reason, first, int(self.factory.clock.seconds()))
+        answer = answers.bad_frame(reason, first, int(self.factory.clock.seconds()))
         if not self._slots:
             self.sendMessage(answer)
             self.closeAfterSending()
@@ -95,13 +101,13 @@ class CacheProxyProtocol(wire.ServiceProtocol):
         self._closing = True
         self._queue(answer)
 
-    def connectionLost(self, reason=wire.protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = wire.protocol.connectionDone) -> None:
         super().connectionLost(reason)
         self._slots.clear()
 
 
 #: The clients waiting for one in-flight miss (Varnish's waiting list).
-_Waiters = list[tuple[CacheProxyProtocol, defer.Deferred, wire.Header, bytes]]
+_Waiters = list[tuple[CacheProxyProtocol, defer.Deferred[bytes], wire.Header, bytes]]
 
 
 class CacheProxyFactory(wire.ServiceFactory):
@@ -111,41 +117,25 @@ class CacheProxyFactory(wire.ServiceFactory):
 
     def __init__(
         self,
+        cache: Cache,
+        pool: UpstreamPool,
         *,
-        clock=None,
-        server_host: str = "127.0.0.1",
-        server_port: int = 9999,
-        cache_size: int = 64 << 20,
-        retries: int = 5,
-        retry_delay: float = 0.5,
-        timeout: float = 10.0,
-        stale_if_error: float = 0.0,
-        upstream_connections: int = 32,
-        upstream_pipeline: int = 1,
+        clock: IReactorTime | None = None,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
         verbose: bool = False,
     ) -> None:
+        """``cache`` keeps the answers (its grace is the stale-if-error
+        window); ``pool`` asks the server on a miss."""
         super().__init__(
             clock=clock,
             max_message_size=max_message_size,
             idle_timeout=idle_timeout,
             max_connections=max_connections,
         )
-        clock = self.clock
-        self.cache = MemoryCache(cache_size, clock, grace=stale_if_error)
-        self.pool = UpstreamPool(
-            clock,
-            server_host,
-            server_port,
-            max_connections=upstream_connections,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            pipeline=upstream_pipeline,
-        )
-        self.stale_if_error = stale_if_error
+        self.cache = cache
+        self.pool = pool
         self.verbose = verbose
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
@@ -174,7 +164,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         """The answer to one request: bytes at once, or a Deferred firing with bytes."""
         flags = header.flags
         if not flags & wire.FLAG_REQUEST:
-            return not_a_request_answer(header, codec.encoding_of(data), int(self.clock.seconds()))
+            return answers.not_a_request(header, data, int(self.clock.seconds()))
         if not flags & wire.FLAG_CACHE:
             self.misses += 1
             return self._fetch(header, data, None)
@@ -193,7 +183,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         waiting = self.inflight.get(key)
         if waiting is not None:
             self.coalesced += 1
-            d = defer.Deferred()
+            d: defer.Deferred[bytes] = defer.Deferred()
             waiting.append((client, d, header, data))
             return d
         self.misses += 1
@@ -202,18 +192,21 @@ class CacheProxyFactory(wire.ServiceFactory):
         self.inflight[key] = []
         return self._fetch(header, data, key)
 
-    def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred:
+    def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred[bytes]:
         """Ask the server; store the answer per the rules when ``key`` is given
         (a C=1 request), then answer the requester and every waiter."""
         frame = wire.encode(
             header.timestamp, header.flags & ~wire.RESERVED_MASK, header.max_age, data
         )  # the extension word is the pool's: it tags each request itself
-        d = self.pool.fetch(frame)
-        d.addCallback(self._fetched, header, data, key)
-        d.addErrback(self._failed, header, data, key)
-        return d
+        return (
+            self.pool.fetch(frame)
+            .addCallback(self._fetched, header, data, key)
+            .addErrback(self._failed, header, data, key)
+        )
 
-    def _fetched(self, result, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
+    def _fetched(
+        self, result: upstream.Answer, header: wire.Header, data: bytes, key: bytes | None
+    ) -> bytes:
         answer_header, answer_data, sent = result
         # L is hop by hop (ours replaces the server's); H and G pass on.
         marks = answer_header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE)
@@ -243,7 +236,9 @@ class CacheProxyFactory(wire.ServiceFactory):
                     self._fetch(h, waiter_data, None).chainDeferred(d)
         return wire.with_tag(answer, header)
 
-    def _failed(self, reason, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
+    def _failed(
+        self, reason: Failure, header: wire.Header, data: bytes, key: bytes | None
+    ) -> bytes:
         self.upstream_errors += 1
         if reason.check(UpstreamError):
             message = str(reason.value)
@@ -252,7 +247,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             message = "internal proxy error"
             log.failure("Unexpected failure fetching an answer", reason)
         waiting = self.inflight.pop(key, None) if key is not None else None
-        stale = self.cache.get(key) if key is not None and self.stale_if_error else None
+        stale = self.cache.get(key) if key is not None and self.cache.grace else None
 
         def fallback(h: wire.Header, d: bytes) -> bytes:
             now = self.clock.seconds()
@@ -264,13 +259,13 @@ class CacheProxyFactory(wire.ServiceFactory):
             ):
                 self.stale += 1
                 return _stale(stale, h)
-            return _error(h, d, message, int(now))
+            return answers.unreachable(h, d, message, int(now))
 
         if waiting is not None:
             self._settle(waiting, fallback)
         return fallback(header, data)
 
-    def _settle(self, waiting: _Waiters, answer_for) -> None:
+    def _settle(self, waiting: _Waiters, answer_for: Callable[[wire.Header, bytes], bytes]) -> None:
         """Answer every waiter still connected; those who left are dropped."""
         for client, d, h, data in waiting:
             if client.connected:
@@ -279,7 +274,7 @@ class CacheProxyFactory(wire.ServiceFactory):
 
 def _accepts(max_age: int, age: float) -> bool:
     """Whether a request's max-age (65535: any age) accepts an answer this old."""
-    return max_age == FOREVER or age < max_age
+    return max_age == wire.FOREVER or age < max_age
 
 
 #: The extension word of a stored answer: ours (L), from the cache (H).
@@ -290,7 +285,7 @@ def _restamp(entry: Entry, age: float, request: wire.Header) -> bytes:
     """A stored answer for ``request``: its cache control set to its
     remaining lifetime, the request's tag echoed."""
     answer = entry.answer
-    if entry.lifetime == FOREVER:
+    if entry.lifetime == wire.FOREVER:
         return wire.with_tag(answer, request)
     left = max(1, int(entry.lifetime - age))
     return wire.rewrite(answer, max_age=left, ext=wire.answer_ext(request, wire.EXT_FROM_CACHE))
@@ -303,15 +298,3 @@ def _stale(entry: Entry, request: wire.Header) -> bytes:
     flags = wire.decode_header(answer).flags & ~wire.FLAG_CACHE
     ext = wire.answer_ext(request, wire.EXT_FROM_CACHE | wire.EXT_GRACE)
     return wire.rewrite(answer, flags=flags, max_age=0, ext=ext)
-
-
-def _error(request: wire.Header, data: bytes, message: str, now: int) -> bytes:
-    """A 500 in the encoding of the request ``data``."""
-    payload = codec.encode_error(codec.encoding_of(data), "ConnectionError", message)
-    return wire.encode(
-        now,
-        wire.make_flags(request=False, status=wire.SERVER_ERROR),
-        0,
-        payload,
-        wire.answer_ext(request),
-    )

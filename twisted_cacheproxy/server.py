@@ -5,38 +5,13 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import codec, wire
+from . import answers, codec, wire
 from .expression import CalculationError, evaluate, evaluate_with_steps, is_deterministic
 
 log = Logger()
 
 #: Room kept in a message for the result and the encoding around the steps.
 _STEPS_SLACK = 256
-
-
-def bad_frame_answer(reason: str, first: bytes, timestamp: int) -> bytes:
-    """The one 400 sent before closing a stream that cannot be resynchronised,
-    in the encoding its first data byte suggests (text when it has not come)."""
-    payload = codec.encode_error(codec.encoding_of(first), "ValueError", reason)
-    return wire.encode(
-        timestamp,
-        wire.make_flags(request=False, status=wire.BAD_REQUEST),
-        0,
-        payload,
-        wire.EXT_FRAMED,
-    )
-
-
-def not_a_request_answer(header: wire.Header, encoding: str, timestamp: int) -> bytes:
-    """The 400 for a message sent with T=0 (a response) to a service."""
-    payload = codec.encode_error(encoding, "ValueError", "not a request: the T flag is 0")
-    return wire.encode(
-        timestamp,
-        wire.make_flags(request=False, status=wire.BAD_REQUEST),
-        0,
-        payload,
-        wire.answer_ext(header),
-    )
 
 
 class CalculatorServerProtocol(wire.ServiceProtocol):
@@ -49,12 +24,12 @@ class CalculatorServerProtocol(wire.ServiceProtocol):
         now = int(factory.clock.seconds())
         encoding = codec.encoding_of(data)
         if not header.flags & wire.FLAG_REQUEST:
-            self.sendMessage(not_a_request_answer(header, encoding, now))
+            self.sendMessage(answers.not_a_request(header, data, now))
             return
         self.sendMessage(factory.answer(header, data, encoding, now))
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
-        self.sendMessage(bad_frame_answer(reason, first, int(self.factory.clock.seconds())))
+        self.sendMessage(answers.bad_frame(reason, first, int(self.factory.clock.seconds())))
         self.closeAfterSending()
 
 

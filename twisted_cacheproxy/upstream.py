@@ -12,13 +12,20 @@ taken for a later request's.
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import wire
 
 log = Logger()
+
+
+#: What a fetch fires with: the answer's header and data, and when the request left.
+Answer = tuple[wire.Header, bytes, float]
 
 
 class UpstreamError(Exception):
@@ -65,11 +72,15 @@ class UpstreamProtocol(wire.FrameClient):
             self.pool.outOfStep(self, error)
         super()._fail(error)
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         # Out of the pool first: the requests failed next may be sent again.
         if self.pool is not None:
             self.pool.lost(self)
         super().connectionLost(reason)
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
 
 
 class _Fetch:
@@ -85,12 +96,15 @@ class _Fetch:
         self.resent = 0  # times sent again after its connection went out of step
         self.conn: UpstreamProtocol | None = None  # where it was last sent
         self.why = ""  # why the last connection attempt failed
-        self.pending = None  # the DelayedCall or Deferred to cancel
-        self.timer = None
+        #: What to stop when it is given up: the retry's DelayedCall, the
+        #: connection attempt's or the sent request's Deferred, or the
+        #: `_Unqueue` of its place in the queue.
+        self.pending: _Cancellable | None = None
+        self.timer: IDelayedCall | None = None
         self.sent = 0.0
-        self.d = defer.Deferred(self.cancel)
+        self.d: defer.Deferred[Answer] = defer.Deferred(self.cancel)
 
-    def settle(self, result: tuple | Exception) -> None:
+    def settle(self, result: Answer | Exception) -> None:
         """Fire with an answer or fail, and stop the timeout."""
         self._stopTimer()
         if isinstance(result, Exception):
@@ -98,7 +112,7 @@ class _Fetch:
         else:
             self.d.callback(result)
 
-    def cancel(self, d: defer.Deferred | None = None) -> None:
+    def cancel(self, d: defer.Deferred[Answer] | None = None) -> None:
         """Give up: stop the pending work (also ``d``'s canceller)."""
         self._stopTimer()
         pending, self.pending = self.pending, None
@@ -109,6 +123,32 @@ class _Fetch:
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
+
+
+class Connector(Protocol):
+    """What opens connections to one server for a pool."""
+
+    #: How error messages name the server.
+    name: str
+
+    def connect(self) -> defer.Deferred[UpstreamProtocol]:
+        """A new connection, or a failure saying why there is none."""
+        ...
+
+
+class TCPConnector:
+    """Opens connections to a server over TCP through a `ClientCreator`
+    Deferred chain, each attempt bounded by ``timeout``."""
+
+    def __init__(self, reactor: IReactorTCP, host: str, port: int, timeout: float = 10.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.name = f"calculator server {host}:{port}"
+        self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
+
+    def connect(self) -> defer.Deferred[UpstreamProtocol]:
+        return self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
 
 
 class UpstreamPool:
@@ -135,9 +175,8 @@ class UpstreamPool:
 
     def __init__(
         self,
-        reactor,
-        host: str,
-        port: int,
+        connector: Connector,
+        clock: IReactorTime,
         *,
         max_connections: int = 32,
         retries: int = 5,
@@ -146,10 +185,9 @@ class UpstreamPool:
         max_queued: int = 4096,
         pipeline: int = 1,
     ) -> None:
-        self.reactor = reactor
+        self.connector = connector
+        self.clock = clock
         self.max_queued = max_queued
-        self.host = host
-        self.port = port
         self.max_connections = max_connections
         self.attempts = max(1, retries)
         self.retry_delay = retry_delay
@@ -160,23 +198,26 @@ class UpstreamPool:
         #: What the last answer said: the server frames by length and echoes tags.
         self.framed = False
         #: How error messages name the server.
-        self.name = f"calculator server {host}:{port}"
-        self.connections = 0
+        self.name = connector.name
         self._dialing = 0
         self._idle: list[UpstreamProtocol] = []
         self._open: list[UpstreamProtocol] = []
         self._queue: deque[_Fetch] = deque()
-        self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
 
     @property
     def idle(self) -> int:
         """Open connections waiting for a request."""
         return len(self._idle)
 
-    def fetch(self, frame: bytes) -> defer.Deferred:
+    @property
+    def connections(self) -> int:
+        """Connections open or being opened: what counts against the limit."""
+        return self._dialing + len(self._open)
+
+    def fetch(self, frame: bytes) -> defer.Deferred[Answer]:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame)
-        fetch.timer = self.reactor.callLater(self.timeout, self._timedOut, fetch)
+        fetch.timer = self.clock.callLater(self.timeout, self._timedOut, fetch)
         self._dispatch(fetch)
         return fetch.d
 
@@ -221,9 +262,9 @@ class UpstreamPool:
                 self._send(fetch, conn, reused=True)
                 return
         if self.pipelining and not fresh:
-            conn = self._roomiest()
-            if conn is not None:
-                self._send(fetch, conn, reused=True)
+            roomy = self._roomiest()
+            if roomy is not None:
+                self._send(fetch, roomy, reused=True)
                 return
         if self.connections < self.max_connections and (fresh or not self._waitForDial()):
             self._connect(fetch)
@@ -258,11 +299,12 @@ class UpstreamPool:
 
     def _connect(self, fetch: _Fetch) -> None:
         fetch.attempt += 1
-        self.connections += 1
         self._dialing += 1
-        d = self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        d = self.connector.connect()
         fetch.pending = d
-        d.addCallbacks(self._connected, self._connectFailed, (fetch,), None, (fetch,))
+        d.addCallbacks(
+            self._connected, self._connectFailed, callbackArgs=(fetch,), errbackArgs=(fetch,)
+        )
 
     def _connected(self, conn: UpstreamProtocol, fetch: _Fetch) -> None:
         self._dialing -= 1
@@ -271,7 +313,7 @@ class UpstreamPool:
         self._send(fetch, conn, reused=False)
         self._release(conn)
 
-    def _connectFailed(self, reason, fetch: _Fetch) -> None:
+    def _connectFailed(self, reason: Failure, fetch: _Fetch) -> None:
         self._dialing -= 1
         self._freed()
         if reason.check(defer.CancelledError):
@@ -286,22 +328,29 @@ class UpstreamPool:
             )
             return
         delay = self.retry_delay * self.backoff ** (fetch.attempt - 1)
-        fetch.pending = self.reactor.callLater(delay, self._dispatch, fetch)
+        fetch.pending = self.clock.callLater(delay, self._dispatch, fetch)
 
     def _send(self, fetch: _Fetch, conn: UpstreamProtocol, reused: bool) -> None:
-        fetch.sent = self.reactor.seconds()
+        fetch.sent = self.clock.seconds()
         fetch.conn = conn
         d = conn.sendRequest(fetch.frame)
         fetch.pending = d
-        d.addCallbacks(self._answered, self._sendFailed, (fetch, conn), None, (fetch, reused))
+        d.addCallbacks(
+            self._answered,
+            self._sendFailed,
+            callbackArgs=(fetch, conn),
+            errbackArgs=(fetch, reused),
+        )
 
-    def _answered(self, message, fetch: _Fetch, conn: UpstreamProtocol) -> None:
+    def _answered(
+        self, message: tuple[wire.Header, bytes], fetch: _Fetch, conn: UpstreamProtocol
+    ) -> None:
         fetch.pending = None
         header, data = message
         self._release(conn)
         fetch.settle((header, data, fetch.sent))
 
-    def _sendFailed(self, reason, fetch: _Fetch, reused: bool) -> None:
+    def _sendFailed(self, reason: Failure, fetch: _Fetch, reused: bool) -> None:
         if reason.check(defer.CancelledError):
             return
         fetch.pending = None
@@ -354,7 +403,6 @@ class UpstreamPool:
     def _freed(self) -> None:
         """A connection (or an attempt at one) is gone: its place goes to the
         requests queued for one."""
-        self.connections -= 1
         self._dialForQueued()
 
     def _dialForQueued(self) -> None:
@@ -385,7 +433,7 @@ class _Unqueue:
             self.queue.remove(self.fetch)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException | None) -> str:
     """Why a connection attempt failed, in a few words."""
     if isinstance(e, error.ConnectionRefusedError):
         return "Connection refused"

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from .endpoint import BatchedWrites
 
 HEADER = struct.Struct("!LHHHH")
 HEADER_SIZE = HEADER.size
@@ -175,9 +184,13 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     end-of-file is still handled.
     """
 
+    #: A TCP transport in practice (``ITCPTransport`` and ``IPushProducer``);
+    #: typed loosely because zope interfaces do not combine as types do.
+    transport: Any
     maxMessageSize = MAX_MESSAGE_SIZE
     idleTimeout: float | None = None
-    clock: IReactorTime = reactor  # type: ignore[assignment]
+    #: Where the turn budget reads the time (the reactor unless a factory says).
+    clock: IReactorTime | None = None
     #: Received bytes not yet handled, and how many there are.
     _pieces: list[bytes]
     _size = 0
@@ -195,11 +208,6 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     turnBudget = 0.005
     #: Bytes already received after the message being handled.
     bufferedAfter = 0
-    #: Messages sent while frames are being handled, to leave in one write
-    #: (or more: one per `batchLimit` bytes, so a full transport can pause us).
-    _outgoing: list[bytes] | None = None
-    _outgoingSize = 0
-    batchLimit = 1 << 16
 
     @property
     def inputLimit(self) -> int:
@@ -207,7 +215,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         largest messages, and never less than one 64 KiB read."""
         return max(4 * self.maxMessageSize, 1 << 16)
 
-    def makeConnection(self, transport) -> None:
+    def callLater(self, period: float, func: Callable[..., object], *args: object) -> IDelayedCall:
+        """Schedule on `clock` (the idle timeout and the fairness turns)."""
+        return (self.clock or _reactor()).callLater(period, func, *args)
+
+    def makeConnection(self, transport: Any) -> None:
         self._pieces = []
         super().makeConnection(transport)
 
@@ -239,36 +251,15 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def sendMessage(self, message: bytes) -> None:
-        """Send one whole message. Those sent while received frames are being
-        handled leave together once they are handled (in one write per
-        `batchLimit` bytes)."""
-        outgoing = self._outgoing
-        if outgoing is None:
-            self.transport.write(message)
-            return
-        outgoing.append(message)
-        self._outgoingSize += len(message)
-        if self._outgoingSize >= self.batchLimit:
-            self._flush()
+        """Send one whole message."""
+        self.transport.write(message)
 
     def closeAfterSending(self) -> None:
         """Close the connection once every message sent so far has left."""
-        self._flush()
         self.transport.loseConnection()
 
-    def _flush(self) -> None:
-        if self._outgoing:
-            self.transport.write(b"".join(self._outgoing))
-            self._outgoing.clear()
-            self._outgoingSize = 0
-
     def _process(self) -> None:
-        self._outgoing = []
-        try:
-            self._handleFrames()
-        finally:
-            self._flush()
-            self._outgoing = None
+        self.handleBuffered()
         if self._broken or self._nextTurn is not None or self._paused or self._held:
             return
         if self._full:
@@ -277,6 +268,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         if self._eof:
             self.endOfInput()
 
+    def handleBuffered(self) -> None:
+        """Hand the whole frames buffered to `frameReceived` (within the turn
+        budget): what a subclass wraps to act once per read or turn."""
+        self._handleFrames()
+
     def _handleFrames(self) -> None:
         pieces = self._pieces
         if not pieces:
@@ -284,9 +280,10 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         offset = 0
         end = len(buf)
-        started = self.clock.seconds()
+        clock = self.clock or _reactor()
+        started = clock.seconds()
         while not (self._paused or self._held) and end - offset >= HEADER_SIZE:
-            if offset and self.clock.seconds() - started >= self.turnBudget:
+            if offset and clock.seconds() - started >= self.turnBudget:
                 # Other connections get their turn before the rest of ours.
                 self._nextTurn = self.callLater(0, self._resumeTurn)
                 break
@@ -356,7 +353,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             self._discardInput()
             self.closeAfterSending()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = False
         self.setTimeout(None)
         self._discardInput()
@@ -405,6 +402,13 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self._paused = True
 
 
+def _reactor() -> IReactorTime:
+    """The global reactor, imported only when needed (not at import time)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def _length_at(buf: bytes) -> int:
     """The total length in the header at the start of ``buf`` (at least a header)."""
     return max(HEADER_SIZE, int.from_bytes(buf[4:6], "big"))
@@ -438,7 +442,7 @@ class FrameClient(FrameReceiver):
 
     def __init__(self) -> None:
         #: (Deferred, tag) of each request awaiting its answer, in order.
-        self._pending: deque[tuple[Deferred, int]] = deque()
+        self._pending: deque[tuple[Deferred[tuple[Header, bytes]], int]] = deque()
 
     @property
     def pending(self) -> int:
@@ -449,11 +453,11 @@ class FrameClient(FrameReceiver):
     def usable(self) -> bool:
         """Whether a request sent now could be answered: connected, and not
         closing (a closing connection may not know it yet)."""
-        return self.connected and not self._broken and not self.transport.disconnecting
+        return bool(self.connected and not self._broken and not self.transport.disconnecting)
 
-    def sendRequest(self, frame: bytes) -> Deferred:
+    def sendRequest(self, frame: bytes) -> Deferred[tuple[Header, bytes]]:
         """Send one whole request message; the Deferred fires with its answer."""
-        d = Deferred(self._cancel)
+        d: Deferred[tuple[Header, bytes]] = Deferred(self._cancel)
         tag = 0
         if self.tagged:
             tag = self._lastTag % MAX_TAG + 1
@@ -463,7 +467,7 @@ class FrameClient(FrameReceiver):
         self.transport.write(frame)
         return d
 
-    def _cancel(self, d: Deferred) -> None:
+    def _cancel(self, d: Deferred[tuple[Header, bytes]]) -> None:
         for i, (waiting, _) in enumerate(self._pending):
             if waiting is d:
                 del self._pending[i]
@@ -505,19 +509,20 @@ class FrameClient(FrameReceiver):
         self._discardInput()
         self.transport.abortConnection()
 
-    def _failAll(self, error: Exception) -> None:
+    def _failAll(self, error: BaseException | None) -> None:
         pending, self._pending = self._pending, deque()
         for d, _ in pending:
             d.errback(error)
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         super().connectionLost(reason)
         self._failAll(reason.value)
 
 
-class ServiceProtocol(FrameReceiver):
+class ServiceProtocol(BatchedWrites, FrameReceiver):
     """The answering side of a connection to one of our services: counted
-    by its `ServiceFactory` while it is open."""
+    by its `ServiceFactory` while it is open, its answers to one read joined
+    into one write (`endpoint.BatchedWrites`)."""
 
     factory: ServiceFactory
 
@@ -525,17 +530,18 @@ class ServiceProtocol(FrameReceiver):
         self.factory.connectionCount += 1
         super().connectionMade()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.factory.connectionCount -= 1
         super().connectionLost(reason)
 
 
-class ServiceFactory(protocol.Factory):
+class ServiceFactory(protocol.Factory[ServiceProtocol]):
     """What the server's and the proxy's factories share: the clock, the
     message size limit, the idle timeout and the connection limit, handed to
     every protocol they build."""
 
     noisy = False
+    protocol: type[ServiceProtocol]
 
     #: No "Starting factory <...>" lines: the services log one line saying
     #: what they listen on (tap.py).
@@ -549,21 +555,21 @@ class ServiceFactory(protocol.Factory):
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
     ) -> None:
-        self.clock = reactor if clock is None else clock
+        self.clock = _reactor() if clock is None else clock
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.connectionLimit = max_connections
         #: Open connections, counted by the protocols.
         self.connectionCount = 0
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> ServiceProtocol | None:
         """A protocol for a new connection, or None (the connection is closed
         at once) when `connectionLimit` connections are already open."""
         if self.connectionLimit is not None and self.connectionCount >= self.connectionLimit:
             return None
-        p = super().buildProtocol(addr)
+        p = self.protocol()
+        p.factory = self
         p.maxMessageSize = self.max_message_size
         p.idleTimeout = self.idle_timeout
         p.clock = self.clock
-        p.callLater = self.clock.callLater
         return p

@@ -4,16 +4,24 @@ Two encodings, told apart by the first byte of the request data: ``0x80`` (a
 pickle PROTO opcode) is the course programs' legacy pickle encoding
 (`legacy`, after the opcode pre-scan of `prescan`), anything else is UTF-8
 text answered with JSON (`text`). These are the entry points the rest of the
-package uses; each picks the module of the encoding.
+package uses. What a service needs to word its own errors (`encoding_of`,
+`encode_error`) loads at once; the rest, which needs the calculator's
+expression model, loads on first use, so that the proxy never loads it.
 """
 
 from __future__ import annotations
 
-from ..expression import CalculationError, Node, Real
-from . import legacy, text
-from .base import LEGACY, TEXT, RemoteError, brief, encoding_of, shown
-from .legacy import Associativity
-from .prescan import MAX_OPCODES, MAX_REDUCES, PreambleMemo
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .base import LEGACY, TEXT, RemoteError, encoding_of
+from .errors import encode_error
+
+if TYPE_CHECKING:
+    from . import legacy, prescan, text
+    from .entry import decode_request, decode_response, encode_request, encode_result
+    from .legacy import Associativity
+    from .prescan import MAX_OPCODES, MAX_REDUCES, PreambleMemo
 
 __all__ = [
     "LEGACY",
@@ -29,49 +37,30 @@ __all__ = [
     "encode_request",
     "encode_result",
     "encoding_of",
+    "legacy",
+    "prescan",
+    "text",
 ]
 
-
-def decode_request(data: bytes, *, preambles: PreambleMemo | None = None) -> Node:
-    """The expression carried by request data; `CalculationError` if refused.
-    A server passes its `PreambleMemo` so that the pre-scan of legacy data
-    resumes after a preamble it has seen; without one nothing is remembered."""
-    if not data:
-        raise CalculationError("empty request", "SyntaxError")
-    if encoding_of(data) == LEGACY:
-        return legacy.decode_request(data, preambles)
-    return text.decode_request(data)
-
-
-def encode_request(node: Node, encoding: str = TEXT) -> bytes:
-    """Request data for ``node``; legacy data is pickled exactly the way the
-    course client pickles its ``calculator`` objects."""
-    return legacy.encode_request(node) if encoding == LEGACY else text.encode_request(node)
+#: Where each name loaded on first use lives.
+_LATER = {
+    "decode_request": "entry",
+    "decode_response": "entry",
+    "encode_request": "entry",
+    "encode_result": "entry",
+    "Associativity": "legacy",
+    "PreambleMemo": "prescan",
+    "MAX_OPCODES": "prescan",
+    "MAX_REDUCES": "prescan",
+}
 
 
-def encode_result(encoding: str, value: Real, steps: list[str]) -> bytes:
-    """Response data for a successful calculation."""
-    if encoding == LEGACY:
-        return legacy.encode_result(value, steps)
-    return text.encode_result(value, steps)
-
-
-def encode_error(encoding: str, kind: str, message: str) -> bytes:
-    """Response data for an error, in the encoding of its request."""
-    if encoding == LEGACY:
-        return legacy.encode_error(kind, message)
-    return text.encode_error(kind, message)
-
-
-def decode_response(data: bytes) -> tuple[Real, list[str]]:
-    """The result and steps of an answer; `RemoteError` for an error answer
-    or for data that cannot be read."""
-    answer = legacy.decode_answer(data) if encoding_of(data) == LEGACY else text.decode_answer(data)
-    if type(answer) is not tuple or len(answer) != 2 or not isinstance(answer[1], list):
-        raise RemoteError("UnreadableAnswer", f"unexpected answer {brief(answer)}")
-    value = answer[0]
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-        value = float(value)
-    if type(value) not in (int, float):
-        raise RemoteError("UnreadableAnswer", f"unexpected answer {brief(answer)}")
-    return value, [shown(s) for s in answer[1]]
+def __getattr__(name: str) -> Any:
+    """Load an entry point (or an encoding's module) on first use."""
+    if name in ("legacy", "prescan", "text", "entry"):
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LATER:
+        value = getattr(importlib.import_module(f".{_LATER[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

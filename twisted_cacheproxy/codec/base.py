@@ -10,6 +10,8 @@ TEXT = "text"
 LEGACY = "legacy"
 #: The first byte of legacy data: a pickle PROTO opcode.
 LEGACY_MARK = b"\x80"
+#: Pickle protocol of our legacy answers and requests (Python 3.4+ reads it).
+PROTOCOL = 4
 
 
 def encoding_of(data: bytes) -> str:

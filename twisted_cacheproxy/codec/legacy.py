@@ -39,29 +39,13 @@ from ..expression import (
     Unary,
     check_call,
 )
-from .base import RemoteError, brief, shown
+from .base import PROTOCOL, RemoteError, brief, shown
 from .prescan import PreambleMemo, scan
-
-#: Pickle protocol of our legacy answers and requests (Python 3.4+ reads it).
-PROTOCOL = 4
-
-
-def _builtin_exception(kind: str) -> type[BaseException]:
-    cls = getattr(builtins, kind, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        return cls
-    return ValueError
 
 
 def encode_result(value: Real, steps: list[str]) -> bytes:
     """Pickled answer data for a successful calculation."""
     return pickle.dumps((value, steps), PROTOCOL)
-
-
-def encode_error(kind: str, message: str) -> bytes:
-    """Pickled answer data for an error: a builtin exception, so any Python
-    can unpickle it."""
-    return pickle.dumps(_builtin_exception(kind)(message), PROTOCOL)
 
 
 # --- the course's `calculator` classes, as stand-ins ------------------------

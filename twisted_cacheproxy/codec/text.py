@@ -37,11 +37,6 @@ def encode_result(value: Real, steps: list[str]) -> bytes:
     return json.dumps({"result": _json_number(value), "steps": steps}, ensure_ascii=False).encode()
 
 
-def encode_error(kind: str, message: str) -> bytes:
-    """JSON answer data for an error."""
-    return json.dumps({"error": message, "type": kind}, ensure_ascii=False).encode()
-
-
 def decode_answer(data: bytes) -> Any:
     """A JSON answer as ``(result, steps)`` (or whatever else it holds, for
     the caller to refuse); `RemoteError` for an error answer or bad JSON."""

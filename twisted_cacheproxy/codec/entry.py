@@ -1,0 +1,47 @@
+"""The entry points that read and write expressions and answers: each picks
+the module of the request's encoding (`legacy` after the `prescan`, or `text`)."""
+
+from __future__ import annotations
+
+from ..expression import CalculationError, Node, Real
+from . import legacy, text
+from .base import LEGACY, TEXT, RemoteError, brief, encoding_of, shown
+from .prescan import PreambleMemo
+
+
+def decode_request(data: bytes, *, preambles: PreambleMemo | None = None) -> Node:
+    """The expression carried by request data; `CalculationError` if refused.
+    A server passes its `PreambleMemo` so that the pre-scan of legacy data
+    resumes after a preamble it has seen; without one nothing is remembered."""
+    if not data:
+        raise CalculationError("empty request", "SyntaxError")
+    if encoding_of(data) == LEGACY:
+        return legacy.decode_request(data, preambles)
+    return text.decode_request(data)
+
+
+def encode_request(node: Node, encoding: str = TEXT) -> bytes:
+    """Request data for ``node``; legacy data is pickled exactly the way the
+    course client pickles its ``calculator`` objects."""
+    return legacy.encode_request(node) if encoding == LEGACY else text.encode_request(node)
+
+
+def encode_result(encoding: str, value: Real, steps: list[str]) -> bytes:
+    """Response data for a successful calculation."""
+    if encoding == LEGACY:
+        return legacy.encode_result(value, steps)
+    return text.encode_result(value, steps)
+
+
+def decode_response(data: bytes) -> tuple[Real, list[str]]:
+    """The result and steps of an answer; `RemoteError` for an error answer
+    or for data that cannot be read."""
+    answer = legacy.decode_answer(data) if encoding_of(data) == LEGACY else text.decode_answer(data)
+    if type(answer) is not tuple or len(answer) != 2 or not isinstance(answer[1], list):
+        raise RemoteError("UnreadableAnswer", f"unexpected answer {brief(answer)}")
+    value = answer[0]
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        value = float(value)
+    if type(value) not in (int, float):
+        raise RemoteError("UnreadableAnswer", f"unexpected answer {brief(answer)}")
+    return value, [shown(s) for s in answer[1]]
