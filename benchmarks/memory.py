@@ -6,8 +6,8 @@ with ``--cache-size 16M`` keep RSS flat).
     python3 benchmarks/memory.py                          # both, ~3-4 min
     python3 benchmarks/memory.py --connections 2000 --requests 100000
 
-Uses the load kit copied by benchmarks/run.py (run it once, or this script
-copies and builds it too). Loopback only; every process is stopped at the end.
+Uses the load kit in benchmarks/kit (built here with ``make`` when needed).
+Loopback only; every process is stopped at the end.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def many_keys(requests: int, keys: int) -> dict:
     kit = bench.KIT
     if not os.path.exists(os.path.join(kit, "loadgen")):
         bench.prepare_kit()
+    os.makedirs(bench.OUT, exist_ok=True)
     frames = os.path.join(bench.OUT, f"random{keys}.bin")
     if not os.path.exists(frames):
         subprocess.run(

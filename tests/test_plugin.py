@@ -417,7 +417,7 @@ def test_startup_log_is_one_line_with_the_settings(tmp_path):
     assert len(lines) == 1
     assert lines[0].endswith(
         f"[cacheproxy#info] listening on 127.0.0.1:{port}, in front of the server at "
-        "127.0.0.1:9999 (32 connections, no pipelining, 5 attempts, timeout 10 s); "
+        "127.0.0.1:9999 (32 connections, pipelining 8 deep, 5 attempts, timeout 10 s); "
         "cache 16M, stale-if-error off; "
         "messages up to 8192 bytes, idle timeout 60 s, at most 10000 connections"
     )
@@ -563,14 +563,20 @@ def test_proxy_options_refuse_fewer_than_one_upstream(name):
     assert str(info.value) == f"{name} must be at least 1"
 
 
-def test_proxy_options_pipelining_is_off_by_default_and_reaches_the_pool():
+def test_proxy_options_pipelining_is_on_by_default_and_reaches_the_pool():
+    """8 deep by default (only ever on connections that said L);
+    ``--upstream-pipeline 1`` turns it off."""
     from twisted_cacheproxy.tap import ProxyOptions, makeProxyService
 
-    for argv, depth in (([], 1), (["--upstream-pipeline", "16"], 16)):
+    for argv, depth, on in (
+        ([], 8, True),
+        (["--upstream-pipeline", "16"], 16, True),
+        (["--upstream-pipeline", "1"], 1, False),
+    ):
         config = ProxyOptions()
         config.parseOptions(argv)
-        factory = makeProxyService(config).main.factory
-        assert factory.pool.pipeline == depth
+        pool = makeProxyService(config).main.factory.pool
+        assert (pool.pipeline, pool.pipelining) == (depth, on)
 
 
 # --- the README's commands, as written --------------------------------------------------------

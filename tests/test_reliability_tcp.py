@@ -66,13 +66,20 @@ class StandIn:
     - ``duplicate``: send every answer a second time ``duplicate`` s later;
     - ``hold``: answer the first request of a connection at once, then keep
       its answers and send them all in one write ``hold`` seconds after the
-      first of them arrived.
+      first of them arrived;
+    - ``course``: read one ``recv`` as one message, as the course server
+      does (never L), and note in ``violations`` every ``recv`` that did not
+      hold exactly one whole request and every second request on a connection.
     """
 
-    def __init__(self, *, framed: bool, duplicate: float = 0.0, hold: float = 0.0) -> None:
-        self.framed = framed
+    def __init__(
+        self, *, framed: bool, duplicate: float = 0.0, hold: float = 0.0, course: bool = False
+    ) -> None:
+        self.framed = framed and not course
         self.duplicate = duplicate
         self.hold = hold
+        self.course = course
+        self.violations: list[str] = []
         self.calculator = CalculatorServerFactory()
         self.requests = 0
         self.listener = socket.create_server((HOST, 0))
@@ -99,7 +106,38 @@ class StandIn:
         answer = self.calculator.answer(header, data, codec.encoding_of(data), int(time.time()))
         return answer if self.framed else answer[:10] + b"\x00\x00" + answer[12:]
 
+    def _serve_course(self, conn: socket.socket) -> None:
+        """One ``recv`` is one message; a connection is meant for one request."""
+        conn.settimeout(0.2)
+        received = 0
+        with conn:
+            while not self.stopping:
+                try:
+                    chunk = conn.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                received += 1
+                if received > 1:
+                    self.violations.append(f"request {received} on one connection")
+                header = wire.decode_header(chunk)
+                if header.length != len(chunk):
+                    self.violations.append(
+                        f"one recv of {len(chunk)} bytes, {header.length} framed"
+                    )
+                self.requests += 1
+                try:
+                    conn.sendall(self.answer(header, chunk[wire.HEADER_SIZE : header.length]))
+                except OSError:
+                    return
+
     def _serve(self, conn: socket.socket) -> None:
+        if self.course:
+            self._serve_course(conn)
+            return
         held: list[bytes] = []
         deadline = None
         answered = 0
@@ -326,3 +364,31 @@ def test_the_listen_backlog_absorbs_a_storm_by_default(twistd, plugin):
     backlog = int(out.split()[2])
     with open("/proc/sys/net/core/somaxconn") as f:
         assert backlog == min(511, int(f.read()))
+
+
+def test_a_course_server_gets_one_request_at_a_time_from_a_default_proxy(twistd, stand_in):
+    """Pipelining is on by default, but only where a server said L: a course
+    server, which reads one ``recv`` as one message and never says L, gets
+    exactly one whole request per connection. Eight clients pipeline 20
+    distinct misses each (160 in flight, more than the 32 upstream
+    connections) through a proxy with default options; every one is answered
+    right."""
+    server = stand_in(framed=False, course=True)
+    port = free_port()
+    proxy = twistd("cacheproxy", "--port", str(port), "--server-port", str(server.port), port=port)
+
+    def work(i: int) -> list[str]:
+        ks = range(i * 20, i * 20 + 20)
+        with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
+            sock.sendall(b"".join(request(f"{k} * 7 + 1", steps=True) for k in ks))
+            answers = [read_message(sock) for _ in ks]
+        wrong = []
+        for k, (header, data) in zip(ks, answers, strict=True):
+            got = json.loads(data)
+            if header.status != 200 or (got.get("result"), got.get("steps")) != expected(k, True):
+                wrong.append(f"{k}: {header.status} {got}")
+        return wrong
+
+    assert in_threads(8, work) == []
+    assert server.violations == []
+    assert server.requests == 160

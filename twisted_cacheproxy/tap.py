@@ -415,9 +415,9 @@ class ProxyOptions(_CommonOptions):
         [
             "upstream-pipeline",
             None,
-            1,
+            8,
             "Most requests in flight on one server connection (1: no pipelining). "
-            "Only for servers that frame by length, as ours does; not the course server.",
+            "Only on connections whose answers said L; a course server gets one at a time.",
             _integer,
         ],
         *_CommonOptions.optParameters,
