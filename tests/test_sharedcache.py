@@ -724,3 +724,54 @@ def test_memcached_options_are_checked(argv, message):
     with pytest.raises(usage.UsageError) as info:
         tap.ProxyOptions().parseOptions(argv)
     assert str(info.value).startswith(message)
+
+
+# --- the lock across proxies (--memcached-lock-wait) ---------------------------------------
+
+
+def test_with_the_lock_one_proxy_asks_the_server_and_the_other_waits_for_its_answer(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock, lock_wait=0.5), tier(clock, lock_wait=0.5)
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    first, second = fired(a.get(KEY)), fired(b.get(KEY))
+    mc.pump()
+    assert first == [None]  # a took the lock: it asks the server
+    assert second == []  # b found the lock taken: it waits
+    assert (a.locks, b.lock_waits) == (1, 1)
+    clock.advance(0.02)
+    mc.pump()
+    assert second == []
+    a.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    clock.advance(0.005)
+    mc.pump()
+    (entry,) = second
+    assert entry.answer == STORED
+    assert b.counters()["l2_lock_hits"] == 1
+
+
+def test_a_lock_whose_holder_never_answers_is_waited_for_no_longer_than_lock_wait(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock, lock_wait=0.2), tier(clock, lock_wait=0.2)
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    fired(a.get(KEY))
+    mc.pump()
+    second = fired(b.get(KEY))
+    mc.pump()
+    for _ in range(39):
+        clock.advance(0.005)
+        mc.pump()
+    assert second == []
+    clock.advance(0.005)
+    assert second == [None]  # b asks the server itself
+
+
+def test_without_lock_wait_a_miss_takes_no_lock(clock):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    mc.connect(shared.nodes[0])
+    fired(shared.get(KEY))
+    mc.pump()
+    assert b"add" not in mc.commands[4:]

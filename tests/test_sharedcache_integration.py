@@ -369,3 +369,28 @@ def test_two_twistd_proxies_share_answers_and_a_restarted_one_keeps_serving_them
         assert "shared tier on memcached " + node.address in b.logText()
     finally:
         yield server.close()
+
+
+@pytest.mark.parametrize(("lock_wait", "per_key"), [(0, 2), (2000, 1)])
+@pytest.mark.usefixtures("proxy_log")
+@pytest_twisted.inlineCallbacks
+def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
+    memcached, twistd, lock_wait, per_key
+):
+    server = CountingServer(delay=0.5)
+    server_port = server.listen()
+    node = memcached()
+    try:
+        options = ("--memcached", node.address, "--memcached-lock-wait", str(lock_wait))
+        a = start_proxy(twistd, server_port, *options)
+        b = start_proxy(twistd, server_port, *options)
+        for p in (a, b):
+            yield until(lambda p=p: "connected" in p.logText(), "the proxies to connect")
+        frames = [plain(f"{k} + 1000") for k in range(5)]
+        answers = yield defer.gatherResults([exchange(p.port, f) for f in frames for p in (a, b)])
+        for k, ((header, data),) in enumerate(answers):
+            assert header.status == wire.OK
+            assert data == b'{"result": %d, "steps": []}' % (k // 2 + 1000)
+        assert len(server.requests) == per_key * len(frames)
+    finally:
+        yield server.close()

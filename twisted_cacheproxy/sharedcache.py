@@ -66,6 +66,14 @@ MAX_PREFIX = 100
 #: node are misses at once (a stalled memcached must not pile up work).
 MAX_OUTSTANDING = 256
 
+#: How often a proxy waiting on another's lock looks for its answer, in seconds.
+LOCK_POLL = 0.005
+#: Lifetime of a lock entry in memcached, in seconds (its clock ticks in
+#: whole seconds: 2 holds it at least one).
+LOCK_EXPIRY = 2
+#: What `SharedCache._answered` gives for an entry that is simply not there.
+_ABSENT: Any = object()
+
 #: The extension word of a stored answer: ours (L), from a cache (H).
 _HIT = wire.EXT_FRAMED | wire.EXT_FROM_CACHE
 
@@ -326,16 +334,23 @@ class SharedCache:
         reactor: Any = None,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT_MS / 1000,
+        lock_wait: float = 0.0,
     ) -> None:
         """``nodes`` are (host, port) pairs; ``clock`` times the lookups and
         gives the wall-clock time (the reactor in production); ``reactor``
         connects (default: the global one); ``timeout`` is the most one
-        lookup may take, in seconds, after which it is a miss."""
+        lookup may take, in seconds, after which it is a miss.
+
+        With ``lock_wait`` (seconds, 0: off), the first proxy to miss a key
+        takes a short-lived lock entry (memcached ``add``) and asks the
+        server; others that miss it meanwhile wait up to ``lock_wait`` for
+        its answer to appear instead of asking the server too."""
         self.clock = clock
         self.reactor = reactor
         self.prefix = check_prefix(prefix)
         self.genkey = self.prefix + b"gen"
         self.timeout = timeout
+        self.lock_wait = lock_wait
         # A dead connection is noticed after this long without an answer.
         command_timeout = max(1.0, 20 * timeout)
         self.nodes = [
@@ -344,7 +359,7 @@ class SharedCache:
         ]
         self.ring: Ring[Node] = Ring(self.nodes, [f"{host}:{port}" for host, port in nodes])
         self.lookups = self.hits = self.timeouts = self.rejected = self.unavailable = 0
-        self.stores = 0
+        self.stores = self.locks = self.lock_waits = self.lock_hits = 0
 
     def start(self) -> None:
         """Connect to every node."""
@@ -370,6 +385,9 @@ class SharedCache:
             "l2_rejected": self.rejected,
             "l2_unavailable": self.unavailable,
             "l2_stores": self.stores,
+            "l2_locks": self.locks,
+            "l2_lock_waits": self.lock_waits,
+            "l2_lock_hits": self.lock_hits,
         }
 
     def _place(self, key: bytes) -> tuple[Node, bytes]:
@@ -407,7 +425,7 @@ class SharedCache:
             self._answered, lambda _: None, callbackArgs=(node, generation, key, mkey)
         )
         asked.addErrback(self._broken)
-        asked.addCallback(self._settle, result, timer)
+        asked.addCallback(self._settle, result, timer, node, key, mkey)
         return result
 
     def _broken(self, reason: Failure) -> None:
@@ -417,12 +435,88 @@ class SharedCache:
         self.timeouts += 1
         result.callback(None)
 
-    def _settle(self, entry: Entry | None, result: defer.Deferred, timer: Any) -> None:
-        if timer.active():
-            timer.cancel()
+    def _settle(
+        self,
+        entry: Entry | None,
+        result: defer.Deferred,
+        timer: Any,
+        node: Node,
+        key: bytes,
+        mkey: bytes,
+    ) -> None:
+        if not timer.active():
+            return
+        timer.cancel()
+        if entry is _ABSENT:
+            if self.lock_wait:
+                self._lock(node, key, mkey, result)
+                return
+            entry = None
+        if entry is not None:
+            self.hits += 1
+        result.callback(entry)
+
+    # --- the lock: one proxy asks the server, the others wait for its answer ---
+
+    def _lock(self, node: Node, key: bytes, mkey: bytes, result: defer.Deferred) -> None:
+        proto = node.available()
+        if proto is None:
+            result.callback(None)
+            return
+        deadline = self.clock.callLater(self.lock_wait, result.callback, None)
+        lkey = self.prefix + b"lock:" + mkey[len(self.prefix) :]
+        taken = node.send(proto.add(lkey, b"1", expireTime=LOCK_EXPIRY))
+        taken.addCallbacks(
+            self._locked, lambda _: True, callbackArgs=(node, key, mkey, result, deadline)
+        )
+        taken.addErrback(self._broken)
+
+    def _locked(
+        self,
+        ours: bool,
+        node: Node,
+        key: bytes,
+        mkey: bytes,
+        result: defer.Deferred,
+        deadline: Any,
+    ) -> None:
+        if not deadline.active():
+            return
+        if ours:  # (or the lock could not be asked for): this proxy asks the server
+            self.locks += 1
+            deadline.cancel()
+            result.callback(None)
+            return
+        self.lock_waits += 1
+        self.clock.callLater(LOCK_POLL, self._poll, node, key, mkey, result, deadline)
+
+    def _poll(
+        self, node: Node, key: bytes, mkey: bytes, result: defer.Deferred, deadline: Any
+    ) -> None:
+        if not deadline.active():
+            return
+        proto = node.available()
+        if proto is None:
+            deadline.cancel()
+            result.callback(None)
+            return
+
+        def got(answer: tuple[int, bytes | None]) -> None:
+            if not deadline.active():
+                return
+            flags, value = answer
+            entry = decode_entry(key, value) if value is not None and flags == FLAGS else None
             if entry is not None:
                 self.hits += 1
-            result.callback(entry)
+                self.lock_hits += 1
+                deadline.cancel()
+                result.callback(entry)
+            else:
+                self.clock.callLater(LOCK_POLL, self._poll, node, key, mkey, result, deadline)
+
+        asked = node.send(proto.get(mkey))
+        asked.addCallbacks(got, lambda _: None)
+        asked.addErrback(self._broken)
 
     def _answered(
         self,
@@ -445,7 +539,7 @@ class SharedCache:
             return None
         flags, value = values.get(mkey, (0, None))
         if value is None:
-            return None
+            return _ABSENT
         entry = decode_entry(key, value) if flags == FLAGS else None
         if entry is None:
             self.rejected += 1

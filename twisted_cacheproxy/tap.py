@@ -373,6 +373,14 @@ class ProxyOptions(_CommonOptions):
             "Milliseconds one shared-cache lookup may take before it counts as a miss.",
             _integer,
         ],
+        [
+            "memcached-lock-wait",
+            None,
+            0,
+            "On a shared-cache miss, take a lock so that only one proxy asks the server, "
+            "and wait up to this many milliseconds for another proxy's answer (0: off).",
+            _integer,
+        ],
         *_CommonOptions.optParameters,
     ]
     optFlags = [["verbose", "v", "Log every hit and miss (at debug level)."]]
@@ -404,6 +412,8 @@ class ProxyOptions(_CommonOptions):
         for name in ("upstream-connections", "upstream-pipeline"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if self["memcached-lock-wait"] < 0:
+            raise usage.UsageError("--memcached-lock-wait cannot be negative")
         if self["memcached-timeout"] < 1:
             raise usage.UsageError("--memcached-timeout must be at least 1 (ms)")
         if len(set(self["memcached"])) != len(self["memcached"]):
@@ -446,6 +456,7 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
             reactor,
             prefix=config["memcached-prefix"],
             timeout=config["memcached-timeout"] / 1000,
+            lock_wait=config["memcached-lock-wait"] / 1000,
         )
     factory = CacheProxyFactory(
         cache, pool, verbose=config["verbose"], shared=shared, **config.common()
@@ -479,8 +490,10 @@ def proxy_settings(config: ProxyOptions) -> str:
         nodes = ", ".join(address(host, port) for host, port in config["memcached"])
         cache += (
             f", shared tier on memcached {nodes} (prefix {config['memcached-prefix']!r}, "
-            f"lookup timeout {config['memcached-timeout']} ms)"
+            f"lookup timeout {config['memcached-timeout']} ms"
         )
+        wait = config["memcached-lock-wait"]
+        cache += f", lock wait {wait} ms)" if wait else ")"
     return f"{upstream}; {cache}; {_limits(config)}"
 
 
