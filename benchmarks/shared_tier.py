@@ -10,7 +10,8 @@ memcached and our server on core 1 (127.0.0.1 only):
   is an L1 miss answered by memcached; beside it, the same frames through a
   proxy whose L1 holds them all;
 - what an L2 lookup adds to a miss: every request a miss, one connection
-  and 16, with and without ``--memcached``.
+  and 16, without ``--memcached``, with it, and with it and
+  ``--memcached-lock-wait`` (one more round trip per miss).
 
     python3 benchmarks/shared_tier.py                 # ~3 min
     python3 benchmarks/shared_tier.py --duration 3 --reps 1
@@ -189,13 +190,15 @@ def main() -> int:
                 stop(p)
             # Every request a miss: with and without the L2 lookup before the server.
             for conns in (1, 16):
+                node = ("--memcached", f"{HOST}:{MEMCACHED_PORT}")
                 for name, extra in (
                     ("misses, no memcached", ()),
-                    ("misses, L2 lookup first", ("--memcached", f"{HOST}:{MEMCACHED_PORT}")),
+                    ("misses, L2 lookup first", node),
+                    ("misses, L2 lookup and lock", (*node, "--memcached-lock-wait", "100")),
                 ):
                     p = proxy(*extra, "--memcached-prefix", f"run{time.time_ns()}:")
                     try:
-                        runs = [loadgen(PROXY_PORT, conns, d, misses)]
+                        runs = [loadgen(PROXY_PORT, conns, d, misses) for _ in range(reps)]
                     finally:
                         stop(p)
                     rows.append(row(f"{name}, {conns} connection(s)", runs, yard))

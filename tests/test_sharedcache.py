@@ -775,3 +775,14 @@ def test_without_lock_wait_a_miss_takes_no_lock(clock):
     fired(shared.get(KEY))
     mc.pump()
     assert b"add" not in mc.commands[4:]
+
+
+def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    proto, _ = mc.connect(shared.nodes[0])
+    shared.stop()
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    shared.nodes[0].factory.clientConnectionLost(FakeConnector(), Failure(error.ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+    assert [e for e in proxy_log if e.get("log_level") == LogLevel.warn] == []

@@ -220,12 +220,14 @@ class Node:
     def start(self, reactor: Any) -> None:
         """Start connecting (and reconnecting whenever the connection goes)."""
         self.factory.continueTrying = True
+        self.state = "starting"
         self._connector = reactor.connectTCP(
             self.host, self.port, self.factory, timeout=max(1.0, self.command_timeout)
         )
 
     def stop(self) -> None:
         """Stop reconnecting and close the connection."""
+        self.state = "stopped"  # nothing to log from here on
         self.factory.stopTrying()
         if self._connector is not None:
             self._connector.disconnect()
@@ -236,7 +238,7 @@ class Node:
         self.send(proto.version()).addCallbacks(lambda _: self._up(proto), lambda _: None)
 
     def _up(self, proto: _NodeProtocol) -> None:
-        if proto._disconnected:
+        if proto._disconnected or self.state == "stopped":
             return
         self.factory.resetDelay()
         self.protocol = proto
@@ -252,7 +254,7 @@ class Node:
     def _down(self, reason: Failure) -> None:
         self.protocol = None
         self.generation = None
-        if self.state == "down":
+        if self.state in ("down", "stopped"):
             return
         was, self.state = self.state, "down"
         why = reason.getErrorMessage()
