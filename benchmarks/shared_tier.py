@@ -196,11 +196,14 @@ def main() -> int:
                     ("misses, L2 lookup first", node),
                     ("misses, L2 lookup and lock", (*node, "--memcached-lock-wait", "100")),
                 ):
-                    p = proxy(*extra, "--memcached-prefix", f"run{time.time_ns()}:")
-                    try:
-                        runs = [loadgen(PROXY_PORT, conns, d, misses) for _ in range(reps)]
-                    finally:
-                        stop(p)
+                    runs = []
+                    for _ in range(reps):
+                        # Fresh every time: an empty L1, and an empty L2 under a new prefix.
+                        p = proxy(*extra, "--memcached-prefix", f"run{time.time_ns()}:")
+                        try:
+                            runs.append(loadgen(PROXY_PORT, conns, d, misses))
+                        finally:
+                            stop(p)
                     rows.append(row(f"{name}, {conns} connection(s)", runs, yard))
         finally:
             stop(mc)

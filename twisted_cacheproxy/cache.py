@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+from twisted.internet.interfaces import IReactorTime
+
 from .wire import FOREVER
 
 #: What one entry costs in memory beyond the lengths of its key and answer,
@@ -46,27 +48,44 @@ class Entry:
         return self.lifetime == FOREVER or now - self.stored < self.lifetime + grace
 
 
+#: A key (the S flag byte and the request data); named apart because the
+#: cache interface has a ``bytes`` counter of its own.
+Key = bytes
+
+
 class Cache(Protocol):
     """What the proxy needs of a cache backend."""
 
-    entries: int
-    bytes: int
-    evictions: int
     #: Seconds past its lifetime an entry is still kept (stale-if-error).
     grace: float
 
-    def get(self, key: bytes) -> Entry | None: ...
+    @property
+    def entries(self) -> int:
+        """How many answers are stored."""
+        ...
 
-    def put(self, key: bytes, entry: Entry) -> None: ...
+    @property
+    def bytes(self) -> int:
+        """What they cost against the bound."""
+        ...
 
-    def delete(self, key: bytes) -> None: ...
+    @property
+    def evictions(self) -> int:
+        """How many were dropped to make room."""
+        ...
+
+    def get(self, key: Key) -> Entry | None: ...
+
+    def put(self, key: Key, entry: Entry) -> None: ...
+
+    def delete(self, key: Key) -> None: ...
 
 
 class SharedTier(Protocol):
     """What the proxy needs of a second cache level shared with other
     proxies (`sharedcache.SharedCache`): asked on a miss before the server."""
 
-    def get(self, key: bytes) -> Deferred:
+    def get(self, key: bytes) -> Deferred[Entry | None]:
         """Fires with the `Entry` stored for ``key`` or None; never fails."""
         ...
 
@@ -81,7 +100,7 @@ class MemoryCache:
     """An in-memory LRU bounded by bytes, dropping entries once they are past
     their lifetime plus ``grace`` (the stale-if-error window)."""
 
-    def __init__(self, max_bytes: int, clock, grace: float = 0.0) -> None:
+    def __init__(self, max_bytes: int, clock: IReactorTime, grace: float = 0.0) -> None:
         self.max_bytes = max_bytes
         self.clock = clock
         self.grace = grace

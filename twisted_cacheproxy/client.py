@@ -16,10 +16,12 @@ import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, error, protocol, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from . import __version__, codec, wire
@@ -86,7 +88,7 @@ class Calculator:
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         host: str,
         port: int,
         settings: Settings,
@@ -131,7 +133,7 @@ class Calculator:
         return text.encode()
 
     @defer.inlineCallbacks
-    def calculate(self, text: str):
+    def calculate(self, text: str) -> Generator[defer.Deferred[Any], Any, Answer]:
         """Send ``text``; the Deferred fires with an `Answer`."""
         data = self.request_data(text)
         connection, fresh = yield self._usable()
@@ -166,7 +168,7 @@ class Calculator:
 
 def _answer(message: tuple[wire.Header, bytes], no_cache: bool = False) -> Answer:
     header, data = message
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "status": header.status,
         "cache": header.cache,
         "max_age": header.max_age,
@@ -226,7 +228,7 @@ def render(text: str, answer: Answer) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_failure(e: BaseException, peer: str = "the server") -> str:
+def describe_failure(e: BaseException | None, peer: str = "the server") -> str:
     """A one-line message for a failed connection or request to ``peer``
     (``host:port``)."""
     if isinstance(e, CalculationError):
@@ -243,7 +245,7 @@ class WaitingLine:
     long the client has waited, rewritten in place (``\\r``) every second
     and wiped when the answer comes. Meant for a terminal only."""
 
-    def __init__(self, clock, write: Callable[[str], None], peer: str) -> None:
+    def __init__(self, clock: IReactorTime, write: Callable[[str], None], peer: str) -> None:
         self.clock = clock
         self.write = write
         self.peer = peer
@@ -324,7 +326,7 @@ class Menu:
                 yield self.send(text)
 
     @defer.inlineCallbacks
-    def choose(self, choice: str):
+    def choose(self, choice: str) -> Generator[defer.Deferred[Any], Any, str | None]:
         """The expression a menu answer asks for (None: nothing to send)."""
         if not choice:
             return None
@@ -348,8 +350,11 @@ class Menu:
         if self.waiting is not None:
             d = self.waiting.watch(d)
         d.addCallback(lambda answer: self.write(render(text, answer) + "\n"))
-        d.addErrback(lambda f: self.write(describe_failure(f.value, self.calculator.where) + "\n"))
+        d.addErrback(self._failed)
         return d
+
+    def _failed(self, failure: Failure) -> None:
+        self.write(describe_failure(failure.value, self.calculator.where) + "\n")
 
 
 class ConsoleReader:
@@ -359,7 +364,7 @@ class ConsoleReader:
     there. Ctrl-D (end of input) reads as None. Piped input is echoed after
     its prompt, so the screen reads like a session."""
 
-    def __init__(self, reactor, echo: bool = False) -> None:
+    def __init__(self, reactor: Any, echo: bool = False) -> None:
         self.reactor = reactor
         self.echo = echo
 
@@ -466,7 +471,7 @@ def _write(text: str) -> None:
 
 
 @defer.inlineCallbacks
-def run(reactor, argv: list[str]):
+def run(reactor: Any, argv: list[str]) -> Generator[defer.Deferred[Any], Any, int]:
     """The client's main: returns the process exit code."""
     args = parse_args(argv)
     settings = Settings(

@@ -13,11 +13,16 @@ does).
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from twisted.internet import defer, tcp
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorTCP, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTCP,
+    IStreamServerEndpoint,
+)
 from zope.interface import implementer
 
 
@@ -27,7 +32,7 @@ class SendAtOnceServer(tcp.Server):
     `tcp.Connection`'s own state to know that; tests/test_endpoint.py would
     notice if a Twisted release changed it."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Answers are whole messages: never hold one back for Nagle.
         self.setTcpNoDelay(True)
@@ -75,10 +80,10 @@ class _Port(tcp.Port):
             raise CannotListenError(self.interface, self.port, le) from None
         skt.listen(self.backlog)
         self._realPortNumber = skt.getsockname()[1]
-        self.factory.doStart()
+        self.factory.doStart()  # type: ignore[union-attr]
         self.connected = True
         self.socket = skt
-        self.fileno = skt.fileno
+        self.fileno = skt.fileno  # type: ignore[method-assign]
         self.numberAccepts = 100
         self.startReading()
 
@@ -95,10 +100,10 @@ class TCPServerEndpoint:
         self.interface = interface
         self.backlog = backlog
 
-    def listen(self, protocolFactory: Factory) -> defer.Deferred[IListeningPort]:
+    def listen(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         return defer.execute(self._listen, protocolFactory)
 
-    def _listen(self, factory: Factory) -> IListeningPort:
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
         port = _Port(self.port, factory, self.backlog, self.interface, self.reactor)
         port.startListening()
         return port

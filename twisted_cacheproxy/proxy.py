@@ -9,16 +9,21 @@ proxies such as Varnish and nginx do: coalescing, retries, stale-if-error.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from . import answers, wire
+from . import answers, upstream, wire
 from .cache import Cache, Entry, SharedTier
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()
+
+#: One answer's place in a client's line: its bytes once they are known.
+_Slot = list[bytes | None]
 
 _STEPS_KEY = (b"\x00", b"\x01")
 #: Most answers one client may await at once; past it the proxy stops
@@ -37,7 +42,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._slots: deque[list] = deque()
+        self._slots: deque[_Slot] = deque()
 
     def frameReceived(self, header: wire.Header, data: bytes) -> None:
         answer = self.factory.answer(header, data, self)
@@ -46,20 +51,21 @@ class CacheProxyProtocol(wire.ServiceProtocol):
             return
         self._queue(answer)
 
-    def _queue(self, answer: bytes | defer.Deferred) -> None:
+    def _queue(self, answer: bytes | defer.Deferred[bytes]) -> None:
         """Keep an answer's place in line."""
-        slot = [answer if type(answer) is bytes else None]
+        slot: _Slot = [answer if isinstance(answer, bytes) else None]
         self._slots.append(slot)
         if len(self._slots) >= MAX_AWAITED:
             self.holdInput()
-        if slot[0] is None:
+        if not isinstance(answer, bytes):
             answer.addCallback(self._filled, slot)
 
-    def _filled(self, answer: bytes, slot: list) -> None:
+    def _filled(self, answer: bytes, slot: _Slot) -> None:
         slot[0] = answer
         slots = self._slots
-        while slots and slots[0][0] is not None:
-            self.sendMessage(slots.popleft()[0])
+        while slots and (ready := slots[0][0]) is not None:
+            slots.popleft()
+            self.sendMessage(ready)
         if self._held and len(slots) < MAX_AWAITED and self.connected:
             self.releaseInput()
         if not slots:
@@ -95,13 +101,13 @@ class CacheProxyProtocol(wire.ServiceProtocol):
         self._closing = True
         self._queue(answer)
 
-    def connectionLost(self, reason=wire.protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = wire.protocol.connectionDone) -> None:
         super().connectionLost(reason)
         self._slots.clear()
 
 
 #: The clients waiting for one in-flight miss (Varnish's waiting list).
-_Waiters = list[tuple[CacheProxyProtocol, defer.Deferred, wire.Header, bytes]]
+_Waiters = list[tuple[CacheProxyProtocol, defer.Deferred[bytes], wire.Header, bytes]]
 
 
 class CacheProxyFactory(wire.ServiceFactory):
@@ -191,7 +197,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         waiting = self.inflight.get(key)
         if waiting is not None:
             self.coalesced += 1
-            d = defer.Deferred()
+            d: defer.Deferred[bytes] = defer.Deferred()
             waiting.append((client, d, header, data))
             return d
         self.misses += 1
@@ -199,14 +205,12 @@ class CacheProxyFactory(wire.ServiceFactory):
             log.debug("miss {size} bytes", size=len(data))
         self.inflight[key] = []
         if self.shared is not None and accept:  # a reload skips it
-            d = self.shared.get(key)
-            d.addCallback(self._shared_answer, header, data, key)
-            return d
+            return self.shared.get(key).addCallback(self._shared_answer, header, data, key)
         return self._fetch(header, data, key)
 
     def _shared_answer(
         self, entry: Entry | None, header: wire.Header, data: bytes, key: bytes
-    ) -> bytes | defer.Deferred:
+    ) -> bytes | defer.Deferred[bytes]:
         """After the L2 lookup of a miss: its entry if the request accepts it
         (copied into L1), else the server's answer."""
         now = self.clock.seconds()
@@ -227,18 +231,21 @@ class CacheProxyFactory(wire.ServiceFactory):
                 self._fetch(h, waiter_data, key).chainDeferred(d)
         return _restamp(entry, entry.age(now), header)
 
-    def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred:
+    def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred[bytes]:
         """Ask the server; store the answer per the rules when ``key`` is given
         (a C=1 request), then answer the requester and every waiter."""
         frame = wire.encode(
             header.timestamp, header.flags & ~wire.RESERVED_MASK, header.max_age, data
         )  # the extension word is the pool's: it tags each request itself
-        d = self.pool.fetch(frame)
-        d.addCallback(self._fetched, header, data, key)
-        d.addErrback(self._failed, header, data, key)
-        return d
+        return (
+            self.pool.fetch(frame)
+            .addCallback(self._fetched, header, data, key)
+            .addErrback(self._failed, header, data, key)
+        )
 
-    def _fetched(self, result, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
+    def _fetched(
+        self, result: upstream.Answer, header: wire.Header, data: bytes, key: bytes | None
+    ) -> bytes:
         answer_header, answer_data, sent = result
         # L is hop by hop (ours replaces the server's); H and G pass on.
         marks = answer_header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE)
@@ -271,7 +278,9 @@ class CacheProxyFactory(wire.ServiceFactory):
                     self._fetch(h, waiter_data, None).chainDeferred(d)
         return wire.with_tag(answer, header)
 
-    def _failed(self, reason, header: wire.Header, data: bytes, key: bytes | None) -> bytes:
+    def _failed(
+        self, reason: Failure, header: wire.Header, data: bytes, key: bytes | None
+    ) -> bytes:
         self.upstream_errors += 1
         if reason.check(UpstreamError):
             message = str(reason.value)
@@ -298,7 +307,7 @@ class CacheProxyFactory(wire.ServiceFactory):
             self._settle(waiting, fallback)
         return fallback(header, data)
 
-    def _settle(self, waiting: _Waiters, answer_for) -> None:
+    def _settle(self, waiting: _Waiters, answer_for: Callable[[wire.Header, bytes], bytes]) -> None:
         """Answer every waiter still connected; those who left are dropped."""
         for client, d, h, data in waiting:
             if client.connected:

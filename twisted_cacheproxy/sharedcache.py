@@ -26,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.memcache import MemCacheProtocol
 from twisted.python.failure import Failure
@@ -39,14 +40,6 @@ from .cache import Entry
 from .ring import Ring
 
 log = Logger()
-
-
-class Clock(Protocol):
-    """What the tier needs of a clock: the reactor, or ``task.Clock`` in tests."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
 
 
 MAGIC = b"TCPX"
@@ -196,7 +189,7 @@ class Node:
         self,
         host: str,
         port: int,
-        clock: Clock,
+        clock: IReactorTime,
         genkey: bytes,
         *,
         command_timeout: float = 1.0,
@@ -331,7 +324,7 @@ class SharedCache:
     def __init__(
         self,
         nodes: Sequence[tuple[str, int]],
-        clock: Clock,
+        clock: IReactorTime,
         *,
         reactor: Any = None,
         prefix: str = DEFAULT_PREFIX,
@@ -406,7 +399,7 @@ class SharedCache:
         """The node that holds ``key``'s entry."""
         return self._place(key)[0]
 
-    def get(self, key: bytes) -> defer.Deferred:
+    def get(self, key: bytes) -> defer.Deferred[Entry | None]:
         """A Deferred firing with the stored entry for ``key`` or None (a miss:
         not there, not ours, the node down, or no answer within the
         timeout). It never fails."""
@@ -418,7 +411,7 @@ class SharedCache:
             return defer.succeed(None)
         generation = node.generation
         mkey = self.prefix + generation + b":" + digest
-        result: defer.Deferred = defer.Deferred()
+        result: defer.Deferred[Entry | None] = defer.Deferred()
         timer = self.clock.callLater(self.timeout, self._gave_up, result)
         asked = node.send(proto.getMultiple([self.genkey, mkey]))
         # A failed command (the connection lost or timed out) is a miss; the

@@ -8,11 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import internet, service
+from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.abstract import isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from . import __version__, wire
 
@@ -217,33 +221,50 @@ def check_listening(config: _CommonOptions) -> None:
             raise SystemExit(cannot_listen(config, e)) from None
 
 
-class ListeningService(internet.StreamServerEndpointService):
-    """Listens at start-up (a failure stops twistd) and logs, once it
-    listens, one line saying where and with which settings."""
+class ListeningService(service.Service):
+    """Listens on its endpoint when twistd starts it (a port that cannot be
+    bound stops twistd with one line) and logs, once it listens, one line
+    saying where and with which settings."""
 
-    def __init__(self, endpoint, factory, config: _CommonOptions, settings: str) -> None:
-        super().__init__(endpoint, factory)
-        self._raiseSynchronously = True
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: wire.ServiceFactory,
+        config: _CommonOptions,
+        settings: str,
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
         self.config = config
         self.settings = settings
         self.log = Logger(namespace=config.tapname)
+        self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            # Taken between check_listening and now: still one line.
-            raise SystemExit(cannot_listen(self.config, e.socketError)) from None
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port):
-        host = port.getHost()
+        super().privilegedStartService()
+        outcome: list[IListeningPort | Failure] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        # Our endpoint listens at once; a failure must stop twistd now, not later.
+        (result,) = outcome
+        if isinstance(result, Failure):
+            error = result.value
+            if isinstance(error, CannotListenError):
+                # Taken between check_listening and now: still one line.
+                raise SystemExit(cannot_listen(self.config, error.socketError))
+            result.raiseException()
+        self.port = result
+        host = result.getHost()
+        assert isinstance(host, (IPv4Address, IPv6Address))
         self.log.info(
             "listening on {address}, {settings}",
             address=address(host.host, host.port),
             settings=self.settings,
         )
-        return port
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
 
 
 def _seconds(value: float) -> str:
@@ -270,7 +291,11 @@ def server_settings(config: ServerOptions) -> str:
     return f"{cache}; {_limits(config)}"
 
 
-def _listening(config: _CommonOptions, factory, settings: str) -> service.IService:
+def _listening(
+    config: _CommonOptions,
+    factory: wire.ServiceFactory,
+    settings: str,
+) -> service.IService:
     """A service listening on ``--port`` and ``--interface`` whose connections
     send at once (`endpoint`); a port that cannot be bound stops twistd at
     start-up with one line."""

@@ -17,10 +17,15 @@ from typing import Protocol
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import wire
 
 log = Logger()
+
+
+#: What a fetch fires with: the answer's header and data, and when the request left.
+Answer = tuple[wire.Header, bytes, float]
 
 
 class UpstreamError(Exception):
@@ -67,7 +72,7 @@ class UpstreamProtocol(wire.FrameClient):
             self.pool.outOfStep(self, error)
         super()._fail(error)
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         # Out of the pool first: the requests failed next may be sent again.
         if self.pool is not None:
             self.pool.lost(self)
@@ -97,9 +102,9 @@ class _Fetch:
         self.pending: _Cancellable | None = None
         self.timer: IDelayedCall | None = None
         self.sent = 0.0
-        self.d = defer.Deferred(self.cancel)
+        self.d: defer.Deferred[Answer] = defer.Deferred(self.cancel)
 
-    def settle(self, result: tuple | Exception) -> None:
+    def settle(self, result: Answer | Exception) -> None:
         """Fire with an answer or fail, and stop the timeout."""
         self._stopTimer()
         if isinstance(result, Exception):
@@ -107,7 +112,7 @@ class _Fetch:
         else:
             self.d.callback(result)
 
-    def cancel(self, d: defer.Deferred | None = None) -> None:
+    def cancel(self, d: defer.Deferred[Answer] | None = None) -> None:
         """Give up: stop the pending work (also ``d``'s canceller)."""
         self._stopTimer()
         pending, self.pending = self.pending, None
@@ -209,7 +214,7 @@ class UpstreamPool:
         """Connections open or being opened: what counts against the limit."""
         return self._dialing + len(self._open)
 
-    def fetch(self, frame: bytes) -> defer.Deferred:
+    def fetch(self, frame: bytes) -> defer.Deferred[Answer]:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame)
         fetch.timer = self.clock.callLater(self.timeout, self._timedOut, fetch)
@@ -257,9 +262,9 @@ class UpstreamPool:
                 self._send(fetch, conn, reused=True)
                 return
         if self.pipelining and not fresh:
-            conn = self._roomiest()
-            if conn is not None:
-                self._send(fetch, conn, reused=True)
+            roomy = self._roomiest()
+            if roomy is not None:
+                self._send(fetch, roomy, reused=True)
                 return
         if self.connections < self.max_connections and (fresh or not self._waitForDial()):
             self._connect(fetch)
@@ -297,7 +302,9 @@ class UpstreamPool:
         self._dialing += 1
         d = self.connector.connect()
         fetch.pending = d
-        d.addCallbacks(self._connected, self._connectFailed, (fetch,), None, (fetch,))
+        d.addCallbacks(
+            self._connected, self._connectFailed, callbackArgs=(fetch,), errbackArgs=(fetch,)
+        )
 
     def _connected(self, conn: UpstreamProtocol, fetch: _Fetch) -> None:
         self._dialing -= 1
@@ -306,7 +313,7 @@ class UpstreamPool:
         self._send(fetch, conn, reused=False)
         self._release(conn)
 
-    def _connectFailed(self, reason, fetch: _Fetch) -> None:
+    def _connectFailed(self, reason: Failure, fetch: _Fetch) -> None:
         self._dialing -= 1
         self._freed()
         if reason.check(defer.CancelledError):
@@ -328,15 +335,22 @@ class UpstreamPool:
         fetch.conn = conn
         d = conn.sendRequest(fetch.frame)
         fetch.pending = d
-        d.addCallbacks(self._answered, self._sendFailed, (fetch, conn), None, (fetch, reused))
+        d.addCallbacks(
+            self._answered,
+            self._sendFailed,
+            callbackArgs=(fetch, conn),
+            errbackArgs=(fetch, reused),
+        )
 
-    def _answered(self, message, fetch: _Fetch, conn: UpstreamProtocol) -> None:
+    def _answered(
+        self, message: tuple[wire.Header, bytes], fetch: _Fetch, conn: UpstreamProtocol
+    ) -> None:
         fetch.pending = None
         header, data = message
         self._release(conn)
         fetch.settle((header, data, fetch.sent))
 
-    def _sendFailed(self, reason, fetch: _Fetch, reused: bool) -> None:
+    def _sendFailed(self, reason: Failure, fetch: _Fetch, reused: bool) -> None:
         if reason.check(defer.CancelledError):
             return
         fetch.pending = None
@@ -419,7 +433,7 @@ class _Unqueue:
             self.queue.remove(self.fetch)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException | None) -> str:
     """Why a connection attempt failed, in a few words."""
     if isinstance(e, error.ConnectionRefusedError):
         return "Connection refused"

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 HEADER = struct.Struct("!LHHHH")
@@ -175,6 +182,9 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     end-of-file is still handled.
     """
 
+    #: A TCP transport in practice (``ITCPTransport`` and ``IPushProducer``);
+    #: typed loosely because zope interfaces do not combine as types do.
+    transport: Any
     maxMessageSize = MAX_MESSAGE_SIZE
     idleTimeout: float | None = None
     #: Where the turn budget reads the time (the reactor unless a factory says).
@@ -208,7 +218,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         largest messages, and never less than one 64 KiB read."""
         return max(4 * self.maxMessageSize, 1 << 16)
 
-    def makeConnection(self, transport) -> None:
+    def callLater(self, period: float, func: Callable[..., object], *args: object) -> IDelayedCall:
+        """Schedule on `clock` (the idle timeout and the fairness turns)."""
+        return (self.clock or _reactor()).callLater(period, func, *args)
+
+    def makeConnection(self, transport: Any) -> None:
         self._pieces = []
         super().makeConnection(transport)
 
@@ -358,7 +372,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             self._discardInput()
             self.closeAfterSending()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = False
         self.setTimeout(None)
         self._discardInput()
@@ -411,7 +425,7 @@ def _reactor() -> IReactorTime:
     """The global reactor, imported only when needed (not at import time)."""
     from twisted.internet import reactor
 
-    return reactor  # type: ignore[return-value]
+    return reactor
 
 
 def _length_at(buf: bytes) -> int:
@@ -447,7 +461,7 @@ class FrameClient(FrameReceiver):
 
     def __init__(self) -> None:
         #: (Deferred, tag) of each request awaiting its answer, in order.
-        self._pending: deque[tuple[Deferred, int]] = deque()
+        self._pending: deque[tuple[Deferred[tuple[Header, bytes]], int]] = deque()
 
     @property
     def pending(self) -> int:
@@ -458,11 +472,11 @@ class FrameClient(FrameReceiver):
     def usable(self) -> bool:
         """Whether a request sent now could be answered: connected, and not
         closing (a closing connection may not know it yet)."""
-        return self.connected and not self._broken and not self.transport.disconnecting
+        return bool(self.connected and not self._broken and not self.transport.disconnecting)
 
-    def sendRequest(self, frame: bytes) -> Deferred:
+    def sendRequest(self, frame: bytes) -> Deferred[tuple[Header, bytes]]:
         """Send one whole request message; the Deferred fires with its answer."""
-        d = Deferred(self._cancel)
+        d: Deferred[tuple[Header, bytes]] = Deferred(self._cancel)
         tag = 0
         if self.tagged:
             tag = self._lastTag % MAX_TAG + 1
@@ -472,7 +486,7 @@ class FrameClient(FrameReceiver):
         self.transport.write(frame)
         return d
 
-    def _cancel(self, d: Deferred) -> None:
+    def _cancel(self, d: Deferred[tuple[Header, bytes]]) -> None:
         for i, (waiting, _) in enumerate(self._pending):
             if waiting is d:
                 del self._pending[i]
@@ -514,12 +528,12 @@ class FrameClient(FrameReceiver):
         self._discardInput()
         self.transport.abortConnection()
 
-    def _failAll(self, error: Exception) -> None:
+    def _failAll(self, error: BaseException | None) -> None:
         pending, self._pending = self._pending, deque()
         for d, _ in pending:
             d.errback(error)
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         super().connectionLost(reason)
         self._failAll(reason.value)
 
@@ -534,17 +548,18 @@ class ServiceProtocol(FrameReceiver):
         self.factory.connectionCount += 1
         super().connectionMade()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.factory.connectionCount -= 1
         super().connectionLost(reason)
 
 
-class ServiceFactory(protocol.Factory):
+class ServiceFactory(protocol.Factory[ServiceProtocol]):
     """What the server's and the proxy's factories share: the clock, the
     message size limit, the idle timeout and the connection limit, handed to
     every protocol they build."""
 
     noisy = False
+    protocol: type[ServiceProtocol]
 
     #: No "Starting factory <...>" lines: the services log one line saying
     #: what they listen on (tap.py).
@@ -565,14 +580,14 @@ class ServiceFactory(protocol.Factory):
         #: Open connections, counted by the protocols.
         self.connectionCount = 0
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> ServiceProtocol | None:
         """A protocol for a new connection, or None (the connection is closed
         at once) when `connectionLimit` connections are already open."""
         if self.connectionLimit is not None and self.connectionCount >= self.connectionLimit:
             return None
-        p = super().buildProtocol(addr)
+        p = self.protocol()
+        p.factory = self
         p.maxMessageSize = self.max_message_size
         p.idleTimeout = self.idle_timeout
         p.clock = self.clock
-        p.callLater = self.clock.callLater
         return p
