@@ -394,3 +394,38 @@ def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
         assert len(server.requests) == per_key * len(frames)
     finally:
         yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_twistd_proxy_without_its_memcached_answers_and_says_so_once(memcached, twistd):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached(start=False)
+    try:
+        p = start_proxy(twistd, server_port, "--memcached", node.address)
+        for k in range(5):
+            ((header, _),) = yield exchange(p.port, plain(f"{k} + 2"))
+            assert header.status == wire.OK
+        yield deferLater(0.5)  # a few reconnection attempts
+        assert p.logText().count("unreachable") == 1
+        node.start()
+        yield until(lambda: "connected" in p.logText(), "the proxy to connect by itself")
+        ((header, _),) = yield exchange(p.port, plain("0 + 2"))
+        assert header.from_cache  # from L1 meanwhile
+    finally:
+        yield server.close()
+
+
+def test_twistd_cacheproxy_help_lists_the_memcached_options(tmp_path):
+    out = subprocess.run(
+        [*test_proxy_integration._twistd(), "cacheproxy", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert out.returncode == 0, out.stderr
+    for option in ("--memcached=", "--memcached-prefix=", "--memcached-timeout="):
+        assert option in out.stdout, option
+    assert "--memcached-lock-wait=" in out.stdout
