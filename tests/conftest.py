@@ -56,3 +56,22 @@ def proxy_log():
         for e in bad
     ]
     assert not bad, "errors were logged:\n" + "\n".join(details)
+
+
+@pytest.fixture
+def twistd(tmp_path):
+    """Starts ``twistd -n`` processes of the installed plugins:
+    ``twistd("cacheserver", "--port", "N", port=N)``; every one is stopped
+    when the test ends."""
+    from processes import Twistd
+
+    started: list[Twistd] = []
+
+    def start(*args: str, port: int) -> Twistd:
+        p = Twistd(list(args), port, tmp_path / f"twistd-{len(started)}.log", tmp_path)
+        started.append(p)
+        return p.start()
+
+    yield start
+    for p in started:
+        p.stop()

@@ -14,8 +14,7 @@ import termios
 import time
 
 import pytest
-from test_plugin import environment, script
-from test_proxy_integration import free_port, twistd  # noqa: F401  (twistd: a fixture)
+from processes import free_port, script
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +29,7 @@ class Session:
     """
 
     def __init__(self, *args: str, tty: bool = True, cwd=None) -> None:
-        env = environment()
+        env = dict(os.environ)
         env.update(TERM="xterm", INPUTRC=os.devnull, COLUMNS="200", LINES="50")
         if tty:
             self.fd, slave = os.openpty()
@@ -125,7 +124,7 @@ def session():
 
 
 @pytest.fixture
-def server(twistd):  # noqa: F811
+def server(twistd):
     port = free_port()
     return twistd("cacheserver", "--port", str(port), port=port)
 
@@ -215,7 +214,7 @@ def test_no_waiting_line_on_a_pipe(session):
 # --- the menu after the far end closed its connection -------------------------------------------
 
 
-def test_menu_reconnects_after_the_server_closed_the_idle_connection(twistd, session):  # noqa: F811
+def test_menu_reconnects_after_the_server_closed_the_idle_connection(twistd, session):
     port = free_port()
     server = twistd("cacheserver", "--port", str(port), "--idle-timeout", "0.5", port=port)
     t = session("--port", str(port), tty=False)

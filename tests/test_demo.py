@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_plugin import ROOT, environment, free_port
+from processes import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ DEMO = ROOT / "demo.sh"
 
 
 def demo(tmp_path: pathlib.Path, server_port: int, proxy_port: int, *args: str):
-    env = environment()
+    env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env["PATH"]])
     env.update(SERVER_PORT=str(server_port), PROXY_PORT=str(proxy_port))
     return subprocess.run(

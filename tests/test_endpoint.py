@@ -101,3 +101,16 @@ def test_nothing_is_sent_once_the_connection_is_aborted(pair):
     client.settimeout(0.3)
     with pytest.raises(TimeoutError):
         client.recv(100)
+
+
+def test_the_sendatonce_endpoint_string_names_our_endpoint():
+    """Any program that takes endpoint strings can listen the way the
+    services do (the plugin is installed with the package)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from twisted_cacheproxy.endpoint import TCPServerEndpoint, description
+
+    endpoint = serverFromString(reactor, description(9999, "::1", 77))
+    assert isinstance(endpoint, TCPServerEndpoint)
+    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (9999, "::1", 77)

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import pickle
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 
 import pytest
 from helpers import VECTORS, vector_value
+from processes import ROOT, free_port, script
 from twisted.python import usage
 
 from twisted_cacheproxy import tap, wire
@@ -26,29 +24,7 @@ from twisted_cacheproxy.parser import parse
 
 pytestmark = pytest.mark.integration
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the most any single wait here may take
-
-
-def script(name: str) -> str:
-    """The console script installed beside this Python, else the one on PATH."""
-    here = pathlib.Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    assert found, f"{name} is not installed (pip install .)"
-    return found
-
-
-def environment() -> dict[str, str]:
-    """Run the package under test (this checkout) even if an older copy is installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args, *, input=None, timeout=WAIT, cwd=None):
@@ -58,7 +34,6 @@ def run(args, *, input=None, timeout=WAIT, cwd=None):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=environment(),
         cwd=cwd,
     )
 
@@ -74,7 +49,6 @@ def cacheserver(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=workdir,
-        env=environment(),
     )
     try:
         deadline = time.monotonic() + WAIT
@@ -430,7 +404,7 @@ def test_startup_log_is_one_line_with_the_settings(tmp_path):
     port = free_port()
     log = tmp_path / "proxy.log"
     argv = ["-n", "--pidfile=", f"--logfile={log}", "cacheproxy", "--port", str(port)]
-    proc = subprocess.Popen([script("twistd"), *argv, "--cache-size", "16M"], env=environment())
+    proc = subprocess.Popen([script("twistd"), *argv, "--cache-size", "16M"])
     try:
         deadline = time.monotonic() + WAIT
         while "listening on" not in (log.read_text() if log.exists() else ""):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import time
 import pytest
 import pytest_twisted
 from helpers import proxy_factory
+from processes import HOST, free_port, script, start_proxy
 from twisted.internet import defer, protocol
 
 from twisted_cacheproxy import codec, wire
@@ -28,7 +27,6 @@ from twisted_cacheproxy.server import CalculatorServerFactory
 
 pytestmark = pytest.mark.integration
 
-HOST = "127.0.0.1"
 VECTORS = json.loads(
     (pathlib.Path(__file__).parent / "data" / "protocol-vectors.json").read_text()
 )["vectors"]
@@ -36,107 +34,10 @@ VECTORS = json.loads(
 TIMEOUT = 10.0
 
 
-def _twistd() -> list[str]:
-    local = pathlib.Path(sys.executable).with_name("twistd")
-    if local.exists():
-        return [str(local)]
-    found = shutil.which("twistd")
-    assert found, "twistd is not installed"
-    return [found]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def accepting(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class Process:
-    """One ``twistd -n`` process, logging to a file of its own."""
-
-    def __init__(self, args: list[str], port: int, log: pathlib.Path, cwd: pathlib.Path):
-        self.args = args
-        self.port = port
-        self.log = log
-        self.cwd = cwd
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: float = 15.0) -> None:
-        command = [*_twistd(), "-n", "--pidfile=", f"--logfile={self.log}", *self.args]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + wait
-        while not accepting(self.port):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"twistd {self.args} exited:\n{self.logText()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"twistd {self.args} did not listen:\n{self.logText()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def logText(self) -> str:
-        return self.log.read_text() if self.log.exists() else "(no log)"
-
-
-@pytest.fixture
-def twistd(tmp_path):
-    """Starts twistd processes; every one is stopped when the test ends."""
-    started: list[Process] = []
-
-    def start(*args: str, port: int) -> Process:
-        p = Process(list(args), port, tmp_path / f"twistd-{len(started)}.log", tmp_path)
-        started.append(p)
-        p.start()
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
 @pytest.fixture
 def calc_server(twistd):
     port = free_port()
     return twistd("cacheserver", "--port", str(port), port=port)
-
-
-def start_proxy(twistd, server_port: int, *extra: str):
-    port = free_port()
-    return twistd(
-        "cacheproxy",
-        "--port",
-        str(port),
-        "--server-port",
-        str(server_port),
-        "--retry-delay",
-        "0.05",
-        *extra,
-        port=port,
-    )
 
 
 # --- clients and counting servers in this process --------------------------------------
@@ -518,7 +419,7 @@ def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
 
 def test_twistd_cacheproxy_help_lists_every_option(tmp_path):
     out = subprocess.run(
-        [*_twistd(), "cacheproxy", "--help"],
+        [script("twistd"), "cacheproxy", "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

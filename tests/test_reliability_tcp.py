@@ -13,16 +13,12 @@ import threading
 import time
 
 import pytest
-import test_proxy_integration
-from test_proxy_integration import HOST, free_port, start_proxy
+from processes import HOST, free_port, start_proxy
 
 from twisted_cacheproxy import codec, wire
 from twisted_cacheproxy.server import CalculatorServerFactory
 
 pytestmark = pytest.mark.integration
-
-#: Real ``twistd`` processes, stopped when each test ends.
-twistd = test_proxy_integration.twistd
 
 
 def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:

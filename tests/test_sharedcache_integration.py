@@ -17,19 +17,9 @@ import time
 
 import pytest
 import pytest_twisted
-import test_proxy_integration
 from helpers import require_tool
-from test_proxy_integration import (
-    HOST,
-    CountingServer,
-    accepting,
-    deferLater,
-    exchange,
-    free_port,
-    raw,
-    request,
-    start_proxy,
-)
+from processes import HOST, accepting, free_port, script, start_proxy
+from test_proxy_integration import CountingServer, deferLater, exchange, raw, request
 from twisted.internet import defer
 
 from twisted_cacheproxy import wire
@@ -40,7 +30,6 @@ from twisted_cacheproxy.upstream import TCPConnector, UpstreamPool
 
 pytestmark = pytest.mark.integration
 
-twistd = test_proxy_integration.twistd
 WAIT = 10.0
 
 
@@ -346,7 +335,7 @@ def test_two_twistd_proxies_share_answers_and_a_restarted_one_keeps_serving_them
         a = start_proxy(twistd, server_port, *options)
         b = start_proxy(twistd, server_port, *options)
         for p in (a, b):
-            yield until(lambda p=p: "connected" in p.logText(), "the proxies to connect")
+            yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
         frame = request("max(2, 3) + 3", steps=True)
         ((first, first_data),) = yield exchange(a.port, frame)
         assert (first.status, first.from_cache) == (wire.OK, False)
@@ -356,17 +345,17 @@ def test_two_twistd_proxies_share_answers_and_a_restarted_one_keeps_serving_them
         assert second.from_cache and second_data == first_data
         assert len(server.requests) == 1  # B answered without the server
         assert raw((second, second_data)) == raw((first, first_data))
-        connected = b.logText().count("connected: shared cache tier on")
+        connected = b.text().count("connected: shared cache tier on")
         b.stop()
         b.start()
         yield until(
-            lambda: b.logText().count("connected: shared cache tier on") > connected,
+            lambda: b.text().count("connected: shared cache tier on") > connected,
             "the restarted proxy to connect",
         )
         ((third, third_data),) = yield exchange(b.port, frame)
         assert third.from_cache and third_data == first_data
         assert len(server.requests) == 1
-        assert "shared tier on memcached " + node.address in b.logText()
+        assert "shared tier on memcached " + node.address in b.text()
     finally:
         yield server.close()
 
@@ -385,7 +374,7 @@ def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
         a = start_proxy(twistd, server_port, *options)
         b = start_proxy(twistd, server_port, *options)
         for p in (a, b):
-            yield until(lambda p=p: "connected" in p.logText(), "the proxies to connect")
+            yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
         frames = [plain(f"{k} + 1000") for k in range(5)]
         answers = yield defer.gatherResults([exchange(p.port, f) for f in frames for p in (a, b)])
         for k, ((header, data),) in enumerate(answers):
@@ -407,9 +396,9 @@ def test_twistd_proxy_without_its_memcached_answers_and_says_so_once(memcached, 
             ((header, _),) = yield exchange(p.port, plain(f"{k} + 2"))
             assert header.status == wire.OK
         yield deferLater(0.5)  # a few reconnection attempts
-        assert p.logText().count("unreachable") == 1
+        assert p.text().count("unreachable") == 1
         node.start()
-        yield until(lambda: "connected" in p.logText(), "the proxy to connect by itself")
+        yield until(lambda: "connected" in p.text(), "the proxy to connect by itself")
         ((header, _),) = yield exchange(p.port, plain("0 + 2"))
         assert header.from_cache  # from L1 meanwhile
     finally:
@@ -418,7 +407,7 @@ def test_twistd_proxy_without_its_memcached_answers_and_says_so_once(memcached, 
 
 def test_twistd_cacheproxy_help_lists_the_memcached_options(tmp_path):
     out = subprocess.run(
-        [*test_proxy_integration._twistd(), "cacheproxy", "--help"],
+        [script("twistd"), "cacheproxy", "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy import wire
+from twisted_cacheproxy.endpoint import BatchedWrites
 
 # --- header ------------------------------------------------------------------
 
@@ -440,23 +441,7 @@ def test_impossible_header_alone_reports_no_first_byte():
 def test_a_long_pipelined_batch_yields_to_the_reactor_between_turns():
     """Past its turn budget a connection lets the reactor serve others, then
     goes on with what it has buffered, in order."""
-    from twisted.internet.testing import StringTransport
-
-    turns = []  # what the reactor would run on its next iterations
     seen = []
-
-    class Turn:
-        def __init__(self, func):
-            self.func = func
-            self.cancelled = False
-
-        def cancel(self):
-            self.cancelled = True
-
-    def call_later(delay, func):
-        assert delay == 0
-        turns.append(Turn(func))
-        return turns[-1]
 
     class Slow(wire.FrameReceiver):
         turnBudget = 0.0  # every frame uses up the turn
@@ -464,23 +449,25 @@ def test_a_long_pipelined_batch_yields_to_the_reactor_between_turns():
         def frameReceived(self, header, data):
             seen.append(data)
 
+    clock = task.Clock()
+    turns = []
+    schedule = clock.callLater
+    clock.callLater = lambda delay, f, *a: turns.append(delay) or schedule(delay, f, *a)
     p = Slow()
-    p.callLater = call_later
+    p.clock = clock
     p.makeConnection(StringTransport())
     frames = [wire.encode(0, wire.make_flags(request=True), 0, b"%d" % i) for i in range(3)]
     p.dataReceived(b"".join(frames))
-    assert seen == [b"0"] and len(turns) == 1
+    assert seen == [b"0"] and len(clock.getDelayedCalls()) == 1
     p.dataReceived(wire.encode(0, wire.make_flags(request=True), 0, b"3"))
-    assert seen == [b"0"] and len(turns) == 1  # new data waits for its turn too
-    turns.pop(0).func()
-    assert seen == [b"0", b"1"]
-    turns.pop(0).func()
-    turns.pop(0).func()
-    assert seen == [b"0", b"1", b"2", b"3"] and turns == []
+    assert seen == [b"0"] and len(clock.getDelayedCalls()) == 1  # new data waits its turn too
+    clock.advance(0)  # the reactor's next iterations: one frame per turn
+    assert seen == [b"0", b"1", b"2", b"3"] and clock.getDelayedCalls() == []
+    assert turns == [0, 0, 0]
     p.dataReceived(frames[0] + frames[1])
-    assert len(turns) == 1
+    (turn,) = clock.getDelayedCalls()
     p.connectionLost(None)
-    assert turns[0].cancelled
+    assert turn.cancelled and clock.getDelayedCalls() == []
 
 
 class Writes(StringTransport):
@@ -495,7 +482,7 @@ class Writes(StringTransport):
         super().write(data)
 
 
-class Echo(wire.FrameReceiver):
+class Echo(BatchedWrites, wire.FrameReceiver):
     """Sends each frame's data back as a message, and closes on ``b"bye"``."""
 
     def frameReceived(self, header, data):

@@ -17,7 +17,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import helpers
 import pytest
 from helpers import VECTORS, course_pickle, in_ci, make_api_module, make_course_module, vector_value
+from processes import ROOT, Twistd, free_port, script
 
 from twisted_cacheproxy import codec
 from twisted_cacheproxy.expression import format_node
@@ -34,9 +34,7 @@ from twisted_cacheproxy.parser import parse
 
 pytestmark = pytest.mark.integration
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DISSECTOR = ROOT / "contrib" / "wireshark" / "calcproto.lua"
-HOST = "127.0.0.1"
 WAIT = 10.0  # seconds: the most any single wait here may take
 T0 = 1_780_000_000  # time stamp of the hand-made messages: 2026-05-28 20:26:40 UTC
 
@@ -589,79 +587,6 @@ def test_a_pickle_that_is_not_an_expression_is_described_not_run(tshark, tmp_pat
 # --- live captures of our services --------------------------------------------------------
 
 
-def script(name: str) -> str:
-    """The console script installed beside this Python, else the one on PATH."""
-    here = pathlib.Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    assert found, f"{name} is not installed (pip install .)"
-    return found
-
-
-def environment() -> dict[str, str]:
-    """Run this checkout's package even if an older copy is installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def accepting(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def services_mark_answers() -> bool:
-    """Whether this checkout's server and proxy set the extension word on
-    their answers (L, the echoed tag, H on hits): checked in the source, so
-    that the assertions below switch on as soon as that code is in."""
-    package = ROOT / "twisted_cacheproxy"
-    server = (package / "server.py").read_text()
-    proxy = (package / "proxy.py").read_text()
-    return "answer_ext" in server and "EXT_FROM_CACHE" in proxy
-
-
-class Twistd:
-    """One ``twistd -n`` process, stopped by its PID."""
-
-    def __init__(self, workdir: pathlib.Path, *args: str, port: int) -> None:
-        self.port = port
-        self.log = workdir / f"twistd-{args[0]}-{port}.log"
-        self.proc = subprocess.Popen(
-            [script("twistd"), "-n", "--pidfile=", f"--logfile={self.log}", *args],
-            cwd=workdir,
-            env=environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + WAIT
-        while not accepting(port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"twistd {args} did not start:\n{self.text()}")
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else "(no log)"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-
-
 @pytest.fixture
 def services(tmp_path) -> Iterator:
     """Starts ``twistd`` services; all are stopped when the test ends."""
@@ -669,7 +594,8 @@ def services(tmp_path) -> Iterator:
 
     def start(*args: str) -> Twistd:
         port = free_port()
-        started.append(Twistd(tmp_path, *args, "--port", str(port), port=port))
+        log = tmp_path / f"twistd-{args[0]}-{port}.log"
+        started.append(Twistd([*args, "--port", str(port)], port, log, tmp_path).start())
         return started[-1]
 
     yield start
@@ -738,7 +664,6 @@ def calc_client(port: int, text: str, *options: str, status: int = 0) -> None:
         capture_output=True,
         text=True,
         timeout=WAIT * 2,
-        env=environment(),
     )
     assert done.returncode == status, done.stdout + done.stderr
 
@@ -798,9 +723,8 @@ def test_client_to_server(live, services, capture):
         assert request["calc.response_in"] == answer["frame.number"]
         assert float(answer["calc.time"]) < WAIT
         assert request["_ws.expert.message"] == ""
-        if services_mark_answers():
-            assert (answer["calc.ext.framed"], answer["calc.ext.from_cache"]) == ("1", "0")
-            assert answer["calc.ext.tag"] == request["calc.ext.tag"]
+        assert (answer["calc.ext.framed"], answer["calc.ext.from_cache"]) == ("1", "0")
+        assert answer["calc.ext.tag"] == request["calc.ext.tag"]
     assert zero_answer["_ws.expert.message"] == "Error answer 400 (Client error)"
 
 
@@ -844,15 +768,14 @@ def test_client_to_proxy_miss_hit_and_another_miss(live, services, capture):
     ]  # fmt: skip
     assert rows[3]["calc.steps"] == rows[5]["calc.steps"] == "max(2, 3) + 3|3 + 3|6"
     assert rows[9]["calc.steps"] == "" and rows[9]["calc.flags.steps"] == "0"
-    if services_mark_answers():
-        answers = [r for r in rows if r["calc.flags.request"] == "0"]
-        assert [r["calc.ext.framed"] for r in answers] == ["1"] * 5
-        assert [r["calc.ext.from_cache"] for r in answers] == ["0", "0", "1", "0", "0"]
-        assert [r["calc.ext.grace"] for r in answers] == ["0"] * 5
-        # Each answer echoes the tag of the request it is matched with.
-        by_frame = {r["frame.number"]: r for r in rows}
-        for r in answers:
-            assert r["calc.ext.tag"] == by_frame[r["calc.request_in"]]["calc.ext.tag"]
+    answers = [r for r in rows if r["calc.flags.request"] == "0"]
+    assert [r["calc.ext.framed"] for r in answers] == ["1"] * 5
+    assert [r["calc.ext.from_cache"] for r in answers] == ["0", "0", "1", "0", "0"]
+    assert [r["calc.ext.grace"] for r in answers] == ["0"] * 5
+    # Each answer echoes the tag of the request it is matched with.
+    by_frame = {r["frame.number"]: r for r in rows}
+    for r in answers:
+        assert r["calc.ext.tag"] == by_frame[r["calc.request_in"]]["calc.ext.tag"]
 
 
 def test_server_stopped_a_hit_is_served_and_a_miss_is_a_500(live, services, capture):
@@ -891,8 +814,7 @@ def test_server_stopped_a_hit_is_served_and_a_miss_is_a_500(live, services, capt
         display_filter=f"tcp.flags.syn == 1 && tcp.dstport == {server.port}",
     )
     assert len(attempts) == 2
-    if services_mark_answers():
-        assert fields(hit, "calc.ext.framed", "calc.ext.from_cache", "calc.ext.grace") == (
-            "1", "1", "0",
-        )  # fmt: skip
-        assert fields(failed, "calc.ext.framed", "calc.ext.from_cache") == ("1", "0")
+    assert fields(hit, "calc.ext.framed", "calc.ext.from_cache", "calc.ext.grace") == (
+        "1", "1", "0",
+    )  # fmt: skip
+    assert fields(failed, "calc.ext.framed", "calc.ext.from_cache") == ("1", "0")

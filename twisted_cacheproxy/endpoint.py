@@ -5,9 +5,10 @@ Twisted's transports queue every write until the reactor's next turn, so each
 answer costs a turn, two ``epoll_ctl`` calls and a ``send`` (twisted/twisted
 issue 5303); asyncio's transports send at once and queue only what the socket
 refuses. For a protocol whose answers are one small write each, sending at
-once removes about half the system calls of an answer. Protocols that write
-several messages in one turn should join them first (`wire.FrameReceiver`
-does).
+once removes about half the system calls of an answer. A protocol that sends
+several messages while it handles one read must then join them itself, or
+each would cost a system call of its own: `BatchedWrites` does that, and the
+two belong together.
 """
 
 from __future__ import annotations
@@ -16,14 +17,60 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, tcp
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorTCP,
     IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
 )
+from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+
+class BatchedWrites:
+    """Mixed into a framing protocol (before `wire.FrameReceiver`): the
+    messages it sends while it handles the frames of one read (or one
+    fairness turn) leave together, in one write per `batchLimit` bytes, so
+    that a full transport can still pause it between them."""
+
+    transport: Any
+    #: Messages sent while frames are being handled, not written yet.
+    _outgoing: list[bytes] | None = None
+    _outgoingSize = 0
+    batchLimit = 1 << 16
+
+    def sendMessage(self, message: bytes) -> None:
+        """Send one whole message: at once, or with the others of this read."""
+        outgoing = self._outgoing
+        if outgoing is None:
+            self.transport.write(message)
+            return
+        outgoing.append(message)
+        self._outgoingSize += len(message)
+        if self._outgoingSize >= self.batchLimit:
+            self._flush()
+
+    def closeAfterSending(self) -> None:
+        """Close the connection once every message sent so far has left."""
+        self._flush()
+        self.transport.loseConnection()
+
+    def handleBuffered(self) -> None:
+        self._outgoing = []
+        try:
+            super().handleBuffered()  # type: ignore[misc]
+        finally:
+            self._flush()
+            self._outgoing = None
+
+    def _flush(self) -> None:
+        if self._outgoing:
+            self.transport.write(b"".join(self._outgoing))
+            self._outgoing.clear()
+            self._outgoingSize = 0
 
 
 class SendAtOnceServer(tcp.Server):
@@ -107,3 +154,25 @@ class TCPServerEndpoint:
         port = _Port(self.port, factory, self.backlog, self.interface, self.reactor)
         port.startListening()
         return port
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class SendAtOnceParser:
+    """The ``sendatonce:`` endpoint string, for `serverFromString` and every
+    Twisted program that takes endpoint strings (``twistd web --listen``...):
+    ``sendatonce:PORT[:interface=ADDRESS][:backlog=N]``, a `TCPServerEndpoint`."""
+
+    prefix = "sendatonce"
+
+    def parseStreamServer(  # type: ignore[override]
+        self, reactor: IReactorTCP, port: str, interface: str = "", backlog: str = "511"
+    ) -> TCPServerEndpoint:
+        """The endpoint for the string's arguments (the interface's name and
+        the backlog are keyword arguments, as with ``tcp:``)."""
+        return TCPServerEndpoint(reactor, int(port), interface, int(backlog))
+
+
+def description(port: int, interface: str = "", backlog: int = 511) -> str:
+    """The endpoint string of a `TCPServerEndpoint` (interface quoted: an IPv6
+    address has colons)."""
+    return f"sendatonce:{port}:interface={quoteStringArgument(interface)}:backlog={backlog}"

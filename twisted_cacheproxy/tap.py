@@ -300,11 +300,12 @@ def _listening(
     send at once (`endpoint`); a port that cannot be bound stops twistd at
     start-up with one line."""
     from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
 
-    from .endpoint import TCPServerEndpoint
+    from .endpoint import description
 
-    endpoint = TCPServerEndpoint(reactor, config["port"], config["interface"], config["backlog"])
-    return ListeningService(endpoint, factory, config, settings)
+    where = description(config["port"], config["interface"], config["backlog"])
+    return ListeningService(serverFromString(reactor, where), factory, config, settings)
 
 
 def makeServerService(config: ServerOptions) -> service.IService:

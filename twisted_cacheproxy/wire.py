@@ -25,6 +25,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .endpoint import BatchedWrites
+
 HEADER = struct.Struct("!LHHHH")
 HEADER_SIZE = HEADER.size
 
@@ -206,11 +208,6 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     turnBudget = 0.005
     #: Bytes already received after the message being handled.
     bufferedAfter = 0
-    #: Messages sent while frames are being handled, to leave in one write
-    #: (or more: one per `batchLimit` bytes, so a full transport can pause us).
-    _outgoing: list[bytes] | None = None
-    _outgoingSize = 0
-    batchLimit = 1 << 16
 
     @property
     def inputLimit(self) -> int:
@@ -254,36 +251,15 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def sendMessage(self, message: bytes) -> None:
-        """Send one whole message. Those sent while received frames are being
-        handled leave together once they are handled (in one write per
-        `batchLimit` bytes)."""
-        outgoing = self._outgoing
-        if outgoing is None:
-            self.transport.write(message)
-            return
-        outgoing.append(message)
-        self._outgoingSize += len(message)
-        if self._outgoingSize >= self.batchLimit:
-            self._flush()
+        """Send one whole message."""
+        self.transport.write(message)
 
     def closeAfterSending(self) -> None:
         """Close the connection once every message sent so far has left."""
-        self._flush()
         self.transport.loseConnection()
 
-    def _flush(self) -> None:
-        if self._outgoing:
-            self.transport.write(b"".join(self._outgoing))
-            self._outgoing.clear()
-            self._outgoingSize = 0
-
     def _process(self) -> None:
-        self._outgoing = []
-        try:
-            self._handleFrames()
-        finally:
-            self._flush()
-            self._outgoing = None
+        self.handleBuffered()
         if self._broken or self._nextTurn is not None or self._paused or self._held:
             return
         if self._full:
@@ -291,6 +267,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             self._updateReading()
         if self._eof:
             self.endOfInput()
+
+    def handleBuffered(self) -> None:
+        """Hand the whole frames buffered to `frameReceived` (within the turn
+        budget): what a subclass wraps to act once per read or turn."""
+        self._handleFrames()
 
     def _handleFrames(self) -> None:
         pieces = self._pieces
@@ -538,9 +519,10 @@ class FrameClient(FrameReceiver):
         self._failAll(reason.value)
 
 
-class ServiceProtocol(FrameReceiver):
+class ServiceProtocol(BatchedWrites, FrameReceiver):
     """The answering side of a connection to one of our services: counted
-    by its `ServiceFactory` while it is open."""
+    by its `ServiceFactory` while it is open, its answers to one read joined
+    into one write (`endpoint.BatchedWrites`)."""
 
     factory: ServiceFactory
 

@@ -1,6 +1,9 @@
-"""twistd plugins of twisted-cacheproxy; the options live in the package."""
+"""Twisted plugins of twisted-cacheproxy: the twistd services and the
+``sendatonce:`` endpoint string; the code lives in the package."""
 
 from twisted.application.service import ServiceMaker
+
+from twisted_cacheproxy.endpoint import SendAtOnceParser
 
 cacheserver = ServiceMaker(
     "cacheserver",
@@ -15,3 +18,4 @@ cacheproxy = ServiceMaker(
     "(default: 127.0.0.1:9998, in front of 127.0.0.1:9999).",
     "cacheproxy",
 )
+sendatonce = SendAtOnceParser()
