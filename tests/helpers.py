@@ -356,3 +356,25 @@ def proxy_factory(server_port: int, **pool_options):
     connector = TCPConnector(reactor, "127.0.0.1", server_port)
     pool = UpstreamPool(connector, reactor, **pool_options)
     return CacheProxyFactory(MemoryCache(64 << 20, reactor), pool)
+
+
+def request_frame(
+    data: bytes | str,
+    *,
+    steps: bool = False,
+    cache: bool = True,
+    max_age: int | None = None,
+    ts: int | None = None,
+    request: bool = True,
+) -> bytes:
+    """One request message: ``data`` (text is UTF-8 encoded) with the S and C
+    flags, the max-age (by default any age with C=1, 0 with C=0) and the time
+    stamp (by default now); ``request=False`` sends it with T=0."""
+    import time
+
+    if isinstance(data, str):
+        data = data.encode()
+    if max_age is None:
+        max_age = wire.FOREVER if cache else 0
+    flags = wire.make_flags(request=request, cache=cache, steps=steps)
+    return wire.encode(int(time.time()) if ts is None else ts, flags, max_age, data)

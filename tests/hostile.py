@@ -15,6 +15,7 @@ import math
 import random
 import struct
 
+from helpers import request_frame
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -28,8 +29,8 @@ FRESH = object()
 
 
 def request(data: bytes, *, steps: bool = False) -> bytes:
-    """One request message carrying ``data``."""
-    return wire.encode(0, wire.make_flags(request=True, steps=steps), 0, data)
+    """One request message carrying ``data`` (C=0, time stamp 0)."""
+    return request_frame(data, steps=steps, cache=False, ts=0)
 
 
 def split_frames(stream: bytes) -> list[tuple[wire.Header, bytes]]:

@@ -108,3 +108,21 @@ def start_proxy(twistd, server_port: int, *extra: str) -> Twistd:
         *extra,
         port=port,
     )
+
+
+def within(d, seconds: float = 10.0):
+    """``d``, failed with a timeout if it has not fired within ``seconds``."""
+    from twisted.internet import reactor
+
+    return d.addTimeout(seconds, reactor)
+
+
+def connect(port: int, protocol_class=None):
+    """A Deferred firing with a new connection to 127.0.0.1:``port`` (a
+    `wire.FrameClient` unless told otherwise), opened within 5 s."""
+    from twisted.internet import protocol, reactor
+
+    from twisted_cacheproxy import wire
+
+    creator = protocol.ClientCreator(reactor, protocol_class or wire.FrameClient)
+    return within(creator.connectTCP(HOST, port, timeout=5), 5.0)

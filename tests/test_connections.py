@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import socket
 
+import processes
 import pytest
 import pytest_twisted
-from helpers import proxy_factory
+from helpers import proxy_factory, request_frame
+from processes import within
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ConnectionDone
 
@@ -21,8 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
-    flags = wire.make_flags(request=True, steps=steps, cache=cache)
-    return wire.encode(0, flags, wire.FOREVER if cache else 0, text.encode())
+    return request_frame(text, steps=steps, cache=cache, ts=0)
 
 
 class Collector(wire.FrameReceiver):
@@ -53,16 +54,12 @@ class Collector(wire.FrameReceiver):
 
 
 def connect(port: int) -> defer.Deferred:
-    return protocol.ClientCreator(reactor, Collector).connectTCP("127.0.0.1", port, timeout=5)
+    return processes.connect(port, Collector)
 
 
 def listen(factory) -> tuple:
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     return port, port.getHost().port
-
-
-def within(d: defer.Deferred, seconds: float = 5.0) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
 
 
 @pytest_twisted.inlineCallbacks

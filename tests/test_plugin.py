@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import VECTORS, vector_value
+from helpers import VECTORS, request_frame, vector_value
 from processes import ROOT, free_port, script
 from twisted.python import usage
 
@@ -86,9 +86,7 @@ def read(workdir) -> str:
 
 
 def request(data: bytes, steps=True, cache=True, max_age=65535) -> bytes:
-    return wire.encode(
-        int(time.time()), wire.make_flags(request=True, steps=steps, cache=cache), max_age, data
-    )
+    return request_frame(data, steps=steps, cache=cache, max_age=max_age)
 
 
 def recv_exactly(sock, n: int) -> bytes:

@@ -11,7 +11,7 @@ import json
 import pickle
 
 import pytest
-from helpers import FakeConnector, Peer, headers, untagged
+from helpers import FakeConnector, Peer, headers, request_frame, untagged
 from twisted.internet import error, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -44,7 +44,7 @@ RAND = b"rand(0, 1)"
 
 
 def request(data: bytes, *, cache=True, steps=False, max_age=FOREVER, ts=TS) -> bytes:
-    return wire.encode(ts, wire.make_flags(request=True, cache=cache, steps=steps), max_age, data)
+    return request_frame(data, cache=cache, steps=steps, max_age=max_age, ts=ts)
 
 
 def answer(

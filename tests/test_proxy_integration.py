@@ -18,8 +18,8 @@ import time
 
 import pytest
 import pytest_twisted
-from helpers import proxy_factory
-from processes import HOST, free_port, script, start_proxy
+from helpers import proxy_factory, request_frame
+from processes import HOST, connect, free_port, script, start_proxy, within
 from twisted.internet import defer, protocol
 
 from twisted_cacheproxy import codec, wire
@@ -49,19 +49,6 @@ def deferLater(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-def within(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
-    from twisted.internet import reactor
-
-    return d.addTimeout(seconds, reactor)
-
-
-def connect(port: int) -> defer.Deferred:
-    from twisted.internet import reactor
-
-    creator = protocol.ClientCreator(reactor, wire.FrameClient)
-    return within(creator.connectTCP(HOST, port, timeout=5))
-
-
 def raw(message: tuple[wire.Header, bytes]) -> bytes:
     """The message as it came over the wire, less its extension word (what
     the course programs read of it; its bits are checked apart)."""
@@ -89,8 +76,7 @@ def ask(port: int, *frames: bytes):
 
 
 def request(text: str, *, steps=True, cache=True, max_age=wire.FOREVER) -> bytes:
-    flags = wire.make_flags(request=True, cache=cache, steps=steps)
-    return wire.encode(int(time.time()), flags, max_age, text.encode())
+    return request_frame(text, steps=steps, cache=cache, max_age=max_age)
 
 
 def vector_payload(v: dict) -> bytes:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from helpers import request_frame
 from processes import HOST, free_port, start_proxy
 
 from twisted_cacheproxy import codec, wire
@@ -22,8 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
-    flags = wire.make_flags(request=True, cache=cache, steps=steps)
-    return wire.encode(int(time.time()), flags, wire.FOREVER if cache else 0, text.encode())
+    return request_frame(text, steps=steps, cache=cache)
 
 
 def read_message(sock: socket.socket) -> tuple[wire.Header, bytes]:

@@ -7,7 +7,7 @@ import pickle
 import struct
 
 import pytest
-from helpers import VECTORS, vector_value
+from helpers import VECTORS, request_frame, vector_value
 from twisted.internet import error, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -59,8 +59,7 @@ def conn(clock):
 
 
 def req(data: bytes, *, steps=True, cache=True, max_age=65535, request=True, ts=12345):
-    flags = wire.make_flags(request=request, cache=cache, steps=steps)
-    return wire.encode(ts, flags, max_age, data)
+    return request_frame(data, steps=steps, cache=cache, max_age=max_age, request=request, ts=ts)
 
 
 def response(status, body, *, cache=False, steps=False, max_age=0, ts=NOW, tag=0) -> bytes:

@@ -5,7 +5,7 @@ backoff, pipelining and the tag checks; and `TCPConnector`'s ClientCreator chain
 from __future__ import annotations
 
 import pytest
-from helpers import FakeConnector, Peer
+from helpers import FakeConnector, Peer, request_frame
 from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -20,7 +20,7 @@ EPS = 2.0**-10
 
 
 def request(data: bytes) -> bytes:
-    return wire.encode(TS, wire.make_flags(request=True, cache=True), wire.FOREVER, data)
+    return request_frame(data, ts=TS)
 
 
 def answer(result) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from helpers import failure_of, success_of
+from helpers import failure_of, request_frame, success_of
 from twisted.internet import error, task
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import StringTransport
@@ -105,7 +105,7 @@ class Recorder(wire.FrameReceiver):
 
 
 def request(data: bytes, timestamp: int = 1) -> bytes:
-    return wire.encode(timestamp, wire.make_flags(request=True), 65535, data)
+    return request_frame(data, cache=False, max_age=65535, ts=timestamp)
 
 
 @pytest.fixture
