@@ -11,11 +11,14 @@ import io
 import json
 import math
 import operator
+import os
 import pathlib
 import pickle
 import random
+import shutil
 import types
 
+import pytest
 from hypothesis import strategies as st
 from twisted.python.failure import Failure
 
@@ -33,6 +36,27 @@ def vector_value(vector):
     value = kind(vector["result_repr"])
     assert repr(value) == vector["result_repr"]
     return value
+
+
+# --- external tools ----------------------------------------------------------
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (``CI`` set), where a missing tool is a failure."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require_tool(name: str, install: str, tests: str) -> str:
+    """The path of the program ``name``; skips the test when it is missing, or
+    fails it in CI. ``install`` names the Debian packages that bring it,
+    ``tests`` the tests that need it (for the messages)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    why = f"{name} is not installed (Debian/Ubuntu: apt-get install {install})"
+    if in_ci():
+        pytest.fail(f"{why}; CI must run {tests}")
+    pytest.skip(why)
 
 
 # --- Deferred helpers -------------------------------------------------------

@@ -23,8 +23,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import helpers
 import pytest
-from helpers import VECTORS, course_pickle, make_api_module, make_course_module, vector_value
+from helpers import VECTORS, course_pickle, in_ci, make_api_module, make_course_module, vector_value
 from processes import ROOT, Twistd, free_port, script
 
 from twisted_cacheproxy import codec
@@ -45,19 +46,9 @@ ANSWER_NO_STEPS = 0x1000
 L, H, G = 0x0001, 0x0002, 0x0004
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
 def require_tool(name: str) -> str:
-    """The path of ``name``; skips the test when it is missing, or fails it in CI."""
-    found = shutil.which(name)
-    if found:
-        return found
-    why = f"{name} is not installed (Debian/Ubuntu: apt-get install tshark tcpdump)"
-    if in_ci():
-        pytest.fail(f"{why}; CI must run the Wireshark tests")
-    pytest.skip(why)
+    """The path of tshark or tcpdump; skips the test without it, or fails it in CI."""
+    return helpers.require_tool(name, "tshark tcpdump", "the Wireshark tests")
 
 
 def require_root() -> None:

@@ -7,7 +7,10 @@ time is whatever clock the owner passes in (tests use ``task.Clock``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -76,6 +79,21 @@ class Cache(Protocol):
     def put(self, key: Key, entry: Entry) -> None: ...
 
     def delete(self, key: Key) -> None: ...
+
+
+class SharedTier(Protocol):
+    """What the proxy needs of a second cache level shared with other
+    proxies (`sharedcache.SharedCache`): asked on a miss before the server."""
+
+    def get(self, key: bytes) -> Deferred[Entry | None]:
+        """Fires with the `Entry` stored for ``key`` or None; never fails."""
+        ...
+
+    def put(self, key: bytes, entry: Entry) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class MemoryCache:
