@@ -38,7 +38,7 @@ def vector_value(vector):
     return value
 
 
-# --- external tools -------------------------------------------------------
+# --- external tools ----------------------------------------------------------
 
 
 def in_ci() -> bool:
@@ -46,15 +46,16 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
-def require_tool(name: str, install: str, what: str) -> str:
-    """The path of the program ``name``; skips the test when it is missing
-    (saying how to ``install`` it), or fails it in CI, which must run ``what``."""
+def require_tool(name: str, install: str, tests: str) -> str:
+    """The path of the program ``name``; skips the test when it is missing, or
+    fails it in CI. ``install`` names the Debian packages that bring it,
+    ``tests`` the tests that need it (for the messages)."""
     found = shutil.which(name)
     if found:
         return found
-    why = f"{name} is not installed (Debian/Ubuntu: {install})"
+    why = f"{name} is not installed (Debian/Ubuntu: apt-get install {install})"
     if in_ci():
-        pytest.fail(f"{why}; CI must run {what}")
+        pytest.fail(f"{why}; CI must run {tests}")
     pytest.skip(why)
 
 

@@ -190,9 +190,7 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
 
 
 def test_status_page_in_headless_chromium(twistd, tmp_path):
-    chromium = require_tool(
-        "chromium", "apt-get install chromium", "the status page's browser test"
-    )
+    chromium = require_tool("chromium", "chromium", "the status page's browser test")
     server, _ = start(twistd, "cacheserver")
     proxy, admin = start(twistd, "cacheproxy", "--server-port", str(server.port))
     ask(proxy.port, frame("1 + 2"))

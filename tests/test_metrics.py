@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 
-from twisted_cacheproxy import accesslog, admin
+from twisted_cacheproxy import accesslog, admin, wire
 from twisted_cacheproxy.accesslog import AccessLog
 from twisted_cacheproxy.metrics import ProxyMetrics, ServerMetrics, failure_reason
 from twisted_cacheproxy.server import CalculatorServerFactory
@@ -457,3 +457,41 @@ def test_a_busy_admin_port_or_a_bad_log_path_is_one_line(tmp_path):
     config.parseOptions(["--access-log", str(tmp_path / "no" / "such" / "dir")])
     with pytest.raises(SystemExit, match="cacheserver: cannot open --access-log"):
         makeServerService(config)
+
+
+class _SharedTier:
+    """A shared tier holding one entry, answering at once."""
+
+    def __init__(self, key: bytes, entry) -> None:
+        self.key, self.entry = key, entry
+
+    def get(self, key: bytes):
+        from twisted.internet import defer
+
+        return defer.succeed(self.entry if key == self.key else None)
+
+    def put(self, key: bytes, entry) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_miss_answered_by_the_shared_tier_is_a_miss_without_upstream_time(tmp_path):
+    from twisted_cacheproxy.cache import Entry
+    from twisted_cacheproxy.proxy import cache_keys
+
+    stored = wire.rewrite(answer(6), ext=wire.EXT_FRAMED | wire.EXT_FROM_CACHE)
+    h = Observed(tmp_path / "access.log")
+    h.factory.shared = _SharedTier(cache_keys(Y)[0], Entry(stored, h.now(), wire.FOREVER))
+    c = h.client()
+    h.miss(c, request(X), answer(3))  # fetched: the shared tier has not got it
+    c.send(request(Y))  # the shared tier's answer, no server
+    assert c.take() and h.attempts == 1
+    first, second = h.lines()
+    assert first.split()[5] == "MISS" and first.split()[9] != "-"
+    assert second.split()[5] == "MISS" and second.split()[9] == "-"
+    assert h.metrics.upstream_requests == 1

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -85,6 +88,21 @@ class Cache(Protocol):
     def purge(self, keys: Iterable[Key]) -> int:
         """Forget the entries stored under ``keys``; how many of them there were."""
         ...
+
+
+class SharedTier(Protocol):
+    """What the proxy needs of a second cache level shared with other
+    proxies (`sharedcache.SharedCache`): asked on a miss before the server."""
+
+    def get(self, key: bytes) -> Deferred[Entry | None]:
+        """Fires with the `Entry` stored for ``key`` or None; never fails."""
+        ...
+
+    def put(self, key: bytes, entry: Entry) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class MemoryCache:

@@ -297,12 +297,19 @@ class ProxyMetrics(_Metrics):
         client: Any,
     ) -> bytes:
         """A Deferred answer fired: a MISS or COALESCED answer marked G is
-        STALE; who fetched it gets the upstream time of the fetch that just ended."""
+        STALE; who fetched it gets the upstream time of the fetch that just
+        ended. A miss answered by the shared tier stays a MISS, with no
+        upstream time."""
         upstream = None
-        if answer[11] & wire.EXT_GRACE:
+        marks = answer[11]
+        if marks & wire.EXT_GRACE:
             cache = STALE
         elif cache != COALESCED:
+            # The fetch that just ended, unless the answer came from a cache
+            # (the shared tier) without one.
             upstream, self._upstreamTime = self._upstreamTime, None
+            if marks & wire.EXT_FROM_CACHE:
+                upstream = None
         self.requestDone(cache, answer, started, header, data, client, upstream)
         return answer
 

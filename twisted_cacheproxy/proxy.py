@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import answers, upstream, wire
-from .cache import Cache, Entry
+from .cache import Cache, Entry, SharedTier
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()
@@ -173,9 +173,11 @@ class CacheProxyFactory(wire.ServiceFactory):
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
         verbose: bool = False,
+        shared: SharedTier | None = None,
     ) -> None:
         """``cache`` keeps the answers (its grace is the stale-if-error
-        window); ``pool`` asks the server on a miss."""
+        window); ``pool`` asks the server on a miss; ``shared`` (optional) is
+        a second level asked before the server (`sharedcache.SharedCache`)."""
         super().__init__(
             clock=clock,
             max_message_size=max_message_size,
@@ -185,17 +187,25 @@ class CacheProxyFactory(wire.ServiceFactory):
         self.cache = cache
         self.pool = pool
         self.verbose = verbose
+        self.shared = shared
+        self.l2_hits = 0
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
         #: Told of every answer and upstream exchange (metrics.ProxyMetrics).
         self.observer = NoObserver()
 
+    def startFactory(self) -> None:
+        if self.shared is not None:
+            self.shared.start()
+
     def stopFactory(self) -> None:
         self.pool.close()
+        if self.shared is not None:
+            self.shared.stop()
 
     def counters(self) -> dict[str, int]:
         """What the proxy has done so far, for logs and tests."""
-        return {
+        counters = {
             "hits": self.hits,
             "misses": self.misses,
             "coalesced": self.coalesced,
@@ -205,6 +215,10 @@ class CacheProxyFactory(wire.ServiceFactory):
             "entries": self.cache.entries,
             "bytes": self.cache.bytes,
         }
+        if self.shared is not None:
+            # Misses answered by the shared tier (``misses`` counts them too).
+            counters["l2_hits"] = self.l2_hits
+        return counters
 
     # --- the request path ---------------------------------------------------
 
@@ -246,7 +260,12 @@ class CacheProxyFactory(wire.ServiceFactory):
         if self.verbose:
             log.debug("miss {size} bytes", size=len(data))
         self.inflight[key] = []
-        fetched = self._fetch(header, data, key)
+        if self.shared is not None and accept:  # a reload skips it
+            fetched: defer.Deferred[Any] = self.shared.get(key).addCallback(
+                self._shared_answer, header, data, key
+            )
+        else:
+            fetched = self._fetch(header, data, key)
         return self._observed(MISS if accept else RELOAD, fetched, started, header, data, client)
 
     def _observed(
@@ -264,6 +283,29 @@ class CacheProxyFactory(wire.ServiceFactory):
         else:
             answer.addCallback(self.observer.answered, cache, started, header, data, client)
         return answer
+
+    def _shared_answer(
+        self, entry: Entry | None, header: wire.Header, data: bytes, key: bytes
+    ) -> bytes | defer.Deferred[bytes]:
+        """After the L2 lookup of a miss: its entry if the request accepts it
+        (copied into L1), else the server's answer."""
+        now = self.clock.seconds()
+        if entry is None or not entry.fresh(now) or not _accepts(header.max_age, entry.age(now)):
+            return self._fetch(header, data, key)
+        self.l2_hits += 1
+        self.cache.put(key, entry)
+        waiting = self.inflight.pop(key)
+        for client, d, h, waiter_data in waiting:
+            if not client.connected:
+                continue
+            if h.max_age and _accepts(h.max_age, entry.age(now)):
+                d.callback(_restamp(entry, entry.age(now), h))
+            elif key in self.inflight:  # a waiter wanting a younger answer
+                self.inflight[key].append((client, d, h, waiter_data))
+            else:
+                self.inflight[key] = []
+                self._fetch(h, waiter_data, key).chainDeferred(d)
+        return _restamp(entry, entry.age(now), header)
 
     def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred[bytes]:
         """Ask the server; store the answer per the rules when ``key`` is given
@@ -298,7 +340,10 @@ class CacheProxyFactory(wire.ServiceFactory):
         cacheable = answer_header.flags & wire.FLAG_CACHE and answer_header.max_age
         if cacheable and not failed:
             stored = wire.rewrite(answer, ext=_HIT)
-            self.cache.put(key, Entry(stored, sent, answer_header.max_age))
+            entry = Entry(stored, sent, answer_header.max_age)
+            self.cache.put(key, entry)
+            if self.shared is not None:
+                self.shared.put(key, entry)
         if cacheable or failed:
             self._settle(waiting, lambda h, d: wire.with_tag(answer, h))
         else:

@@ -420,9 +420,45 @@ class ProxyOptions(_CommonOptions):
             "Only on connections whose answers said L; a course server gets one at a time.",
             _integer,
         ],
+        [
+            "memcached-prefix",
+            None,
+            "cacheproxy:",
+            "Prefix of this site's keys in memcached (sites sharing one memcached "
+            "each take their own).",
+        ],
+        [
+            "memcached-timeout",
+            None,
+            50,
+            "Milliseconds one shared-cache lookup may take before it counts as a miss.",
+            _integer,
+        ],
+        [
+            "memcached-lock-wait",
+            None,
+            0,
+            "On a shared-cache miss, take a lock so that only one proxy asks the server, "
+            "and wait up to this many milliseconds for another proxy's answer (0: off).",
+            _integer,
+        ],
         *_CommonOptions.optParameters,
     ]
     optFlags = [["verbose", "v", "Log every hit and miss (at debug level)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["memcached"] = []
+
+    def opt_memcached(self, value: str) -> None:
+        """A memcached node HOST:PORT for the shared cache tier; repeat it
+        for several nodes (every proxy of a site lists the same ones)."""
+        from .sharedcache import parse_address
+
+        try:
+            self["memcached"].append(parse_address(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--memcached: {e}") from None
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -437,6 +473,18 @@ class ProxyOptions(_CommonOptions):
         for name in ("upstream-connections", "upstream-pipeline"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if self["memcached-lock-wait"] < 0:
+            raise usage.UsageError("--memcached-lock-wait cannot be negative")
+        if self["memcached-timeout"] < 1:
+            raise usage.UsageError("--memcached-timeout must be at least 1 (ms)")
+        if len(set(self["memcached"])) != len(self["memcached"]):
+            raise usage.UsageError("--memcached: the same node is given twice")
+        from .sharedcache import check_prefix
+
+        try:
+            check_prefix(self["memcached-prefix"])
+        except ValueError as e:
+            raise usage.UsageError(f"--memcached-prefix: {e}") from None
 
 
 def makeProxyService(config: ProxyOptions) -> service.IService:
@@ -460,7 +508,20 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
         timeout=config["timeout"],
         pipeline=config["upstream-pipeline"],
     )
-    factory = CacheProxyFactory(cache, pool, verbose=config["verbose"], **config.common())
+    shared = None
+    if config["memcached"]:
+        from .sharedcache import SharedCache
+
+        shared = SharedCache(
+            config["memcached"],
+            reactor,
+            prefix=config["memcached-prefix"],
+            timeout=config["memcached-timeout"] / 1000,
+            lock_wait=config["memcached-lock-wait"] / 1000,
+        )
+    factory = CacheProxyFactory(
+        cache, pool, verbose=config["verbose"], shared=shared, **config.common()
+    )
     return _operated(config, factory, _listening(config, factory, proxy_settings(config)))
 
 
@@ -486,6 +547,14 @@ def proxy_settings(config: ProxyOptions) -> str:
         f"cache {_bytes(config['cache-size'])}, "
         f"stale-if-error {_seconds(stale) if stale else 'off'}"
     )
+    if config["memcached"]:
+        nodes = ", ".join(address(host, port) for host, port in config["memcached"])
+        cache += (
+            f", shared tier on memcached {nodes} (prefix {config['memcached-prefix']!r}, "
+            f"lookup timeout {config['memcached-timeout']} ms"
+        )
+        wait = config["memcached-lock-wait"]
+        cache += f", lock wait {wait} ms)" if wait else ")"
     return f"{upstream}; {cache}; {_limits(config)}"
 
 

@@ -1,0 +1,788 @@
+"""The shared cache tier, driven by fakes: the ketama ring, the entry format,
+`SharedCache` over `StringTransport` connections to a fake memcached, and the
+two-level rules of the proxy (L1, then L2, then the server) with `task.Clock`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import pytest
+from test_proxy import TS, Harness, X, Y, answer, request, with_max_age
+from twisted.internet import error
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+
+from twisted_cacheproxy import wire
+from twisted_cacheproxy.cache import Entry
+from twisted_cacheproxy.ring import Ring
+from twisted_cacheproxy.sharedcache import (
+    ENTRY_HEADER,
+    FLAGS,
+    MAX_OUTSTANDING,
+    SharedCache,
+    decode_entry,
+    encode_entry,
+    expiry,
+    parse_address,
+)
+from twisted_cacheproxy.wire import FOREVER
+
+pytestmark = pytest.mark.usefixtures("proxy_log")
+
+HIT = wire.EXT_FRAMED | wire.EXT_FROM_CACHE
+T0 = float(TS)
+
+
+# --- the ring -------------------------------------------------------------------------
+
+
+def keys(n: int) -> list[bytes]:
+    return [hashlib.sha256(b"%d" % i).hexdigest().encode() for i in range(n)]
+
+
+def test_ring_places_keys_alike_whatever_order_the_nodes_come_in():
+    names = ["10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"]
+    a = Ring(names, names)
+    b = Ring(names[::-1], names[::-1])
+    assert all(a.node_for(k) == b.node_for(k) for k in keys(2000))
+
+
+def test_ring_spreads_keys_over_every_node():
+    names = [f"10.0.0.{i}:11211" for i in range(1, 5)]
+    ring = Ring(names, names)
+    share = dict.fromkeys(names, 0)
+    for k in keys(8000):
+        share[ring.node_for(k)] += 1
+    # 160 points per node: each holds a quarter, give or take.
+    assert all(1200 < n < 2800 for n in share.values()), share
+
+
+def test_losing_a_node_moves_only_its_keys():
+    names = [f"10.0.0.{i}:11211" for i in range(1, 5)]
+    whole = Ring(names, names)
+    without = Ring(names[:3], names[:3])
+    for k in keys(4000):
+        before = whole.node_for(k)
+        if before != names[3]:
+            assert without.node_for(k) == before
+
+
+def test_ring_refuses_no_nodes_and_twice_the_same():
+    with pytest.raises(ValueError):
+        Ring([], [])
+    with pytest.raises(ValueError):
+        Ring([1, 2], ["a:1", "a:1"])
+
+
+# --- the entry format -------------------------------------------------------------------
+
+KEY = b"\x01" + X
+STORED = wire.rewrite(answer(3, max_age=60), ext=HIT)
+
+
+def test_entry_round_trip():
+    entry = Entry(STORED, T0 + 0.25, 60)
+    value = encode_entry(KEY, entry)
+    assert value[:4] == b"TCPX"
+    assert len(value) == ENTRY_HEADER.size + len(KEY) + len(STORED)
+    back = decode_entry(KEY, value)
+    assert back is not None
+    assert (back.answer, back.stored, back.lifetime) == (STORED, T0 + 0.25, 60)
+
+
+def _field(value: bytes, **fields) -> bytes:
+    names = ("magic", "version", "reserved", "lifetime", "stored", "key_length", "answer_length")
+    parts = dict(zip(names, ENTRY_HEADER.unpack_from(value), strict=True))
+    parts.update(fields)
+    return ENTRY_HEADER.pack(*parts.values()) + value[ENTRY_HEADER.size :]
+
+
+GOOD = encode_entry(KEY, Entry(STORED, T0, 60))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"garbage",
+        b"\x00" * 200,
+        GOOD[:-1],  # truncated
+        GOOD + b"\x00",  # padded
+        GOOD[: ENTRY_HEADER.size + 3],
+        _field(GOOD, answer_length=len(STORED) + 1),
+        _field(GOOD, answer_length=len(STORED) - 1),
+        _field(GOOD, key_length=len(KEY) - 1),
+        _field(GOOD, magic=b"XXXX"),
+        _field(GOOD, version=2),
+        _field(GOOD, stored=math.nan),
+        _field(GOOD, lifetime=61),  # disagrees with the answer's own
+        # Another key of the same length (a colliding digest).
+        encode_entry(b"\x01" + Y, Entry(STORED, T0, 60)),
+        # The other S flag: steps are in the key.
+        encode_entry(b"\x00" + X, Entry(STORED, T0, 60)),
+        encode_entry(KEY, Entry(request(X, max_age=60), T0, 60)),  # a request
+        encode_entry(KEY, Entry(answer(3, max_age=60, status=500), T0, 60)),
+        encode_entry(KEY, Entry(answer(3, max_age=0), T0, 0)),  # may not be cached
+        encode_entry(KEY, Entry(answer(3, cache=False, max_age=60), T0, 60)),
+        encode_entry(KEY, Entry(STORED[:-1], T0, 60)),  # the answer's own length wrong
+    ],
+)
+def test_a_value_that_is_not_a_whole_entry_for_this_key_is_refused(value):
+    assert decode_entry(KEY, value) is None
+
+
+def test_expiry_is_never_longer_than_the_lifetime_left():
+    assert expiry(Entry(STORED, T0, 60), T0) == 60
+    assert expiry(Entry(STORED, T0, 60), T0 + 10.5) == 49
+    assert expiry(Entry(STORED, T0, 60), T0 + 59.5) is None
+    assert expiry(Entry(STORED, T0, FOREVER), T0 + 1e6) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("127.0.0.1:11211", ("127.0.0.1", 11211)), ("[::1]:7", ("::1", 7)), ("mc:1", ("mc", 1))],
+)
+def test_parse_address(text, parsed):
+    assert parse_address(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["11211", ":11211", "host:", "host:x", "h:0", "::1:11211"])
+def test_parse_address_refuses(text):
+    with pytest.raises(ValueError):
+        parse_address(text)
+
+
+# --- a fake memcached over StringTransport -----------------------------------------
+
+
+class FakeMemcached:
+    """A memcached's store and its connections: `pump` reads what the
+    clients wrote and answers (unless `stalled`)."""
+
+    def __init__(self) -> None:
+        self.store: dict[bytes, tuple[int, int, bytes]] = {}  # key: flags, expiry, value
+        self.commands: list[bytes] = []
+        self.conns: list[tuple[object, StringTransport]] = []
+        self.stalled = False
+
+    def connect(self, node, *, answer_version: bool = True):
+        proto = node.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.conns.append((proto, transport))
+        if answer_version:
+            self.pump()
+        return proto, transport
+
+    def pump(self) -> None:
+        """Answer until no connection has anything more to say."""
+        busy = True
+        while busy and not self.stalled:
+            busy = False
+            for proto, transport in self.conns:
+                written = transport.value()
+                if written:
+                    transport.clear()
+                    busy = True
+                    proto.dataReceived(self._answer(written))
+
+    def _answer(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            line, _, data = data.partition(b"\r\n")
+            words = line.split()
+            self.commands.append(words[0])
+            if words[0] == b"version":
+                out.append(b"VERSION 1.6.18")
+            elif words[0] == b"get":
+                for k in words[1:]:
+                    if k in self.store:
+                        flags, _, value = self.store[k]
+                        out.append(b"VALUE %s %d %d\r\n%s" % (k, flags, len(value), value))
+                out.append(b"END")
+            elif words[0] in (b"set", b"add"):
+                k, flags, exp, size = words[1], int(words[2]), int(words[3]), int(words[4])
+                value, data = data[:size], data[size + 2 :]
+                if words[0] == b"add" and k in self.store:
+                    out.append(b"NOT_STORED")
+                else:
+                    self.store[k] = (flags, exp, value)
+                    out.append(b"STORED")
+            elif words[0] == b"incr":
+                if words[1] not in self.store:
+                    out.append(b"NOT_FOUND")
+                else:
+                    flags, exp, value = self.store[words[1]]
+                    new = int(value) + int(words[2])
+                    self.store[words[1]] = (flags, exp, b"%d" % new)
+                    out.append(b"%d" % new)
+            else:
+                out.append(b"ERROR")
+        return b"".join(o + b"\r\n" for o in out)
+
+    def put_raw(self, key: bytes, value: bytes, flags: int = FLAGS) -> None:
+        self.store[key] = (flags, 0, value)
+
+    def data_keys(self) -> list[bytes]:
+        return [k for k in self.store if not k.endswith(b"gen")]
+
+
+def tier(clock, n: int = 1, **options) -> SharedCache:
+    return SharedCache([("127.0.0.1", 11211 + i) for i in range(n)], clock, **options)
+
+
+def fired(d):
+    box = []
+    d.addBoth(box.append)
+    return box
+
+
+@pytest.fixture
+def clock():
+    from twisted.internet import task
+
+    c = task.Clock()
+    c.advance(T0)
+    return c
+
+
+def test_a_node_is_up_once_it_answers_and_creates_the_generation(clock, proxy_log):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    (node,) = shared.nodes
+    mc.connect(node)
+    assert node.protocol is not None
+    assert mc.commands == [b"version", b"get", b"add", b"get"]
+    assert mc.store[b"cacheproxy:gen"] == (0, 0, b"%d" % TS)
+    assert node.generation == b"%d" % TS
+    ups = [e for e in proxy_log if "connected" in e.get("log_format", "")]
+    assert len(ups) == 1
+
+
+def test_miss_store_and_hit_under_a_fixed_length_key(clock):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    mc.connect(shared.nodes[0])
+    d = fired(shared.get(KEY))
+    mc.pump()
+    assert d == [None]
+    clock.advance(10)
+    shared.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    (mkey,) = mc.data_keys()
+    digest = hashlib.sha256(KEY).hexdigest().encode()
+    assert mkey == b"cacheproxy:%d:%s" % (TS, digest)
+    flags, exp, _ = mc.store[mkey]
+    assert (flags, exp) == (FLAGS, 50)  # what is left of the 60 s lifetime
+    d = fired(shared.get(KEY))
+    mc.pump()
+    (entry,) = d
+    assert (entry.answer, entry.stored, entry.lifetime) == (STORED, T0, 60)
+    assert shared.counters()["l2_hits"] == 1
+    assert clock.getDelayedCalls() == []  # the lookup's timer is gone
+
+
+def test_prefix_keeps_sites_apart(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock), tier(clock, prefix="site-b:")
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    a.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    d = fired(b.get(KEY))
+    mc.pump()
+    assert d == [None]
+    assert sorted(mc.store)[-1].startswith(b"site-b:")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"not ours at all",
+        GOOD[:-5],
+        GOOD + b"!",
+        encode_entry(b"\x01" + Y, Entry(STORED, T0, 60)),
+    ],
+)
+def test_a_value_that_is_not_ours_is_a_miss(clock, value):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    node = shared.nodes[0]
+    mc.connect(node)
+    mc.put_raw(shared.memcached_key(node, KEY), value)
+    d = fired(shared.get(KEY))
+    mc.pump()
+    assert d == [None]
+    assert shared.counters()["l2_rejected"] == 1
+
+
+def test_a_value_with_other_flags_is_a_miss(clock):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    node = shared.nodes[0]
+    mc.connect(node)
+    mc.put_raw(shared.memcached_key(node, KEY), GOOD, flags=0)
+    d = fired(shared.get(KEY))
+    mc.pump()
+    assert d == [None]
+
+
+def test_a_stalled_node_is_a_miss_after_the_timeout_and_its_late_answer_is_dropped(clock):
+    mc = FakeMemcached()
+    shared = tier(clock, timeout=0.05)
+    mc.connect(shared.nodes[0])
+    shared.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    mc.stalled = True
+    d = fired(shared.get(KEY))
+    clock.advance(0.049)
+    assert d == []
+    clock.advance(0.001)
+    assert d == [None]
+    assert shared.counters()["l2_timeouts"] == 1
+    mc.stalled = False
+    mc.pump()  # the answer comes late: nobody gets it twice
+    assert d == [None]
+
+
+def test_a_stalled_node_gets_no_more_than_a_bounded_number_of_commands(clock):
+    mc = FakeMemcached()
+    shared = tier(clock, timeout=0.05)
+    node = shared.nodes[0]
+    _, transport = mc.connect(node)
+    mc.stalled = True
+    for _ in range(MAX_OUTSTANDING + 10):
+        shared.get(KEY)
+    assert transport.value().count(b"get ") == MAX_OUTSTANDING
+    d = fired(shared.get(KEY))
+    assert d == [None]  # at once, without a timer
+
+
+def test_a_connection_silent_too_long_is_closed_and_the_node_is_down(clock, proxy_log):
+    mc = FakeMemcached()
+    shared = tier(clock, timeout=0.05)
+    node = shared.nodes[0]
+    proto, transport = mc.connect(node)
+    mc.stalled = True
+    shared.get(KEY)
+    clock.advance(node.command_timeout)
+    assert transport.disconnecting
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    assert node.protocol is None
+    assert fired(shared.get(KEY)) == [None]
+    downs = [e for e in proxy_log if e.get("log_level") == LogLevel.warn]
+    assert len(downs) == 1
+    assert "lost" in downs[0]["log_format"]
+
+
+class FakeConnector:
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def connect(self) -> None:
+        self.attempts += 1
+
+
+def test_unreachable_node_is_logged_once_and_retried_with_backoff(clock, proxy_log):
+    shared = tier(clock)
+    node = shared.nodes[0]
+    connector = FakeConnector()
+    refused = Failure(error.ConnectionRefusedError())
+    waits = []
+    for _ in range(6):
+        node.factory.clientConnectionFailed(connector, refused)
+        (call,) = clock.getDelayedCalls()
+        waits.append(call.getTime() - clock.seconds())
+        clock.advance(waits[-1])
+    assert connector.attempts == 6
+    assert waits[0] < 0.5 and waits[-1] > 2 * waits[0]
+    assert max(waits) <= node.factory.maxDelay * 1.2
+    warnings = [e for e in proxy_log if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1
+    assert "unreachable" in warnings[0]["log_format"]
+    # It comes back: one line says so, and the backoff starts again from the beginning.
+    mc = FakeMemcached()
+    mc.connect(node)
+    assert node.protocol is not None
+    assert node.factory.delay == node.factory.initialDelay
+    infos = [e for e in proxy_log if "connected" in e.get("log_format", "")]
+    assert len(infos) == 1
+
+
+def test_purge_hides_every_entry_and_other_proxies_notice(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock), tier(clock)
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    a.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    d = fired(b.get(KEY))
+    mc.pump()
+    assert d[0] is not None
+    purged = fired(a.purge())
+    mc.pump()
+    assert purged == [1]
+    assert a.nodes[0].generation == b"%d" % (TS + 1)
+    # b still believes in the old generation: its next lookup reads the new one, and misses.
+    d = fired(b.get(KEY))
+    mc.pump()
+    assert d == [None]
+    assert b.nodes[0].generation == b"%d" % (TS + 1)
+    # Entries stored from now on are found again.
+    b.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    d = fired(a.get(KEY))
+    mc.pump()
+    assert d[0] is not None
+
+
+def test_a_purge_by_hand_with_incr_is_noticed(clock):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    mc.connect(shared.nodes[0])
+    shared.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    mc._answer(b"incr cacheproxy:gen 1\r\n")  # printf 'incr cacheproxy:gen 1\r\n' | nc
+    d = fired(shared.get(KEY))
+    mc.pump()
+    assert d == [None]
+
+
+def test_a_lost_generation_is_recreated_newer(clock):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    mc.connect(shared.nodes[0])
+    shared.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    del mc.store[b"cacheproxy:gen"]  # evicted, or memcached restarted
+    clock.advance(5)
+    d = fired(shared.get(KEY))
+    mc.pump()
+    assert d == [None]
+    assert shared.nodes[0].generation == b"%d" % (TS + 5)
+
+
+def test_one_node_down_its_keys_miss_and_the_others_still_hit(clock):
+    mc = FakeMemcached()
+    shared = tier(clock, n=2)
+    up, down = shared.nodes
+    mc.connect(up)
+    mine = [k for k in (b"\x01%d" % i for i in range(50)) if shared.node_for(k) is up]
+    theirs = [k for k in (b"\x01%d" % i for i in range(50)) if shared.node_for(k) is down]
+    assert mine and theirs
+    for k in mine + theirs:
+        shared.put(k, Entry(STORED, T0, 60))
+    mc.pump()
+    assert len(mc.data_keys()) == len(mine)  # nothing sent for the node that is down
+    hits = [fired(shared.get(k)) for k in mine]
+    misses = [fired(shared.get(k)) for k in theirs]  # at once: no connection
+    assert all(m == [None] for m in misses)
+    mc.pump()
+    assert all(h[0] is not None for h in hits)
+
+
+# --- the two levels in the proxy ---------------------------------------------------------
+
+
+class Site:
+    """Proxies sharing one fake memcached, each with its own L1 and server."""
+
+    def __init__(self, **options) -> None:
+        self.mc = FakeMemcached()
+        self.options = options
+
+    def proxy(self, **options) -> Harness:
+        h = Harness(**{**self.options, **options})
+        h.shared = SharedCache([("127.0.0.1", 11211)], h.reactor, timeout=0.05)
+        h.factory.shared = h.shared
+        self.mc.connect(h.shared.nodes[0])
+        return h
+
+
+def upstream_miss(h: Harness, c, frame: bytes, reply: bytes, site: Site):
+    """``frame`` misses L1 and L2 and is answered by the server."""
+    c.send(frame)
+    assert h.attempts == 0  # L2 first
+    site.mc.pump()
+    up = h.accept()
+    assert up.take() == frame
+    up.reply(reply)
+    site.mc.pump()
+    return up
+
+
+def test_l2_miss_goes_to_the_server_and_the_answer_is_stored_in_both():
+    site = Site()
+    h = site.proxy()
+    c = h.client()
+    reply = answer(3, max_age=60)
+    upstream_miss(h, c, request(X), reply, site)
+    assert c.take() == reply
+    assert h.counters()["entries"] == 1
+    (mkey,) = site.mc.data_keys()
+    assert site.mc.store[mkey][:2] == (FLAGS, 60)
+    assert h.counters()["l2_hits"] == 0
+
+
+def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    reply = answer(3, max_age=60)
+    upstream_miss(a, a.client(), request(X), reply, site)
+    a.advance(10)
+    b.advance(10)
+    c = b.client()
+    c.send(request(X))
+    assert c.take() == b""
+    site.mc.pump()
+    assert c.take() == with_max_age(reply, 50)
+    assert c.marks == [wire.EXT_FROM_CACHE]  # H, as every cache hit
+    assert b.attempts == 0  # the server never saw it
+    assert b.counters()["l2_hits"] == 1
+    # Copied into L1: the next one is an L1 hit, with no memcached command.
+    before = len(site.mc.commands)
+    c.send(request(X))
+    assert c.take() == with_max_age(reply, 50)
+    assert len(site.mc.commands) == before
+    assert b.counters()["hits"] == 1
+
+
+def test_an_l2_entry_the_request_finds_too_old_goes_to_the_server_and_is_replaced():
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    for h in (a, b):
+        h.advance(10)
+    c = b.client()
+    newer = answer(3, ts=TS + 10)
+    upstream_miss(b, c, request(X, max_age=5), newer, site)
+    assert c.take() == newer
+    (mkey,) = site.mc.data_keys()
+    assert decode_entry(KEY[:0] + b"\x00" + X, site.mc.store[mkey][2]).stored == TS + 10
+
+
+def test_reload_skips_the_l2_lookup_and_replaces_the_shared_entry():
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    c = b.client()
+    before = site.mc.commands.count(b"get")
+    c.send(request(X, max_age=0))
+    assert b.attempts == 1  # straight to the server
+    up = b.accept()
+    assert up.take() == request(X, max_age=0)
+    newer = answer(3, ts=TS + 1)
+    up.reply(newer)
+    site.mc.pump()
+    assert c.take() == newer
+    assert site.mc.commands.count(b"get") == before
+    (mkey,) = site.mc.data_keys()
+    assert site.mc.store[mkey][2].endswith(wire.rewrite(newer, ext=HIT))
+
+
+def test_c0_requests_never_touch_the_shared_tier():
+    site = Site()
+    h = site.proxy()
+    before = list(site.mc.commands)
+    c = h.client()
+    c.send(request(X, cache=False, max_age=0))
+    up = h.accept()
+    up.reply(answer(3))
+    site.mc.pump()
+    assert site.mc.commands == before
+    assert site.mc.data_keys() == []
+
+
+def test_uncacheable_answers_are_not_shared():
+    site = Site()
+    h = site.proxy()
+    upstream_miss(h, h.client(), request(X), answer(0.5, cache=False, max_age=0), site)
+    assert site.mc.data_keys() == []
+
+
+def test_steps_are_in_the_shared_key():
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    c = b.client()
+    with_steps = answer(3, steps=["1 + 2", "3"])
+    upstream_miss(b, c, request(X, steps=True), with_steps, site)
+    assert c.take() == with_steps
+    assert len(site.mc.data_keys()) == 2
+
+
+def test_l1_hits_never_wait_for_a_stalled_shared_tier():
+    site = Site()
+    h = site.proxy()
+    c = h.client()
+    upstream_miss(h, c, request(X), answer(3), site)
+    c.take()
+    site.mc.stalled = True
+    c.send(request(X))
+    assert c.take() == answer(3)
+
+
+def test_a_stalled_tier_is_an_l2_miss_after_the_timeout():
+    site = Site()
+    h = site.proxy()
+    site.mc.stalled = True
+    c = h.client()
+    c.send(request(X))
+    h.advance(0.049)
+    assert h.attempts == 0
+    h.advance(0.001)
+    up = h.accept()
+    up.reply(answer(3))
+    assert c.take() == answer(3)
+    assert h.counters()["upstream_errors"] == 0
+
+
+def test_identical_misses_wait_for_one_l2_lookup_and_one_server_request():
+    site = Site()
+    h = site.proxy()
+    c1, c2, c3 = h.client(), h.client(), h.client()
+    for c in (c1, c2, c3):
+        c.send(request(X))
+    assert h.counters()["coalesced"] == 2
+    gets = site.mc.commands.count(b"get")
+    site.mc.pump()
+    assert site.mc.commands.count(b"get") == gets + 1
+    up = h.accept()
+    up.reply(answer(3))
+    assert [c.take() for c in (c1, c2, c3)] == [answer(3)] * 3
+    assert h.attempts == 1
+
+
+def test_waiters_on_an_l2_hit_get_it_unless_they_want_a_younger_answer():
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    b.advance(10)
+    c1, c2, c3 = b.client(), b.client(), b.client()
+    c1.send(request(X))
+    c2.send(request(X, max_age=5))  # too old for this one
+    c3.send(request(X, max_age=20))
+    site.mc.pump()
+    assert c1.take() == answer(3)
+    assert c3.take() == answer(3)
+    assert c2.take() == b""
+    up = b.accept()
+    assert up.take() == request(X, max_age=5)
+    newer = answer(3, ts=TS + 10)
+    up.reply(newer)
+    assert c2.take() == newer
+
+
+def test_node_down_means_misses_go_to_the_server_at_once():
+    site = Site()
+    h = site.proxy()
+    proto, _ = site.mc.conns[0]
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    c = h.client()
+    c.send(request(X))
+    assert h.attempts == 1  # no wait for the tier
+    up = h.accept()
+    up.reply(answer(3))
+    assert c.take() == answer(3)
+
+
+def test_settings_line_mentions_the_tier():
+    from twisted_cacheproxy import tap
+
+    config = tap.ProxyOptions()
+    config.parseOptions(["--memcached", "127.0.0.1:11211", "--memcached", "[::1]:11212"])
+    assert config["memcached"] == [("127.0.0.1", 11211), ("::1", 11212)]
+    line = tap.proxy_settings(config)
+    assert re.search(
+        r"cache 64M, stale-if-error off, shared tier on memcached 127.0.0.1:11211, "
+        r"\[::1\]:11212 \(prefix 'cacheproxy:', lookup timeout 50 ms\);",
+        line,
+    ), line
+    factory = tap.makeProxyService(config).factory
+    assert factory.shared is not None
+    assert factory.shared.timeout == 0.05
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--memcached", "nohost"], "--memcached: not HOST:PORT: 'nohost'"),
+        (["--memcached", "a:1", "--memcached", "a:1"], "--memcached: the same node is given twice"),
+        (["--memcached-timeout", "0"], "--memcached-timeout must be at least 1 (ms)"),
+        (["--memcached-prefix", "a b"], "--memcached-prefix: no spaces"),
+    ],
+)
+def test_memcached_options_are_checked(argv, message):
+    from twisted.python import usage
+
+    from twisted_cacheproxy import tap
+
+    with pytest.raises(usage.UsageError) as info:
+        tap.ProxyOptions().parseOptions(argv)
+    assert str(info.value).startswith(message)
+
+
+# --- the lock across proxies (--memcached-lock-wait) ---------------------------------------
+
+
+def test_with_the_lock_one_proxy_asks_the_server_and_the_other_waits_for_its_answer(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock, lock_wait=0.5), tier(clock, lock_wait=0.5)
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    first, second = fired(a.get(KEY)), fired(b.get(KEY))
+    mc.pump()
+    assert first == [None]  # a took the lock: it asks the server
+    assert second == []  # b found the lock taken: it waits
+    assert (a.locks, b.lock_waits) == (1, 1)
+    clock.advance(0.02)
+    mc.pump()
+    assert second == []
+    a.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    clock.advance(0.005)
+    mc.pump()
+    (entry,) = second
+    assert entry.answer == STORED
+    assert b.counters()["l2_lock_hits"] == 1
+
+
+def test_a_lock_whose_holder_never_answers_is_waited_for_no_longer_than_lock_wait(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock, lock_wait=0.2), tier(clock, lock_wait=0.2)
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    fired(a.get(KEY))
+    mc.pump()
+    second = fired(b.get(KEY))
+    mc.pump()
+    for _ in range(39):
+        clock.advance(0.005)
+        mc.pump()
+    assert second == []
+    clock.advance(0.005)
+    assert second == [None]  # b asks the server itself
+
+
+def test_without_lock_wait_a_miss_takes_no_lock(clock):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    mc.connect(shared.nodes[0])
+    fired(shared.get(KEY))
+    mc.pump()
+    assert b"add" not in mc.commands[4:]
+
+
+def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    proto, _ = mc.connect(shared.nodes[0])
+    shared.stop()
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    shared.nodes[0].factory.clientConnectionLost(FakeConnector(), Failure(error.ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+    assert [e for e in proxy_log if e.get("log_level") == LogLevel.warn] == []

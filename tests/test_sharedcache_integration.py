@@ -1,0 +1,420 @@
+"""The shared cache tier against real memcached processes on 127.0.0.1:
+two ``twistd cacheproxy`` processes sharing one memcached, and proxies in
+this process put through memcached's faults (not running, stopped,
+restarted, stalled with SIGSTOP, one of two nodes down, values that are not
+ours). Every memcached runs on a port of its own and is stopped by its PID.
+
+Without memcached installed the tests are skipped; with ``CI`` set they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import pytest_twisted
+from helpers import require_tool
+from processes import HOST, accepting, free_port, script, start_proxy
+from test_proxy_integration import CountingServer, deferLater, exchange, raw, request
+from twisted.internet import defer
+
+from twisted_cacheproxy import wire
+from twisted_cacheproxy.cache import MemoryCache
+from twisted_cacheproxy.proxy import CacheProxyFactory
+from twisted_cacheproxy.sharedcache import SharedCache
+from twisted_cacheproxy.upstream import TCPConnector, UpstreamPool
+
+pytestmark = pytest.mark.integration
+
+WAIT = 10.0
+
+
+class Memcached:
+    """One memcached process on ``port``: started, stopped (by PID), paused."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> None:
+        command = [self.binary, "-l", HOST, "-p", str(self.port), "-U", "0", "-m", "16"]
+        command += ["-t", "1", "-c", "256"]
+        if os.geteuid() == 0:
+            command += ["-u", "root"]
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + WAIT
+        while not accepting(self.port):
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            assert time.monotonic() < deadline, "memcached did not listen"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGCONT)  # if it was paused
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def command(self, line: bytes) -> bytes:
+        """One command on a new connection; memcached's answer."""
+        with socket.create_connection((HOST, self.port), timeout=WAIT) as s:
+            s.sendall(line)
+            answer = b""
+            while not answer.endswith(b"\r\n"):
+                chunk = s.recv(65536)
+                assert chunk
+                answer += chunk
+            return answer
+
+    def keys_stored(self) -> int:
+        stats = self.command(b"stats\r\n")
+        while not stats.endswith(b"END\r\n"):
+            time.sleep(0.01)
+            stats = self.command(b"stats\r\n")
+        for line in stats.split(b"\r\n"):
+            if line.startswith(b"STAT curr_items "):
+                return int(line.split()[2])
+        raise AssertionError(stats)
+
+
+@pytest.fixture
+def memcached():
+    """Makes memcached processes; every one is stopped when the test ends."""
+    binary = require_tool("memcached", "memcached", "the shared cache tests")
+    made: list[Memcached] = []
+
+    def make(port: int | None = None, start: bool = True) -> Memcached:
+        m = Memcached(binary, port)
+        made.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield make
+    for m in made:
+        m.stop()
+
+
+# --- proxies in this process ------------------------------------------------------------
+
+
+def in_process_proxy(server_port: int, nodes: list[Memcached], *, timeout: float = 0.1, **kw):
+    """A proxy as ``twistd cacheproxy --memcached ...`` builds it, in this process."""
+    from twisted.internet import reactor
+
+    shared = SharedCache([(HOST, m.port) for m in nodes], reactor, timeout=timeout)
+    pool = UpstreamPool(TCPConnector(reactor, HOST, server_port), reactor, retry_delay=0.05)
+    factory = CacheProxyFactory(
+        MemoryCache(kw.pop("cache_size", 64 << 20), reactor), pool, shared=shared
+    )
+    port = reactor.listenTCP(0, factory, interface=HOST)  # starts the factory: connects
+    return factory, port
+
+
+def plain(text: str) -> bytes:
+    """A cacheable request without steps (its key: ``b"\\x00" + text``)."""
+    return request(text, steps=False)
+
+
+@defer.inlineCallbacks
+def until(condition, what: str, seconds: float = WAIT):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        yield deferLater(0.02)
+
+
+def up(factory) -> bool:
+    return all(n.protocol is not None and n.generation for n in factory.shared.nodes)
+
+
+@defer.inlineCallbacks
+def ask_one(port: int, frame: bytes):
+    ((header, data),) = yield exchange(port, frame)
+    return header, data
+
+
+@pytest_twisted.inlineCallbacks
+def test_memcached_down_at_start_stopped_and_restarted_never_fails_a_request(memcached, proxy_log):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached(start=False)
+    factory, listening = in_process_proxy(server_port, [node])
+    port = listening.getHost().port
+    try:
+        # Not running: every request is answered, from the server.
+        for k in range(3):
+            header, _ = yield ask_one(port, plain(f"{k} + 1"))
+            assert header.status == wire.OK
+        assert len(server.requests) == 3
+        node.start()
+        yield until(lambda: up(factory), "the proxy to connect to memcached")
+        header, _ = yield ask_one(port, plain("10 + 1"))  # stored in both
+        yield until(lambda: node.keys_stored() == 2, "the entry in memcached")  # and gen
+        node.stop()
+        for k in range(3):
+            header, _ = yield ask_one(port, plain(f"{k} + 20"))
+            assert header.status == wire.OK
+        yield until(lambda: not up(factory), "the proxy to notice")
+        header, _ = yield ask_one(port, plain("10 + 1"))  # from L1 meanwhile
+        assert header.from_cache
+        node.start()  # same port, empty
+        yield until(lambda: up(factory), "the proxy to reconnect by itself")
+        header, _ = yield ask_one(port, plain("30 + 1"))
+        assert header.status == wire.OK
+        yield until(lambda: node.keys_stored() == 2, "the new entry in memcached")
+        texts = [e.get("log_format", "") for e in proxy_log if "node" in e]
+        kinds = [t.split(" ")[0] for t in texts]
+        assert kinds == ["{node}"] * 4, texts
+        assert ["unreachable" in texts[0], "connected" in texts[1], "lost" in texts[2]] == [
+            True
+        ] * 3
+        assert "connected" in texts[3]
+    finally:
+        yield listening.stopListening()
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stalled_memcached_costs_a_miss_its_timeout_and_never_delays_l1_hits(memcached):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached()
+    factory, listening = in_process_proxy(server_port, [node], timeout=0.1)
+    port = listening.getHost().port
+    try:
+        yield until(lambda: up(factory), "the proxy to connect")
+        yield ask_one(port, plain("1 + 2"))
+        node.pause()
+        try:
+            started = time.monotonic()
+            header, _ = yield ask_one(port, plain("1 + 2"))
+            assert header.from_cache
+            assert time.monotonic() - started < 0.05  # L1: no wait for memcached
+            for k in range(3):
+                started = time.monotonic()
+                header, data = yield ask_one(port, plain(f"{k} * 7"))
+                took = time.monotonic() - started
+                assert (header.status, data) == (wire.OK, b'{"result": %d, "steps": []}' % (k * 7))
+                assert took < 1.0
+            # Timed out (or, once the connection was given up, not even asked).
+            counters = factory.shared.counters()
+            assert counters["l2_timeouts"] + counters["l2_unavailable"] >= 3
+            assert counters["l2_timeouts"] >= 1
+        finally:
+            node.resume()
+        yield until(lambda: up(factory), "the proxy to be back on memcached")
+        hits = factory.shared.counters()["l2_hits"]
+        # A second proxy with an empty L1 reads what the first stored after the stall.
+        yield ask_one(port, plain("5 * 7"))
+        other, other_port = in_process_proxy(server_port, [node])
+        try:
+            yield until(lambda: up(other), "the second proxy to connect")
+            yield until(lambda: node.keys_stored() >= 3, "the entries to be stored")
+            before = len(server.requests)
+            header, _ = yield ask_one(other_port.getHost().port, plain("5 * 7"))
+            assert header.from_cache and len(server.requests) == before
+            assert other.shared.counters()["l2_hits"] == 1
+        finally:
+            yield other_port.stopListening()
+        assert factory.shared.counters()["l2_hits"] == hits
+    finally:
+        yield listening.stopListening()
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_values_that_are_not_ours_are_misses_never_answers(memcached):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached()
+    factory, listening = in_process_proxy(server_port, [node])
+    port = listening.getHost().port
+    shared = factory.shared
+    try:
+        yield until(lambda: up(factory), "the proxy to connect")
+        # An honest entry for "2 + 2", to copy under other keys.
+        yield ask_one(port, plain("2 + 2"))
+        yield until(lambda: node.keys_stored() == 2, "the entry in memcached")
+        honest_key = shared.memcached_key(shared.nodes[0], b"\x00" + b"2 + 2")
+        reply = node.command(b"get " + honest_key + b"\r\n")
+        honest = reply.split(b"\r\n", 1)[1][: -len(b"\r\nEND\r\n")]
+        values = {
+            "1 + 1": (0x7443, b"garbage"),
+            "1 + 3": (0x7443, honest[:-3]),  # truncated
+            "1 + 4": (0x7443, honest + b"xx"),  # wrong length
+            "1 + 5": (0x7443, honest),  # another key's entry under this digest
+            "1 + 6": (0, honest),  # not our flags
+        }
+        for text, (flags, value) in values.items():
+            mkey = shared.memcached_key(shared.nodes[0], b"\x00" + text.encode())
+            line = b"set %s %d 0 %d\r\n%s\r\n" % (mkey, flags, len(value), value)
+            assert node.command(line) == b"STORED\r\n"
+        before = len(server.requests)
+        for text in values:
+            header, data = yield ask_one(port, plain(text))
+            expected = int(text[0]) + int(text[-1])
+            assert (header.status, header.from_cache) == (wire.OK, False)
+            assert data == b'{"result": %d, "steps": []}' % expected
+        assert len(server.requests) == before + len(values)
+        assert shared.counters()["l2_rejected"] == len(values)
+    finally:
+        yield listening.stopListening()
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_of_two_nodes_down_its_keys_go_to_the_server_the_others_still_hit(memcached):
+    server = CountingServer()
+    server_port = server.listen()
+    first, second = memcached(), memcached()
+    a, a_port = in_process_proxy(server_port, [first, second])
+    try:
+        yield until(lambda: up(a), "the proxy to connect to both")
+        texts = [f"{k} + 100" for k in range(16)]
+        for text in texts:
+            yield ask_one(a_port.getHost().port, plain(text))
+        on_second = {
+            t for t in texts if a.shared.node_for(b"\x00" + t.encode()).port == second.port
+        }
+        assert 0 < len(on_second) < len(texts)
+        yield until(lambda: first.keys_stored() + second.keys_stored() == 18, "the entries")
+        second.stop()
+        yield until(lambda: a.shared.nodes[1].protocol is None, "the proxy to notice")
+        # A second proxy (empty L1) on the same two nodes, one of them down.
+        b, b_port = in_process_proxy(server_port, [first, second])
+        try:
+            yield until(lambda: b.shared.nodes[0].generation is not None, "b to connect")
+            before = len(server.requests)
+            for text in texts:
+                header, _ = yield ask_one(b_port.getHost().port, plain(text))
+                assert header.status == wire.OK
+                assert header.from_cache == (text not in on_second)
+            assert len(server.requests) == before + len(on_second)
+        finally:
+            yield b_port.stopListening()
+    finally:
+        yield a_port.stopListening()
+        yield server.close()
+
+
+# --- two twistd proxies sharing one memcached ---------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_twistd_proxies_share_answers_and_a_restarted_one_keeps_serving_them(memcached, twistd):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached()
+    try:
+        options = ("--memcached", node.address, "--memcached-timeout", "200")
+        a = start_proxy(twistd, server_port, *options)
+        b = start_proxy(twistd, server_port, *options)
+        for p in (a, b):
+            yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
+        frame = request("max(2, 3) + 3", steps=True)
+        ((first, first_data),) = yield exchange(a.port, frame)
+        assert (first.status, first.from_cache) == (wire.OK, False)
+        assert len(server.requests) == 1
+        yield until(lambda: node.keys_stored() == 2, "the shared entry")
+        ((second, second_data),) = yield exchange(b.port, frame)
+        assert second.from_cache and second_data == first_data
+        assert len(server.requests) == 1  # B answered without the server
+        assert raw((second, second_data)) == raw((first, first_data))
+        connected = b.text().count("connected: shared cache tier on")
+        b.stop()
+        b.start()
+        yield until(
+            lambda: b.text().count("connected: shared cache tier on") > connected,
+            "the restarted proxy to connect",
+        )
+        ((third, third_data),) = yield exchange(b.port, frame)
+        assert third.from_cache and third_data == first_data
+        assert len(server.requests) == 1
+        assert "shared tier on memcached " + node.address in b.text()
+    finally:
+        yield server.close()
+
+
+@pytest.mark.parametrize(("lock_wait", "per_key"), [(0, 2), (2000, 1)])
+@pytest.mark.usefixtures("proxy_log")
+@pytest_twisted.inlineCallbacks
+def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
+    memcached, twistd, lock_wait, per_key
+):
+    server = CountingServer(delay=0.5)
+    server_port = server.listen()
+    node = memcached()
+    try:
+        options = ("--memcached", node.address, "--memcached-lock-wait", str(lock_wait))
+        a = start_proxy(twistd, server_port, *options)
+        b = start_proxy(twistd, server_port, *options)
+        for p in (a, b):
+            yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
+        frames = [plain(f"{k} + 1000") for k in range(5)]
+        answers = yield defer.gatherResults([exchange(p.port, f) for f in frames for p in (a, b)])
+        for k, ((header, data),) in enumerate(answers):
+            assert header.status == wire.OK
+            assert data == b'{"result": %d, "steps": []}' % (k // 2 + 1000)
+        assert len(server.requests) == per_key * len(frames)
+    finally:
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_twistd_proxy_without_its_memcached_answers_and_says_so_once(memcached, twistd):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached(start=False)
+    try:
+        p = start_proxy(twistd, server_port, "--memcached", node.address)
+        for k in range(5):
+            ((header, _),) = yield exchange(p.port, plain(f"{k} + 2"))
+            assert header.status == wire.OK
+        yield deferLater(0.5)  # a few reconnection attempts
+        assert p.text().count("unreachable") == 1
+        node.start()
+        yield until(lambda: "connected" in p.text(), "the proxy to connect by itself")
+        ((header, _),) = yield exchange(p.port, plain("0 + 2"))
+        assert header.from_cache  # from L1 meanwhile
+    finally:
+        yield server.close()
+
+
+def test_twistd_cacheproxy_help_lists_the_memcached_options(tmp_path):
+    out = subprocess.run(
+        [script("twistd"), "cacheproxy", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert out.returncode == 0, out.stderr
+    for option in ("--memcached=", "--memcached-prefix=", "--memcached-timeout="):
+        assert option in out.stdout, option
+    assert "--memcached-lock-wait=" in out.stdout
