@@ -575,7 +575,7 @@ def test_proxy_options_pipelining_is_on_by_default_and_reaches_the_pool():
     ):
         config = ProxyOptions()
         config.parseOptions(argv)
-        pool = makeProxyService(config).main.factory.pool
+        pool = makeProxyService(config).factory.pool
         assert (pool.pipeline, pool.pipelining) == (depth, on)
 
 

@@ -513,6 +513,11 @@ class OperatedService(service.MultiService):
         #: the log closes (a MultiService stops its children last first).
         self.main = main
 
+    @property
+    def factory(self) -> Any:
+        """The listening service's factory (as on the listening service itself)."""
+        return self.main.factory
+
 
 def operated(config: Any, factory: Any, main: Any, title: str) -> Any:
     """``main`` with what ``--admin-port``, ``--access-log`` and
