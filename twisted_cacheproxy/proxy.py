@@ -15,8 +15,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import answers, wire
+from .balancer import Fetcher
 from .cache import Cache, Entry
-from .upstream import UpstreamError, UpstreamPool
+from .upstream import UpstreamError
 
 log = Logger()
 
@@ -112,7 +113,7 @@ class CacheProxyFactory(wire.ServiceFactory):
     def __init__(
         self,
         cache: Cache,
-        pool: UpstreamPool,
+        pool: Fetcher,
         *,
         clock: IReactorTime | None = None,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
@@ -121,7 +122,8 @@ class CacheProxyFactory(wire.ServiceFactory):
         verbose: bool = False,
     ) -> None:
         """``cache`` keeps the answers (its grace is the stale-if-error
-        window); ``pool`` asks the server on a miss."""
+        window); ``pool`` (an `UpstreamPool` or a `Balancer`) asks the server
+        on a miss."""
         super().__init__(
             clock=clock,
             max_message_size=max_message_size,
