@@ -20,9 +20,9 @@ one of them):
 The parent supervises: a worker that exits is started again, at once if it
 had run for `STABLE` seconds, else after a wait that doubles from
 `RESTART_FIRST` up to `RESTART_MAX`. On SIGTERM the parent asks each worker
-to stop (SIGTERM); a worker stops accepting, closes each connection once the
-answers to what it has read are written (every answer is written as its
-request is read), and exits when they are closed or after the grace period;
+to stop (SIGTERM); a worker stops accepting and reading, answers every request
+it has already read, closes each connection once those answers are written,
+and exits when they are closed or after the grace period;
 a worker still there a second after that is killed.
 """
 
@@ -325,8 +325,11 @@ def worker_main(argv: list[str]) -> None:
         draining.append(True)
         port.stopListening()
         for p in list(factory.live):
-            if p.transport is not None:
-                p.transport.loseConnection()  # after what is written has gone
+            if p.transport is not None and p.connected:
+                # Read no more; answer the requests already read (as for an
+                # end-of-file from the client), then close.
+                p.transport.pauseProducing()
+                p.readConnectionLost()
         deadline = reactor.seconds() + grace
 
         def check() -> None:
