@@ -47,9 +47,12 @@ class Fleet:
         answered = 0
         for peer in self.peers[server]:
             peer.take()
-            while peer.tags:
+            # Each request once (a course server's Peer keeps its tags).
+            waiting = len(peer.seen) - getattr(peer, "answered", 0)
+            for _ in range(waiting):
                 peer.reply(ANSWER)
-                answered += 1
+            peer.answered = len(peer.seen)
+            answered += waiting
         return answered
 
     def refuse(self, server: int) -> None:
