@@ -13,7 +13,9 @@ from twisted_cacheproxy.balancer import EJECT_FIRST, MAX_FAILS, Balancer
 from twisted_cacheproxy.upstream import UpstreamError, UpstreamPool
 
 REQUEST = wire.encode(0, wire.make_flags(request=True, cache=True), wire.FOREVER, b"1+1")
-ANSWER = wire.encode(0, wire.make_flags(request=False, status=wire.OK), 0, b'{"result": 2}')
+ANSWER = wire.encode(
+    0, wire.make_flags(request=False, status=wire.OK, cache=True), wire.FOREVER, b'{"result": 2}'
+)
 
 
 class Fleet:
@@ -259,3 +261,37 @@ def test_mixed_fleet_course_and_ours():
         success_of(d)
     assert answered == [2, 2]
     assert not fleet.pools[0].framed and fleet.pools[1].framed
+
+
+def test_the_proxy_takes_a_balancer_as_it_takes_a_pool():
+    """Misses through `CacheProxyFactory` go to the servers in turn; a hit
+    reaches none; with every server refusing, the 500 names both."""
+    from twisted_cacheproxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy import CacheProxyFactory
+
+    fleet = Fleet(2, rounds=1)
+    factory = CacheProxyFactory(
+        MemoryCache(1 << 20, fleet.clock), fleet.balancer, clock=fleet.clock
+    )
+    answered = []
+    for text in (b"1+1", b"2+2"):
+        frame = wire.encode(0, wire.make_flags(request=True, cache=True), wire.FOREVER, text)
+        header = wire.decode_header(frame)
+        d = factory.answer(header, text, None)
+        answered.append([fleet.answer(0), fleet.answer(1)])
+        assert wire.decode_header(success_of(d)).status == wire.OK
+    assert answered == [[1, 0], [0, 1]]
+    header = wire.decode_header(
+        wire.encode(0, wire.make_flags(request=True, cache=True), wire.FOREVER, b"1+1")
+    )
+    assert isinstance(factory.answer(header, b"1+1", None), bytes)  # a hit
+    for peers in fleet.peers:  # both servers go away
+        for peer in peers:
+            peer.close()
+    header = wire.decode_header(wire.encode(0, wire.make_flags(request=True), 0, b"3+3"))
+    d = factory.answer(header, b"3+3", None)
+    fleet.refuse(0)
+    fleet.refuse(1)
+    answer = success_of(d)
+    assert wire.decode_header(answer).status == wire.SERVER_ERROR
+    assert b"127.0.0.1:9001" in answer and b"127.0.0.1:9002" in answer

@@ -151,3 +151,17 @@ def test_every_server_down_gives_a_500_naming_them(twistd):
     assert header.status == 500
     for port in ports:
         assert f"{HOST}:{port}" in data.decode()
+
+
+def test_a_mixed_fleet_course_server_and_ours(twistd, stand_in):
+    """A course-style server (no L: one request per connection) and ours
+    (L: pipelined) behind one proxy: both serve and every answer is right."""
+    course, ours = stand_in(framed=False), stand_in(framed=True)
+    proxy = start_proxy(
+        twistd, course.port, *servers_args(course.port, ours.port), "--upstream-pipeline", "8"
+    )
+    wrong = in_threads(
+        4, lambda i: ask_each(proxy.port, range(i * 40, i * 40 + 40), lambda k: k % 3 == 0)
+    )
+    assert not wrong
+    assert course.requests and ours.requests, (course.requests, ours.requests)

@@ -690,3 +690,28 @@ def test_one_server_by_host_and_port_still():
 def test_bad_server_option(value):
     with pytest.raises(usage.UsageError, match="--server: expected HOST:PORT"):
         tap.ProxyOptions().parseOptions(["--server", value])
+
+
+def test_several_servers_make_a_balancer():
+    from twisted_cacheproxy.balancer import Balancer
+    from twisted_cacheproxy.tap import makeProxyService
+
+    config = tap.ProxyOptions()
+    config.parseOptions(
+        ["--server", "127.0.0.1:7001", "--server", "127.0.0.1:7002", "--retries", "3"]
+    )
+    balancer = makeProxyService(config).factory.pool
+    assert isinstance(balancer, Balancer)
+    assert [s.name for s in balancer.servers] == [
+        "calculator server 127.0.0.1:7001",
+        "calculator server 127.0.0.1:7002",
+    ]
+    assert balancer.rounds == 3
+    assert all(s.pool.attempts == 1 for s in balancer.servers)  # the balancer retries
+
+
+def test_workers_option():
+    config = options("--workers", "3")
+    assert config["workers"] == 3
+    with pytest.raises(usage.UsageError, match="--workers must be at least 1"):
+        options("--workers", "0")
