@@ -78,9 +78,7 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:
 def workers(twistd):
     port = free_port()
     parent = twistd("cacheserver", "--port", str(port), "--workers", "2", port=port)
-    assert wait_for(lambda: len(children(parent.proc.pid)) == 2)
-    # Both have adopted the socket once each logs nothing more than its start:
-    # a connection made before that waits in the shared queue, which is fine.
+    assert wait_for(lambda: parent.logText().count("accepting connections") == 2)
     return parent
 
 
@@ -113,6 +111,7 @@ def test_a_killed_worker_is_restarted_and_its_sibling_loses_nothing(workers):
     pids = children(workers.proc.pid)
     by_worker = connections_on_each(workers.port, pids)
     victim, survivor = pids
+    assert by_worker[survivor]
     try:
         os.kill(victim, signal.SIGKILL)
         assert wait_for(lambda: _zombie(victim))
@@ -124,6 +123,7 @@ def test_a_killed_worker_is_restarted_and_its_sibling_loses_nothing(workers):
                 len(children(workers.proc.pid)) == 2 and victim not in children(workers.proc.pid)
             )
         )
+        assert wait_for(lambda: workers.logText().count("accepting connections") == 3)
         # The new worker answers too.
         new = [p for p in children(workers.proc.pid) if p != survivor]
         assert wait_for(lambda: _serves(workers.port, new[0], [survivor, *new]))

@@ -307,6 +307,9 @@ def worker_main(argv: list[str]) -> None:
     from twisted.internet import task
 
     reactor = _reactor()
+    # First: a SIGTERM from now on drains (run once the reactor runs).
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(lambda: drain()))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
 
     family = socket.AF_INET6 if argv[0] == "6" else socket.AF_INET
     options = json.loads(argv[1])
@@ -316,6 +319,7 @@ def worker_main(argv: list[str]) -> None:
     port = AdoptedPort._fromListeningDescriptor(reactor, LISTEN_FD, family, factory)
     os.close(LISTEN_FD)  # `fromfd` made a copy
     port.startListening()
+    log.info("accepting connections")
     parent = os.getppid()
     draining: list[bool] = []
 
@@ -344,8 +348,6 @@ def worker_main(argv: list[str]) -> None:
         if os.getppid() != parent:
             drain()
 
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(drain))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
     task.LoopingCall(orphaned).start(1.0, now=False)
     reactor.run(installSignalHandlers=False)
 
