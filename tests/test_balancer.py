@@ -295,3 +295,17 @@ def test_the_proxy_takes_a_balancer_as_it_takes_a_pool():
     answer = success_of(d)
     assert wire.decode_header(answer).status == wire.SERVER_ERROR
     assert b"127.0.0.1:9001" in answer and b"127.0.0.1:9002" in answer
+
+
+def test_figures_over_every_server():
+    """What a status page reads of a pool, summed over the servers."""
+    fleet = Fleet(2)
+    d = fleet.balancer.fetch(REQUEST)
+    assert (fleet.balancer.connections, fleet.balancer.outstanding) == (1, 1)
+    fleet.answer(0)
+    success_of(d)
+    balancer = fleet.balancer
+    assert (balancer.idle, balancer.connections, balancer.outstanding) == (1, 1, 0)
+    assert not balancer.framed  # server 1 has not answered yet
+    assert not balancer.pipelining
+    assert balancer.name == "calculator server 127.0.0.1:9001, calculator server 127.0.0.1:9002"

@@ -168,6 +168,38 @@ class Balancer:
         if interval > 0:
             self._active = clock.callLater(interval, self._checkAll)
 
+    # --- the figures a pool offers, over every server (for status pages) --------
+
+    @property
+    def name(self) -> str:
+        """How error messages and status pages name the servers."""
+        return ", ".join(s.name for s in self.servers)
+
+    @property
+    def idle(self) -> int:
+        """Open connections waiting for a request, over every server."""
+        return sum(s.pool.idle for s in self.servers)
+
+    @property
+    def connections(self) -> int:
+        """Connections open or being opened, over every server."""
+        return sum(s.pool.connections for s in self.servers)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered, over every server."""
+        return sum(s.outstanding for s in self.servers)
+
+    @property
+    def framed(self) -> bool:
+        """Whether every server's last answer carried ``L``."""
+        return all(s.pool.framed for s in self.servers)
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether requests may be pipelined to any server."""
+        return any(s.pool.pipelining for s in self.servers)
+
     # --- choosing -------------------------------------------------------------
 
     def choose(self, exclude: list[Server]) -> Server | None:
