@@ -644,3 +644,53 @@ def test_license_and_changelog_match_the_release():
     assert next(line for line in changelog if line.startswith("## ")) == (
         f"## {version('twisted-cacheproxy')}"
     )
+
+
+def test_repeated_server_options():
+    config = tap.ProxyOptions()
+    config.parseOptions(
+        ["--server", "127.0.0.1:7001", "--server", "[::1]:7002", "--health-interval", "2"]
+    )
+    assert config.servers == [("127.0.0.1", 7001), ("::1", 7002)]
+    assert tap.proxy_settings(config).startswith(
+        "in front of the servers at 127.0.0.1:7001, [::1]:7002 (32 connections each, "
+        "pipelining 8 deep, 5 attempts, timeout 10 s, health checks every 2 s, "
+        "timeouts not retried); "
+    )
+
+
+def test_one_server_by_host_and_port_still():
+    config = tap.ProxyOptions()
+    config.parseOptions(["--server-host", "10.0.0.1", "--server-port", "7000"])
+    assert config.servers == [("10.0.0.1", 7000)]
+
+
+@pytest.mark.parametrize("value", ["7000", "host:", "host:0", "host:70000", ":7000"])
+def test_bad_server_option(value):
+    with pytest.raises(usage.UsageError, match="--server: expected HOST:PORT"):
+        tap.ProxyOptions().parseOptions(["--server", value])
+
+
+def test_several_servers_make_a_balancer():
+    from twisted_cacheproxy.balancer import Balancer
+    from twisted_cacheproxy.tap import makeProxyService
+
+    config = tap.ProxyOptions()
+    config.parseOptions(
+        ["--server", "127.0.0.1:7001", "--server", "127.0.0.1:7002", "--retries", "3"]
+    )
+    balancer = makeProxyService(config).factory.pool
+    assert isinstance(balancer, Balancer)
+    assert [s.name for s in balancer.servers] == [
+        "calculator server 127.0.0.1:7001",
+        "calculator server 127.0.0.1:7002",
+    ]
+    assert balancer.rounds == 3
+    assert all(s.pool.attempts == 1 for s in balancer.servers)  # the balancer retries
+
+
+def test_workers_option():
+    config = options("--workers", "3")
+    assert config["workers"] == 3
+    with pytest.raises(usage.UsageError, match="--workers must be at least 1"):
+        options("--workers", "0")

@@ -18,8 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import answers, upstream, wire
+from .balancer import Fetcher
 from .cache import Cache, Entry, SharedTier
-from .upstream import UpstreamError, UpstreamPool
+from .upstream import UpstreamError
 
 log = Logger()
 
@@ -166,7 +167,7 @@ class CacheProxyFactory(wire.ServiceFactory):
     def __init__(
         self,
         cache: Cache,
-        pool: UpstreamPool,
+        pool: Fetcher,
         *,
         clock: IReactorTime | None = None,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
@@ -176,8 +177,9 @@ class CacheProxyFactory(wire.ServiceFactory):
         shared: SharedTier | None = None,
     ) -> None:
         """``cache`` keeps the answers (its grace is the stale-if-error
-        window); ``pool`` asks the server on a miss; ``shared`` (optional) is
-        a second level asked before the server (`sharedcache.SharedCache`)."""
+        window); ``pool`` (an `UpstreamPool` or a `Balancer`) asks the server
+        on a miss; ``shared`` (optional) is a second level asked before the
+        server (`sharedcache.SharedCache`)."""
         super().__init__(
             clock=clock,
             max_message_size=max_message_size,

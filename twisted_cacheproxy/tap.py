@@ -206,12 +206,32 @@ class ServerOptions(_CommonOptions):
         ],
         *_CommonOptions.optParameters,
     ]
+    optParameters += [
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the port (1: this process serves).",
+            _integer,
+        ],
+        [
+            "shutdown-grace",
+            None,
+            5.0,
+            "With --workers: seconds a stopping worker may take to finish its connections.",
+            _number,
+        ],
+    ]
     optFlags = [["no-cache", None, "Mark every answer as not cacheable (C=0)."]]
 
     def postOptions(self) -> None:
         super().postOptions()
         if not 0 <= self["max-age"] <= wire.FOREVER:
             raise usage.UsageError("--max-age must be 0..65535")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["shutdown-grace"] < 0:
+            raise usage.UsageError("--shutdown-grace cannot be negative")
 
 
 def address(host: str, port: int) -> str:
@@ -336,12 +356,13 @@ def _listening(
 
 
 def makeServerService(config: ServerOptions) -> service.IService:
-    """A TCP service serving the calculator."""
+    """A TCP service serving the calculator (in ``--workers`` processes)."""
     from .server import CalculatorServerFactory
 
-    factory = CalculatorServerFactory(
-        max_age=config["max-age"], cache=not config["no-cache"], **config.common()
-    )
+    options = {"max_age": config["max-age"], "cache": not config["no-cache"], **config.common()}
+    if config["workers"] > 1:
+        return _workers(config, options)
+    factory = CalculatorServerFactory(**options)
     return _operated(config, factory, _listening(config, factory, server_settings(config)))
 
 
@@ -351,6 +372,31 @@ def _operated(config: _CommonOptions, factory: Any, main: service.IService) -> s
 
     title = f"{config.tapname} {address(config['interface'], config['port'])}"
     return operated(config, factory, main, title)
+
+
+def _workers(config: ServerOptions, options: dict[str, Any]) -> service.IService:
+    """The parent of ``--workers`` processes sharing one listening socket
+    (workers.py says why), logging the same start-up line as one process."""
+    from .workers import WorkersService
+
+    logger = Logger(namespace=config.tapname)
+    settings = f"{config['workers']} workers; {server_settings(config)}"
+
+    def listening(where: tuple[str, int]) -> None:
+        logger.info(
+            "listening on {address}, {settings}", address=address(*where), settings=settings
+        )
+
+    return WorkersService(
+        config["interface"],
+        config["port"],
+        config["backlog"],
+        config["workers"],
+        options,
+        grace=config["shutdown-grace"],
+        on_listening=listening,
+        cannot_listen=lambda e: cannot_listen(config, e),
+    )
 
 
 @dataclass(frozen=True)
@@ -442,13 +488,36 @@ class ProxyOptions(_CommonOptions):
             "and wait up to this many milliseconds for another proxy's answer (0: off).",
             _integer,
         ],
+        [
+            "health-interval",
+            None,
+            0.0,
+            "With several --server: probe each server every S seconds (0: off).",
+            _number,
+        ],
         *_CommonOptions.optParameters,
     ]
-    optFlags = [["verbose", "v", "Log every hit and miss (at debug level)."]]
+    optFlags = [
+        ["verbose", "v", "Log every hit and miss (at debug level)."],
+        [
+            "retry-timeouts",
+            None,
+            "With several --server: send a miss that timed out on one server to another "
+            "(each then has half of --timeout).",
+        ],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
+        #: The ``--server`` addresses, in order, as (host, port).
+        self.servers: list[tuple[str, int]] = []
         self["memcached"] = []
+
+    def opt_server(self, value: str) -> None:
+        """A calculator server as HOST:PORT ([::1]:9999 for IPv6); repeat for
+        several (balanced, with health checks and failover). Default: the
+        one --server-host and --server-port give."""
+        self.servers.append(server_address(value))
 
     def opt_memcached(self, value: str) -> None:
         """A memcached node HOST:PORT for the shared cache tier; repeat it
@@ -463,6 +532,10 @@ class ProxyOptions(_CommonOptions):
     def postOptions(self) -> None:
         super().postOptions()
         self.checkPort("server-port")
+        if not self.servers:
+            self.servers = [(self["server-host"], self["server-port"])]
+        if self["health-interval"] < 0:
+            raise usage.UsageError("--health-interval cannot be negative")
         for name in ("retry-delay", "stale-if-error"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} cannot be negative")
@@ -487,27 +560,51 @@ class ProxyOptions(_CommonOptions):
             raise usage.UsageError(f"--memcached-prefix: {e}") from None
 
 
+def server_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9999`` for IPv6) as a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"--server: expected HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
 def makeProxyService(config: ProxyOptions) -> service.IService:
     """A TCP service running the caching proxy."""
     from twisted.internet import reactor
 
+    from .balancer import Balancer
     from .cache import MemoryCache
     from .proxy import CacheProxyFactory
     from .upstream import TCPConnector, UpstreamPool
 
     cache = MemoryCache(config["cache-size"], reactor, grace=config["stale-if-error"])
-    connector = TCPConnector(
-        reactor, config["server-host"], config["server-port"], timeout=config["timeout"]
-    )
-    pool = UpstreamPool(
-        connector,
-        reactor,
-        max_connections=config["upstream-connections"],
-        retries=config["retries"],
-        retry_delay=config["retry-delay"],
-        timeout=config["timeout"],
-        pipeline=config["upstream-pipeline"],
-    )
+    several = len(config.servers) > 1
+    pools = [
+        UpstreamPool(
+            TCPConnector(reactor, host, port, timeout=config["timeout"]),
+            reactor,
+            max_connections=config["upstream-connections"],
+            # With several servers the balancer retries, on the others first.
+            retries=1 if several else config["retries"],
+            retry_delay=config["retry-delay"],
+            timeout=config["timeout"],
+            pipeline=config["upstream-pipeline"],
+        )
+        for host, port in config.servers
+    ]
+    pool: UpstreamPool | Balancer = pools[0]
+    if several:
+        pool = Balancer(
+            pools,
+            reactor,
+            rounds=config["retries"],
+            retry_delay=config["retry-delay"],
+            timeout=config["timeout"],
+            retry_timeouts=bool(config["retry-timeouts"]),
+            interval=config["health-interval"],
+        )
     shared = None
     if config["memcached"]:
         from .sharedcache import SharedCache
@@ -537,12 +634,22 @@ def proxy_settings(config: ProxyOptions) -> str:
     """The proxy's start-up line after its address."""
     stale = config["stale-if-error"]
     depth = config["upstream-pipeline"]
+    servers = config.servers or [(config["server-host"], config["server-port"])]
+    where = ", ".join(address(host, port) for host, port in servers)
+    each = " each" if len(servers) > 1 else ""
     upstream = (
-        f"in front of the server at {address(config['server-host'], config['server-port'])} "
-        f"({config['upstream-connections']} connections, "
+        f"in front of the server{'s' if len(servers) > 1 else ''} at {where} "
+        f"({config['upstream-connections']} connections{each}, "
         f"{'no pipelining' if depth == 1 else f'pipelining {depth} deep'}, "
-        f"{config['retries']} attempts, timeout {_seconds(config['timeout'])})"
+        f"{config['retries']} attempts, timeout {_seconds(config['timeout'])}"
     )
+    if len(servers) > 1:
+        interval = config["health-interval"]
+        upstream += (
+            f", health checks {'every ' + _seconds(interval) if interval else 'passive'}, "
+            f"{'timeouts retried' if config['retry-timeouts'] else 'timeouts not retried'}"
+        )
+    upstream += ")"
     cache = (
         f"cache {_bytes(config['cache-size'])}, "
         f"stale-if-error {_seconds(stale) if stale else 'off'}"

@@ -29,7 +29,16 @@ Answer = tuple[wire.Header, bytes, float]
 
 
 class UpstreamError(Exception):
-    """The server could not give an answer; the message says why, for the client."""
+    """The server could not give an answer; the message says why, for the client.
+
+    ``kind`` says what went wrong, for a balancer choosing whether another
+    server may be tried: ``unreachable`` (no connection), ``timeout`` (sent,
+    no answer in time), ``closed`` (closed before answering), ``invalid`` (a
+    broken or out-of-step answer) or ``overloaded`` (too many waiting here)."""
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class UpstreamProtocol(wire.FrameClient):
@@ -200,6 +209,7 @@ class UpstreamPool:
         #: How error messages name the server.
         self.name = connector.name
         self._dialing = 0
+        self._outstanding = 0
         self._idle: list[UpstreamProtocol] = []
         self._open: list[UpstreamProtocol] = []
         self._queue: deque[_Fetch] = deque()
@@ -210,6 +220,11 @@ class UpstreamPool:
         return len(self._idle)
 
     @property
+    def outstanding(self) -> int:
+        """Requests fetched and not yet answered or failed (for a balancer)."""
+        return self._outstanding
+
+    @property
     def connections(self) -> int:
         """Connections open or being opened: what counts against the limit."""
         return self._dialing + len(self._open)
@@ -218,8 +233,14 @@ class UpstreamPool:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame)
         fetch.timer = self.clock.callLater(self.timeout, self._timedOut, fetch)
+        self._outstanding += 1
+        fetch.d.addBoth(self._done)
         self._dispatch(fetch)
         return fetch.d
+
+    def _done(self, result):
+        self._outstanding -= 1
+        return result
 
     def learned(self, framed: bool) -> None:
         """An answer said whether the server frames by length and echoes tags."""
@@ -250,7 +271,8 @@ class UpstreamPool:
             why = f"unreachable within {self.timeout:g} s ({_attempts(fetch.attempt)}): {fetch.why}"
         else:
             why = f"did not answer within {self.timeout:g} s"
-        fetch.settle(UpstreamError(f"{self.name} {why}"))
+        kind = "timeout" if fetch.conn is not None else "unreachable"
+        fetch.settle(UpstreamError(f"{self.name} {why}", kind))
 
     def _dispatch(self, fetch: _Fetch, fresh: bool = False) -> None:
         """Send ``fetch`` on an idle or (pipelining) roomy connection, else
@@ -271,7 +293,8 @@ class UpstreamPool:
         elif len(self._queue) >= self.max_queued:
             fetch.settle(
                 UpstreamError(
-                    f"proxy overloaded: {len(self._queue)} requests already wait for {self.name}"
+                    f"proxy overloaded: {len(self._queue)} requests already wait for {self.name}",
+                    "overloaded",
                 )
             )
         else:
@@ -359,7 +382,9 @@ class UpstreamPool:
             if fetch.resent < self.attempts:
                 self._dispatch(fetch, fresh=True)
             else:
-                fetch.settle(UpstreamError(f"{self.name} answered out of step: {reason.value}"))
+                fetch.settle(
+                    UpstreamError(f"{self.name} answered out of step: {reason.value}", "invalid")
+                )
             return
         if reason.check(error.ConnectionAborted) or (
             reused and reason.check(error.ConnectionDone, error.ConnectionLost)
@@ -370,10 +395,10 @@ class UpstreamPool:
             self._dispatch(fetch)
             return
         if isinstance(reason.value, wire.ProtocolError):
-            message = f"{self.name} sent an invalid answer: {reason.value}"
+            message, kind = f"{self.name} sent an invalid answer: {reason.value}", "invalid"
         else:
-            message = f"{self.name} closed the connection before answering"
-        fetch.settle(UpstreamError(message))
+            message, kind = f"{self.name} closed the connection before answering", "closed"
+        fetch.settle(UpstreamError(message, kind))
 
     def _release(self, conn: UpstreamProtocol) -> None:
         """Give a connection with room (its answer has come, or it has just

@@ -1,0 +1,181 @@
+"""``twistd cacheserver --workers 2`` on 127.0.0.1: both workers answer,
+a killed worker is started again without its sibling's connections losing
+anything, SIGTERM lets the workers finish. Which worker holds a connection
+is read from /proc (the socket's inode), so the server needs no test hook."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import time
+
+import pytest
+from processes import HOST, free_port
+from test_reliability_tcp import read_message, request
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not pathlib.Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
+]
+
+
+def children(pid: int) -> list[int]:
+    text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def owners(socks: list[socket.socket], pids: list[int]) -> list[int | None]:
+    """The worker holding the server end of each client socket (one read of
+    /proc/net/tcp, which is long on a busy host)."""
+    wanted = {(s.getpeername()[1], s.getsockname()[1]): i for i, s in enumerate(socks)}
+    inodes: dict[int, str] = {}
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local = int(fields[1].split(":")[1], 16)
+        remote = int(fields[2].split(":")[1], 16)
+        if (local, remote) in wanted:
+            inodes[wanted[local, remote]] = fields[9]
+    held = {pid: _socket_inodes(pid) for pid in pids}
+    return [
+        next((pid for pid in pids if inodes.get(i) in held[pid]), None) for i in range(len(socks))
+    ]
+
+
+def answer(sock: socket.socket, k: int) -> int:
+    sock.sendall(request(f"{k} + 1"))
+    header, data = read_message(sock)
+    assert header.status == 200 and data.startswith(f'{{"result": {k + 1},'.encode()), data
+    return header.status
+
+
+def wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def workers(twistd):
+    port = free_port()
+    parent = twistd("cacheserver", "--port", str(port), "--workers", "2", port=port)
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    return parent
+
+
+def connections_on_each(port: int, pids: list[int], count: int = 40):
+    """``count`` open connections, each with one answer, by the worker holding it."""
+    by_worker: dict[int, list[socket.socket]] = {pid: [] for pid in pids}
+    # All at once, as load comes: the kernel queues them, and each worker
+    # takes one per wakeup, so a burst is shared (idle connections opened one
+    # by one may all go to whichever worker wakes first).
+    socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(count)]
+    for k, sock in enumerate(socks):
+        answer(sock, k)
+    for sock, pid in zip(socks, owners(socks, pids), strict=True):
+        assert pid in by_worker, (pid, pids)
+        by_worker[pid].append(sock)
+    return by_worker
+
+
+def test_both_workers_answer(workers):
+    pids = children(workers.proc.pid)
+    by_worker = connections_on_each(workers.port, pids)
+    try:
+        assert all(by_worker.values()), {p: len(s) for p, s in by_worker.items()}
+        assert "2 workers" in workers.text()
+    finally:
+        for socks in by_worker.values():
+            for s in socks:
+                s.close()
+
+
+def test_a_killed_worker_is_restarted_and_its_sibling_loses_nothing(workers):
+    pids = children(workers.proc.pid)
+    by_worker = connections_on_each(workers.port, pids)
+    victim, survivor = pids
+    assert by_worker[survivor]
+    try:
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: _zombie(victim))
+        for k, sock in enumerate(by_worker[survivor]):
+            for j in range(5):
+                answer(sock, 1000 * k + j)
+        assert wait_for(
+            lambda: (
+                len(children(workers.proc.pid)) == 2 and victim not in children(workers.proc.pid)
+            )
+        )
+        assert wait_for(lambda: workers.text().count("accepting connections") == 3)
+        # The new worker answers too.
+        new = [p for p in children(workers.proc.pid) if p != survivor]
+        assert wait_for(lambda: _serves(workers.port, new[0], [survivor, *new]))
+        assert "starting it again" in workers.text()
+    finally:
+        for socks in by_worker.values():
+            for s in socks:
+                s.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def _serves(port: int, pid: int, pids: list[int]) -> bool:
+    socks = []
+    try:
+        for k in range(20):
+            socks.append(socket.create_connection((HOST, port), timeout=10))
+            answer(socks[-1], k)
+        return pid in owners(socks, pids)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_sigterm_lets_the_workers_finish(workers):
+    """Pipelined requests already read are all answered, then the connection
+    closes, and the parent exits well within the grace period."""
+    sock = socket.create_connection((HOST, workers.port), timeout=10)
+    with sock:
+        sock.sendall(b"".join(request(f"{k} + 1") for k in range(100)))
+        header, _data = read_message(sock)
+        assert header.status == 200
+        started = time.monotonic()
+        workers.proc.send_signal(signal.SIGTERM)
+        answers = 1
+        while True:
+            try:
+                header, _data = read_message(sock)
+            except ConnectionError:
+                break
+            assert header.status == 200
+            answers += 1
+        assert answers == 100
+    # twistd ends as the signal it stopped for ends a process.
+    assert workers.proc.wait(10) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 5
+    assert not children_alive(workers)
+
+
+def children_alive(process) -> bool:
+    return False if process.proc.poll() is not None else bool(children(process.proc.pid))

@@ -1,0 +1,367 @@
+"""``cacheserver --workers N``: N worker processes answering on one port.
+
+The parent binds and listens on the one socket itself, then starts each
+worker with that socket as its file descriptor 3; a worker adopts it
+(`reactor.adoptStreamPort`'s way, with the send-at-once connections of
+`endpoint`) and accepts from it. Why one shared socket rather than
+``SO_REUSEPORT`` (a socket per worker, the kernel hashing each connection to
+one of them):
+
+- a connection waiting in a dying worker's own ``SO_REUSEPORT`` queue is
+  reset with it; with one shared queue, whatever the kernel has queued is
+  accepted by the workers still alive, so a crash loses only the
+  connections the dead worker had accepted;
+- the port is bound once, by the parent, so a port that cannot be bound is
+  the same one-line error at start-up as with one process, and no other
+  process can join the group by binding the same port;
+- a busy worker accepts less (it returns to its event loop less often), so
+  connections go to idle workers, where hashing ignores load.
+
+The parent supervises: a worker that exits is started again, at once if it
+had run for `STABLE` seconds, else after a wait that doubles from
+`RESTART_FIRST` up to `RESTART_MAX`. On SIGTERM the parent asks each worker
+to stop (SIGTERM); a worker stops accepting and reading, answers every request
+it has already read, closes each connection once those answers are written,
+and exits when they are closed or after the grace period;
+a worker still there a second after that is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol, tcp
+from twisted.logger import Logger, formatEvent, globalLogBeginner
+from twisted.python.failure import Failure
+
+from .endpoint import _Port
+
+log = Logger(namespace="cacheserver")
+
+#: The listening socket's descriptor in a worker.
+LISTEN_FD = 3
+#: A worker that ran this long is restarted at once when it exits.
+STABLE = 10.0
+#: Else the wait before a restart: doubled for each quick exit, capped.
+RESTART_FIRST = 0.5
+RESTART_MAX = 10.0
+
+
+class AdoptedPort(_Port):
+    """A listening socket handed in by the parent: accepted from, never
+    bound, and never shut down on stopping (the other workers still use it).
+    It accepts one connection each time the socket is readable, as nginx does
+    with ``multi_accept off``: every worker is woken, and the one that is
+    free takes the connection, instead of the first one awake taking a
+    whole burst (Twisted's port accepts up to ``numberAccepts`` at once)."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        """Twisted raises its accept batch after a full one; ours stays 1."""
+
+    def startListening(self) -> None:
+        tcp._reservedFD.reserve()
+        skt = self._preexistingSocket
+        if skt is None:
+            raise error.CannotListenError(self.interface, self.port, OSError("no socket"))
+        self._preexistingSocket = None
+        self._shouldShutdown = False
+        self._realPortNumber = skt.getsockname()[1]
+        factory: Any = self.factory
+        factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+        self.startReading()
+
+
+# --- the parent ----------------------------------------------------------------------
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker process as the parent sees it: its output becomes log lines."""
+
+    def __init__(self, parent: WorkersService, number: int, started: float) -> None:
+        self.parent = parent
+        self.number = number
+        self.started = started
+        self.pid: int | None = None
+        self._buffer = b""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self.pid = transport.pid
+        transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            log.info(
+                "worker {number} (pid {pid}): {line}",
+                number=self.number,
+                pid=self.pid,
+                line=line.decode("utf-8", "replace"),
+            )
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.parent.ended(self, reason)
+
+
+class WorkersService(service.Service):
+    """Binds the port, runs ``count`` workers on it and keeps them running."""
+
+    def __init__(
+        self,
+        interface: str,
+        port: int,
+        backlog: int,
+        count: int,
+        factory_options: dict[str, Any],
+        *,
+        grace: float = 5.0,
+        on_listening: Callable[[tuple[str, int]], None] | None = None,
+        cannot_listen: Callable[[OSError], str] = str,
+    ) -> None:
+        self.interface = interface
+        self.port = port
+        self.backlog = backlog
+        self.count = count
+        self.factory_options = factory_options
+        self.grace = grace
+        #: Called with the bound socket's (host, port) once it listens.
+        self.on_listening = on_listening
+        #: The one line to stop with when the port cannot be bound.
+        self.cannot_listen = cannot_listen
+        self.socket: socket.socket | None = None
+        self.workers: dict[int, _Worker] = {}
+        self._quick: dict[int, int] = {}  # quick exits in a row, per worker number
+        self._restarts: dict[int, Any] = {}
+        self._stopping = False
+        self._stopped: defer.Deferred[None] | None = None
+
+    def privilegedStartService(self) -> None:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        skt = socket.socket(family, socket.SOCK_STREAM)
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            skt.bind((self.interface, self.port))
+            skt.listen(self.backlog)
+        except OSError as e:
+            skt.close()
+            raise SystemExit(self.cannot_listen(e)) from None
+        skt.setblocking(False)
+        self.socket = skt
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        assert self.socket is not None
+        if self.on_listening is not None:
+            self.on_listening(self.socket.getsockname()[:2])
+        for number in range(1, self.count + 1):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        reactor = _reactor()
+
+        self._restarts.pop(number, None)
+        assert self.socket is not None
+        worker = _Worker(self, number, reactor.seconds())
+        self.workers[number] = worker
+        family = "6" if self.socket.family == socket.AF_INET6 else "4"
+        options = {**self.factory_options, "grace": self.grace}
+        argv = [sys.executable, "-m", "twisted_cacheproxy.workers", family, json.dumps(options)]
+        reactor.spawnProcess(
+            worker,
+            sys.executable,
+            argv,
+            env=dict(os.environ),
+            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.socket.fileno()},
+        )
+        log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        """A worker exited: start it again unless stopping."""
+        reactor = _reactor()
+
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        how = _exit(reason)
+        if self._stopping:
+            log.info(
+                "worker {number} (pid {pid}) {how}", number=worker.number, pid=worker.pid, how=how
+            )
+            if not self.workers and self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        if reactor.seconds() - worker.started >= STABLE:
+            self._quick[worker.number] = 0
+            wait = 0.0
+        else:
+            quick = self._quick.get(worker.number, 0)
+            wait = min(RESTART_MAX, RESTART_FIRST * 2**quick)
+            self._quick[worker.number] = quick + 1
+        log.warn(
+            "worker {number} (pid {pid}) {how}; starting it again in {wait:g} s",
+            number=worker.number,
+            pid=worker.pid,
+            how=how,
+            wait=wait,
+        )
+        self._restarts[worker.number] = reactor.callLater(wait, self._spawn, worker.number)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Ask every worker to finish; fires when all have exited."""
+        reactor = _reactor()
+
+        super().stopService()
+        self._stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        self._stopped = defer.Deferred()
+        if not self.workers:
+            self._stopped.callback(None)
+        for worker in list(self.workers.values()):
+            _signal(worker, "TERM")
+        killer = reactor.callLater(self.grace + 1.0, self._kill)
+
+        def done(result: None) -> None:
+            if killer.active():
+                killer.cancel()
+            if self.socket is not None:
+                self.socket.close()
+                self.socket = None
+
+        self._stopped.addCallback(done)
+        return self._stopped
+
+    def _kill(self) -> None:
+        for worker in list(self.workers.values()):
+            log.warn(
+                "worker {number} (pid {pid}) still running: killed",
+                number=worker.number,
+                pid=worker.pid,
+            )
+            _signal(worker, "KILL")
+
+
+def _reactor() -> Any:
+    """The global reactor (typed loosely: its interfaces are zope's)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _signal(worker: _Worker, name: str) -> None:
+    transport: Any = worker.transport
+    with contextlib.suppress(error.ProcessExitedAlready):
+        transport.signalProcess(name)
+
+
+def _exit(reason: Failure) -> str:
+    e = reason.value
+    if isinstance(e, error.ProcessTerminated) and e.signal is not None:
+        return f"killed by signal {e.signal}"
+    code = getattr(e, "exitCode", 0)
+    return f"exited with status {code}"
+
+
+# --- a worker --------------------------------------------------------------------------
+
+
+def _draining_factory(options: dict[str, Any]) -> Any:
+    """The server's factory, remembering its connections for the drain."""
+    from .server import CalculatorServerFactory
+
+    class DrainingFactory(CalculatorServerFactory):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.live: weakref.WeakSet[Any] = weakref.WeakSet()
+
+        def buildProtocol(self, addr: Any) -> Any:
+            p = super().buildProtocol(addr)
+            if p is not None:
+                self.live.add(p)
+            return p
+
+    return DrainingFactory(**options)
+
+
+def _print(event: dict[str, Any]) -> None:
+    text = formatEvent(event)
+    if "log_failure" in event:
+        text += "\n" + event["log_failure"].getTraceback()
+    sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def worker_main(argv: list[str]) -> None:
+    """Serve on the inherited socket until SIGTERM (or the parent is gone)."""
+    from twisted.internet import task
+
+    reactor = _reactor()
+    # First: a SIGTERM from now on drains (run once the reactor runs).
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(lambda: drain()))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+
+    family = socket.AF_INET6 if argv[0] == "6" else socket.AF_INET
+    options = json.loads(argv[1])
+    grace = float(options.pop("grace", 5.0))
+    globalLogBeginner.beginLoggingTo([cast(Any, _print)], redirectStandardIO=False)
+    factory = _draining_factory(options)
+    port = AdoptedPort._fromListeningDescriptor(reactor, LISTEN_FD, family, factory)
+    os.close(LISTEN_FD)  # `fromfd` made a copy
+    port.startListening()
+    log.info("accepting connections")
+    parent = os.getppid()
+    draining: list[bool] = []
+
+    def drain() -> None:
+        if draining:
+            return
+        draining.append(True)
+        port.stopListening()
+        for p in list(factory.live):
+            if p.transport is not None and p.connected:
+                # Read no more; answer the requests already read (as for an
+                # end-of-file from the client), then close.
+                p.transport.pauseProducing()
+                p.readConnectionLost()
+        deadline = reactor.seconds() + grace
+
+        def check() -> None:
+            if factory.connectionCount <= 0 or reactor.seconds() >= deadline:
+                reactor.stop()
+            else:
+                reactor.callLater(0.05, check)
+
+        check()
+
+    def orphaned() -> None:
+        if os.getppid() != parent:
+            drain()
+
+    task.LoopingCall(orphaned).start(1.0, now=False)
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])
