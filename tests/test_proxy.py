@@ -1,8 +1,10 @@
-"""The caching proxy, driven entirely by fakes: clients and upstream
-connections are `StringTransport`s, and a `MemoryReactorClock` is both the
-reactor the upstream pool connects through and the proxy's clock.
+"""The caching proxy's rules, driven entirely by fakes: clients and
+upstream connections are `StringTransport`s, the pool's connections come
+from a `FakeConnector`, and a `task.Clock` keeps the time.
 
-Every test asserts on the exact bytes sent upstream and to each client.
+Every test asserts on the exact bytes sent upstream and to each client. How
+the pool reuses connections, retries, times out and pipelines is tested in
+test_upstream.py; here it is seen only through what the proxy answers.
 """
 
 from __future__ import annotations
@@ -791,22 +793,6 @@ def test_unreachable_server_is_retried_with_backoff_then_500(h, encoding, proxy_
     h.assert_quiet()
 
 
-def test_retry_count_and_delay_are_configurable():
-    h = Harness(retries=3, retry_delay=0.25)
-    c = h.client()
-    c.send(request(X))
-    h.refuse()
-    h.advance(0.25)
-    assert h.attempts == 2
-    h.refuse()
-    h.advance(0.5 - EPS)
-    assert h.attempts == 2
-    h.advance(EPS)
-    assert h.attempts == 3
-    h.refuse()
-    assert c.take() == proxy_error(unreachable(3), TS)  # T0 + 0.75
-
-
 def test_a_later_attempt_that_connects_is_answered():
     h = Harness(retries=5)
     c = h.client()
@@ -873,20 +859,6 @@ def test_timeout_includes_the_connection_retries():
     h.advance(60)
     assert h.attempts == 3
     h.assert_quiet()
-
-
-def test_timeout_while_connecting_stops_the_attempt():
-    h = Harness(timeout=3)
-    c = h.client()
-    c.send(request(X))
-    h.advance(3)
-    assert c.take() == proxy_error(
-        "calculator server 127.0.0.1:9999 did not answer within 3 s", TS + 3
-    )
-    assert h.connector.cancelled(0)
-    assert h.factory.pool.connections == 0
-    h.advance(60)
-    assert h.attempts == 1
 
 
 def test_late_answer_after_the_timeout_is_not_stored(h):
@@ -1119,77 +1091,6 @@ def test_a_hit_after_the_answered_pipeline_is_immediate(h):
     up.reply(reply)
     c.send(request(X))
     assert c.take() == reply + reply
-
-
-# --- the upstream pool -------------------------------------------------------------------
-
-
-def test_pooled_connection_is_reused_for_the_next_miss(h):
-    c = h.client()
-    up = h.miss(c, request(X), answer(3))
-    h.miss(c, request(Y), answer(6), upstream=up)
-    other = h.client()
-    h.miss(other, request(Z), answer(6), upstream=up)
-    assert h.attempts == 1
-
-
-def test_idle_connection_closed_by_the_server_is_discarded(h):
-    c = h.client()
-    up = h.miss(c, request(X), answer(3))
-    up.close()
-    c.send(request(Y))
-    assert h.attempts == 2
-    up2 = h.accept()
-    assert up.take() == b""
-    assert up2.take() == request(Y)
-    reply = answer(6)
-    up2.reply(reply)
-    assert c.take() == reply
-    assert h.counters()["upstream_errors"] == 0
-
-
-@pytest.mark.parametrize("reason", [error.ConnectionDone, error.ConnectionLost])
-def test_pooled_connection_closed_under_a_request_is_retried_on_a_fresh_one(h, reason):
-    c = h.client()
-    up = h.miss(c, request(X), answer(3))
-    c.send(request(Y))
-    assert up.take() == request(Y)
-    # The server had closed the idle connection just before our request reached it.
-    up.close(reason)
-    assert h.attempts == 2
-    up2 = h.accept()
-    assert up2.take() == request(Y)
-    reply = answer(6)
-    up2.reply(reply)
-    assert c.take() == reply
-    assert h.counters()["upstream_errors"] == 0
-
-
-def test_fresh_connection_closed_before_answering_is_a_500_not_a_retry(h):
-    c = h.client()
-    c.send(request(X))
-    up = h.accept()
-    assert up.take() == request(X)
-    up.close()
-    assert c.take() == proxy_error(
-        "calculator server 127.0.0.1:9999 closed the connection before answering", TS
-    )
-    assert h.attempts == 1
-    assert h.counters() == counters(misses=1, upstream_errors=1)
-
-
-def test_invalid_answer_is_a_500_and_the_connection_is_dropped(h):
-    c = h.client()
-    c.send(request(X))
-    up = h.accept()
-    up.reply(request(b"1"))  # a request (T=1) is no answer
-    assert c.take() == proxy_error(
-        "calculator server 127.0.0.1:9999 sent an invalid answer: "
-        "peer sent a request (T=1) instead of an answer",
-        TS,
-    )
-    assert up.transport.disconnecting
-    assert h.counters()["entries"] == 0
 
 
 # --- counters, evictions --------------------------------------------------------------------
