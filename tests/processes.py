@@ -126,3 +126,13 @@ def connect(port: int, protocol_class=None):
 
     creator = protocol.ClientCreator(reactor, protocol_class or wire.FrameClient)
     return within(creator.connectTCP(HOST, port, timeout=5), 5.0)
+
+
+def wait_for(predicate, seconds: float = 10.0) -> bool:
+    """Whether ``predicate()`` came true within ``seconds`` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

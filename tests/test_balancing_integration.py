@@ -13,7 +13,7 @@ import time
 
 import pytest
 import test_reliability_tcp
-from processes import HOST, free_port, start_proxy
+from processes import HOST, free_port, start_proxy, wait_for
 from test_reliability_tcp import ask_each, in_threads, read_message, request
 
 pytestmark = pytest.mark.integration
@@ -28,15 +28,6 @@ def servers_args(*ports: int) -> list[str]:
 def start_server(twistd, port: int | None = None):
     port = port or free_port()
     return twistd("cacheserver", "--port", str(port), port=port)
-
-
-def wait_for(predicate, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_two_servers_share_the_load(twistd, stand_in):

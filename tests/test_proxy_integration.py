@@ -428,6 +428,10 @@ def test_twistd_cacheproxy_help_lists_every_option(tmp_path):
         "--upstream-connections",
         "--upstream-pipeline",
         "--max-connections",
+        "--memcached",
+        "--memcached-prefix",
+        "--memcached-timeout",
+        "--memcached-lock-wait",
     ):
         assert f"{option}=" in out.stdout, option
 

@@ -18,7 +18,7 @@ import time
 import pytest
 import pytest_twisted
 from helpers import require_tool
-from processes import HOST, accepting, free_port, script, start_proxy
+from processes import HOST, accepting, free_port, start_proxy
 from test_proxy_integration import CountingServer, deferLater, exchange, raw, request
 from twisted.internet import defer
 
@@ -403,18 +403,3 @@ def test_twistd_proxy_without_its_memcached_answers_and_says_so_once(memcached, 
         assert header.from_cache  # from L1 meanwhile
     finally:
         yield server.close()
-
-
-def test_twistd_cacheproxy_help_lists_the_memcached_options(tmp_path):
-    out = subprocess.run(
-        [script("twistd"), "cacheproxy", "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "COLUMNS": "100"},
-    )
-    assert out.returncode == 0, out.stderr
-    for option in ("--memcached=", "--memcached-prefix=", "--memcached-timeout="):
-        assert option in out.stdout, option
-    assert "--memcached-lock-wait=" in out.stdout

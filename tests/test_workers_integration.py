@@ -12,7 +12,7 @@ import socket
 import time
 
 import pytest
-from processes import HOST, free_port
+from processes import HOST, free_port, wait_for
 from test_reliability_tcp import read_message, request
 
 pytestmark = [
@@ -60,15 +60,6 @@ def answer(sock: socket.socket, k: int) -> int:
     header, data = read_message(sock)
     assert header.status == 200 and data.startswith(f'{{"result": {k + 1},'.encode()), data
     return header.status
-
-
-def wait_for(predicate, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
