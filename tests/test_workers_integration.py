@@ -70,18 +70,24 @@ def workers(twistd):
     return parent
 
 
-def connections_on_each(port: int, pids: list[int], count: int = 40):
-    """``count`` open connections, each with one answer, by the worker holding it."""
+def connections_on_each(port: int, pids: list[int], burst: int = 40, bursts: int = 5):
+    """Open connections, each with one answer, in bursts until every worker
+    holds some (at most ``bursts`` bursts), by the worker holding each.
+
+    The kernel queues a burst and each worker takes one connection per
+    wakeup, so a burst is usually shared; but connections that stay idle
+    may all go to whichever worker wakes first, so a lopsided burst is
+    followed by another."""
     by_worker: dict[int, list[socket.socket]] = {pid: [] for pid in pids}
-    # All at once, as load comes: the kernel queues them, and each worker
-    # takes one per wakeup, so a burst is shared (idle connections opened one
-    # by one may all go to whichever worker wakes first).
-    socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(count)]
-    for k, sock in enumerate(socks):
-        answer(sock, k)
-    for sock, pid in zip(socks, owners(socks, pids), strict=True):
-        assert pid in by_worker, (pid, pids)
-        by_worker[pid].append(sock)
+    for _ in range(bursts):
+        socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(burst)]
+        for k, sock in enumerate(socks):
+            answer(sock, k)
+        for sock, pid in zip(socks, owners(socks, pids), strict=True):
+            assert pid in by_worker, (pid, pids)
+            by_worker[pid].append(sock)
+        if all(by_worker.values()):
+            break
     return by_worker
 
 

@@ -330,7 +330,8 @@ def worker_main(argv: list[str]) -> None:
     port = AdoptedPort._fromListeningDescriptor(reactor, LISTEN_FD, family, factory)
     os.close(LISTEN_FD)  # `fromfd` made a copy
     port.startListening()
-    log.info("accepting connections")
+    # Said once the reactor runs: only then does this worker take connections.
+    reactor.callWhenRunning(log.info, "accepting connections")
     parent = os.getppid()
     draining: list[bool] = []
 
