@@ -120,11 +120,11 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
     assert http(admin, "/purge", "POST", token="wrong")[0] == 401
     assert http(admin, "/purge", "GET")[0] == 405
     status, body = http(admin, "/purge", "POST", token=TOKEN)
-    assert (status, json.loads(body)) == (200, {"purged": 2})
+    assert (status, json.loads(body)) == (200, {"purged": 2, "shared": 0})
     assert ask(proxy.port, frame(x))[0][:2] == (200, 0x1)  # a MISS: it reached the server
     assert metrics(server_admin)[served] == 5
     status, body = http(admin, "/purge?expr=1%20%2B%202", "POST", token=TOKEN)
-    assert json.loads(body) == {"purged": 1}
+    assert json.loads(body) == {"purged": 1, "shared": 0}
 
     server.stop()
     (status, _, data) = ask(proxy.port, frame("7 * 7"))[0]

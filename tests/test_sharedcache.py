@@ -22,6 +22,7 @@ from twisted_cacheproxy.ring import Ring
 from twisted_cacheproxy.sharedcache import (
     ENTRY_HEADER,
     FLAGS,
+    GENERATION_POLL,
     MAX_OUTSTANDING,
     SharedCache,
     decode_entry,
@@ -212,6 +213,8 @@ class FakeMemcached:
                 else:
                     self.store[k] = (flags, exp, value)
                     out.append(b"STORED")
+            elif words[0] == b"delete":
+                out.append(b"DELETED" if self.store.pop(words[1], None) else b"NOT_FOUND")
             elif words[0] == b"incr":
                 if words[1] not in self.store:
                     out.append(b"NOT_FOUND")
@@ -496,12 +499,24 @@ class Site:
         self.mc = FakeMemcached()
         self.options = options
 
-    def proxy(self, **options) -> Harness:
+    def proxy(self, *, poll: bool = False, **options) -> Harness:
+        """A proxy of the site; with ``poll``, reading the generation every
+        `GENERATION_POLL` as a started tier does."""
         h = Harness(**{**self.options, **options})
-        h.shared = SharedCache([("127.0.0.1", 11211)], h.reactor, timeout=0.05)
+        h.shared = SharedCache([("127.0.0.1", 11211)], h.reactor, timeout=0.05, reactor=NoConnect())
         h.factory.shared = h.shared
+        h.shared.purged = h.factory._purgedElsewhere
+        if poll:
+            h.shared.start()
         self.mc.connect(h.shared.nodes[0])
         return h
+
+
+class NoConnect:
+    """A reactor for `SharedCache.start` whose connections the test makes itself."""
+
+    def connectTCP(self, *args, **kwargs) -> None:
+        return None
 
 
 def upstream_miss(h: Harness, c, frame: bytes, reply: bytes, site: Site):
@@ -550,6 +565,52 @@ def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
     assert c.take() == with_max_age(reply, 50)
     assert len(site.mc.commands) == before
     assert b.counters()["hits"] == 1
+
+
+def test_a_purge_through_one_proxy_empties_every_proxys_memory_within_a_poll(proxy_log):
+    site = Site()
+    a, b = site.proxy(poll=True), site.proxy(poll=True)
+    reply = answer(3, max_age=60)
+    upstream_miss(a, a.client(), request(X), reply, site)
+    c = b.client()
+    c.send(request(X))
+    site.mc.pump()
+    assert c.take() == reply and b.counters()["entries"] == 1  # in b's L1 too
+    purged = fired(a.factory.purge())
+    site.mc.pump()
+    assert purged == [{"purged": 1, "shared": 1}]
+    assert b.counters()["entries"] == 1  # b has not looked yet
+    b.advance(GENERATION_POLL)
+    site.mc.pump()
+    assert b.counters()["entries"] == 0
+    assert any("shared cache was purged" in e.get("log_format", "") for e in proxy_log)
+    # Neither level has it now: the server is asked again.
+    upstream_miss(b, c, request(X), reply, site)
+    assert c.take() == reply
+    # a's own purge does not empty a twice when its poll reads the new generation.
+    a.advance(GENERATION_POLL)
+    site.mc.pump()
+    assert a.counters()["entries"] == 0
+    assert sum("shared cache was purged" in e.get("log_format", "") for e in proxy_log) == 1
+
+
+def test_a_purge_of_one_expression_deletes_its_shared_entries():
+    site = Site()
+    a, b, c = site.proxy(), site.proxy(), site.proxy()
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(b, b.client(), request(Y), answer(6), site)
+    assert len(site.mc.data_keys()) == 2
+    purged = fired(a.factory.purge([X]))
+    site.mc.pump()
+    assert purged == [{"purged": 1, "shared": 1}]
+    assert len(site.mc.data_keys()) == 1
+    # A third proxy finds Y shared, and X in neither level.
+    client = c.client()
+    client.send(request(Y))
+    site.mc.pump()
+    assert client.take() == answer(6) and c.attempts == 0
+    upstream_miss(c, client, request(X), answer(3), site)
+    assert client.take() == answer(3)
 
 
 def test_an_l2_entry_the_request_finds_too_old_goes_to_the_server_and_is_replaced():

@@ -133,33 +133,43 @@ class StatusResource(resource.Resource):
 class PurgeResource(resource.Resource):
     """``POST /purge`` empties the cache; ``POST /purge?expr=<text>`` (or a
     form field ``expr``) removes one text expression's answers, with and
-    without steps. Answers ``{"purged": <entries>}``."""
+    without steps; both reach the shared tier. Answers
+    ``{"purged": <entries in memory>, "shared": <nodes or shared entries>}``."""
 
     isLeaf = True
 
-    def __init__(self, factory: Any, metrics: ProxyMetrics, token: bytes | None) -> None:
+    def __init__(self, factory: Any, token: bytes | None) -> None:
         super().__init__()
         self.factory = factory
-        self.metrics = metrics
         self.token = token
 
-    def render_POST(self, request: Any) -> bytes:
-        from .proxy import cache_keys
-
+    def render_POST(self, request: Any) -> bytes | int:
         refused = refusal(request, self.token)
         if refused is not None:
             return refused
-        cache = self.factory.cache
         expressions = request.args.get(b"expr")
         if expressions is None:
-            count = cache.clear()
             what = "everything"
         else:
-            count = cache.purge(k for e in expressions for k in cache_keys(e))
             what = ", ".join(repr(e.decode("utf-8", "replace")) for e in expressions)
-        self.metrics.purgedEntries(count)
-        log.info("purge of {what}: {count} entries removed", what=what, count=count)
-        return _json(request, {"purged": count})
+
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def done(counts: dict[str, int]) -> None:
+            log.info(
+                "purge of {what}: {count} entries removed",
+                what=what,
+                count=counts["purged"],
+            )
+            if not gone:
+                request.write(_json(request, counts))
+                request.finish()
+
+        self.factory.purge(expressions).addCallback(done).addErrback(
+            log.failure, "purge of {what} failed", what=what
+        )
+        return server.NOT_DONE_YET
 
 
 class IndexResource(resource.Resource):
@@ -189,6 +199,10 @@ class _QuietSite(server.Site):
     def log(self, request: Any) -> None:
         pass
 
+    def logPrefix(self) -> str:
+        """So that the log says "admin site starting on N", not the class name."""
+        return "admin site"
+
 
 def site(
     metrics: ProxyMetrics | ServerMetrics,
@@ -203,7 +217,7 @@ def site(
     root.putChild(b"stats.json", StatsResource(metrics))
     root.putChild(b"status", StatusResource(metrics, title))
     if isinstance(metrics, ProxyMetrics):
-        root.putChild(b"purge", PurgeResource(metrics.factory, metrics, token))
+        root.putChild(b"purge", PurgeResource(metrics.factory, token))
     s = _QuietSite(root)
     s.displayTracebacks = False
     s.noisy = False

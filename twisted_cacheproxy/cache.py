@@ -7,7 +7,7 @@ time is whatever clock the owner passes in (tests use ``task.Clock``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -103,6 +103,17 @@ class SharedTier(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+    #: Called when the tier was purged by another proxy (set by the proxy).
+    purged: Callable[[], None]
+
+    def purge(self) -> Deferred[int]:
+        """Hide every shared entry; fires with the number of nodes purged."""
+        ...
+
+    def delete(self, keys: Iterable[bytes]) -> Deferred[int]:
+        """Remove the entries of ``keys``; fires with how many there were."""
+        ...
 
 
 class MemoryCache:

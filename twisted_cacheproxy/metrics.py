@@ -327,7 +327,7 @@ class ProxyMetrics(_Metrics):
         self._upstreamTime = None
         self.last_failure = (self.clock.seconds(), str(reason.value))
 
-    def purgedEntries(self, count: int) -> None:
+    def purgedAnswers(self, count: int) -> None:
         """A purge removed ``count`` entries."""
         self.purged += count
 

@@ -9,7 +9,7 @@ proxies such as Varnish and nginx do: coalescing, retries, stale-if-error.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
@@ -73,6 +73,9 @@ class NoObserver:
 
     def upstreamFailed(self, reason: Any) -> None:
         """A request to the server failed (a `Failure`)."""
+
+    def purgedAnswers(self, count: int) -> None:
+        """A purge removed ``count`` answers from memory."""
 
 
 #: Most answers one client may await at once; past it the proxy stops
@@ -195,6 +198,8 @@ class CacheProxyFactory(wire.ServiceFactory):
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
         #: Told of every answer and upstream exchange (metrics.ProxyMetrics).
         self.observer = NoObserver()
+        if shared is not None:
+            shared.purged = self._purgedElsewhere
 
     def startFactory(self) -> None:
         if self.shared is not None:
@@ -204,6 +209,27 @@ class CacheProxyFactory(wire.ServiceFactory):
         self.pool.close()
         if self.shared is not None:
             self.shared.stop()
+
+    def purge(self, expressions: Iterable[bytes] | None = None) -> defer.Deferred[dict[str, int]]:
+        """Remove stored answers: all of them, or those of the text
+        ``expressions`` (with and without steps), here and in the shared
+        tier. Fires with ``purged`` (answers removed from memory) and
+        ``shared`` (memcached nodes purged, or shared entries removed)."""
+        if expressions is None:
+            count = self.cache.clear()
+            shared = self.shared.purge() if self.shared is not None else defer.succeed(0)
+        else:
+            keys = [k for e in expressions for k in cache_keys(e)]
+            count = self.cache.purge(keys)
+            shared = self.shared.delete(keys) if self.shared is not None else defer.succeed(0)
+        self.observer.purgedAnswers(count)
+        return shared.addCallback(lambda n: {"purged": count, "shared": n})
+
+    def _purgedElsewhere(self) -> None:
+        """Another proxy purged the shared tier: what memory holds may be purged answers."""
+        count = self.cache.clear()
+        self.observer.purgedAnswers(count)
+        log.info("the shared cache was purged: {count} answers dropped from memory", count=count)
 
     def counters(self) -> dict[str, int]:
         """What the proxy has done so far, for logs and tests."""

@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.memcache import MemCacheProtocol
@@ -64,6 +64,9 @@ LOCK_POLL = 0.005
 #: Lifetime of a lock entry in memcached, in seconds (its clock ticks in
 #: whole seconds: 2 holds it at least one).
 LOCK_EXPIRY = 2
+#: How often each node's generation is read, in seconds, so that a purge
+#: by another proxy empties this one's memory cache within about as long.
+GENERATION_POLL = 1.0
 #: What `SharedCache._answered` gives for an entry that is simply not there.
 _ABSENT: Any = object()
 
@@ -204,6 +207,9 @@ class Node:
         self.protocol: MemCacheProtocol | None = None
         #: The namespace generation last read from the node (None: unknown).
         self.generation: bytes | None = None
+        #: Called when the generation read moves on from a known one: the
+        #: node was purged, by this proxy or another.
+        self.purged: Callable[[], None] = lambda: None
         #: Commands sent and not answered yet.
         self.outstanding = 0
         self.state = "starting"
@@ -310,8 +316,12 @@ class Node:
         self.send(proto.get(self.genkey)).addCallback(got).addErrback(lambda _: None)
 
     def set_generation(self, value: bytes | None) -> None:
-        """Take ``value`` as the node's generation if it is a number."""
+        """Take ``value`` as the node's generation if it is a number; a
+        change from a known generation is a purge."""
+        was = self.generation
         self.generation = value.strip() if value and value.strip().isdigit() else None
+        if was is not None and self.generation is not None and self.generation != was:
+            self.purged()
 
 
 # --- the tier ------------------------------------------------------------------------
@@ -355,9 +365,23 @@ class SharedCache:
         self.ring: Ring[Node] = Ring(self.nodes, [f"{host}:{port}" for host, port in nodes])
         self.lookups = self.hits = self.timeouts = self.rejected = self.unavailable = 0
         self.stores = self.locks = self.lock_waits = self.lock_hits = 0
+        #: Called when a node's generation moves on (a purge anywhere): the
+        #: proxy empties its memory cache, whose entries may be purged ones.
+        self.purged: Callable[[], None] = lambda: None
+        for node in self.nodes:
+            node.purged = self._purged
+        self._generations = task.LoopingCall(self._read_generations)
+        self._generations.clock = clock
+
+    def _purged(self) -> None:
+        self.purged()
+
+    def _read_generations(self) -> None:
+        for node in self.nodes:
+            node.refresh_generation()
 
     def start(self) -> None:
-        """Connect to every node."""
+        """Connect to every node, and read their generations every `GENERATION_POLL`."""
         reactor = self.reactor
         if reactor is None:
             from twisted.internet import reactor as default
@@ -365,9 +389,12 @@ class SharedCache:
             reactor = default
         for node in self.nodes:
             node.start(reactor)
+        self._generations.start(GENERATION_POLL, now=False)
 
     def stop(self) -> None:
         """Disconnect from every node."""
+        if self._generations.running:
+            self._generations.stop()
         for node in self.nodes:
             node.stop()
 
@@ -573,11 +600,25 @@ class SharedCache:
                 # one created now (wall-clock seconds) is newer than any.
                 node.refresh_generation()
             else:
-                node.set_generation(str(value).encode())
+                # Our own purge: the caller has emptied the memory cache.
+                node.generation = str(value).encode()
             return 1
 
         d = node.send(proto.increment(self.genkey))
         return d.addCallbacks(bumped, lambda _: 0)
+
+    def delete(self, keys: Iterable[bytes]) -> defer.Deferred:
+        """Remove the shared entries of ``keys`` (those on nodes that are up).
+        Fires with how many there were. Other proxies may still hold copies
+        in memory until their lifetime ends."""
+        deleting = []
+        for key in keys:
+            node, _ = self._place(key)
+            proto = node.available()
+            mkey = self.memcached_key(node, key)
+            if proto is not None and mkey is not None:
+                deleting.append(node.send(proto.delete(mkey)).addErrback(lambda _: False))
+        return defer.gatherResults(deleting).addCallback(lambda found: sum(map(bool, found)))
 
 
 def parse_address(text: str) -> tuple[str, int]:
