@@ -694,3 +694,48 @@ def test_workers_option():
     assert config["workers"] == 3
     with pytest.raises(usage.UsageError, match="--workers must be at least 1"):
         options("--workers", "0")
+
+
+def test_proxy_workers_need_the_shared_tier():
+    with pytest.raises(usage.UsageError, match="--workers needs --memcached"):
+        tap.ProxyOptions().parseOptions(["--workers", "2"])
+    config = tap.ProxyOptions()
+    config.parseOptions(["--workers", "2", "--memcached", "127.0.0.1:11211"])
+    assert config["workers"] == 2
+
+
+def test_workers_admin_ports_must_fit():
+    with pytest.raises(usage.UsageError, match="ports up to 65536"):
+        options("--workers", "2", "--admin-port", "65535")
+
+
+def test_a_worker_restores_the_parents_options_with_its_own_admin_port():
+    """What a worker process is handed: the parent's options through JSON,
+    one process, its admin site on --admin-port + its number - 1."""
+    config = tap.ProxyOptions()
+    argv = "--workers 3 --memcached 127.0.0.1:11211 --memcached [::1]:11212"
+    argv += " --server 127.0.0.1:7001 --server [::1]:7002 --admin-port 9100"
+    config.parseOptions([*argv.split(), "--cache-size", "1M", "--retry-timeouts"])
+    restored = tap.ProxyOptions.restore(json.loads(json.dumps(config.portable())), 3)
+    assert restored.servers == [("127.0.0.1", 7001), ("::1", 7002)]
+    assert restored["memcached"] == [("127.0.0.1", 11211), ("::1", 11212)]
+    assert (restored["workers"], restored["admin-port"]) == (1, 9102)
+    assert (restored["cache-size"], restored["retry-timeouts"]) == (1 << 20, 1)
+    assert {k: v for k, v in restored.items() if k not in ("workers", "admin-port")} == {
+        k: v for k, v in config.items() if k not in ("workers", "admin-port")
+    }
+    server = tap.ServerOptions.restore(options("--workers", "2", "--max-age", "7").portable(), 1)
+    assert (server["workers"], server["max-age"], server["admin-port"]) == (1, 7, 0)
+
+
+def test_proxy_workers_make_a_parent_that_hands_its_options_on():
+    from twisted_cacheproxy.workers import WorkersService
+
+    config = tap.ProxyOptions()
+    config.parseOptions(
+        ["--workers", "2", "--memcached", "127.0.0.1:11211", "--admin-port", str(free_port())]
+    )
+    parent = tap.makeProxyService(config)
+    assert isinstance(parent, WorkersService)
+    assert parent.count == 2 and parent.arguments[0] == "cacheproxy"
+    assert json.loads(parent.arguments[1]) == json.loads(json.dumps(config.portable()))

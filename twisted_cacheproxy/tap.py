@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -130,6 +131,20 @@ class _CommonOptions(usage.Options):
             "(capped by net.core.somaxconn).",
             _integer,
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the port (1: this process serves).",
+            _integer,
+        ],
+        [
+            "shutdown-grace",
+            None,
+            5.0,
+            "With --workers: seconds a stopping worker may take to finish its connections.",
+            _number,
+        ],
         *_OPERATING_OPTIONS,
     ]
 
@@ -171,6 +186,32 @@ class _CommonOptions(usage.Options):
             self.checkPort("admin-port")
         if self["stats-interval"] < 0:
             raise usage.UsageError("--stats-interval cannot be negative")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["shutdown-grace"] < 0:
+            raise usage.UsageError("--shutdown-grace cannot be negative")
+        last = self["admin-port"] + self["workers"] - 1
+        if self["admin-port"] and last > 65535:
+            raise usage.UsageError(
+                f"--admin-port {self['admin-port']} with --workers {self['workers']}: "
+                f"the workers' admin sites would need ports up to {last}"
+            )
+
+    def portable(self) -> dict[str, Any]:
+        """The parsed options, as JSON takes them (for a worker process)."""
+        return dict(self)
+
+    @classmethod
+    def restore(cls, values: dict[str, Any], worker: int) -> _CommonOptions:
+        """The options of worker number ``worker`` (from 1) of a parent whose
+        options were ``values``: one process, with the admin site on the
+        worker's own port (``--admin-port`` + worker - 1)."""
+        config = cls()
+        config.update(values)
+        config["workers"] = 1
+        if config["admin-port"]:
+            config["admin-port"] += worker - 1
+        return config
 
     def checkPort(self, name: str) -> None:
         """Refuse a TCP port number outside 1..65535."""
@@ -206,32 +247,12 @@ class ServerOptions(_CommonOptions):
         ],
         *_CommonOptions.optParameters,
     ]
-    optParameters += [
-        [
-            "workers",
-            None,
-            1,
-            "Worker processes sharing the port (1: this process serves).",
-            _integer,
-        ],
-        [
-            "shutdown-grace",
-            None,
-            5.0,
-            "With --workers: seconds a stopping worker may take to finish its connections.",
-            _number,
-        ],
-    ]
     optFlags = [["no-cache", None, "Mark every answer as not cacheable (C=0)."]]
 
     def postOptions(self) -> None:
         super().postOptions()
         if not 0 <= self["max-age"] <= wire.FOREVER:
             raise usage.UsageError("--max-age must be 0..65535")
-        if self["workers"] < 1:
-            raise usage.UsageError("--workers must be at least 1")
-        if self["shutdown-grace"] < 0:
-            raise usage.UsageError("--shutdown-grace cannot be negative")
 
 
 def address(host: str, port: int) -> str:
@@ -338,6 +359,10 @@ def server_settings(config: ServerOptions) -> str:
     return f"{cache}; {_limits(config)}"
 
 
+#: Makes the service that listens for ``factory`` and logs ``settings`` once it does.
+Listen = Callable[[Any, wire.ServiceFactory, str], service.IService]
+
+
 def _listening(
     config: _CommonOptions,
     factory: wire.ServiceFactory,
@@ -355,15 +380,17 @@ def _listening(
     return ListeningService(serverFromString(reactor, where), factory, config, settings)
 
 
-def makeServerService(config: ServerOptions) -> service.IService:
-    """A TCP service serving the calculator (in ``--workers`` processes)."""
+def makeServerService(config: ServerOptions, listen: Listen = _listening) -> service.IService:
+    """A TCP service serving the calculator (in ``--workers`` processes);
+    ``listen`` makes its listener (a worker's adopts the parent's socket)."""
     from .server import CalculatorServerFactory
 
-    options = {"max_age": config["max-age"], "cache": not config["no-cache"], **config.common()}
     if config["workers"] > 1:
-        return _workers(config, options)
-    factory = CalculatorServerFactory(**options)
-    return _operated(config, factory, _listening(config, factory, server_settings(config)))
+        return _workers(config, server_settings(config))
+    factory = CalculatorServerFactory(
+        max_age=config["max-age"], cache=not config["no-cache"], **config.common()
+    )
+    return _operated(config, factory, listen(config, factory, server_settings(config)))
 
 
 def _operated(config: _CommonOptions, factory: Any, main: service.IService) -> service.IService:
@@ -374,13 +401,21 @@ def _operated(config: _CommonOptions, factory: Any, main: service.IService) -> s
     return operated(config, factory, main, title)
 
 
-def _workers(config: ServerOptions, options: dict[str, Any]) -> service.IService:
+def _workers(config: _CommonOptions, settings: str) -> service.IService:
     """The parent of ``--workers`` processes sharing one listening socket
-    (workers.py says why), logging the same start-up line as one process."""
+    (workers.py says why), logging the same start-up line as one process.
+    Worker N has its own admin site, on ``--admin-port`` + N - 1."""
+    from .admin import check_admin_port
     from .workers import WorkersService
 
     logger = Logger(namespace=config.tapname)
-    settings = f"{config['workers']} workers; {server_settings(config)}"
+    settings = f"{config['workers']} workers; {settings}"
+    if config["admin-port"]:
+        first = config["admin-port"]
+        for port in range(first, first + config["workers"]):
+            check_admin_port(config.tapname, config["admin-interface"], port)
+        last = first + config["workers"] - 1
+        settings += f"; admin sites on ports {first}..{last}, one per worker"
 
     def listening(where: tuple[str, int]) -> None:
         logger.info(
@@ -392,7 +427,7 @@ def _workers(config: ServerOptions, options: dict[str, Any]) -> service.IService
         config["port"],
         config["backlog"],
         config["workers"],
-        options,
+        [config.tapname, json.dumps(config.portable())],
         grace=config["shutdown-grace"],
         on_listening=listening,
         cannot_listen=lambda e: cannot_listen(config, e),
@@ -405,7 +440,7 @@ class TapEntry:
     Through it, twistd checks that the service can listen before making it."""
 
     Options: type[_CommonOptions]
-    make: Callable[[Any], service.IService]
+    make: Callable[..., service.IService]
 
     def makeService(self, config: _CommonOptions) -> service.IService:
         check_listening(config)
@@ -552,12 +587,27 @@ class ProxyOptions(_CommonOptions):
             raise usage.UsageError("--memcached-timeout must be at least 1 (ms)")
         if len(set(self["memcached"])) != len(self["memcached"]):
             raise usage.UsageError("--memcached: the same node is given twice")
+        if self["workers"] > 1 and not self["memcached"]:
+            raise usage.UsageError(
+                "--workers needs --memcached: each worker has its own memory cache, "
+                "and only the shared tier lets them share answers"
+            )
         from .sharedcache import check_prefix
 
         try:
             check_prefix(self["memcached-prefix"])
         except ValueError as e:
             raise usage.UsageError(f"--memcached-prefix: {e}") from None
+
+    def portable(self) -> dict[str, Any]:
+        return {**super().portable(), "servers": self.servers}
+
+    @classmethod
+    def restore(cls, values: dict[str, Any], worker: int) -> ProxyOptions:
+        config = cast(ProxyOptions, super().restore(values, worker))
+        config.servers = [(host, port) for host, port in config.pop("servers")]
+        config["memcached"] = [(host, port) for host, port in config["memcached"]]
+        return config
 
 
 def server_address(text: str) -> tuple[str, int]:
@@ -570,9 +620,13 @@ def server_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def makeProxyService(config: ProxyOptions) -> service.IService:
-    """A TCP service running the caching proxy."""
+def makeProxyService(config: ProxyOptions, listen: Listen = _listening) -> service.IService:
+    """A TCP service running the caching proxy (in ``--workers`` processes);
+    ``listen`` makes its listener (a worker's adopts the parent's socket)."""
     from twisted.internet import reactor
+
+    if config["workers"] > 1:
+        return _workers(config, proxy_settings(config))
 
     from .balancer import Balancer
     from .cache import MemoryCache
@@ -619,7 +673,7 @@ def makeProxyService(config: ProxyOptions) -> service.IService:
     factory = CacheProxyFactory(
         cache, pool, verbose=config["verbose"], shared=shared, **config.common()
     )
-    return _operated(config, factory, _listening(config, factory, proxy_settings(config)))
+    return _operated(config, factory, listen(config, factory, proxy_settings(config)))
 
 
 def _bytes(size: int) -> str:
@@ -666,3 +720,6 @@ def proxy_settings(config: ProxyOptions) -> str:
 
 
 proxy = TapEntry(ProxyOptions, makeProxyService)
+
+#: The services by twistd subcommand (a worker process looks its own up).
+ENTRIES = {"cacheserver": server, "cacheproxy": proxy}

@@ -527,11 +527,11 @@ class ServiceProtocol(BatchedWrites, FrameReceiver):
     factory: ServiceFactory
 
     def connectionMade(self) -> None:
-        self.factory.connectionCount += 1
+        self.factory.connections.add(self)
         super().connectionMade()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.factory.connectionCount -= 1
+        self.factory.connections.discard(self)
         super().connectionLost(reason)
 
 
@@ -540,7 +540,6 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
     message size limit, the idle timeout and the connection limit, handed to
     every protocol they build."""
 
-    noisy = False
     protocol: type[ServiceProtocol]
 
     #: No "Starting factory <...>" lines: the services log one line saying
@@ -559,8 +558,20 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.connectionLimit = max_connections
-        #: Open connections, counted by the protocols.
-        self.connectionCount = 0
+        #: Open connections, kept by the protocols.
+        self.connections: set[ServiceProtocol] = set()
+
+    @property
+    def connectionCount(self) -> int:
+        """How many connections are open."""
+        return len(self.connections)
+
+    def drain(self) -> None:
+        """Read no more on any connection: each answers what it has read, as
+        after an end-of-file from its client, then closes (a graceful stop)."""
+        for p in list(self.connections):
+            p.transport.pauseProducing()
+            p.readConnectionLost()
 
     def buildProtocol(self, addr: IAddress | None) -> ServiceProtocol | None:
         """A protocol for a new connection, or None (the connection is closed

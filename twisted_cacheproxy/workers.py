@@ -1,4 +1,4 @@
-"""``cacheserver --workers N``: N worker processes answering on one port.
+"""``--workers N`` of both services: N worker processes answering on one port.
 
 The parent binds and listens on the one socket itself, then starts each
 worker with that socket as its file descriptor 3; a worker adopts it
@@ -17,6 +17,9 @@ one of them):
 - a busy worker accepts less (it returns to its event loop less often), so
   connections go to idle workers, where hashing ignores load.
 
+Each worker is the whole service of one process (``twistd cacheproxy`` or
+``cacheserver`` with the same options), built by tap.py, whose listener adopts
+the socket; worker N's admin site, if any, is on ``--admin-port`` + N - 1.
 The parent supervises: a worker that exits is started again, at once if it
 had run for `STABLE` seconds, else after a wait that doubles from
 `RESTART_FIRST` up to `RESTART_MAX`. On SIGTERM the parent asks each worker
@@ -34,7 +37,6 @@ import os
 import signal
 import socket
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -45,7 +47,7 @@ from twisted.python.failure import Failure
 
 from .endpoint import _Port
 
-log = Logger(namespace="cacheserver")
+log = Logger()
 
 #: The listening socket's descriptor in a worker.
 LISTEN_FD = 3
@@ -110,7 +112,7 @@ class _Worker(protocol.ProcessProtocol):
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
-            log.info(
+            self.parent.log.info(
                 "worker {number} (pid {pid}): {line}",
                 number=self.number,
                 pid=self.pid,
@@ -132,7 +134,7 @@ class WorkersService(service.Service):
         port: int,
         backlog: int,
         count: int,
-        factory_options: dict[str, Any],
+        arguments: list[str],
         *,
         grace: float = 5.0,
         on_listening: Callable[[tuple[str, int]], None] | None = None,
@@ -142,7 +144,9 @@ class WorkersService(service.Service):
         self.port = port
         self.backlog = backlog
         self.count = count
-        self.factory_options = factory_options
+        #: What a worker is told after its number: the subcommand and its options.
+        self.arguments = arguments
+        self.log = Logger(namespace=arguments[0])
         self.grace = grace
         #: Called with the bound socket's (host, port) once it listens.
         self.on_listening = on_listening
@@ -154,6 +158,7 @@ class WorkersService(service.Service):
         self._restarts: dict[int, Any] = {}
         self._stopping = False
         self._stopped: defer.Deferred[None] | None = None
+        self._usr1: Any = None
 
     def privilegedStartService(self) -> None:
         family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
@@ -176,6 +181,15 @@ class WorkersService(service.Service):
             self.on_listening(self.socket.getsockname()[:2])
         for number in range(1, self.count + 1):
             self._spawn(number)
+        self._usr1 = signal.signal(signal.SIGUSR1, self._rotate)
+
+    def _rotate(self, signum: int, frame: Any) -> None:
+        """SIGUSR1 (logrotate): each worker reopens its access log; twistd's
+        own handler, if any, rotates the parent's log."""
+        for worker in list(self.workers.values()):
+            _signal(worker, "USR1")
+        if callable(self._usr1):
+            self._usr1(signum, frame)
 
     def _spawn(self, number: int) -> None:
         reactor = _reactor()
@@ -185,8 +199,14 @@ class WorkersService(service.Service):
         worker = _Worker(self, number, reactor.seconds())
         self.workers[number] = worker
         family = "6" if self.socket.family == socket.AF_INET6 else "4"
-        options = {**self.factory_options, "grace": self.grace}
-        argv = [sys.executable, "-m", "twisted_cacheproxy.workers", family, json.dumps(options)]
+        argv = [
+            sys.executable,
+            "-m",
+            "twisted_cacheproxy.workers",
+            family,
+            str(number),
+            *self.arguments,
+        ]
         reactor.spawnProcess(
             worker,
             sys.executable,
@@ -194,7 +214,7 @@ class WorkersService(service.Service):
             env=dict(os.environ),
             childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.socket.fileno()},
         )
-        log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
+        self.log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
         """A worker exited: start it again unless stopping."""
@@ -204,7 +224,7 @@ class WorkersService(service.Service):
             del self.workers[worker.number]
         how = _exit(reason)
         if self._stopping:
-            log.info(
+            self.log.info(
                 "worker {number} (pid {pid}) {how}", number=worker.number, pid=worker.pid, how=how
             )
             if not self.workers and self._stopped is not None and not self._stopped.called:
@@ -217,7 +237,7 @@ class WorkersService(service.Service):
             quick = self._quick.get(worker.number, 0)
             wait = min(RESTART_MAX, RESTART_FIRST * 2**quick)
             self._quick[worker.number] = quick + 1
-        log.warn(
+        self.log.warn(
             "worker {number} (pid {pid}) {how}; starting it again in {wait:g} s",
             number=worker.number,
             pid=worker.pid,
@@ -232,6 +252,9 @@ class WorkersService(service.Service):
 
         super().stopService()
         self._stopping = True
+        if self._usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._usr1)
+            self._usr1 = None
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -255,7 +278,7 @@ class WorkersService(service.Service):
 
     def _kill(self) -> None:
         for worker in list(self.workers.values()):
-            log.warn(
+            self.log.warn(
                 "worker {number} (pid {pid}) still running: killed",
                 number=worker.number,
                 pid=worker.pid,
@@ -287,22 +310,36 @@ def _exit(reason: Failure) -> str:
 # --- a worker --------------------------------------------------------------------------
 
 
-def _draining_factory(options: dict[str, Any]) -> Any:
-    """The server's factory, remembering its connections for the drain."""
-    from .server import CalculatorServerFactory
+class AdoptedListening(service.Service):
+    """A worker's listener: accepts from the parent's socket, logs once it
+    does; `drain` stops accepting and lets every connection finish."""
 
-    class DrainingFactory(CalculatorServerFactory):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.live: weakref.WeakSet[Any] = weakref.WeakSet()
+    def __init__(self, family: socket.AddressFamily, factory: Any) -> None:
+        self.family = family
+        self.factory = factory
+        self.port: AdoptedPort | None = None
 
-        def buildProtocol(self, addr: Any) -> Any:
-            p = super().buildProtocol(addr)
-            if p is not None:
-                self.live.add(p)
-            return p
+    def startService(self) -> None:
+        super().startService()
+        reactor = _reactor()
+        self.port = AdoptedPort._fromListeningDescriptor(
+            reactor, LISTEN_FD, self.family, self.factory
+        )
+        os.close(LISTEN_FD)  # `fromfd` made a copy
+        self.port.startListening()
+        # Said once the reactor runs: only then does this worker take connections.
+        reactor.callWhenRunning(log.info, "accepting connections")
 
-    return DrainingFactory(**options)
+    def drain(self) -> None:
+        """Accept no more; each connection answers what it has read, then closes."""
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+        self.factory.drain()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.drain()
 
 
 def _print(event: dict[str, Any]) -> None:
@@ -314,8 +351,12 @@ def _print(event: dict[str, Any]) -> None:
 
 
 def worker_main(argv: list[str]) -> None:
-    """Serve on the inherited socket until SIGTERM (or the parent is gone)."""
+    """Serve on the inherited socket until SIGTERM (or the parent is gone).
+    ``argv``: the address family, the worker's number, the subcommand and
+    its options as JSON (`tap._CommonOptions.portable`)."""
     from twisted.internet import task
+
+    from .tap import ENTRIES
 
     reactor = _reactor()
     # First: a SIGTERM from now on drains (run once the reactor runs).
@@ -323,15 +364,20 @@ def worker_main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
 
     family = socket.AF_INET6 if argv[0] == "6" else socket.AF_INET
-    options = json.loads(argv[1])
-    grace = float(options.pop("grace", 5.0))
+    number, entry = int(argv[1]), ENTRIES[argv[2]]
+    config = entry.Options.restore(json.loads(argv[3]), number)
+    grace = config["shutdown-grace"]
     globalLogBeginner.beginLoggingTo([cast(Any, _print)], redirectStandardIO=False)
-    factory = _draining_factory(options)
-    port = AdoptedPort._fromListeningDescriptor(reactor, LISTEN_FD, family, factory)
-    os.close(LISTEN_FD)  # `fromfd` made a copy
-    port.startListening()
-    # Said once the reactor runs: only then does this worker take connections.
-    reactor.callWhenRunning(log.info, "accepting connections")
+    listeners: list[AdoptedListening] = []
+
+    def adopt(config: Any, factory: Any, settings: str) -> AdoptedListening:
+        listeners.append(AdoptedListening(family, factory))
+        return listeners[0]
+
+    top = service.IService(entry.make(config, adopt))
+    top.privilegedStartService()
+    top.startService()
+    (listener,) = listeners
     parent = os.getppid()
     draining: list[bool] = []
 
@@ -339,18 +385,12 @@ def worker_main(argv: list[str]) -> None:
         if draining:
             return
         draining.append(True)
-        port.stopListening()
-        for p in list(factory.live):
-            if p.transport is not None and p.connected:
-                # Read no more; answer the requests already read (as for an
-                # end-of-file from the client), then close.
-                p.transport.pauseProducing()
-                p.readConnectionLost()
+        listener.drain()
         deadline = reactor.seconds() + grace
 
         def check() -> None:
-            if factory.connectionCount <= 0 or reactor.seconds() >= deadline:
-                reactor.stop()
+            if listener.factory.connectionCount <= 0 or reactor.seconds() >= deadline:
+                defer.maybeDeferred(top.stopService).addBoth(lambda _: reactor.stop())
             else:
                 reactor.callLater(0.05, check)
 

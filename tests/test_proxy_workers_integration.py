@@ -1,0 +1,114 @@
+"""``twistd cacheproxy --workers 2 --memcached ...`` on 127.0.0.1, in front
+of a real ``twistd cacheserver`` and a real memcached: both workers answer,
+an answer one worker fetched is a cache hit on the other, a purge through
+one worker's admin site empties both workers' memory, and SIGTERM lets the
+misses already read be answered. Which worker holds a connection is read
+from /proc, as in test_workers_integration."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import socket
+import time
+
+import pytest
+from processes import HOST, free_port, wait_for
+from test_admin_integration import http
+from test_reliability_tcp import read_message, request
+from test_sharedcache_integration import memcached  # noqa: F401 (a fixture)
+from test_workers_integration import children, connections_on_each
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not pathlib.Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
+]
+
+
+@pytest.fixture
+def proxy_workers(twistd, memcached):  # noqa: F811 (the fixture imported above)
+    node = memcached()
+    server_port = free_port()
+    twistd("cacheserver", "--port", str(server_port), port=server_port)
+    port, admin = free_port(), free_port()
+    while admin + 1 == port:
+        admin = free_port()
+    parent = twistd(
+        "cacheproxy",
+        "--port",
+        str(port),
+        "--server-port",
+        str(server_port),
+        "--workers",
+        "2",
+        "--memcached",
+        node.address,
+        "--admin-port",
+        str(admin),
+        port=port,
+    )
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    assert wait_for(lambda: parent.text().count("shared cache tier on") == 2)
+    parent.admin = admin
+    return parent
+
+
+ANSWER = b'{"result": 7778, "steps": []}'
+
+
+def ask(sock: socket.socket, text: str) -> tuple[bool, bytes]:
+    """(served from a cache, data) of one request of ``text`` on ``sock``."""
+    sock.sendall(request(text))
+    header, data = read_message(sock)
+    assert header.status == 200, data
+    return header.from_cache, data
+
+
+def entries(admin_port: int) -> int:
+    status, body = http(admin_port, "/stats.json")
+    assert status == 200
+    return json.loads(body)["cache"]["entries"]
+
+
+def test_workers_share_answers_and_a_purge_reaches_both(proxy_workers):
+    pids = children(proxy_workers.proc.pid)
+    by_worker = connections_on_each(proxy_workers.port, pids)
+    try:
+        first, second = (socks[0] for socks in by_worker.values())
+        assert ask(first, "7777 + 1") == (False, ANSWER)
+        # The other worker has never seen it: it comes from memcached.
+        assert ask(second, "7777 + 1") == (True, ANSWER)
+        admins = [proxy_workers.admin, proxy_workers.admin + 1]
+        assert all(entries(a) > 0 for a in admins)
+        status, body = http(admins[0], "/purge", "POST")
+        assert status == 200 and json.loads(body)["shared"] == 1
+        # The other worker reads the new generation within a second or so.
+        assert wait_for(lambda: all(entries(a) == 0 for a in admins))
+        assert ask(second, "7777 + 1") == (False, ANSWER)
+        assert ask(first, "7777 + 1") == (True, ANSWER)
+    finally:
+        for socks in by_worker.values():
+            for s in socks:
+                s.close()
+
+
+def test_sigterm_answers_every_miss_already_read(proxy_workers):
+    sock = socket.create_connection((HOST, proxy_workers.port), timeout=10)
+    with sock:
+        sock.sendall(b"".join(request(f"{k} * 3") for k in range(100)))
+        header, _data = read_message(sock)
+        assert header.status == 200
+        started = time.monotonic()
+        proxy_workers.proc.send_signal(signal.SIGTERM)
+        answers = [_data]
+        while True:
+            try:
+                header, data = read_message(sock)
+            except ConnectionError:
+                break
+            assert header.status == 200
+            answers.append(data)
+        assert answers == [f'{{"result": {k * 3}, "steps": []}}'.encode() for k in range(100)]
+    assert proxy_workers.proc.wait(10) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 5
