@@ -81,6 +81,10 @@ def test_workers_share_answers_and_a_purge_reaches_both(proxy_workers):
         assert ask(second, "7777 + 1") == (True, ANSWER)
         admins = [proxy_workers.admin, proxy_workers.admin + 1]
         assert all(entries(a) > 0 for a in admins)
+        for number, port in enumerate(admins, 1):
+            assert f"cacheproxy 127.0.0.1:{proxy_workers.port}, worker {number}" in (
+                http(port, "/status")[1].decode()
+            )
         status, body = http(admins[0], "/purge", "POST")
         assert status == 200 and json.loads(body)["shared"] == 1
         # The other worker reads the new generation within a second or so.

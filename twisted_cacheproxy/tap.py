@@ -99,6 +99,8 @@ class _CommonOptions(usage.Options):
 
     #: The twistd subcommand, for messages.
     tapname = ""
+    #: The worker's number (from 1) in a worker process of ``--workers``.
+    worker: int | None = None
 
     optParameters: list[list[Any]] = [
         ["interface", "i", "127.0.0.1", "The interface to listen on."],
@@ -208,6 +210,7 @@ class _CommonOptions(usage.Options):
         worker's own port (``--admin-port`` + worker - 1)."""
         config = cls()
         config.update(values)
+        config.worker = worker
         config["workers"] = 1
         if config["admin-port"]:
             config["admin-port"] += worker - 1
@@ -398,6 +401,8 @@ def _operated(config: _CommonOptions, factory: Any, main: service.IService) -> s
     from .admin import operated
 
     title = f"{config.tapname} {address(config['interface'], config['port'])}"
+    if config.worker is not None:
+        title += f", worker {config.worker}"
     return operated(config, factory, main, title)
 
 
