@@ -1,12 +1,14 @@
-"""All misses through the proxy with one server, two servers and one server
-of two workers, with the CPU time each request costs; then the time from a
-server's death to the moment the proxy stops sending to it.
+"""All misses through the proxy with one server, two servers, one server
+of two workers, and two proxy workers sharing memcached, with the CPU time
+each request costs; then the time from a server's death to the moment the
+proxy stops sending to it.
 
-    python benchmarks/several_servers.py --loadgen /tmp/bench/loadgen \\
-        --frames /tmp/bench/frames/r.bin [--duration 5] [--conns 16]
+    python3 benchmarks/several_servers.py [--duration 5] [--conns 16]
 
-The frames must be distinct (``mkframes.py --random 100000``) so that every
-request is a miss; every process is started fresh per run, on 127.0.0.1.
+It builds the load kit (``make``) and 100,000 distinct frames
+(``mkframes.py --random 100000``) so that every request is a miss, unless
+``--loadgen`` and ``--frames`` name others; every process is started fresh
+per run, on 127.0.0.1. The proxy-workers row needs ``memcached`` on the PATH.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +28,7 @@ import time
 HOST = "127.0.0.1"
 TICK = os.sysconf("SC_CLK_TCK")
 TWISTD = str(pathlib.Path(sys.executable).with_name("twistd"))
+KIT = pathlib.Path(__file__).resolve().parent / "kit"
 
 
 def free_port() -> int:
@@ -88,16 +92,41 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def run(name: str, args, tmp: pathlib.Path, servers: list[list[str]], proxy: bool) -> dict:
+def memcached() -> tuple[subprocess.Popen, int] | None:
+    """A fresh memcached on a free port of 127.0.0.1 and the port, or None
+    if memcached is not installed."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        return None
+    port = free_port()
+    command = [binary, "-l", HOST, "-p", str(port), "-U", "0", "-m", "64"]
+    proc = subprocess.Popen(command + (["-u", "root"] if os.geteuid() == 0 else []))
+    deadline = time.monotonic() + 10
+    while not accepting(port):
+        if time.monotonic() > deadline:
+            raise SystemExit("memcached did not start")
+        time.sleep(0.02)
+    return proc, port
+
+
+def run(
+    name: str,
+    args,
+    tmp: pathlib.Path,
+    servers: list[list[str]],
+    proxy: list[str] | None,
+) -> dict:
+    """One configuration: ``servers`` (the options of each), and a proxy in
+    front of them with the options ``proxy`` (None: load the first server)."""
     procs, ports = [], []
     for i, extra in enumerate(servers):
         port = free_port()
         ports.append(port)
         procs.append(start(tmp / f"{name}-s{i}.log", "cacheserver", "--port", str(port), *extra))
     target = ports[0]
-    if proxy:
+    if proxy is not None:
         target = free_port()
-        options = [a for port in ports for a in ("--server", f"{HOST}:{port}")]
+        options = [a for port in ports for a in ("--server", f"{HOST}:{port}")] + proxy
         procs.append(start(tmp / f"{name}-p.log", "cacheproxy", "--port", str(target), *options))
     pids = [pid for p in procs for pid in family(p.pid)]
     before = cpu_seconds(pids)
@@ -175,21 +204,45 @@ def failover(tmp: pathlib.Path, reps: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loadgen", required=True)
-    parser.add_argument("--frames", required=True)
+    parser.add_argument("--loadgen", help="default: benchmarks/kit/loadgen, built with make")
+    parser.add_argument("--frames", help="default: 100,000 distinct frames made by mkframes.py")
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--conns", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = pathlib.Path(tmp_name)
-        for name, servers, proxy in [
-            ("server, 1 process", [[]], False),
-            ("server, --workers 2", [["--workers", "2"]], False),
-            ("proxy, 1 server (all misses)", [[]], True),
-            ("proxy, 2 servers (all misses)", [[], []], True),
-            ("proxy, 1 server of --workers 2 (all misses)", [["--workers", "2"]], True),
-        ]:
-            print(json.dumps(run(name, args, tmp, servers, proxy)), flush=True)
+        if args.loadgen is None:
+            subprocess.run(["make", "-s", "-C", KIT], check=True)
+            args.loadgen = str(KIT / "loadgen")
+        if args.frames is None:
+            args.frames = str(tmp / "misses.bin")
+            mkframes = [sys.executable, str(KIT / "mkframes.py"), "-o", args.frames]
+            subprocess.run([*mkframes, "--random", "100000", "--seed", "1"], check=True)
+        configurations: list[tuple[str, list[list[str]], list[str] | None]] = [
+            ("server, 1 process", [[]], None),
+            ("server, --workers 2", [["--workers", "2"]], None),
+            ("proxy, 1 server (all misses)", [[]], []),
+            ("proxy, 2 servers (all misses)", [[], []], []),
+            ("proxy, 1 server of --workers 2 (all misses)", [["--workers", "2"]], []),
+        ]
+        shared = memcached()
+        if shared is None:
+            print("memcached not found: no row for the proxy's workers", file=sys.stderr)
+        else:
+            nodes = ["--memcached", f"{HOST}:{shared[1]}"]
+            configurations.append(
+                (
+                    "proxy --workers 2 with memcached, 1 server of --workers 2 (all misses)",
+                    [["--workers", "2"]],
+                    ["--workers", "2", *nodes],
+                )
+            )
+        try:
+            for name, servers, proxy in configurations:
+                print(json.dumps(run(name, args, tmp, servers, proxy)), flush=True)
+        finally:
+            if shared is not None:
+                stop([shared[0]])
         for row in failover(tmp, 3):
             print(json.dumps(row), flush=True)
 
