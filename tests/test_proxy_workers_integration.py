@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
 import socket
-import time
 
 import pytest
-from processes import HOST, free_port, wait_for
+from processes import free_port, wait_for
 from test_admin_integration import http
 from test_reliability_tcp import read_message, request
 from test_sharedcache_integration import memcached  # noqa: F401 (a fixture)
-from test_workers_integration import children, connections_on_each
+from test_workers_integration import answers_across_sigterm, children, connections_on_each
 
 pytestmark = [
     pytest.mark.integration,
@@ -98,21 +96,5 @@ def test_workers_share_answers_and_a_purge_reaches_both(proxy_workers):
 
 
 def test_sigterm_answers_every_miss_already_read(proxy_workers):
-    sock = socket.create_connection((HOST, proxy_workers.port), timeout=10)
-    with sock:
-        sock.sendall(b"".join(request(f"{k} * 3") for k in range(100)))
-        header, _data = read_message(sock)
-        assert header.status == 200
-        started = time.monotonic()
-        proxy_workers.proc.send_signal(signal.SIGTERM)
-        answers = [_data]
-        while True:
-            try:
-                header, data = read_message(sock)
-            except ConnectionError:
-                break
-            assert header.status == 200
-            answers.append(data)
-        assert answers == [f'{{"result": {k * 3}, "steps": []}}'.encode() for k in range(100)]
-    assert proxy_workers.proc.wait(10) in (0, -signal.SIGTERM)
-    assert time.monotonic() - started < 5
+    answers = answers_across_sigterm(proxy_workers, [f"{k} * 3" for k in range(100)])
+    assert answers == [f'{{"result": {k * 3}, "steps": []}}'.encode() for k in range(100)]

@@ -149,28 +149,36 @@ def _serves(port: int, pid: int, pids: list[int]) -> bool:
             s.close()
 
 
-def test_sigterm_lets_the_workers_finish(workers):
-    """Pipelined requests already read are all answered, then the connection
-    closes, and the parent exits well within the grace period."""
-    sock = socket.create_connection((HOST, workers.port), timeout=10)
+def answers_across_sigterm(parent, texts: list[str]) -> list[bytes]:
+    """Pipeline ``texts`` on one connection, SIGTERM the parent after the
+    first answer, and read until the connection closes: every answer's data
+    (each a 200). The parent must exit well within the grace period."""
+    sock = socket.create_connection((HOST, parent.port), timeout=10)
     with sock:
-        sock.sendall(b"".join(request(f"{k} + 1") for k in range(100)))
-        header, _data = read_message(sock)
+        sock.sendall(b"".join(request(text) for text in texts))
+        header, data = read_message(sock)
         assert header.status == 200
         started = time.monotonic()
-        workers.proc.send_signal(signal.SIGTERM)
-        answers = 1
+        parent.proc.send_signal(signal.SIGTERM)
+        answers = [data]
         while True:
             try:
-                header, _data = read_message(sock)
+                header, data = read_message(sock)
             except ConnectionError:
                 break
             assert header.status == 200
-            answers += 1
-        assert answers == 100
+            answers.append(data)
     # twistd ends as the signal it stopped for ends a process.
-    assert workers.proc.wait(10) in (0, -signal.SIGTERM)
+    assert parent.proc.wait(10) in (0, -signal.SIGTERM)
     assert time.monotonic() - started < 5
+    return answers
+
+
+def test_sigterm_lets_the_workers_finish(workers):
+    """Pipelined requests already read are all answered, then the connection
+    closes, and the parent exits well within the grace period."""
+    answers = answers_across_sigterm(workers, [f"{k} + 1" for k in range(100)])
+    assert answers == [f'{{"result": {k + 1}, "steps": []}}'.encode() for k in range(100)]
     assert not children_alive(workers)
 
 
