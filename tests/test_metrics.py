@@ -499,3 +499,50 @@ def test_a_miss_answered_by_the_shared_tier_is_a_miss_without_upstream_time(tmp_
     assert first.split()[5] == "MISS" and first.split()[9] != "-"
     assert second.split()[5] == "MISS" and second.split()[9] == "-"
     assert h.metrics.upstream_requests == 1
+
+
+def test_several_servers_each_have_their_health_and_totals():
+    """Server 0 refuses until it is taken out; server 1 answers every miss.
+    Then server 0's probe is answered and it is back in."""
+    from test_balancer import REQUEST, Fleet
+
+    from twisted_cacheproxy.balancer import EJECT_FIRST, MAX_FAILS
+    from twisted_cacheproxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy import CacheProxyFactory
+
+    fleet = Fleet(2)
+    factory = CacheProxyFactory(
+        MemoryCache(1 << 20, fleet.clock), fleet.balancer, clock=fleet.clock
+    )
+    metrics = ProxyMetrics(factory)
+    for _ in range(MAX_FAILS):
+        d = fleet.balancer.fetch(REQUEST)
+        fleet.refuse(0)
+        fleet.answer(1)
+        assert d.called
+    first = (("server", "calculator server 127.0.0.1:9001"),)
+    second = (("server", "calculator server 127.0.0.1:9002"),)
+    m = scrape(metrics)
+    assert m["cacheproxy_server_up", first] == 0 and m["cacheproxy_server_up", second] == 1
+    assert m["cacheproxy_server_failures_total", first] == MAX_FAILS
+    assert m["cacheproxy_server_ejections_total", first] == 1
+    assert m["cacheproxy_server_answers_total", second] == MAX_FAILS
+    assert m["cacheproxy_server_answers_total", first] == 0
+    servers = metrics.figures()["upstream"]["servers"]
+    assert [(s["up"], s["failures"], s["answers"]) for s in servers] == [
+        (False, MAX_FAILS, 0),
+        (True, 0, MAX_FAILS),
+    ]
+    page = admin.status_page(metrics, "t")
+    assert f"taken out</span>, 0 outstanding, 0 answers, {MAX_FAILS} failures, 1 times" in page
+    fleet.clock.advance(EJECT_FIRST)
+    fleet.answer(0)  # the probe
+    m = scrape(metrics)
+    assert m["cacheproxy_server_up", first] == 1
+    assert m["cacheproxy_server_answers_total", first] == 1
+
+
+def test_one_server_has_no_per_server_families():
+    h = Observed()
+    assert not [name for name, _ in scrape(h.metrics) if name.startswith("cacheproxy_server_")]
+    assert h.metrics.figures()["upstream"]["servers"] == []

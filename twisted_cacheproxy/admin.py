@@ -409,8 +409,20 @@ def _upstream_section(upstream: dict[str, Any]) -> str:
         + _row("requests", str(upstream["requests"]), "upstream-requests")
         + _row("failures", failures, "upstream-failures")
         + (_row("last failure", html.escape(last), "upstream-last-failure") if last else "")
+        + "".join(_server_row(k, server) for k, server in enumerate(upstream["servers"], 1))
         + "</table></div>"
     )
+
+
+def _server_row(number: int, server: dict[str, Any]) -> str:
+    """One of several servers: in or out, and its totals."""
+    state = "up" if server["up"] else "down"
+    text = (
+        f'<span class="{state}">{"in" if server["up"] else "taken out"}</span>, '
+        f"{server['outstanding']} outstanding, {server['answers']} answers, "
+        f"{server['failures']} failures, {server['ejections']} times taken out"
+    )
+    return _row(server["server"], text, f"upstream-server-{number}")
 
 
 # --- the services ------------------------------------------------------------------

@@ -80,6 +80,9 @@ class Server:
         self.out_until = 0.0
         self.probing = False
         self.timer: IDelayedCall | None = None
+        #: Totals for the metrics: well-formed answers (probes included),
+        #: failures, times taken out.
+        self.answers = self.failures = self.ejected = 0
 
     @property
     def healthy(self) -> bool:
@@ -299,6 +302,7 @@ class Balancer:
 
     def succeeded(self, server: Server) -> None:
         """A well-formed answer: the server is in, its counts start again."""
+        server.answers += 1
         server.fails = 0
         server.ejections = 0
         if not server.healthy:
@@ -306,6 +310,7 @@ class Balancer:
 
     def failed(self, server: Server, kind: str) -> None:
         """One more failure; `max_fails` in a row take the server out."""
+        server.failures += 1
         server.fails += 1
         if server.healthy and server.fails >= self.max_fails:
             self._eject(server, f"{server.fails} failures in a row ({kind})")
@@ -313,6 +318,7 @@ class Balancer:
     def _eject(self, server: Server, why: str) -> None:
         wait = min(self.eject_max, self.eject_first * self.backoff**server.ejections)
         server.ejections += 1
+        server.ejected += 1
         server.out_until = self.clock.seconds() + wait
         log.warn("{server} taken out for {wait:g} s: {why}", server=server.name, wait=wait, why=why)
         self._stopTimer(server)
@@ -337,6 +343,7 @@ class Balancer:
 
     def _probed(self, result: tuple, server: Server) -> None:
         server.probing = False
+        server.answers += 1
         if not server.healthy:
             self._putBack(server)  # its ejections keep doubling until real traffic succeeds
         server.fails = 0
@@ -346,6 +353,7 @@ class Balancer:
         if server.healthy:
             self.failed(server, getattr(reason.value, "kind", "invalid"))
         else:
+            server.failures += 1
             self._eject(server, f"probe failed: {reason.value}")
 
     def _checkAll(self) -> None:

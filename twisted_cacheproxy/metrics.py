@@ -371,6 +371,17 @@ class ProxyMetrics(_Metrics):
                 "requests": self.upstream_requests,
                 "failures": dict(self.upstream_failures),
                 "last_failure": self.last_failure[1] if self.last_failure else None,
+                "servers": [
+                    {
+                        "server": server.name,
+                        "up": server.healthy,
+                        "outstanding": server.outstanding,
+                        "answers": server.answers,
+                        "failures": server.failures,
+                        "ejections": server.ejected,
+                    }
+                    for server in getattr(pool, "servers", ())
+                ],
             },
             "history": [
                 {"time": t, "requests_per_second": rate, "hit_ratio": ratio}
@@ -452,6 +463,7 @@ class ProxyMetrics(_Metrics):
         conns.add_metric(["idle"], idle)
         conns.add_metric(["busy"], max(0, pool.connections - idle))
         yield conns
+        yield from _per_server(getattr(pool, "servers", ()))
 
 
 class ServerMetrics(_Metrics):
@@ -530,6 +542,22 @@ class ServerMetrics(_Metrics):
             "Open client connections.",
             self.factory.connectionCount,
         )
+
+
+def _per_server(servers: Any) -> Iterator[Metric]:
+    """With several ``--server``: each one's health and totals, by its address."""
+    families = [
+        (GaugeMetricFamily, "up", "1 while the server is in, 0 while taken out.", "healthy"),
+        (GaugeMetricFamily, "outstanding", "Requests sent, not yet answered.", "outstanding"),
+        (CounterMetricFamily, "answers", "Answers, health probes included.", "answers"),
+        (CounterMetricFamily, "failures", "Requests and probes that failed.", "failures"),
+        (CounterMetricFamily, "ejections", "Times the server was taken out.", "ejected"),
+    ]
+    for kind, name, text, attribute in families if servers else ():
+        family = kind(f"cacheproxy_server_{name}", text, labels=["server"])
+        for server in servers:
+            family.add_metric([_server_of(server.pool)], int(getattr(server, attribute)))
+        yield family
 
 
 def _server_of(pool: Any) -> str:
