@@ -848,3 +848,36 @@ def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log)
     shared.nodes[0].factory.clientConnectionLost(FakeConnector(), Failure(error.ConnectionDone()))
     assert clock.getDelayedCalls() == []
     assert [e for e in proxy_log if e.get("log_level") == LogLevel.warn] == []
+
+
+def test_the_tier_is_in_the_metrics_stats_and_status_page():
+    from test_metrics import scrape
+
+    from twisted_cacheproxy import admin
+    from twisted_cacheproxy.metrics import ProxyMetrics
+
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    metrics = ProxyMetrics(b.factory)
+    b.factory.observer = metrics
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    c = b.client()
+    c.send(request(X))  # an L2 hit
+    site.mc.pump()
+    c.send(request(Y))  # an L2 miss, answered by b's server and stored
+    site.mc.pump()
+    up = b.accept()
+    up.reply(answer(6))
+    site.mc.pump()
+    assert c.take() == answer(3) + answer(6)
+    m = scrape(metrics)
+    totals = {name: m[f"cacheproxy_shared_{name}_total", ()] for name in ("lookups", "hits")}
+    assert totals == {"lookups": 2, "hits": 1}
+    assert m["cacheproxy_shared_stores_total", ()] == 1
+    assert m["cacheproxy_shared_node_up", (("node", "127.0.0.1:11211"),)] == 1
+    shared = metrics.figures()["shared"]
+    assert (shared["lookups"], shared["hits"], shared["nodes"]) == (2, 1, {"127.0.0.1:11211": "up"})
+    page = admin.status_page(metrics, "t")
+    assert '<td class="n" id="shared-hit-ratio">50.0%</td>' in page
+    assert Harness().factory.shared is None
+    assert ProxyMetrics(Harness().factory).figures()["shared"] is None

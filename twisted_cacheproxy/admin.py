@@ -364,6 +364,8 @@ def status_page(metrics: ProxyMetrics | ServerMetrics, title: str) -> str:
     if proxy:
         body.append(_cache_section(figures["cache"]))
         body.append(_upstream_section(figures["upstream"]))
+        if figures["shared"] is not None:
+            body.append(_shared_section(figures["shared"]))
     body.append("</div>")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -412,6 +414,19 @@ def _upstream_section(upstream: dict[str, Any]) -> str:
         + "".join(_server_row(k, server) for k, server in enumerate(upstream["servers"], 1))
         + "</table></div>"
     )
+
+
+def _shared_section(shared: dict[str, Any]) -> str:
+    """The memcached tier: its nodes and what it did."""
+    lookups = shared["lookups"]
+    ratio = shared["hits"] / lookups if lookups else None
+    rows = [_row("hit ratio", _ratio(ratio), "shared-hit-ratio")]
+    for name in ("lookups", "hits", "timeouts", "unavailable", "stores"):
+        rows.append(_row(name, str(shared[name]), f"shared-{name}"))
+    for k, (node, state) in enumerate(shared["nodes"].items(), 1):
+        css = "up" if state == "up" else "down"
+        rows.append(_row(node, f'<span class="{css}">{state}</span>', f"shared-node-{k}"))
+    return "<div><h2>Shared tier (memcached)</h2><table>" + "".join(rows) + "</table></div>"
 
 
 def _server_row(number: int, server: dict[str, Any]) -> str:

@@ -383,6 +383,7 @@ class ProxyMetrics(_Metrics):
                     for server in getattr(pool, "servers", ())
                 ],
             },
+            "shared": _shared_figures(factory.shared),
             "history": [
                 {"time": t, "requests_per_second": rate, "hit_ratio": ratio}
                 for t, rate, ratio in self.series()
@@ -464,6 +465,8 @@ class ProxyMetrics(_Metrics):
         conns.add_metric(["busy"], max(0, pool.connections - idle))
         yield conns
         yield from _per_server(getattr(pool, "servers", ()))
+        if factory.shared is not None:
+            yield from _shared_tier(factory.shared)
 
 
 class ServerMetrics(_Metrics):
@@ -558,6 +561,45 @@ def _per_server(servers: Any) -> Iterator[Metric]:
         for server in servers:
             family.add_metric([_server_of(server.pool)], int(getattr(server, attribute)))
         yield family
+
+
+#: The shared tier's counters (`SharedCache.counters`) as metrics.
+_SHARED_COUNTERS = [
+    ("l2_lookups", "lookups", "Memory-cache misses looked up in memcached."),
+    ("l2_hits", "hits", "Lookups that found a usable answer."),
+    ("l2_timeouts", "timeouts", "Lookups that took longer than --memcached-timeout."),
+    ("l2_rejected", "rejected", "Values found that were not a whole entry of ours for the key."),
+    ("l2_unavailable", "unavailable", "Lookups skipped: the key's node was down or overloaded."),
+    ("l2_stores", "stores", "Answers stored in memcached."),
+]
+
+
+def _node_address(node: Any) -> str:
+    return f"[{node.host}]:{node.port}" if ":" in node.host else f"{node.host}:{node.port}"
+
+
+def _shared_figures(shared: Any) -> dict[str, Any] | None:
+    """The shared tier in ``/stats.json`` (None without ``--memcached``)."""
+    if shared is None:
+        return None
+    counters = shared.counters()
+    return {
+        **{name: counters[key] for key, name, _ in _SHARED_COUNTERS},
+        "nodes": {_node_address(node): node.state for node in shared.nodes},
+    }
+
+
+def _shared_tier(shared: Any) -> Iterator[Metric]:
+    """With ``--memcached``: what the shared tier did, and which nodes are up."""
+    counters = shared.counters()
+    for key, name, text in _SHARED_COUNTERS:
+        yield CounterMetricFamily(f"cacheproxy_shared_{name}", text, value=counters[key])
+    up = GaugeMetricFamily(
+        "cacheproxy_shared_node_up", "1 while the memcached node answers.", labels=["node"]
+    )
+    for node in shared.nodes:
+        up.add_metric([_node_address(node)], int(node.state == "up"))
+    yield up
 
 
 def _server_of(pool: Any) -> str:
