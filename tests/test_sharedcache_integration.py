@@ -211,10 +211,11 @@ def test_a_stalled_memcached_costs_a_miss_its_timeout_and_never_delays_l1_hits(m
         yield ask_one(port, plain("1 + 2"))
         node.pause()
         try:
-            started = time.monotonic()
+            lookups = factory.shared.counters()["l2_lookups"]
             header, _ = yield ask_one(port, plain("1 + 2"))
             assert header.from_cache
-            assert time.monotonic() - started < 0.05  # L1: no wait for memcached
+            # L1: memcached is not even asked, so nothing waits for it.
+            assert factory.shared.counters()["l2_lookups"] == lookups
             for k in range(3):
                 started = time.monotonic()
                 header, data = yield ask_one(port, plain(f"{k} * 7"))
