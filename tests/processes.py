@@ -33,6 +33,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: TCP states as /proc/net/tcp numbers them.
+ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
+
+
+def tcp_states_to(port: int) -> list[int]:
+    """The states of this host's IPv4 TCP sockets connected to ``port`` on
+    127.0.0.1 (the client ends of connections to a service on ``port``)."""
+    states = []
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, remote = fields[2].split(":")
+        if address == "0100007F" and int(remote, 16) == port:
+            states.append(int(fields[3], 16))
+    return states
+
+
+def open_ends(port: int) -> list[int]:
+    """The states of the client ends of connections to ``port`` that their
+    owner has not closed yet (established, or half-closed by the service)."""
+    return [state for state in tcp_states_to(port) if state in (ESTABLISHED, CLOSE_WAIT)]
+
+
 def accepting(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.2):

@@ -14,7 +14,7 @@ import termios
 import time
 
 import pytest
-from processes import free_port, script
+from processes import ESTABLISHED, free_port, script, tcp_states_to, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -222,7 +222,9 @@ def test_menu_reconnects_after_the_server_closed_the_idle_connection(twistd, ses
     t.type("2\n")
     t.expect("Result: 6")
     t.expect("choice> ")
-    time.sleep(1.2)  # the server closes the idle connection after 0.5 s
+    # The server closes the idle connection after 0.5 s: then no connection
+    # to it is established any more (the client's end is closed or half-closed).
+    assert wait_for(lambda: ESTABLISHED not in tcp_states_to(port), WAIT), tcp_states_to(port)
     t.type("2\n")
     shown = t.expect("Result: 6")
     assert f"(connection closed by 127.0.0.1:{port}; reconnected)\n" in shown

@@ -109,14 +109,16 @@ def test_idle_timeout_closes_a_connection_with_a_half_sent_frame(proxy_log):
 
 @pytest_twisted.inlineCallbacks
 def test_complete_requests_keep_a_connection_alive(proxy_log):
-    listening, port = listen(CalculatorServerFactory(idle_timeout=0.4))
+    # Each pause is well under the idle timeout, so that a loaded machine
+    # running this process late cannot make one of them reach it.
+    listening, port = listen(CalculatorServerFactory(idle_timeout=1.0))
     try:
         client = yield connect(port)
         for i in range(4):
             client.transport.write(request(f"{i} + 1"))
             yield within(client.waitFor(i + 1))
-            yield task.deferLater(reactor, 0.2)
-        assert not client.closed.called  # 0.8 s in all, never 0.4 s idle
+            yield task.deferLater(reactor, 0.3)
+        assert not client.closed.called  # 1.2 s in all, never 1 s idle
         assert [codec.decode_response(d)[0] for _, d in client.answers] == [1, 2, 3, 4]
         client.transport.loseConnection()
     finally:

@@ -111,7 +111,13 @@ class CountingProtocol(wire.FrameReceiver):
         now = int(f.clock.seconds())
         frame = f.calculator.answer(header, data, codec.TEXT, now)
         f.sent.append(frame[:10] + b"\x00\x00" + frame[12:])
-        if f.delay:
+        if f.held is not None:
+            f.held.append((self.transport, frame))
+            if len(f.held) >= f.hold_until:
+                held, f.held = f.held, None
+                for transport, answer in held:
+                    transport.write(answer)
+        elif f.delay:
             f.clock.callLater(f.delay, self.transport.write, frame)
         else:
             self.transport.write(frame)
@@ -119,7 +125,8 @@ class CountingProtocol(wire.FrameReceiver):
 
 class CountingServer(protocol.Factory):
     """A calculator server that records every connection, request and answer,
-    and can hold each answer back for ``delay`` seconds."""
+    and can hold each answer back for ``delay`` seconds, or (`hold`) every
+    answer until it has a given number of them."""
 
     protocol = CountingProtocol
 
@@ -128,12 +135,18 @@ class CountingServer(protocol.Factory):
 
         self.clock = reactor
         self.delay = delay
+        self.held: list[tuple] | None = None
+        self.hold_until = 0
         self.answers_per_connection = answers_per_connection
         self.calculator = CalculatorServerFactory(clock=reactor)
         self.connections = 0
         self.requests: list[bytes] = []
         self.sent: list[bytes] = []
         self.port = None
+
+    def hold(self, count: int) -> None:
+        """Send no answer until ``count`` more are ready, then all of them."""
+        self.held, self.hold_until = [], count
 
     def listen(self) -> int:
         from twisted.internet import reactor
@@ -367,7 +380,7 @@ def test_idle_connection_closed_by_the_real_server_is_replaced(twistd):
 
 @pytest_twisted.inlineCallbacks
 def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
-    server = CountingServer(delay=1.0)
+    server = CountingServer()
     server_port = server.listen()
     n = 40
     try:
@@ -377,16 +390,17 @@ def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
         # Pipelining starts once the connection has brought an answer with L.
         yield ask(proxy.port, request("1 + 1"))
         server.requests.clear()
+        # The server answers nothing until it has every request: only
+        # pipelining gets them all to it, all on the proxy's one connection
+        # (without, it would see one, and the proxy would wait for its answer).
+        server.hold(n)
         conns = yield within(defer.gatherResults([connect(proxy.port) for _ in range(n)]))
         frames = [request(f"{k} * 3 + 1") for k in range(n)]
         answered = defer.gatherResults(
             [c.sendRequest(f) for c, f in zip(conns, frames, strict=True)]
         )
-        # The server holds each answer for 1 s: only pipelining gets every
-        # request to it before then, all on the proxy's one connection.
-        for _ in range(80):
-            if len(server.requests) == n:
-                break
+        deadline = time.monotonic() + TIMEOUT
+        while len(server.requests) < n and time.monotonic() < deadline:
             yield deferLater(0.01)
         assert sorted(server.requests) == sorted(frames)
         assert server.connections == 1

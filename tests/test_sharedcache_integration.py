@@ -211,10 +211,11 @@ def test_a_stalled_memcached_costs_a_miss_its_timeout_and_never_delays_l1_hits(m
         yield ask_one(port, plain("1 + 2"))
         node.pause()
         try:
-            started = time.monotonic()
+            lookups = factory.shared.counters()["l2_lookups"]
             header, _ = yield ask_one(port, plain("1 + 2"))
             assert header.from_cache
-            assert time.monotonic() - started < 0.05  # L1: no wait for memcached
+            # L1: memcached is not even asked, so nothing waits for it.
+            assert factory.shared.counters()["l2_lookups"] == lookups
             for k in range(3):
                 started = time.monotonic()
                 header, data = yield ask_one(port, plain(f"{k} * 7"))
@@ -366,7 +367,7 @@ def test_two_twistd_proxies_share_answers_and_a_restarted_one_keeps_serving_them
 def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
     memcached, twistd, lock_wait, per_key
 ):
-    server = CountingServer(delay=0.5)
+    server = CountingServer()
     server_port = server.listen()
     node = memcached()
     try:
@@ -376,6 +377,11 @@ def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
         for p in (a, b):
             yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
         frames = [plain(f"{k} + 1000") for k in range(5)]
+        # No answer (so nothing stored in memcached) until the server has as
+        # many requests as expected: a proxy that reached memcached late
+        # cannot find the other's answer there, whatever the machine's load;
+        # with the lock, a sixth request still gets through if it is broken.
+        server.hold(per_key * len(frames))
         answers = yield defer.gatherResults([exchange(p.port, f) for f in frames for p in (a, b)])
         for k, ((header, data),) in enumerate(answers):
             assert header.status == wire.OK

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import helpers
 import pytest
 from helpers import VECTORS, course_pickle, in_ci, make_api_module, make_course_module, vector_value
-from processes import ROOT, Twistd, free_port, script
+from processes import ROOT, Twistd, free_port, open_ends, script, tcp_states_to, wait_for
 
 from twisted_cacheproxy import codec
 from twisted_cacheproxy.expression import format_node
@@ -785,7 +785,9 @@ def test_server_stopped_a_hit_is_served_and_a_miss_is_a_500(live, services, capt
     )
     calc_client(proxy.port, "max(2, 3) + 3")  # into the cache, before the capture
     server.stop()
-    time.sleep(0.2)  # the proxy's idle connection to the server closes
+    # The proxy closes its idle connection to the stopped server before the
+    # capture starts: else it could send the miss on it first.
+    assert wait_for(lambda: not open_ends(server.port), WAIT), tcp_states_to(server.port)
     cap = capture("down.pcap", proxy.port, server.port)
     calc_client(proxy.port, "max(2, 3) + 3")
     calc_client(proxy.port, "7 * 6", status=1)
