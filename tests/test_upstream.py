@@ -549,7 +549,8 @@ def test_a_new_connection_takes_one_request_until_it_has_answered_with_l():
     c1.reply(answer(1))
     c2.reply(answer(2))
     r3, r4 = p.fetch(request(b"3")), p.fetch(request(b"4"))
-    assert sorted([c1.take(), c2.take()]) == [request(b"3"), request(b"4")]
+    # Both have said L now: the second request goes behind the first.
+    assert sorted([c1.take(), c2.take()]) == [b"", request(b"3") + request(b"4")]
     assert p.attempts == 2 and r1.done and r2.done and not (r3.done or r4.done)
 
 
@@ -570,6 +571,61 @@ def test_a_server_without_l_gets_one_request_per_connection_whatever_the_pipelin
     assert p.attempts == 4  # never reused
     p.accept().reply(answer(9), framed=False)
     assert r.value[1] == answer(9)[12:]
+
+
+def two_framed(p: Pool) -> tuple[Peer, Peer]:
+    """Two connections of ``p`` that have said L, both idle."""
+    p.fetch(request(b"0"))
+    a = p.accept()
+    p.fetch(request(b"0"))
+    b = p.accept()
+    a.reply(answer(0))
+    b.reply(answer(0))
+    a.take(), b.take()
+    return a, b
+
+
+def test_a_request_goes_on_the_busiest_connection_with_room_before_an_idle_one():
+    p = Pool(pipeline=3)
+    a, b = two_framed(p)
+    rs = [p.fetch(request(b"%d" % n)) for n in range(1, 6)]
+    first, second = sorted((a, b), key=lambda c: -len(c.transport.value()))
+    # Three on one (its depth), then the idle one takes the rest.
+    assert first.take() == request(b"1") + request(b"2") + request(b"3")
+    assert second.take() == request(b"4") + request(b"5")
+    first.reply(answer(1), answer(2))
+    r6, r7 = p.fetch(request(b"6")), p.fetch(request(b"7"))
+    # ``second`` is the busier (2 in flight against 1): it takes 6, then is full.
+    assert second.take() == request(b"6")
+    assert first.take() == request(b"7")
+    assert p.attempts == 2 and not (r6.done or r7.done)
+    assert [r.done for r in rs] == [True, True, False, False, False]
+
+
+def test_no_connection_ever_has_more_than_the_pipeline_depth_in_flight():
+    p = Pool(pipeline=2, max_connections=2)
+    a, b = two_framed(p)
+    rs = [p.fetch(request(b"%d" % n)) for n in range(1, 7)]
+    assert (a.protocol.pending, b.protocol.pending) == (2, 2)
+    assert p.attempts == 2  # the rest wait for room
+    (a if a.transport.value() else b).reply(answer(1))
+    assert sorted([a.protocol.pending, b.protocol.pending]) == [2, 2]
+    assert sum(r.done for r in rs) == 1
+
+
+def test_a_connection_that_has_not_said_l_never_takes_a_second_request_beside_a_busy_one():
+    p = Pool(pipeline=8)
+    c1 = framed(p)
+    p.fetch(request(b"1"))
+    p.fetch(request(b"2"))
+    c1.protocol.transport.loseConnection()  # c1 closing: not usable
+    p.fetch(request(b"3"))
+    c2 = p.accept()
+    p.fetch(request(b"4"))
+    # c2 has one request in flight and has not said L: 4 gets a connection of its own.
+    assert c2.take() == request(b"3")
+    assert p.attempts == 3
+    assert p.accept().take() == request(b"4")
 
 
 def test_a_full_connection_makes_the_pool_open_another():

@@ -167,12 +167,14 @@ class UpstreamPool:
     At most ``max_queued`` requests wait for a free connection; past that a
     request fails at once ("proxy overloaded") rather than pile up.
 
-    With ``pipeline`` above 1, a request that finds no idle connection goes
-    on the open one with the fewest requests in flight, up to ``pipeline`` of
-    them, before a new connection is opened: fewer writes, reads and reactor
-    turns per request on both sides. Only on connections that have brought an
-    answer with ``L`` and our tag (ours do; the course server reads one
-    ``recv`` as one message and never gets more than one request). A request
+    With ``pipeline`` above 1, a request goes on the busiest connection that
+    has room (fewer than ``pipeline`` requests in flight) before an idle one,
+    and on an idle one before a new one: requests arriving together leave in
+    one write and come back in one read, so both sides pay their system calls
+    and reactor turns once per batch rather than once per request, and a slow
+    answer delays at most ``pipeline - 1`` others. Only on connections that
+    have brought an answer with ``L`` and our tag (ours do; the course server
+    reads one ``recv`` as one message and never gets more than one request). A request
     on a connection that breaks under it, which one timed-out neighbour does
     by closing it, or that went out of step, is sent again. A far end that
     loses or garbles pipelined requests (a timeout or a tag mismatch with
@@ -212,6 +214,8 @@ class UpstreamPool:
         self._outstanding = 0
         self._idle: list[UpstreamProtocol] = []
         self._open: list[UpstreamProtocol] = []
+        #: Connections that may be pipelined and have requests in flight.
+        self._busy: list[UpstreamProtocol] = []
         self._queue: deque[_Fetch] = deque()
 
     @property
@@ -275,19 +279,18 @@ class UpstreamPool:
         fetch.settle(UpstreamError(f"{self.name} {why}", kind))
 
     def _dispatch(self, fetch: _Fetch, fresh: bool = False) -> None:
-        """Send ``fetch`` on an idle or (pipelining) roomy connection, else
-        open one, else queue it; ``fresh`` prefers a new connection, which
-        has no stray answer on its way."""
-        while self._idle and not fresh:
-            conn = self._idle.pop()
-            if conn.usable:
-                self._send(fetch, conn, reused=True)
+        """Send ``fetch`` on (pipelining) the busiest connection with room,
+        else an idle one, else open one, else queue it; ``fresh`` prefers a
+        new connection, which has no stray answer on its way."""
+        if not fresh:
+            if self.pipelining and (busiest := self._busiest()) is not None:
+                self._send(fetch, busiest, reused=True)
                 return
-        if self.pipelining and not fresh:
-            roomy = self._roomiest()
-            if roomy is not None:
-                self._send(fetch, roomy, reused=True)
-                return
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.usable:
+                    self._send(fetch, conn, reused=True)
+                    return
         if self.connections < self.max_connections and (fresh or not self._waitForDial()):
             self._connect(fetch)
         elif len(self._queue) >= self.max_queued:
@@ -301,18 +304,16 @@ class UpstreamPool:
             self._queue.append(fetch)
             fetch.pending = _Unqueue(self._queue, fetch)
 
-    def _roomiest(self) -> UpstreamProtocol | None:
-        """The open connection with the fewest requests in flight, if it has
+    def _busiest(self) -> UpstreamProtocol | None:
+        """The pipelined connection with the most requests in flight that has
         room for one more."""
         best = None
-        for conn in self._open:
-            if (
-                conn.framed
-                and conn.pending < self.pipeline
-                and conn.usable
-                and (best is None or conn.pending < best.pending)
-            ):
-                best = conn
+        most = 0
+        room = self.pipeline
+        for conn in self._busy:
+            pending = conn.pending
+            if most < pending < room and conn.usable:
+                best, most = conn, pending
         return best
 
     def _waitForDial(self) -> bool:
@@ -357,6 +358,8 @@ class UpstreamPool:
         fetch.sent = self.clock.seconds()
         fetch.conn = conn
         d = conn.sendRequest(fetch.frame)
+        if conn.framed and conn not in self._busy:
+            self._busy.append(conn)
         fetch.pending = d
         d.addCallbacks(
             self._answered,
@@ -413,6 +416,8 @@ class UpstreamPool:
             if not fetch.d.called:
                 self._send(fetch, conn, reused=True)
         if not conn.pending:
+            if conn in self._busy:
+                self._busy.remove(conn)
             self._idle.append(conn)
         else:
             self._dialForQueued()
@@ -423,6 +428,8 @@ class UpstreamPool:
             self._idle.remove(conn)
         if conn in self._open:
             self._open.remove(conn)
+        if conn in self._busy:
+            self._busy.remove(conn)
         self._freed()
 
     def _freed(self) -> None:

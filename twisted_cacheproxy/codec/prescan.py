@@ -78,7 +78,9 @@ class _Scan:
         where ``table`` pauses (its position and the opcode count)."""
         data, stack, marks, memo = self.data, self.stack, self.marks, self.memo
         push = stack.append
-        memoize = _MEMOIZE
+        # Locals: the loop runs once per opcode, and global lookups cost it.
+        memoize, handlers = _MEMOIZE, _HANDLERS
+        fixed, short_str, get, mark, end = _FIXED, _SHORT_STR, _GET, _MARK, _END
         try:
             for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
                 row = table[data[pos]]
@@ -87,27 +89,34 @@ class _Scan:
                         f"pickle opcode {data[pos : pos + 1]!r} is not allowed"
                     )
                 kind, arg, need, npop, pushed = row
-                if kind == _FIXED:
+                if kind == fixed:
                     if need:
                         if len(stack) - need < marks[-1]:
                             raise PickleRefusedError("pickle stack underflow")
                         del stack[-npop:]
                     pos += arg
-                elif kind == _GET:  # BINGET, a quarter of a course pickle
+                elif kind == short_str:  # SHORT_BINUNICODE, the commonest handler's case
+                    start = pos + 2
+                    pos = start + data[pos + 1]
+                    try:
+                        data[start:pos].decode("utf-8", "surrogatepass")
+                    except UnicodeDecodeError:
+                        raise PickleRefusedError("a string is not UTF-8") from None
+                elif kind == get:  # BINGET, a quarter of a course pickle
                     index = data[pos + 1]
                     if index not in memo:
                         raise PickleRefusedError(f"memo index {index} not set")
                     push(memo[index])
                     pos += 2
                     continue
-                elif kind == _MARK:
+                elif kind == mark:
                     marks.append(len(stack))
                     pos += 1
                     continue
-                elif kind == _END:
+                elif kind == end:
                     return self.stop(pos, done)
                 else:
-                    pos = _HANDLERS[kind](self, pos, arg)
+                    pos = handlers[kind](self, pos, arg)
                 if pushed is not None:
                     push(pushed)
                     # What the pickler writes after each new object.
@@ -138,13 +147,12 @@ class _Scan:
         return start + length
 
     def string(self, pos: int, arg: int) -> int:
-        """A str: an ``arg``-byte length and that many bytes of UTF-8 (as the
-        unpickler decodes them)."""
-        data = self.data
+        """A long str: an ``arg``-byte length and that many bytes of UTF-8 (as
+        the unpickler decodes them; `walk` checks the short ones itself)."""
         start = pos + 1 + arg
-        end = start + data[pos + 1] if arg == 1 else self.sized(pos, arg)  # 1: most of them
+        end = self.sized(pos, arg)
         try:
-            data[start:end].decode("utf-8", "surrogatepass")
+            self.data[start:end].decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise PickleRefusedError("a string is not UTF-8") from None
         return end
@@ -246,10 +254,10 @@ class _Scan:
 
 
 # What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or, by
-# itself, skip a fixed-size argument, push a BINGET's memo entry, set a mark
-# or end (at STOP, or at the number where a fresh scan pauses).
+# itself, skip a fixed-size argument, check a short string, push a BINGET's
+# memo entry, set a mark or end (at STOP, or at the number where a fresh scan pauses).
 _SIZED, _STR, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE = range(10)
-_POP, _FIXED, _GET, _MARK, _END = range(10, 15)
+_POP, _FIXED, _SHORT_STR, _GET, _MARK, _END = range(10, 16)
 _HANDLERS: list[Callable[[_Scan, int, int], int]] = [
     _Scan.sized,
     _Scan.string,
@@ -289,7 +297,7 @@ _ALLOWED: dict[str, tuple[int, int, int, int, int, bool | None]] = {
     "LONG1": (0x8A, _SIZED, 1, 0, 0, False),
     "LONG4": (0x8B, _SIZED, 4, 0, 0, False),
     "BINFLOAT": (0x47, _FIXED, 9, 0, 0, False),
-    "SHORT_BINUNICODE": (0x8C, _STR, 1, 0, 0, True),
+    "SHORT_BINUNICODE": (0x8C, _SHORT_STR, 1, 0, 0, True),
     "BINUNICODE": (0x58, _STR, 4, 0, 0, True),
     "BINUNICODE8": (0x8D, _STR, 8, 0, 0, True),
     "EMPTY_LIST": (0x5D, _FIXED, 1, 0, 0, False),
