@@ -10,7 +10,7 @@ from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.upstream import UpstreamError, UpstreamPool
+from twisted_cacheproxy.upstream import PIPELINE_PAUSE, UpstreamError, UpstreamPool
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -656,7 +656,7 @@ def test_at_the_connection_limit_a_waiting_request_takes_the_first_free_place():
     assert p.pool.idle == 1
 
 
-def test_a_timed_out_pipelined_request_closes_its_connection_and_ends_pipelining():
+def test_a_timed_out_pipelined_request_closes_its_connection_and_pauses_pipelining():
     p = Pool(pipeline=4, timeout=5)
     c1 = framed(p)
     slow = p.fetch(request(b"slow"))
@@ -668,7 +668,7 @@ def test_a_timed_out_pipelined_request_closes_its_connection_and_ends_pipelining
     assert c1.transport.disconnecting
     assert not p.pool.pipelining
     c1.close(error.ConnectionAborted)
-    # Sent again, one request per connection from now on.
+    # Sent again, one request per connection for the pause.
     assert p.attempts == 3
     c2, c3 = p.accept(1), p.accept(2)
     assert (c2.take(), c3.take()) == (request(b"1"), request(b"2"))
@@ -678,6 +678,14 @@ def test_a_timed_out_pipelined_request_closes_its_connection_and_ends_pipelining
     p.fetch(request(b"3"))
     p.fetch(request(b"4"))
     assert sorted([c2.take(), c3.take()]) == [request(b"3"), request(b"4")]
+    c2.reply(answer(3))
+    c3.reply(answer(4))
+    # The server may only have been slow: after the pause, pipelining again.
+    p.advance(PIPELINE_PAUSE)
+    assert p.pool.pipelining
+    p.fetch(request(b"5"))
+    p.fetch(request(b"6"))
+    assert sorted([c2.take(), c3.take()]) == [b"", request(b"5") + request(b"6")]
 
 
 def test_bytes_beyond_the_last_pipelined_answer_close_the_connection():

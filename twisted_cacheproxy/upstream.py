@@ -23,6 +23,9 @@ from . import wire
 
 log = Logger()
 
+#: Seconds without pipelining after a pipelined request timed out.
+PIPELINE_PAUSE = 60.0
+
 
 #: What a fetch fires with: the answer's header and data, and when the request left.
 Answer = tuple[wire.Header, bytes, float]
@@ -177,8 +180,9 @@ class UpstreamPool:
     reads one ``recv`` as one message and never gets more than one request). A request
     on a connection that breaks under it, which one timed-out neighbour does
     by closing it, or that went out of step, is sent again. A far end that
-    loses or garbles pipelined requests (a timeout or a tag mismatch with
-    several in flight) gets one request at a time from then on.
+    garbles pipelined requests (a tag mismatch with several in flight) gets
+    one request at a time from then on; one that lets a pipelined request
+    time out, for `PIPELINE_PAUSE` seconds (it may only be slow).
     """
 
     #: Each retry waits this factor longer than the one before.
@@ -256,20 +260,32 @@ class UpstreamPool:
         if conn.pending > 1:
             self._stopPipelining(str(reason))
 
-    def _stopPipelining(self, why: str) -> None:
-        if self.pipelining:
-            self.pipelining = False
-            log.warn(
-                "{name}: {why} with requests pipelined; sending one at a time from now on",
-                name=self.name,
-                why=why,
-            )
+    def _stopPipelining(self, why: str, pause: float | None = None) -> None:
+        """One request at a time from now on, or for ``pause`` seconds."""
+        if not self.pipelining:
+            return
+        self.pipelining = False
+        if pause is None:
+            until = "from now on"
+        else:
+            until = f"for {pause:g} s"
+            self.clock.callLater(pause, self._resumePipelining)
+        log.warn(
+            "{name}: {why} with requests pipelined; sending one at a time {until}",
+            name=self.name,
+            why=why,
+            until=until,
+        )
+
+    def _resumePipelining(self) -> None:
+        self.pipelining = True
+        log.info("{name}: pipelining again", name=self.name)
 
     def _timedOut(self, fetch: _Fetch) -> None:
         fetch.timer = None
         conn = fetch.conn
         if fetch.pending is not None and conn is not None and conn.pending > 1:
-            self._stopPipelining("an answer did not come in time")
+            self._stopPipelining("an answer did not come in time", PIPELINE_PAUSE)
         fetch.cancel()
         if fetch.why:
             why = f"unreachable within {self.timeout:g} s ({_attempts(fetch.attempt)}): {fetch.why}"
