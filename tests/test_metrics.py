@@ -546,3 +546,16 @@ def test_one_server_has_no_per_server_families():
     h = Observed()
     assert not [name for name, _ in scrape(h.metrics) if name.startswith("cacheproxy_server_")]
     assert h.metrics.figures()["upstream"]["servers"] == []
+
+
+def test_a_purge_that_fails_is_a_500_and_a_logged_failure(proxy_log):
+    from twisted.internet import defer
+
+    h = Observed()
+    h.factory.purge = lambda expressions: defer.fail(RuntimeError("boom"))
+    purge = admin.PurgeResource(h.factory, None)
+    assert post(purge) == (500, {"error": "the purge failed; see the log"})
+    (event,) = [e for e in proxy_log if "log_failure" in e]
+    assert event["log_failure"].check(RuntimeError)
+    assert event["log_format"] == "purge of {what} failed"
+    proxy_log.remove(event)  # expected: the fixture fails a test on any other

@@ -881,3 +881,61 @@ def test_the_tier_is_in_the_metrics_stats_and_status_page():
     assert '<td class="n" id="shared-hit-ratio">50.0%</td>' in page
     assert Harness().factory.shared is None
     assert ProxyMetrics(Harness().factory).figures()["shared"] is None
+
+
+def test_a_lookup_answered_before_the_purge_does_not_bring_a_purged_answer_back():
+    site = Site()
+    a, b = site.proxy(poll=True), site.proxy(poll=True)
+    reply = answer(3, max_age=60)
+    upstream_miss(b, b.client(), request(X), reply, site)  # X shared
+    c = a.client()
+    c.send(request(X))  # a's lookup is on its way...
+    purged = fired(a.factory.purge())  # ...when a purges: the lookup is answered first
+    site.mc.pump()
+    assert c.take() == reply  # served, as it was asked for before the purge
+    assert purged == [{"purged": 1, "shared": 1}]
+    assert a.counters()["entries"] == 0  # but not kept
+    for _ in range(2):
+        a.advance(GENERATION_POLL)
+        site.mc.pump()
+    assert a.counters()["entries"] == 0
+
+
+def test_a_purge_made_while_a_proxy_was_cut_off_is_noticed_once_it_is_back():
+    site = Site()
+    a, b = site.proxy(poll=True), site.proxy(poll=True)
+    reply = answer(3, max_age=60)
+    upstream_miss(a, a.client(), request(X), reply, site)
+    c = b.client()
+    c.send(request(X))
+    site.mc.pump()
+    assert c.take() == reply and b.counters()["entries"] == 1
+    proto, transport = site.mc.conns[1]  # b's connection to the node drops
+    site.mc.conns.remove((proto, transport))
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    fired(a.factory.purge())
+    site.mc.pump()
+    site.mc.connect(b.shared.nodes[0])  # b is back: it reads the generation at once
+    site.mc.pump()
+    assert b.counters()["entries"] == 0
+    c.send(request(X))
+    site.mc.pump()
+    assert c.take() == b"" and b.counters()["hits"] == 0  # asked of the server again
+
+
+def test_a_node_down_at_the_purge_is_purged_once_it_is_back(proxy_log):
+    site = Site()
+    a, b = site.proxy(), site.proxy()
+    upstream_miss(a, a.client(), request(X), answer(3), site)
+    proto, transport = site.mc.conns[0]  # a is cut off from the node
+    site.mc.conns.remove((proto, transport))
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    purged = fired(a.factory.purge())
+    assert purged == [{"purged": 1, "shared": 0}]
+    assert any("purged once it is back" in e.get("log_format", "") for e in proxy_log)
+    site.mc.connect(a.shared.nodes[0])
+    site.mc.pump()
+    # b, which never saw the purge, finds X gone from the shared tier.
+    c = b.client()
+    upstream_miss(b, c, request(X), answer(3), site)
+    assert c.take() == answer(3)

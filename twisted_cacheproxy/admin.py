@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.internet import task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from .accesslog import AccessLog
@@ -162,13 +163,19 @@ class PurgeResource(resource.Resource):
                 what=what,
                 count=counts["purged"],
             )
+            answer(counts)
+
+        def failed(reason: Failure) -> None:
+            log.failure("purge of {what} failed", reason, what=what)
+            request.setResponseCode(500)
+            answer({"error": "the purge failed; see the log"})
+
+        def answer(body: dict[str, Any]) -> None:
             if not gone:
-                request.write(_json(request, counts))
+                request.write(_json(request, body))
                 request.finish()
 
-        self.factory.purge(expressions).addCallback(done).addErrback(
-            log.failure, "purge of {what} failed", what=what
-        )
+        self.factory.purge(expressions).addCallbacks(done, failed)
         return server.NOT_DONE_YET
 
 

@@ -215,21 +215,34 @@ class CacheProxyFactory(wire.ServiceFactory):
         ``expressions`` (with and without steps), here and in the shared
         tier. Fires with ``purged`` (answers removed from memory) and
         ``shared`` (memcached nodes purged, or shared entries removed)."""
-        if expressions is None:
-            count = self.cache.clear()
-            shared = self.shared.purge() if self.shared is not None else defer.succeed(0)
-        else:
-            keys = [k for e in expressions for k in cache_keys(e)]
-            count = self.cache.purge(keys)
-            shared = self.shared.delete(keys) if self.shared is not None else defer.succeed(0)
-        self.observer.purgedAnswers(count)
-        return shared.addCallback(lambda n: {"purged": count, "shared": n})
+        keys = None if expressions is None else [k for e in expressions for k in cache_keys(e)]
+
+        def remove() -> int:
+            count = self.cache.clear() if keys is None else self.cache.purge(keys)
+            self.observer.purgedAnswers(count)
+            return count
+
+        count = remove()
+        if self.shared is None:
+            return defer.succeed({"purged": count, "shared": 0})
+        shared = self.shared.purge() if keys is None else self.shared.delete(keys)
+
+        def settled(nodes: int) -> dict[str, int]:
+            # A lookup answered before the tier was purged may have put a
+            # purged answer back in memory meanwhile.
+            return {"purged": count + remove(), "shared": nodes}
+
+        return shared.addCallback(settled)
 
     def _purgedElsewhere(self) -> None:
-        """Another proxy purged the shared tier: what memory holds may be purged answers."""
+        """The shared tier's generation moved on (another proxy purged it, or
+        memcached restarted): what memory holds may be purged answers."""
         count = self.cache.clear()
         self.observer.purgedAnswers(count)
-        log.info("the shared cache was purged: {count} answers dropped from memory", count=count)
+        log.info(
+            "the shared cache was purged or restarted: {count} answers dropped from memory",
+            count=count,
+        )
 
     def counters(self) -> dict[str, int]:
         """What the proxy has done so far, for logs and tests."""

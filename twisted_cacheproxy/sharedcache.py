@@ -205,11 +205,17 @@ class Node:
         self.name = f"memcached {f'[{host}]' if ':' in host else host}:{port}"
         #: The connection, only while the node answers.
         self.protocol: MemCacheProtocol | None = None
-        #: The namespace generation last read from the node (None: unknown).
+        #: The namespace generation last read from the node (None: unknown,
+        #: as while it is down).
         self.generation: bytes | None = None
-        #: Called when the generation read moves on from a known one: the
-        #: node was purged, by this proxy or another.
+        #: The last generation known, kept while the node is down: a purge
+        #: made meanwhile by another proxy is noticed once it is back.
+        self.known: bytes | None = None
+        #: Called when the generation read moves on from the known one: the
+        #: node was purged by another proxy (or by hand).
         self.purged: Callable[[], None] = lambda: None
+        #: A purge asked for while the node was down, made once it is back.
+        self.purge_pending = False
         #: Commands sent and not answered yet.
         self.outstanding = 0
         self.state = "starting"
@@ -244,7 +250,11 @@ class Node:
         if self.state != "up":
             self.state = "up"
             log.info("{node} connected: shared cache tier on", node=self.name)
-        self.refresh_generation()
+        if self.purge_pending:
+            self.purge_pending = False
+            self.bump(proto)
+        else:
+            self.refresh_generation()
 
     def _lost(self, proto: _NodeProtocol, reason: Failure) -> None:
         if self.protocol is proto or self.protocol is None:
@@ -315,13 +325,31 @@ class Node:
 
         self.send(proto.get(self.genkey)).addCallback(got).addErrback(lambda _: None)
 
-    def set_generation(self, value: bytes | None) -> None:
+    def set_generation(self, value: bytes | None, *, ours: bool = False) -> None:
         """Take ``value`` as the node's generation if it is a number; a
-        change from a known generation is a purge."""
-        was = self.generation
+        change from the known generation that is not ``ours`` is a purge."""
         self.generation = value.strip() if value and value.strip().isdigit() else None
-        if was is not None and self.generation is not None and self.generation != was:
+        if self.generation is None:
+            return
+        was, self.known = self.known, self.generation
+        if was is not None and self.generation != was and not ours:
             self.purged()
+
+    def bump(self, proto: MemCacheProtocol) -> defer.Deferred:
+        """Purge the node: a new generation hides every entry. Fires with 1
+        once done, 0 if the command failed."""
+
+        def bumped(value: int | bool) -> int:
+            if value is False:
+                # No generation there: nothing under it can be read, and the
+                # one created now (wall-clock seconds) is newer than any.
+                self.refresh_generation()
+            else:
+                # Our own purge: the caller has emptied the memory cache.
+                self.set_generation(str(value).encode(), ours=True)
+            return 1
+
+        return self.send(proto.increment(self.genkey)).addCallbacks(bumped, lambda _: 0)
 
 
 # --- the tier ------------------------------------------------------------------------
@@ -582,30 +610,18 @@ class SharedCache:
         node.send(proto.set(mkey, value, flags=FLAGS, expireTime=expire)).addErrback(lambda _: None)
 
     def purge(self) -> defer.Deferred:
-        """Hide every shared entry on every node that is up, by bumping its
-        generation (other users' keys on the same memcached are untouched).
-        Fires with the number of nodes purged."""
+        """Hide every shared entry, by bumping each node's generation (other
+        users' keys on the same memcached are untouched); a node that is down
+        is bumped once it is back. Fires with the number of nodes purged now."""
         done = []
         for node in self.nodes:
             proto = node.protocol
             if proto is None:
+                node.purge_pending = True
+                log.warn("{node} is down: it is purged once it is back", node=node.name)
                 continue
-            done.append(self._bump(node, proto))
+            done.append(node.bump(proto))
         return defer.gatherResults(done).addCallback(sum)
-
-    def _bump(self, node: Node, proto: MemCacheProtocol) -> defer.Deferred:
-        def bumped(value: int | bool) -> int:
-            if value is False:
-                # No generation there: nothing under it can be read, and the
-                # one created now (wall-clock seconds) is newer than any.
-                node.refresh_generation()
-            else:
-                # Our own purge: the caller has emptied the memory cache.
-                node.generation = str(value).encode()
-            return 1
-
-        d = node.send(proto.increment(self.genkey))
-        return d.addCallbacks(bumped, lambda _: 0)
 
     def delete(self, keys: Iterable[bytes]) -> defer.Deferred:
         """Remove the shared entries of ``keys`` (those on nodes that are up).
