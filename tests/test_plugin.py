@@ -739,3 +739,39 @@ def test_proxy_workers_make_a_parent_that_hands_its_options_on():
     assert isinstance(parent, WorkersService)
     assert parent.count == 2 and parent.arguments[0] == "cacheproxy"
     assert json.loads(parent.arguments[1]) == json.loads(json.dumps(config.portable()))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--port", "9100", "--admin-port", "9099"],
+            "--admin-port 9099 with --workers 2: the workers' admin sites take ports "
+            "9099..9100, which include --port 9100",
+        ),
+        (["--access-log", "-"], "--access-log - cannot go with --workers: give a file"),
+    ],
+)
+def test_what_workers_cannot_go_with(argv, message):
+    with pytest.raises(usage.UsageError) as info:
+        options("--workers", "2", *argv)
+    assert str(info.value) == message
+    options("--workers", "1", *argv)  # one process: fine
+
+
+def test_workers_stop_at_once_on_an_access_log_they_cannot_open(tmp_path):
+    port = free_port()
+    argv = ["--port", str(port), "--workers", "2", "--access-log", str(tmp_path / "no" / "a.log")]
+    proc = run([script("twistd"), "-n", "--pidfile=", "cacheserver", *argv])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        f"cacheserver: cannot open --access-log {tmp_path / 'no' / 'a.log'}: "
+        "No such file or directory"
+    )
+
+
+def test_the_same_server_twice_is_refused():
+    with pytest.raises(usage.UsageError, match="--server: the same server is given twice"):
+        tap.ProxyOptions().parseOptions(
+            ["--server", "127.0.0.1:7001", "--server", "127.0.0.1:7001"]
+        )

@@ -26,16 +26,19 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def _socket_inodes(pid: int) -> set[str]:
+def files(pid: int) -> set[str]:
+    """The paths of the files ``pid`` has open."""
     found = set()
     for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
         try:
-            target = fd.readlink().as_posix()
+            found.add(fd.readlink().as_posix())
         except OSError:
             continue
-        if target.startswith("socket:["):
-            found.add(target[8:-1])
     return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    return {f[8:-1] for f in files(pid) if f.startswith("socket:[")}
 
 
 def owners(socks: list[socket.socket], pids: list[int]) -> list[int | None]:
@@ -184,3 +187,33 @@ def test_sigterm_lets_the_workers_finish(workers):
 
 def children_alive(process) -> bool:
     return False if process.proc.poll() is not None else bool(children(process.proc.pid))
+
+
+def test_sigusr1_has_every_worker_reopen_its_access_log(twistd, tmp_path):
+    """logrotate's way: rename the file, SIGUSR1 the parent; the workers go
+    on in a new file, none of them is killed by the signal."""
+    port = free_port()
+    log = tmp_path / "access.log"
+    parent = twistd(
+        "cacheserver", "--port", str(port), "--workers", "2", "--access-log", str(log), port=port
+    )
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    pids = children(parent.proc.pid)
+    by_worker = connections_on_each(port, pids)
+    try:
+        assert wait_for(lambda: log.exists() and log.read_text().count("\n") >= 40)
+        log.rename(tmp_path / "access.log.1")
+        parent.proc.send_signal(signal.SIGUSR1)
+        # Each worker has closed the old file and opened the new one.
+        assert wait_for(lambda: all(files(pid) & {str(log)} for pid in pids))
+        assert not any(str(tmp_path / "access.log.1") in files(pid) for pid in pids)
+        for k, socks in enumerate(by_worker.values()):
+            answer(socks[0], 5000 + k)
+        assert wait_for(lambda: log.read_text().count("\n") == 2)
+        assert all(f'"{5000 + k} + 1"' in log.read_text() for k in range(2))
+        assert children(parent.proc.pid) == pids  # none killed or restarted
+        assert "starting it again" not in parent.text()
+    finally:
+        for socks in by_worker.values():
+            for s in socks:
+                s.close()

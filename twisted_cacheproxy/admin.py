@@ -540,6 +540,16 @@ class StatsService(service.Service):
             self._line(final=True)
 
 
+def check_access_log(name: str, path: str) -> None:
+    """Stop twistd with one line if ``--access-log`` cannot be opened."""
+    if path == "-":
+        return
+    try:
+        open(path, "ab").close()
+    except OSError as e:
+        raise SystemExit(f"{name}: cannot open --access-log {path}: {e.strerror}") from None
+
+
 def check_admin_port(name: str, interface: str, port: int) -> None:
     """Stop twistd with one line if the admin port cannot be bound."""
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
@@ -585,12 +595,9 @@ def operated(config: Any, factory: Any, main: Any, title: str) -> Any:
     factory.observer = metrics
     top = OperatedService(main)
     if access:
+        check_access_log(config.tapname, access)
         metrics.access_log = AccessLog(access, factory.clock)
-        try:
-            metrics.access_log.open()
-        except OSError as e:
-            why = f"cannot open --access-log {access}: {e.strerror}"
-            raise SystemExit(f"{config.tapname}: {why}") from None
+        metrics.access_log.open()
         AccessLogService(metrics.access_log).setServiceParent(top)
     main.setServiceParent(top)
     if interval:

@@ -192,12 +192,27 @@ class _CommonOptions(usage.Options):
             raise usage.UsageError("--workers must be at least 1")
         if self["shutdown-grace"] < 0:
             raise usage.UsageError("--shutdown-grace cannot be negative")
-        last = self["admin-port"] + self["workers"] - 1
-        if self["admin-port"] and last > 65535:
+        if self["workers"] > 1:
+            self.checkWorkers()
+
+    def checkWorkers(self) -> None:
+        """What ``--workers`` cannot go with: admin ports past 65535 or on
+        ``--port``, and an access log on standard output (the workers'
+        standard output carries their log events to the parent)."""
+        first, count = self["admin-port"], self["workers"]
+        last = first + count - 1
+        if first and last > 65535:
             raise usage.UsageError(
-                f"--admin-port {self['admin-port']} with --workers {self['workers']}: "
+                f"--admin-port {first} with --workers {count}: "
                 f"the workers' admin sites would need ports up to {last}"
             )
+        if first and first <= self["port"] <= last:
+            raise usage.UsageError(
+                f"--admin-port {first} with --workers {count}: the workers' admin "
+                f"sites take ports {first}..{last}, which include --port {self['port']}"
+            )
+        if self["access-log"] == "-":
+            raise usage.UsageError("--access-log - cannot go with --workers: give a file")
 
     def portable(self) -> dict[str, Any]:
         """The parsed options, as JSON takes them (for a worker process)."""
@@ -410,11 +425,13 @@ def _workers(config: _CommonOptions, settings: str) -> service.IService:
     """The parent of ``--workers`` processes sharing one listening socket
     (workers.py says why), logging the same start-up line as one process.
     Worker N has its own admin site, on ``--admin-port`` + N - 1."""
-    from .admin import check_admin_port
+    from .admin import check_access_log, check_admin_port
     from .workers import WorkersService
 
     logger = Logger(namespace=config.tapname)
     settings = f"{config['workers']} workers; {settings}"
+    if config["access-log"]:
+        check_access_log(config.tapname, config["access-log"])
     if config["admin-port"]:
         first = config["admin-port"]
         for port in range(first, first + config["workers"]):
@@ -574,6 +591,8 @@ class ProxyOptions(_CommonOptions):
         self.checkPort("server-port")
         if not self.servers:
             self.servers = [(self["server-host"], self["server-port"])]
+        if len(set(self.servers)) != len(self.servers):
+            raise usage.UsageError("--server: the same server is given twice")
         if self["health-interval"] < 0:
             raise usage.UsageError("--health-interval cannot be negative")
         for name in ("retry-delay", "stale-if-error"):

@@ -42,7 +42,7 @@ from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol, tcp
-from twisted.logger import Logger, formatEvent, globalLogBeginner
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
 from .endpoint import _Port
@@ -93,33 +93,49 @@ class AdoptedPort(_Port):
 # --- the parent ----------------------------------------------------------------------
 
 
+#: What a worker says once it takes connections.
+READY = "accepting connections"
+
+
 class _Worker(protocol.ProcessProtocol):
-    """One worker process as the parent sees it: its output becomes log lines."""
+    """One worker process as the parent sees it: each of its log events
+    (a JSON line on its standard output, see `_print`) is logged again here,
+    at its level and in its namespace."""
 
     def __init__(self, parent: WorkersService, number: int, started: float) -> None:
         self.parent = parent
         self.number = number
         self.started = started
         self.pid: int | None = None
-        self._buffer = b""
+        self._buffers = {1: b"", 2: b""}
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.pid = transport.pid
         transport.closeStdin()
 
-    def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, self._buffers[fd] = (self._buffers.get(fd, b"") + data).split(b"\n")
         for line in lines:
-            self.parent.log.info(
-                "worker {number} (pid {pid}): {line}",
-                number=self.number,
-                pid=self.pid,
-                line=line.decode("utf-8", "replace"),
-            )
+            self._line(line.decode("utf-8", "replace"), LogLevel.info if fd == 1 else LogLevel.warn)
 
-    errReceived = outReceived
+    def _line(self, line: str, level: LogLevel) -> None:
+        namespace = self.parent.log.namespace
+        try:
+            event = json.loads(line)
+            line, namespace = event["text"], event["namespace"] or namespace
+            level = LogLevel.levelWithName(event["level"])
+        except (ValueError, KeyError, TypeError, InvalidLogLevelError):
+            pass  # not one of ours (a library writing to stdout or stderr): as it is
+        if line == READY:
+            self.parent.served.add(self.number)
+        Logger(namespace=namespace).emit(
+            level,
+            "worker {number} (pid {pid}): {line}",
+            number=self.number,
+            pid=self.pid,
+            line=line,
+        )
 
     def processEnded(self, reason: Failure) -> None:
         self.parent.ended(self, reason)
@@ -154,6 +170,8 @@ class WorkersService(service.Service):
         self.cannot_listen = cannot_listen
         self.socket: socket.socket | None = None
         self.workers: dict[int, _Worker] = {}
+        #: The worker numbers that have said `READY` at least once.
+        self.served: set[int] = set()
         self._quick: dict[int, int] = {}  # quick exits in a row, per worker number
         self._restarts: dict[int, Any] = {}
         self._stopping = False
@@ -187,7 +205,7 @@ class WorkersService(service.Service):
         """SIGUSR1 (logrotate): each worker reopens its access log; twistd's
         own handler, if any, rotates the parent's log."""
         for worker in list(self.workers.values()):
-            _signal(worker, "USR1")
+            _signal(worker, signal.SIGUSR1)
         if callable(self._usr1):
             self._usr1(signum, frame)
 
@@ -205,6 +223,7 @@ class WorkersService(service.Service):
             "twisted_cacheproxy.workers",
             family,
             str(number),
+            str(os.getpid()),
             *self.arguments,
         ]
         reactor.spawnProcess(
@@ -229,6 +248,17 @@ class WorkersService(service.Service):
             )
             if not self.workers and self._stopped is not None and not self._stopped.called:
                 self._stopped.callback(None)
+            return
+        if worker.number not in self.served:
+            # Never took a connection: its options cannot work (an admin
+            # port taken, say), and starting it again would only loop.
+            self.log.critical(
+                "worker {number} (pid {pid}) {how} before it could serve; stopping",
+                number=worker.number,
+                pid=worker.pid,
+                how=how,
+            )
+            reactor.stop()
             return
         if reactor.seconds() - worker.started >= STABLE:
             self._quick[worker.number] = 0
@@ -293,7 +323,7 @@ def _reactor() -> Any:
     return reactor
 
 
-def _signal(worker: _Worker, name: str) -> None:
+def _signal(worker: _Worker, name: str | int) -> None:
     transport: Any = worker.transport
     with contextlib.suppress(error.ProcessExitedAlready):
         transport.signalProcess(name)
@@ -318,6 +348,7 @@ class AdoptedListening(service.Service):
         self.family = family
         self.factory = factory
         self.port: AdoptedPort | None = None
+        self._held = False
 
     def startService(self) -> None:
         super().startService()
@@ -328,11 +359,16 @@ class AdoptedListening(service.Service):
         os.close(LISTEN_FD)  # `fromfd` made a copy
         self.port.startListening()
         # Said once the reactor runs: only then does this worker take connections.
-        reactor.callWhenRunning(log.info, "accepting connections")
+        reactor.callWhenRunning(log.info, READY)
 
     def drain(self) -> None:
         """Accept no more; each connection answers what it has read, then closes."""
         if self.port is not None:
+            # Keep the factory started (the proxy's upstream pool and shared
+            # tier) until the connections are done: a port that stops
+            # listening stops its factory once no other port holds it.
+            self.factory.numPorts += 1
+            self._held = True
             self.port.stopListening()
             self.port = None
         self.factory.drain()
@@ -340,20 +376,26 @@ class AdoptedListening(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.drain()
+        if self._held:
+            self._held = False
+            self.factory.doStop()
 
 
 def _print(event: dict[str, Any]) -> None:
+    """A worker's log event as one JSON line, for the parent to log again."""
     text = formatEvent(event)
     if "log_failure" in event:
         text += "\n" + event["log_failure"].getTraceback()
-    sys.stdout.write(text.rstrip("\n") + "\n")
+    level = event.get("log_level", LogLevel.info)
+    line = {"level": level.name, "namespace": event.get("log_namespace"), "text": text.rstrip()}
+    sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
 
 
 def worker_main(argv: list[str]) -> None:
     """Serve on the inherited socket until SIGTERM (or the parent is gone).
-    ``argv``: the address family, the worker's number, the subcommand and
-    its options as JSON (`tap._CommonOptions.portable`)."""
+    ``argv``: the address family, the worker's number, the parent's pid, the
+    subcommand and its options as JSON (`tap._CommonOptions.portable`)."""
     from twisted.internet import task
 
     from .tap import ENTRIES
@@ -362,10 +404,12 @@ def worker_main(argv: list[str]) -> None:
     # First: a SIGTERM from now on drains (run once the reactor runs).
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(lambda: drain()))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+    # Passed on by the parent for logrotate: the access log, if any, takes it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     family = socket.AF_INET6 if argv[0] == "6" else socket.AF_INET
-    number, entry = int(argv[1]), ENTRIES[argv[2]]
-    config = entry.Options.restore(json.loads(argv[3]), number)
+    number, parent, entry = int(argv[1]), int(argv[2]), ENTRIES[argv[3]]
+    config = entry.Options.restore(json.loads(argv[4]), number)
     grace = config["shutdown-grace"]
     globalLogBeginner.beginLoggingTo([cast(Any, _print)], redirectStandardIO=False)
     listeners: list[AdoptedListening] = []
@@ -378,7 +422,6 @@ def worker_main(argv: list[str]) -> None:
     top.privilegedStartService()
     top.startService()
     (listener,) = listeners
-    parent = os.getppid()
     draining: list[bool] = []
 
     def drain() -> None:
