@@ -8,6 +8,16 @@ import pytest
 from helpers import VECTORS, make_api_module, make_course_module
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what collection imported out of the collector's way, so that the
+    full collection `proxy_log` runs after each test looks only at what the
+    test made (a tenth of the time)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(params=VECTORS, ids=lambda v: v["text"])
 def vector(request):
     """One of the six standard expressions with its exact result and steps."""

@@ -4,6 +4,7 @@ first): where the console scripts are, free ports on 127.0.0.1, and one
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
 import signal
@@ -31,6 +32,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def free_ports_in_a_row(count: int) -> int:
+    """The first of ``count`` consecutive free ports (``--admin-port`` of
+    ``--workers count``)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind((HOST, port))
+            except OSError:
+                continue
+        return first
 
 
 #: TCP states as /proc/net/tcp numbers them.

@@ -436,6 +436,7 @@ def test_operating_options_and_services(tmp_path):
     assert isinstance(service.main.factory.observer, ProxyMetrics)
     names = sorted(type(s).__name__ for s in service)
     assert names == ["AccessLogService", "ListeningService", "StatsService"]
+    service.main.factory.observer.access_log.close()  # opened, never started
     for argv, message in (
         (["--admin-port", "70000"], "--admin-port must be 1..65535, not 70000"),
         (["--stats-interval", "-1"], "--stats-interval cannot be negative"),

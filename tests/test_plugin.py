@@ -16,7 +16,7 @@ import time
 
 import pytest
 from helpers import VECTORS, request_frame, vector_value
-from processes import ROOT, free_port, script
+from processes import ROOT, free_port, free_ports_in_a_row, script
 from twisted.python import usage
 
 from twisted_cacheproxy import tap, wire
@@ -733,7 +733,14 @@ def test_proxy_workers_make_a_parent_that_hands_its_options_on():
 
     config = tap.ProxyOptions()
     config.parseOptions(
-        ["--workers", "2", "--memcached", "127.0.0.1:11211", "--admin-port", str(free_port())]
+        [
+            "--workers",
+            "2",
+            "--memcached",
+            "127.0.0.1:11211",
+            "--admin-port",
+            str(free_ports_in_a_row(2)),
+        ]
     )
     parent = tap.makeProxyService(config)
     assert isinstance(parent, WorkersService)

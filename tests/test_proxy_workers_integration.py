@@ -12,7 +12,7 @@ import pathlib
 import socket
 
 import pytest
-from processes import free_port, wait_for
+from processes import free_port, free_ports_in_a_row, wait_for
 from test_admin_integration import http
 from test_reliability_tcp import read_message, request
 from test_sharedcache_integration import memcached  # noqa: F401 (a fixture)
@@ -29,9 +29,9 @@ def proxy_workers(twistd, memcached):  # noqa: F811 (the fixture imported above)
     node = memcached()
     server_port = free_port()
     twistd("cacheserver", "--port", str(server_port), port=server_port)
-    port, admin = free_port(), free_port()
-    while admin + 1 == port:
-        admin = free_port()
+    port, admin = free_port(), free_ports_in_a_row(2)
+    while port in (admin, admin + 1):
+        port = free_port()
     parent = twistd(
         "cacheproxy",
         "--port",

@@ -200,6 +200,8 @@ class AccessLog:
             self._queue.put(_STOP)
             self._thread.join(10)
             self._thread = None
+        else:
+            self._closeFile()  # opened, never started
 
     # --- the writer thread ------------------------------------------------------
 
