@@ -569,7 +569,11 @@ _SHARED_COUNTERS = [
     ("l2_hits", "hits", "Lookups that found a usable answer."),
     ("l2_timeouts", "timeouts", "Lookups that took longer than --memcached-timeout."),
     ("l2_rejected", "rejected", "Values found that were not a whole entry of ours for the key."),
-    ("l2_unavailable", "unavailable", "Lookups skipped: the key's node was down or overloaded."),
+    (
+        "l2_unavailable",
+        "unavailable",
+        "Lookups skipped or lost: the key's node was down, overloaded or disconnected.",
+    ),
     ("l2_stores", "stores", "Answers stored in memcached."),
 ]
 

@@ -69,6 +69,8 @@ LOCK_EXPIRY = 2
 GENERATION_POLL = 1.0
 #: What `SharedCache._answered` gives for an entry that is simply not there.
 _ABSENT: Any = object()
+#: What a lookup gives whose command failed (its connection lost).
+_FAILED: Any = object()
 
 #: The extension word of a stored answer: ours (L), from a cache (H).
 _HIT = wire.EXT_FRAMED | wire.EXT_FROM_CACHE
@@ -472,7 +474,7 @@ class SharedCache:
         # A failed command (the connection lost or timed out) is a miss; the
         # node logs its own state.
         asked.addCallbacks(
-            self._answered, lambda _: None, callbackArgs=(node, generation, key, mkey)
+            self._answered, lambda _: _FAILED, callbackArgs=(node, generation, key, mkey)
         )
         asked.addErrback(self._broken)
         asked.addCallback(self._settle, result, timer, node, key, mkey)
@@ -497,6 +499,9 @@ class SharedCache:
         if not timer.active():
             return
         timer.cancel()
+        if entry is _FAILED:  # the connection went during the lookup
+            self.unavailable += 1
+            entry = None
         if entry is _ABSENT:
             if self.lock_wait:
                 self._lock(node, key, mkey, result)
