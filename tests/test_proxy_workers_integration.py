@@ -48,7 +48,7 @@ def proxy_workers(twistd, memcached):  # noqa: F811 (the fixture imported above)
     )
     assert wait_for(lambda: parent.text().count("accepting connections") == 2)
     assert wait_for(lambda: parent.text().count("shared cache tier on") == 2)
-    parent.admin = admin
+    parent.admin, parent.node = admin, node
     return parent
 
 
@@ -74,7 +74,10 @@ def test_workers_share_answers_and_a_purge_reaches_both(proxy_workers):
     by_worker = connections_on_each(proxy_workers.port, pids)
     try:
         first, second = (socks[0] for socks in by_worker.values())
+        stored = proxy_workers.node.keys_stored()
         assert ask(first, "7777 + 1") == (False, ANSWER)
+        # The store is not waited for by the answer: wait for it here.
+        assert wait_for(lambda: proxy_workers.node.keys_stored() > stored)
         # The other worker has never seen it: it comes from memcached.
         assert ask(second, "7777 + 1") == (True, ANSWER)
         admins = [proxy_workers.admin, proxy_workers.admin + 1]
@@ -87,7 +90,9 @@ def test_workers_share_answers_and_a_purge_reaches_both(proxy_workers):
         assert status == 200 and json.loads(body)["shared"] == 1
         # The other worker reads the new generation within a second or so.
         assert wait_for(lambda: all(entries(a) == 0 for a in admins))
+        stored = proxy_workers.node.keys_stored()
         assert ask(second, "7777 + 1") == (False, ANSWER)
+        assert wait_for(lambda: proxy_workers.node.keys_stored() > stored)
         assert ask(first, "7777 + 1") == (True, ANSWER)
     finally:
         for socks in by_worker.values():
