@@ -90,6 +90,7 @@ def test_each_cache_status_is_counted_and_timed(tmp_path):
     every_status(h)
     assert h.metrics.requests == {
         "hit": 1,
+        "shared": 0,
         "miss": 2,
         "coalesced": 1,
         "stale": 0,
@@ -485,7 +486,7 @@ class _SharedTier:
         pass
 
 
-def test_a_miss_answered_by_the_shared_tier_is_a_miss_without_upstream_time(tmp_path):
+def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_path):
     from twisted_cacheproxy.cache import Entry
     from twisted_cacheproxy.proxy import cache_keys
 
@@ -498,8 +499,9 @@ def test_a_miss_answered_by_the_shared_tier_is_a_miss_without_upstream_time(tmp_
     assert c.take() and h.attempts == 1
     first, second = h.lines()
     assert first.split()[5] == "MISS" and first.split()[9] != "-"
-    assert second.split()[5] == "MISS" and second.split()[9] == "-"
+    assert second.split()[5] == "SHARED" and second.split()[9] == "-"
     assert h.metrics.upstream_requests == 1
+    assert (h.metrics.requests["miss"], h.metrics.requests["shared"]) == (1, 1)
 
 
 def test_several_servers_each_have_their_health_and_totals():

@@ -875,6 +875,7 @@ def test_the_tier_is_in_the_metrics_stats_and_status_page():
     assert totals == {"lookups": 2, "hits": 1}
     assert m["cacheproxy_shared_stores_total", ()] == 1
     assert m["cacheproxy_shared_node_up", (("node", "127.0.0.1:11211"),)] == 1
+    assert (metrics.requests["shared"], metrics.requests["miss"]) == (1, 1)
     shared = metrics.figures()["shared"]
     assert (shared["lookups"], shared["hits"], shared["nodes"]) == (2, 1, {"127.0.0.1:11211": "up"})
     page = admin.status_page(metrics, "t")

@@ -27,11 +27,11 @@ from prometheus_client.registry import CollectorRegistry
 from twisted.python.failure import Failure
 
 from . import wire
-from .proxy import BYPASS, COALESCED, HIT, MISS, RELOAD, STALE
+from .proxy import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE
 from .upstream import UpstreamError
 
 #: The cache statuses of the proxy, in the order they are shown.
-CACHE_STATUSES = (HIT, MISS, COALESCED, STALE, BYPASS, RELOAD)
+CACHE_STATUSES = (HIT, SHARED, MISS, COALESCED, STALE, BYPASS, RELOAD)
 #: Why a request to the server failed (the ``reason`` label).
 FAILURE_REASONS = ("refused", "timeout", "reset", "bad_answer", "overloaded")
 #: Answer status labels; any other code a server sends counts as "other".
@@ -297,9 +297,9 @@ class ProxyMetrics(_Metrics):
         client: Any,
     ) -> bytes:
         """A Deferred answer fired: a MISS or COALESCED answer marked G is
-        STALE; who fetched it gets the upstream time of the fetch that just
-        ended. A miss answered by the shared tier stays a MISS, with no
-        upstream time."""
+        STALE; a MISS marked H was answered by the shared tier (SHARED), with
+        no upstream time; who fetched it gets the upstream time of the fetch
+        that just ended."""
         upstream = None
         marks = answer[11]
         if marks & wire.EXT_GRACE:
@@ -310,6 +310,7 @@ class ProxyMetrics(_Metrics):
             upstream, self._upstreamTime = self._upstreamTime, None
             if marks & wire.EXT_FROM_CACHE:
                 upstream = None
+                cache = SHARED if cache == MISS else cache
         self.requestDone(cache, answer, started, header, data, client, upstream)
         return answer
 

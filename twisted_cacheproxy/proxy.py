@@ -40,6 +40,8 @@ HIT, MISS, COALESCED, BYPASS, RELOAD = "hit", "miss", "coalesced", "bypass", "re
 #: Not decided in `CacheProxyFactory.answer`: a MISS or COALESCED answer that
 #: came back marked G (served past its lifetime while the server failed).
 STALE = "stale"
+#: Nor this: a MISS answered from the shared tier (memcached), marked H.
+SHARED = "shared"
 
 
 class NoObserver:
