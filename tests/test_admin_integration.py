@@ -136,6 +136,7 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
     }
     assert by_cache == {
         "hit": 2,
+        "shared": 0,
         "miss": 4,
         "coalesced": 1,
         "stale": 0,
