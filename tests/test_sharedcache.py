@@ -567,7 +567,9 @@ def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
     assert b.counters()["hits"] == 1
 
 
-def test_a_purge_through_one_proxy_empties_every_proxys_memory_within_a_poll(proxy_log):
+def both_hold_x() -> tuple[Site, Harness, Harness, object, bytes]:
+    """Two polling proxies: ``a`` fetched X from the server, ``b`` (with its
+    client) read it from the shared tier; both hold it in memory."""
     site = Site()
     a, b = site.proxy(poll=True), site.proxy(poll=True)
     reply = answer(3, max_age=60)
@@ -575,7 +577,12 @@ def test_a_purge_through_one_proxy_empties_every_proxys_memory_within_a_poll(pro
     c = b.client()
     c.send(request(X))
     site.mc.pump()
-    assert c.take() == reply and b.counters()["entries"] == 1  # in b's L1 too
+    assert c.take() == reply and b.counters()["entries"] == 1
+    return site, a, b, c, reply
+
+
+def test_a_purge_through_one_proxy_empties_every_proxys_memory_within_a_poll(proxy_log):
+    site, a, b, c, reply = both_hold_x()
     purged = fired(a.factory.purge())
     site.mc.pump()
     assert purged == [{"purged": 1, "shared": 1}]
@@ -903,14 +910,7 @@ def test_a_lookup_answered_before_the_purge_does_not_bring_a_purged_answer_back(
 
 
 def test_a_purge_made_while_a_proxy_was_cut_off_is_noticed_once_it_is_back():
-    site = Site()
-    a, b = site.proxy(poll=True), site.proxy(poll=True)
-    reply = answer(3, max_age=60)
-    upstream_miss(a, a.client(), request(X), reply, site)
-    c = b.client()
-    c.send(request(X))
-    site.mc.pump()
-    assert c.take() == reply and b.counters()["entries"] == 1
+    site, a, b, c, _ = both_hold_x()
     proto, transport = site.mc.conns[1]  # b's connection to the node drops
     site.mc.conns.remove((proto, transport))
     proto.connectionLost(Failure(error.ConnectionLost()))
