@@ -53,11 +53,13 @@ def test_a_workers_events_keep_their_level_and_namespace(proxy_log):
     w.childDataReceived(1, event("warn", "cacheproxy.stats", "memcached lost")[10:])
     w.childDataReceived(2, b"a library's own line\n")
     w.childDataReceived(1, b"not json\n")
+    w.childDataReceived(1, event("info", "log_legacy", "(TCP Port 9999 Closed)"))
     logged = [(e["log_level"], e["log_namespace"], e["line"]) for e in proxy_log if "line" in e]
     assert logged == [
         (LogLevel.warn, "cacheproxy.stats", "memcached lost"),
         (LogLevel.warn, "cacheproxy", "a library's own line"),
         (LogLevel.info, "cacheproxy", "not json"),
+        (LogLevel.info, "-", "(TCP Port 9999 Closed)"),
     ]
     assert proxy_log[0]["log_format"] == "worker {number} (pid {pid}): {line}"
 
@@ -96,7 +98,7 @@ class FakePort:
 def test_a_draining_worker_keeps_its_factory_started_until_it_stops():
     factory = CalculatorServerFactory(clock=task.Clock())
     factory.doStart()
-    listening = workers.AdoptedListening(workers.socket.AF_INET, factory)
+    listening = workers.AdoptedListening(workers.socket.AF_INET, factory, "cacheserver")
     listening.port = FakePort(factory)  # as startService leaves it
     listening.startService = lambda: None
     listening.running = 1

@@ -47,8 +47,6 @@ from twisted.python.failure import Failure
 
 from .endpoint import _Port
 
-log = Logger()
-
 #: The listening socket's descriptor in a worker.
 LISTEN_FD = 3
 #: A worker that ran this long is restarted at once when it exits.
@@ -124,6 +122,8 @@ class _Worker(protocol.ProcessProtocol):
         try:
             event = json.loads(line)
             line, namespace = event["text"], event["namespace"] or namespace
+            # Twisted's legacy log events, shown as twistd shows them.
+            namespace = "-" if namespace == "log_legacy" else namespace
             level = LogLevel.levelWithName(event["level"])
         except (ValueError, KeyError, TypeError, InvalidLogLevelError):
             pass  # not one of ours (a library writing to stdout or stderr): as it is
@@ -344,9 +344,10 @@ class AdoptedListening(service.Service):
     """A worker's listener: accepts from the parent's socket, logs once it
     does; `drain` stops accepting and lets every connection finish."""
 
-    def __init__(self, family: socket.AddressFamily, factory: Any) -> None:
+    def __init__(self, family: socket.AddressFamily, factory: Any, namespace: str) -> None:
         self.family = family
         self.factory = factory
+        self.log = Logger(namespace=namespace)
         self.port: AdoptedPort | None = None
         self._held = False
 
@@ -359,7 +360,7 @@ class AdoptedListening(service.Service):
         os.close(LISTEN_FD)  # `fromfd` made a copy
         self.port.startListening()
         # Said once the reactor runs: only then does this worker take connections.
-        reactor.callWhenRunning(log.info, READY)
+        reactor.callWhenRunning(self.log.info, READY)
 
     def drain(self) -> None:
         """Accept no more; each connection answers what it has read, then closes."""
@@ -415,7 +416,7 @@ def worker_main(argv: list[str]) -> None:
     listeners: list[AdoptedListening] = []
 
     def adopt(config: Any, factory: Any, settings: str) -> AdoptedListening:
-        listeners.append(AdoptedListening(family, factory))
+        listeners.append(AdoptedListening(family, factory, config.tapname))
         return listeners[0]
 
     top = service.IService(entry.make(config, adopt))
