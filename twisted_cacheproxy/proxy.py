@@ -218,13 +218,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         tier. Fires with ``purged`` (answers removed from memory) and
         ``shared`` (memcached nodes purged, or shared entries removed)."""
         keys = None if expressions is None else [k for e in expressions for k in cache_keys(e)]
-
-        def remove() -> int:
-            count = self.cache.clear() if keys is None else self.cache.purge(keys)
-            self.observer.purgedAnswers(count)
-            return count
-
-        count = remove()
+        count = self._forget(keys)
         if self.shared is None:
             return defer.succeed({"purged": count, "shared": 0})
         shared = self.shared.purge() if keys is None else self.shared.delete(keys)
@@ -232,15 +226,20 @@ class CacheProxyFactory(wire.ServiceFactory):
         def settled(nodes: int) -> dict[str, int]:
             # A lookup answered before the tier was purged may have put a
             # purged answer back in memory meanwhile.
-            return {"purged": count + remove(), "shared": nodes}
+            return {"purged": count + self._forget(keys), "shared": nodes}
 
         return shared.addCallback(settled)
+
+    def _forget(self, keys: list[bytes] | None) -> int:
+        """Remove from memory every answer, or those of ``keys``; how many went."""
+        count = self.cache.clear() if keys is None else self.cache.purge(keys)
+        self.observer.purgedAnswers(count)
+        return count
 
     def _purgedElsewhere(self) -> None:
         """The shared tier's generation moved on (another proxy purged it, or
         memcached restarted): what memory holds may be purged answers."""
-        count = self.cache.clear()
-        self.observer.purgedAnswers(count)
+        count = self._forget(None)
         log.info(
             "the shared cache was purged or restarted: {count} answers dropped from memory",
             count=count,

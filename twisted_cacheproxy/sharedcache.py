@@ -604,15 +604,22 @@ class SharedCache:
         """Store ``entry`` for every proxy (replacing any older one), with an
         expiry no longer than its remaining lifetime; nothing when its node
         is down. Errors are dropped: the shared tier is only ever a hint."""
-        node, _ = self._place(key)
-        proto = node.available()
-        mkey = self.memcached_key(node, key)
+        where = self._writable(key)
         expire = expiry(entry, self.clock.seconds())
-        if proto is None or mkey is None or expire is None:
+        if where is None or expire is None:
             return
+        node, proto, mkey = where
         self.stores += 1
         value = encode_entry(key, entry)
         node.send(proto.set(mkey, value, flags=FLAGS, expireTime=expire)).addErrback(lambda _: None)
+
+    def _writable(self, key: bytes) -> tuple[Node, MemCacheProtocol, bytes] | None:
+        """``key``'s node, its connection and the memcached key, when the
+        node is up with a known generation; else None."""
+        node, _ = self._place(key)
+        proto = node.available()
+        mkey = self.memcached_key(node, key)
+        return None if proto is None or mkey is None else (node, proto, mkey)
 
     def purge(self) -> defer.Deferred:
         """Hide every shared entry, by bumping each node's generation (other
@@ -634,10 +641,8 @@ class SharedCache:
         in memory until their lifetime ends."""
         deleting = []
         for key in keys:
-            node, _ = self._place(key)
-            proto = node.available()
-            mkey = self.memcached_key(node, key)
-            if proto is not None and mkey is not None:
+            if (where := self._writable(key)) is not None:
+                node, proto, mkey = where
                 deleting.append(node.send(proto.delete(mkey)).addErrback(lambda _: False))
         return defer.gatherResults(deleting).addCallback(lambda found: sum(map(bool, found)))
 
