@@ -30,6 +30,7 @@ from typing import IO, Any
 from twisted.logger import Logger
 
 from . import codec, wire
+from .endpoint import address
 
 log = Logger()
 
@@ -61,7 +62,7 @@ def peer_of(client: Any) -> str:
         host = peer.host
     except AttributeError:
         return "-"
-    return f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
+    return address(host, peer.port)
 
 
 class _Stamp:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from .accesslog import AccessLog
+from .endpoint import address
 from .metrics import CACHE_STATUSES, SAMPLE_EVERY, SAMPLES, ProxyMetrics, ServerMetrics
 
 log = Logger()
@@ -468,7 +469,7 @@ class AdminService(service.Service):
         tcp: Any = reactor
         self._listening = tcp.listenTCP(self.port, self.site, interface=self.interface)
         host = self._listening.getHost()
-        where = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+        where = address(host.host, host.port)
         log.info("admin site on http://{where}/ (status, metrics, stats.json)", where=where)
         self._sampler = task.LoopingCall(self.metrics.sample)
         self._sampler.clock = self.metrics.clock
@@ -558,7 +559,7 @@ def check_admin_port(name: str, interface: str, port: int) -> None:
         try:
             probe.bind((interface, port))
         except OSError as e:
-            where = f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
+            where = address(interface, port)
             raise SystemExit(f"{name}: cannot listen on {where} (admin): {e.strerror}") from None
 
 

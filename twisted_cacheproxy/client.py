@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from . import __version__, codec, wire
+from .endpoint import address
 from .expression import BINARY, CONSTANTS, FUNCTIONS, CalculationError, Real
 from .parser import parse
 
@@ -70,11 +71,6 @@ class Settings:
     legacy: bool = False
 
 
-def where(host: str, port: int) -> str:
-    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Calculator:
     """Sends expressions to one server or proxy and reads their answers.
 
@@ -107,7 +103,7 @@ class Calculator:
 
     @property
     def where(self) -> str:
-        return where(self.host, self.port)
+        return address(self.host, self.port)
 
     def open(self) -> defer.Deferred:
         """Connect now; the Deferred fires with the new `wire.FrameClient`."""

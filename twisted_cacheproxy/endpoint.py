@@ -172,6 +172,11 @@ class SendAtOnceParser:
         return TCPServerEndpoint(reactor, int(port), interface, int(backlog))
 
 
+def address(host: str, port: int) -> str:
+    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def description(port: int, interface: str = "", backlog: int = 511) -> str:
     """The endpoint string of a `TCPServerEndpoint` (interface quoted: an IPv6
     address has colons)."""

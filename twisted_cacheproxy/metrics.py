@@ -27,6 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 from twisted.python.failure import Failure
 
 from . import wire
+from .endpoint import address
 from .proxy import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE
 from .upstream import UpstreamError
 
@@ -579,10 +580,6 @@ _SHARED_COUNTERS = [
 ]
 
 
-def _node_address(node: Any) -> str:
-    return f"[{node.host}]:{node.port}" if ":" in node.host else f"{node.host}:{node.port}"
-
-
 def _shared_figures(shared: Any) -> dict[str, Any] | None:
     """The shared tier in ``/stats.json`` (None without ``--memcached``)."""
     if shared is None:
@@ -590,7 +587,7 @@ def _shared_figures(shared: Any) -> dict[str, Any] | None:
     counters = shared.counters()
     return {
         **{name: counters[key] for key, name, _ in _SHARED_COUNTERS},
-        "nodes": {_node_address(node): node.state for node in shared.nodes},
+        "nodes": {address(node.host, node.port): node.state for node in shared.nodes},
     }
 
 
@@ -603,17 +600,15 @@ def _shared_tier(shared: Any) -> Iterator[Metric]:
         "cacheproxy_shared_node_up", "1 while the memcached node answers.", labels=["node"]
     )
     for node in shared.nodes:
-        up.add_metric([_node_address(node)], int(node.state == "up"))
+        up.add_metric([address(node.host, node.port)], int(node.state == "up"))
     yield up
 
 
 def _server_of(pool: Any) -> str:
     """``host:port`` of the pool's server when its connector says, else its name."""
-    connector = getattr(pool, "connector", None)
-    host, port = getattr(connector, "host", None), getattr(connector, "port", None)
-    if host is None:
-        return str(pool.name)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    connector: Any = getattr(pool, "connector", None)
+    host = getattr(connector, "host", None)
+    return str(pool.name) if host is None else address(host, connector.port)
 
 
 def _responses(name: str, responses: dict[str, int]) -> CounterMetricFamily:

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from . import wire
 from .cache import Entry
+from .endpoint import address
 from .ring import Ring
 
 log = Logger()
@@ -204,7 +205,7 @@ class Node:
         self.clock = clock
         self.genkey = genkey
         self.command_timeout = command_timeout
-        self.name = f"memcached {f'[{host}]' if ':' in host else host}:{port}"
+        self.name = f"memcached {address(host, port)}"
         #: The connection, only while the node answers.
         self.protocol: MemCacheProtocol | None = None
         #: The namespace generation last read from the node (None: unknown,

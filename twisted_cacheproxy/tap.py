@@ -20,6 +20,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from . import __version__, wire
+from .endpoint import address
 
 
 def _integer(text: str) -> int:
@@ -271,11 +272,6 @@ class ServerOptions(_CommonOptions):
         super().postOptions()
         if not 0 <= self["max-age"] <= wire.FOREVER:
             raise usage.UsageError("--max-age must be 0..65535")
-
-
-def address(host: str, port: int) -> str:
-    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _reason(e: OSError) -> str:

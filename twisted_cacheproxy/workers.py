@@ -105,7 +105,7 @@ class _Worker(protocol.ProcessProtocol):
         self.number = number
         self.started = started
         self.pid: int | None = None
-        self._buffers = {1: b"", 2: b""}
+        self._buffers: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
