@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from reference_scan import reference_scan
 
 from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.codec.prescan import _ALLOWED, PreambleMemo, scan
+from twisted_cacheproxy.codec.prescan import _ALLOWED, scan
 from twisted_cacheproxy.expression import (
     Binary,
     CalculationError,
@@ -253,73 +253,13 @@ def test_framed_random_payloads_keep_the_connection_in_step(messages, chunk):
     assert_answered(conn, b"6 * 7")
 
 
-# --- the pre-scan's remembered preambles ----------------------------------------------
-
-
-def verdict(data: bytes, preambles: PreambleMemo | None = None) -> str:
-    """What the pre-scan says of ``data``, resuming after ``preambles``."""
+def verdict(data: bytes) -> str:
+    """What the pre-scan says of ``data``."""
     try:
-        scan(data, preambles)
+        scan(data)
         return "ok"
     except Exception as e:
         return f"{type(e).__name__}: {e}"
-
-
-@fuzz
-@given(st.lists(mutated(PICKLES, OPCODES), min_size=2, max_size=6))
-def test_a_scan_resumed_after_a_remembered_preamble_says_what_a_fresh_one_says(batch):
-    # Each payload is scanned after the others, so it may resume after a
-    # preamble one of them left: it must come to the same verdict.
-    preambles = PreambleMemo()
-    for data in batch:
-        verdict(data, preambles)
-    for data in batch:
-        assert verdict(data, preambles) == verdict(data)
-
-
-def test_course_pickles_of_one_shape_resume_after_their_shared_preamble():
-    preambles = PreambleMemo()
-    first, second = (
-        codec.encode_request(parse(t), codec.LEGACY) for t in ("max(2, 3) + 4", "max(5, 6) + 7")
-    )
-    scan(first, preambles)
-    (preamble,) = preambles
-    assert second.startswith(preamble) and len(preamble) > len(first) // 3
-    state = preambles.resume(second)
-    assert state is not None and state.pos == len(preamble)  # resumes at the first number
-    scan(second, preambles)
-    assert len(preambles) == 1
-
-
-def test_remembered_preambles_are_bounded():
-    preambles = PreambleMemo()
-    for n in range(3 * preambles.size):
-        scan(codec.encode_request(parse("-" * n + "1"), codec.LEGACY), preambles)
-    assert len(preambles) == preambles.size
-
-
-def test_a_preamble_whose_memo_index_needs_a_longer_payload_is_not_remembered():
-    preambles = PreambleMemo()
-    index = 60_000
-    preamble = b"\x80\x04]r" + index.to_bytes(4, "little")  # EMPTY_LIST, LONG_BINPUT 60000
-    filler = b"X" + index.to_bytes(4, "little") + b"a" * index + b"0"  # a long string, POP
-    scan(preamble + b"K\x01a" + filler + b".", preambles)  # the index is within this payload
-    assert not preambles
-    assert verdict(preamble + b"K\x01a.", preambles).endswith(": memo index 60000 out of range")
-
-
-def test_a_refused_pickle_leaves_no_preamble():
-    preambles = PreambleMemo()
-    good = codec.encode_request(parse("max(2, 3) + 4"), codec.LEGACY)
-    assert ": trailing bytes" in verdict(good + b"junk", preambles)
-    assert not preambles
-
-
-def test_each_server_factory_remembers_its_own_preambles():
-    data = codec.encode_request(parse("max(2, 3) + 4"), codec.LEGACY)
-    first, second = Connection(), Connection()
-    assert first.ask(data) == (200, (7, []))
-    assert len(first.factory.preambles) == 1 and not second.factory.preambles
 
 
 # --- the pre-scan against its reference -----------------------------------------------
@@ -364,13 +304,19 @@ def reference_verdict(data: bytes) -> bool:
 
 
 @fuzz
-@given(st.lists(pickles, min_size=1, max_size=4))
-def test_the_scan_refuses_what_the_reference_refuses(batch):
-    # Scanned in turn with one memo, so later ones may resume after a
-    # preamble an earlier one left.
-    preambles = PreambleMemo()
-    for data in batch:
-        assert (verdict(data, preambles) == "ok") == reference_verdict(data), data
+@given(pickles)
+def test_the_scan_refuses_what_the_reference_refuses(data):
+    assert (verdict(data) == "ok") == reference_verdict(data), data
+
+
+NUMBER_OPCODES = {"BININT", "BININT1", "BININT2", "BINFLOAT", "LONG1", "LONG4"}
+
+
+@fuzz
+@given(course_pickles | st.sampled_from(PICKLES + ALL_PROTOCOLS + ANSWERS))
+def test_the_scan_finds_every_number_literal(data):
+    expected = [pos for op, _, pos in pickletools.genops(data) if op.name in NUMBER_OPCODES]
+    assert scan(data) == expected
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ class CalculatorServerFactory(wire.ServiceFactory):
         )
         self.max_age = max_age
         self.cacheable = cache and max_age > 0
-        self.preambles = codec.PreambleMemo()
+        self.shapes = codec.ShapeMemo()
         #: Told of every answer sent (metrics.ServerMetrics).
         self.observer = NoObserver()
 
@@ -87,7 +87,7 @@ class CalculatorServerFactory(wire.ServiceFactory):
         steps = header.flags & wire.FLAG_STEPS
         cacheable = self.cacheable
         try:
-            node = codec.decode_request(data, preambles=self.preambles)
+            node = codec.decode_request(data, shapes=self.shapes)
             cacheable = cacheable and is_deterministic(node)
             if steps:
                 budget = self.max_message_size - wire.HEADER_SIZE - _STEPS_SLACK

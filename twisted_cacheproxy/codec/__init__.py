@@ -18,10 +18,11 @@ from .base import LEGACY, TEXT, RemoteError, encoding_of
 from .errors import encode_error
 
 if TYPE_CHECKING:
-    from . import legacy, prescan, text
+    from . import legacy, prescan, shapes, text
     from .entry import decode_request, decode_response, encode_request, encode_result
     from .legacy import Associativity
-    from .prescan import MAX_OPCODES, MAX_REDUCES, PreambleMemo
+    from .prescan import MAX_OPCODES, MAX_REDUCES
+    from .shapes import ShapeMemo
 
 __all__ = [
     "LEGACY",
@@ -29,8 +30,8 @@ __all__ = [
     "MAX_REDUCES",
     "TEXT",
     "Associativity",
-    "PreambleMemo",
     "RemoteError",
+    "ShapeMemo",
     "decode_request",
     "decode_response",
     "encode_error",
@@ -39,6 +40,7 @@ __all__ = [
     "encoding_of",
     "legacy",
     "prescan",
+    "shapes",
     "text",
 ]
 
@@ -49,7 +51,7 @@ _LATER = {
     "encode_request": "entry",
     "encode_result": "entry",
     "Associativity": "legacy",
-    "PreambleMemo": "prescan",
+    "ShapeMemo": "shapes",
     "MAX_OPCODES": "prescan",
     "MAX_REDUCES": "prescan",
 }
@@ -57,7 +59,7 @@ _LATER = {
 
 def __getattr__(name: str) -> Any:
     """Load an entry point (or an encoding's module) on first use."""
-    if name in ("legacy", "prescan", "text", "entry"):
+    if name in ("legacy", "prescan", "shapes", "text", "entry"):
         return importlib.import_module(f".{name}", __name__)
     if name in _LATER:
         value = getattr(importlib.import_module(f".{_LATER[name]}", __name__), name)

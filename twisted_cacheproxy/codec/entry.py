@@ -6,17 +6,17 @@ from __future__ import annotations
 from ..expression import CalculationError, Node, Real
 from . import legacy, text
 from .base import LEGACY, TEXT, RemoteError, brief, encoding_of, shown
-from .prescan import PreambleMemo
+from .shapes import ShapeMemo
 
 
-def decode_request(data: bytes, *, preambles: PreambleMemo | None = None) -> Node:
+def decode_request(data: bytes, *, shapes: ShapeMemo | None = None) -> Node:
     """The expression carried by request data; `CalculationError` if refused.
-    A server passes its `PreambleMemo` so that the pre-scan of legacy data
-    resumes after a preamble it has seen; without one nothing is remembered."""
+    A server passes its `ShapeMemo` so that legacy data of a shape it has
+    read before is built directly; without one nothing is remembered."""
     if not data:
         raise CalculationError("empty request", "SyntaxError")
     if encoding_of(data) == LEGACY:
-        return legacy.decode_request(data, preambles)
+        return legacy.decode_request(data) if shapes is None else shapes.decode(data)
     return text.decode_request(data)
 
 

@@ -40,7 +40,7 @@ from ..expression import (
     check_call,
 )
 from .base import PROTOCOL, RemoteError, brief, shown
-from .prescan import PreambleMemo, scan
+from .prescan import scan
 
 
 def encode_result(value: Real, steps: list[str]) -> bytes:
@@ -222,14 +222,19 @@ class _AllowListUnpickler(pickle.Unpickler):
         return found
 
 
-def decode_request(data: bytes, preambles: PreambleMemo | None = None) -> Node:
+def decode_request(data: bytes) -> Node:
     """The expression of legacy request data; `CalculationError` if refused."""
+    return read_request(data)[0]
+
+
+def read_request(data: bytes) -> tuple[Node, list[int]]:
+    """`decode_request`, and where the pre-scan found the number literals."""
     try:
-        scan(data, preambles)
+        numbers = scan(data)
         obj = _AllowListUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # the unpickler raises many kinds on hostile data
         raise CalculationError(f"unsupported payload: {e}", "ValueError") from None
-    return _Converter().convert(obj, 0)
+    return _Converter().convert(obj, 0), numbers
 
 
 class _Converter:
@@ -247,7 +252,7 @@ class _Converter:
             raise CalculationError(f"expression nested deeper than {MAX_DEPTH} levels")
         kind = type(obj)
         if kind is PConstant:
-            return Number(_number(_attributes(obj)[0]))
+            return Number(number(_attributes(obj)[0]))
         if kind is PNamedConstant:
             name, value = _attributes(obj)
             if type(name) is not str or name not in CONSTANTS or value != CONSTANTS[name]:
@@ -302,7 +307,9 @@ def _symbol(op: _Pickled, table: dict[str, str]) -> str:
     return symbol
 
 
-def _number(value: Any) -> Real:
+def number(value: Any) -> Real:
+    """A number literal as a `Number` holds it; `CalculationError` for one
+    too large or not finite."""
     if type(value) is int:
         if value.bit_length() > MAX_INT_BITS:
             raise CalculationError(

@@ -7,14 +7,14 @@ keeping a model of the unpickler's stack, marks and memo in which each item
 is only "a string" or "something else": enough to refuse non-string
 dictionary keys. Each opcode is one row of `_OPCODES`: how much argument it
 has, what it pops and pushes, and, for the few that need more, a handler.
+It also tells where the number literals are, which is all that `shapes`
+needs to know of a pickle to recognise the next one of its shape.
 """
 
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable
 
 from ..expression import MAX_NODES
 
@@ -32,18 +32,6 @@ class PickleRefusedError(ValueError):
     """Legacy data the pre-scan refuses, and why."""
 
 
-class ScanState(NamedTuple):
-    """Where a scan stands: enough to resume it (the model's stack, marks and
-    memo, the REDUCEs so far, the position and the opcodes done)."""
-
-    stack: tuple[bool, ...]
-    marks: tuple[int, ...]
-    memo: dict[int, bool]
-    reduces: int
-    pos: int
-    done: int
-
-
 _MEMOIZE = 0x94
 _NAME = re.compile(rb"[A-Za-z0-9_.]+")
 
@@ -54,35 +42,26 @@ class _Scan:
     handler takes the opcode's position and its row's argument, makes the
     opcode's pops and checks, and returns the next opcode's position."""
 
-    __slots__ = ("data", "marks", "memo", "reduces", "stack", "top_put")
+    __slots__ = ("data", "marks", "memo", "numbers", "reduces", "stack")
 
-    def __init__(self, data: bytes, state: ScanState | None = None) -> None:
+    def __init__(self, data: bytes) -> None:
         self.data = data
         self.stack: list[bool] = []  # True for a str
         self.marks = [0]  # where each MARK was; the last is the fence
         self.memo: dict[int, bool] = {}
         self.reduces = 0
-        self.top_put = -1  # the largest memo index a PUT has used
-        if state is not None:
-            self.stack, self.marks = list(state.stack), list(state.marks)
-            self.memo, self.reduces = dict(state.memo), state.reduces
+        self.numbers: list[int] = []  # where each number literal's opcode is
 
-    def state(self, pos: int, done: int) -> ScanState:
-        """A copy of the model, to resume at ``pos``."""
-        return ScanState(
-            tuple(self.stack), tuple(self.marks), dict(self.memo), self.reduces, pos, done
-        )
-
-    def walk(self, table: list[_Row | None], pos: int, done: int) -> tuple[int, int] | None:
-        """Scan from ``pos`` to STOP (None) or to the first number literal,
-        where ``table`` pauses (its position and the opcode count)."""
+    def walk(self) -> list[int]:
+        """Scan to STOP; the positions of the number literals."""
         data, stack, marks, memo = self.data, self.stack, self.marks, self.memo
-        push = stack.append
+        push, number = stack.append, self.numbers.append
         # Locals: the loop runs once per opcode, and global lookups cost it.
-        memoize, handlers = _MEMOIZE, _HANDLERS
-        fixed, short_str, get, mark, end = _FIXED, _SHORT_STR, _GET, _MARK, _END
+        memoize, handlers, table = _MEMOIZE, _HANDLERS, _OPCODES
+        fixed, short_str, get, mark, end, literal = _FIXED, _SHORT_STR, _GET, _MARK, _END, _NUMBER
+        pos = 0
         try:
-            for done in range(done, MAX_OPCODES):  # noqa: B020 (resumes the count)
+            for _ in range(MAX_OPCODES):
                 row = table[data[pos]]
                 if row is None:
                     raise PickleRefusedError(
@@ -113,8 +92,11 @@ class _Scan:
                     marks.append(len(stack))
                     pos += 1
                     continue
+                elif kind == literal:
+                    number(pos)
+                    pos += arg
                 elif kind == end:
-                    return self.stop(pos, done)
+                    return self.stop(pos)
                 else:
                     pos = handlers[kind](self, pos, arg)
                 if pushed is not None:
@@ -127,16 +109,18 @@ class _Scan:
             raise PickleRefusedError("pickle data was truncated") from None
         raise PickleRefusedError(f"more than {MAX_OPCODES} opcodes")
 
-    def stop(self, pos: int, done: int) -> tuple[int, int] | None:
-        """Where `walk` ends: at STOP (None, once checked) or at the first
-        number, where a fresh scan pauses (its position and opcode count)."""
-        if self.data[pos] in _NUMBERS:
-            return pos, done
+    def stop(self, pos: int) -> list[int]:
+        """Where `walk` ends, at STOP: one item, and nothing after it."""
         if len(self.stack) <= self.marks[-1]:
             raise PickleRefusedError("pickle stack underflow")
         if pos + 1 != len(self.data):
             raise PickleRefusedError("trailing bytes after the pickle")
-        return None
+        return self.numbers
+
+    def long(self, pos: int, arg: int) -> int:
+        """A LONG1 or LONG4 literal: an ``arg``-byte length and that many bytes."""
+        self.numbers.append(pos)
+        return self.sized(pos, arg)
 
     def sized(self, pos: int, arg: int) -> int:
         """An ``arg``-byte length (signed when 4 bytes, as LONG4's is) and that many bytes."""
@@ -177,7 +161,6 @@ class _Scan:
         if len(self.stack) <= self.marks[-1] or index >= len(self.data):
             raise PickleRefusedError(f"memo index {index} out of range")
         self.memo[index] = self.stack[-1]
-        self.top_put = max(self.top_put, index)
         return pos + 1 + arg
 
     def get(self, pos: int, arg: int) -> int:
@@ -254,12 +237,12 @@ class _Scan:
 
 
 # What `_Scan.walk` does with an opcode: call its `_HANDLERS` entry, or, by
-# itself, skip a fixed-size argument, check a short string, push a BINGET's
-# memo entry, set a mark or end (at STOP, or at the number where a fresh scan pauses).
-_SIZED, _STR, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE = range(10)
-_POP, _FIXED, _SHORT_STR, _GET, _MARK, _END = range(10, 16)
+# itself, skip a fixed-size argument (noting where a number is), check a
+# short string, push a BINGET's memo entry, set a mark or end at STOP.
+_LONG, _STR, _LINES, _GET4, _PUT, _MEMO, _TO_MARK, _SETITEM, _SETITEMS, _REDUCE = range(10)
+_POP, _FIXED, _SHORT_STR, _GET, _MARK, _END, _NUMBER = range(10, 17)
 _HANDLERS: list[Callable[[_Scan, int, int], int]] = [
-    _Scan.sized,
+    _Scan.long,
     _Scan.string,
     _Scan.lines,
     _Scan.get,
@@ -272,7 +255,7 @@ _HANDLERS: list[Callable[[_Scan, int, int], int]] = [
     _Scan.pop,
 ]
 #: An opcode's row: what `walk` does with it; its argument (the bytes to
-#: skip, the opcode's included, for `_FIXED`, the handler's argument
+#: skip, the opcode's included, for `_FIXED` and `_NUMBER`, the handler's argument
 #: otherwise); for `_FIXED`, the items it needs above the last mark and the
 #: items it pops (fewer when it changes the one below in place); and what is
 #: pushed last (True: a str, False: anything else, None: nothing).
@@ -291,12 +274,12 @@ _ALLOWED: dict[str, tuple[int, int, int, int, int, bool | None]] = {
     "NONE": (0x4E, _FIXED, 1, 0, 0, False),
     "NEWTRUE": (0x88, _FIXED, 1, 0, 0, False),
     "NEWFALSE": (0x89, _FIXED, 1, 0, 0, False),
-    "BININT": (0x4A, _FIXED, 5, 0, 0, False),
-    "BININT1": (0x4B, _FIXED, 2, 0, 0, False),
-    "BININT2": (0x4D, _FIXED, 3, 0, 0, False),
-    "LONG1": (0x8A, _SIZED, 1, 0, 0, False),
-    "LONG4": (0x8B, _SIZED, 4, 0, 0, False),
-    "BINFLOAT": (0x47, _FIXED, 9, 0, 0, False),
+    "BININT": (0x4A, _NUMBER, 5, 0, 0, False),
+    "BININT1": (0x4B, _NUMBER, 2, 0, 0, False),
+    "BININT2": (0x4D, _NUMBER, 3, 0, 0, False),
+    "LONG1": (0x8A, _LONG, 1, 0, 0, False),
+    "LONG4": (0x8B, _LONG, 4, 0, 0, False),
+    "BINFLOAT": (0x47, _NUMBER, 9, 0, 0, False),
     "SHORT_BINUNICODE": (0x8C, _SHORT_STR, 1, 0, 0, True),
     "BINUNICODE": (0x58, _STR, 4, 0, 0, True),
     "BINUNICODE8": (0x8D, _STR, 8, 0, 0, True),
@@ -326,19 +309,10 @@ _OPCODES: list[_Row | None] = [None] * 256
 for _code, _kind, _arg, _need, _npop, _pushed in _ALLOWED.values():
     _OPCODES[_code] = (_kind, _arg, _need, _npop, _pushed)
 
-#: The number literals: a fresh scan pauses at the first one (`_Scan.stop` tells
-#: it from STOP) to remember the state there, walking `_OPCODES` with these
-#: rows changed until then.
-_NUMBERS = frozenset(
-    _ALLOWED[n][0] for n in ("BININT", "BININT1", "BININT2", "BINFLOAT", "LONG1", "LONG4")
-)
-_UNTIL_NUMBER = list(_OPCODES)
-for _code in _NUMBERS:
-    _UNTIL_NUMBER[_code] = (_END, 0, 0, 0, None)
 
-
-def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
-    """Walk the opcodes once, before unpickling; `PickleRefusedError` for:
+def scan(data: bytes) -> list[int]:
+    """Walk the opcodes once, before unpickling, and return where the number
+    literals are; `PickleRefusedError` for:
 
     - any opcode a course pickle does not use (persistent ids, the extension
       registry, INST/OBJ, sets, buffers...), more than `MAX_OPCODES` opcodes
@@ -346,64 +320,5 @@ def scan(data: bytes, preambles: PreambleMemo | None = None) -> None:
     - memo indexes beyond the payload's length;
     - dictionary keys other than strings;
     - truncation, bytes after STOP, and stack underflows.
-
-    With ``preambles``, it resumes after a preamble of ``data`` remembered
-    there, or remembers this one's if the pickle proves whole.
     """
-    if preambles is None:
-        _Scan(data).walk(_OPCODES, 0, 0)
-        return
-    state = preambles.resume(data)
-    if state is not None:
-        _Scan(data, state).walk(_OPCODES, state.pos, state.done)
-        return
-    walker = _Scan(data)
-    paused = walker.walk(_UNTIL_NUMBER, 0, 0)
-    if paused is None:
-        return
-    pos, done = paused
-    # Kept only if no PUT index in the preamble needs a longer payload.
-    preamble = walker.state(pos, done) if walker.top_put < pos else None
-    walker.walk(_OPCODES, pos, done)
-    if preamble is not None:
-        preambles.remember(data, preamble)
-
-
-#: How many preambles a `PreambleMemo` keeps by default.
-MAX_PREAMBLES = 8
-
-
-class PreambleMemo:
-    """Scan states at the first number literal, by the bytes before it.
-
-    Course pickles of one shape of tree share everything before their first
-    number (the classes and functions down the leftmost path, about half the
-    opcodes), so the scan of the next one resumes there. The state depends
-    only on those bytes, so whoever sent them, it is the same: one memo can
-    serve every connection of a server.
-    """
-
-    def __init__(self, size: int = MAX_PREAMBLES) -> None:
-        self.size = size
-        self._states: OrderedDict[bytes, ScanState] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def __iter__(self) -> Iterator[bytes]:
-        """The remembered preambles, least recently used first."""
-        return iter(self._states)
-
-    def resume(self, data: bytes) -> ScanState | None:
-        """The scan state after a remembered preamble of ``data``, if any."""
-        for preamble, state in self._states.items():
-            if data.startswith(preamble):
-                self._states.move_to_end(preamble)
-                return state
-        return None
-
-    def remember(self, data: bytes, state: ScanState) -> None:
-        """Keep ``state``, the scan state at ``state.pos`` of ``data``."""
-        self._states[data[: state.pos]] = state
-        while len(self._states) > self.size:
-            self._states.popitem(last=False)
+    return _Scan(data).walk()
