@@ -397,6 +397,53 @@ def test_an_answer_before_the_timeout_cancels_the_timer(p):
     assert not c1.transport.disconnecting
 
 
+def test_each_fetch_times_out_at_its_own_deadline_on_one_timer():
+    p = Pool(pipeline=8, timeout=10)
+    c1 = framed(p)
+    rs = []
+    for n in range(4):
+        rs.append(p.fetch(request(b"%d" % n)))
+        p.advance(1)
+    assert len(p.reactor.getDelayedCalls()) == 1  # one timer, not one per request
+    p.advance(10 - 4 - EPS)  # the first is due 10 s after it left
+    assert not any(r.done for r in rs)
+    p.advance(EPS)
+    assert [r.done for r in rs] == [True, False, False, False]
+    assert rs[0].error == "calculator server 127.0.0.1:9999 did not answer within 10 s"
+    c1.close(error.ConnectionAborted)  # closed for it: the others go again elsewhere
+    c2 = p.accept(1)
+    assert c2.take() == request(b"1")
+    c2.reply(answer(1))
+    assert rs[1].value is not None
+    p.advance(2 - EPS)  # each of the others at its own deadline
+    assert [r.done for r in rs] == [True, True, False, False]
+    p.advance(EPS)
+    assert [r.done for r in rs] == [True, True, True, False]
+    assert rs[2].error.endswith("did not answer within 10 s")
+    p.advance(1)
+    assert rs[3].error.endswith("did not answer within 10 s")
+    (pause,) = p.reactor.getDelayedCalls()  # no timer left but the pipelining pause
+    assert pause.func == p.pool._resumePipelining
+
+
+def test_requests_answered_behind_a_slow_one_are_not_kept_for_its_timeout():
+    p = Pool(timeout=10)
+    slow = p.fetch(request(b"slow"))
+    c1 = p.accept()
+    c2 = None
+    for n in range(500):
+        r = p.fetch(request(b"%d" % n))
+        if c2 is None:
+            c2 = p.accept()
+        c2.reply(answer(n))
+        assert r.value is not None
+    assert p.pool.outstanding == 1 and len(p.pool._watched) <= 66
+    p.advance(10)
+    assert slow.error.endswith("did not answer within 10 s")
+    c1.close(error.ConnectionAborted)
+    assert p.reactor.getDelayedCalls() == [] and not p.pool._watched
+
+
 def test_cancelling_a_sent_request_closes_its_connection(p):
     d = p.pool.fetch(request(b"1"))
     c1 = p.accept()

@@ -98,12 +98,13 @@ class _Cancellable(Protocol):
 class _Fetch:
     """One request's way to an answer: which attempt it is on, what to cancel
     (a retry timer, a connection attempt, a sent request) when it is given up,
-    and the timer of its timeout."""
+    and when it times out."""
 
-    __slots__ = ("attempt", "conn", "d", "frame", "pending", "resent", "sent", "timer", "why")
+    __slots__ = ("attempt", "conn", "d", "deadline", "frame", "pending", "resent", "sent", "why")
 
-    def __init__(self, frame: bytes) -> None:
+    def __init__(self, frame: bytes, deadline: float) -> None:
         self.frame = frame
+        self.deadline = deadline
         self.attempt = 0
         self.resent = 0  # times sent again after its connection went out of step
         self.conn: UpstreamProtocol | None = None  # where it was last sent
@@ -112,13 +113,11 @@ class _Fetch:
         #: connection attempt's or the sent request's Deferred, or the
         #: `_Unqueue` of its place in the queue.
         self.pending: _Cancellable | None = None
-        self.timer: IDelayedCall | None = None
         self.sent = 0.0
         self.d: defer.Deferred[Answer] = defer.Deferred(self.cancel)
 
     def settle(self, result: Answer | Exception) -> None:
-        """Fire with an answer or fail, and stop the timeout."""
-        self._stopTimer()
+        """Fire with an answer or fail."""
         if isinstance(result, Exception):
             self.d.errback(result)
         else:
@@ -126,15 +125,9 @@ class _Fetch:
 
     def cancel(self, d: defer.Deferred[Answer] | None = None) -> None:
         """Give up: stop the pending work (also ``d``'s canceller)."""
-        self._stopTimer()
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.cancel()
-
-    def _stopTimer(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
 
 
 class Connector(Protocol):
@@ -221,6 +214,10 @@ class UpstreamPool:
         #: Connections that may be pipelined and have requests in flight.
         self._busy: list[UpstreamProtocol] = []
         self._queue: deque[_Fetch] = deque()
+        #: Fetches in the order they began, so by deadline (some settled), and
+        #: the one timer that times out the first unsettled one.
+        self._watched: deque[_Fetch] = deque()
+        self._sweeper: IDelayedCall | None = None
 
     @property
     def idle(self) -> int:
@@ -239,16 +236,48 @@ class UpstreamPool:
 
     def fetch(self, frame: bytes) -> defer.Deferred[Answer]:
         """Send one request frame upstream; see the class docstring."""
-        fetch = _Fetch(frame)
-        fetch.timer = self.clock.callLater(self.timeout, self._timedOut, fetch)
+        fetch = _Fetch(frame, self.clock.seconds() + self.timeout)
         self._outstanding += 1
         fetch.d.addBoth(self._done)
+        self._watch(fetch)
         self._dispatch(fetch)
         return fetch.d
 
     def _done(self, result):
         self._outstanding -= 1
+        if not self._outstanding:
+            self._watched.clear()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
         return result
+
+    def _watch(self, fetch: _Fetch) -> None:
+        """Time ``fetch`` out at its deadline. Every fetch has the same
+        timeout, so one timer serves them all, set for the first deadline
+        not yet settled: cheaper than a timer per request."""
+        watched = self._watched
+        while watched and watched[0].d.called:
+            watched.popleft()
+        if len(watched) > 2 * self._outstanding + 64:  # behind a slow one
+            self._watched = watched = deque(f for f in watched if not f.d.called)
+        watched.append(fetch)
+        if self._sweeper is None:
+            self._sweeper = self.clock.callLater(self.timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Time out every fetch past its deadline; wait for the next one."""
+        self._sweeper = None
+        now = self.clock.seconds()
+        while self._watched:  # re-read: a timed-out fetch's callbacks may fetch again
+            fetch = self._watched[0]
+            if not fetch.d.called and fetch.deadline > now:
+                break
+            self._watched.popleft()
+            if not fetch.d.called:
+                self._timedOut(fetch)
+        if self._watched and self._sweeper is None:
+            self._sweeper = self.clock.callLater(self._watched[0].deadline - now, self._sweep)
 
     def learned(self, framed: bool) -> None:
         """An answer said whether the server frames by length and echoes tags."""
@@ -282,7 +311,6 @@ class UpstreamPool:
         log.info("{name}: pipelining again", name=self.name)
 
     def _timedOut(self, fetch: _Fetch) -> None:
-        fetch.timer = None
         conn = fetch.conn
         if fetch.pending is not None and conn is not None and conn.pending > 1:
             self._stopPipelining("an answer did not come in time", PIPELINE_PAUSE)
