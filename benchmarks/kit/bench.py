@@ -39,6 +39,10 @@ WORK = os.path.join(os.path.dirname(HERE), "out")
 HEADER = struct.Struct("!LHHHxx")
 TICK = os.sysconf("SC_CLK_TCK")
 TARGETS = ("limit", "server", "proxy-hit", "proxy-miss", "proxy-allmiss")
+#: proxy-allmiss frames: twice the misses a second one core makes, for every
+#: second of a run, so that no run comes round to a frame it already sent.
+ALLMISS_PER_S = 25_000
+ALLMISS_MIN = 100_000
 
 
 def cpu_ticks(pid):
@@ -290,8 +294,8 @@ def main():
     ap.add_argument(
         "--allmiss-n",
         type=int,
-        default=100000,
-        help="distinct expressions for proxy-allmiss (more than a run can send)",
+        help="distinct expressions for proxy-allmiss, more than a run can send "
+        f"(default: {ALLMISS_PER_S:,} per second of --duration, at least {ALLMISS_MIN:,})",
     )
     ap.add_argument("--work", default=WORK, help="directory for the frame files and results")
     ap.add_argument("--out", help="JSON lines file to append to (default: WORK/results.jsonl)")
@@ -326,6 +330,8 @@ def main():
     subprocess.run([*mk, "-o", miss, "--random", str(a.miss_n), "--seed", "1"], check=True)
     frames_for = {"limit": hit, "server": hit, "proxy-hit": hit, "proxy-miss": miss}
     if "proxy-allmiss" in a.targets:
+        if a.allmiss_n is None:
+            a.allmiss_n = max(ALLMISS_MIN, int(ALLMISS_PER_S * a.duration))
         allmiss = os.path.join(fdir, f"random{a.allmiss_n}_s1_c1.bin")
         subprocess.run(
             [*mk, "-o", allmiss, "--random", str(a.allmiss_n), "--seed", "2"], check=True
