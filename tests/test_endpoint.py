@@ -1,5 +1,6 @@
 """`endpoint.TCPServerEndpoint` over real TCP on 127.0.0.1: writes reach the
-socket at once, what the socket refuses is queued in order, Nagle is off."""
+socket at once, what the socket refuses is queued in order, Nagle is off, and
+a close with nothing queued happens at once."""
 
 from __future__ import annotations
 
@@ -8,21 +9,30 @@ import threading
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, error, protocol, task
 
 from twisted_cacheproxy.endpoint import TCPServerEndpoint
 
 pytestmark = pytest.mark.integration
 
 
+class Recording(protocol.Protocol):
+    """Notes why its connection was lost."""
+
+    lost = None
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
 class Accepted(protocol.Factory):
     """Keeps the protocol of each accepted connection."""
 
     def __init__(self) -> None:
-        self.protocols: list[protocol.Protocol] = []
+        self.protocols: list[Recording] = []
 
     def buildProtocol(self, addr):
-        p = protocol.Protocol()
+        p = Recording()
         self.protocols.append(p)
         return p
 
@@ -101,6 +111,36 @@ def test_nothing_is_sent_once_the_connection_is_aborted(pair):
     client.settimeout(0.3)
     with pytest.raises(TimeoutError):
         client.recv(100)
+
+
+def test_a_close_with_nothing_queued_happens_before_the_reactor_turns(pair):
+    client, server = pair
+    server.transport.write(b"answer")
+    server.transport.loseConnection()
+    assert server.lost is not None and server.lost.check(error.ConnectionDone)
+    client.settimeout(2)
+    assert receive(client, 100) == b"answer"  # then the end of the stream
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_close_waits_for_what_the_socket_refused(pair):
+    from twisted.internet import reactor
+
+    client, server = pair
+    big = bytes(range(256)) * (16 * 4096)
+    server.transport.write(big)
+    server.transport.loseConnection()
+    assert server.lost is None  # queued bytes go first
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(receive(client, len(big) + 1)))
+    reader.start()
+    for _ in range(1000):
+        if not reader.is_alive():
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    reader.join(5)
+    assert received == [big]
+    assert server.lost is not None and server.lost.check(error.ConnectionDone)
 
 
 def test_the_sendatonce_endpoint_string_names_our_endpoint():

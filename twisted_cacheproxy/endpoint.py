@@ -26,7 +26,9 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
+from twisted.internet.main import CONNECTION_DONE
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -75,7 +77,8 @@ class BatchedWrites:
 
 class SendAtOnceServer(tcp.Server):
     """An accepted TCP connection whose writes go to the socket at once when
-    nothing is queued (what the socket refuses is queued as usual). It reads
+    nothing is queued (what the socket refuses is queued as usual), and which
+    likewise closes at once when asked to close with nothing queued. It reads
     `tcp.Connection`'s own state to know that; tests/test_endpoint.py would
     notice if a Twisted release changed it."""
 
@@ -84,16 +87,18 @@ class SendAtOnceServer(tcp.Server):
         # Answers are whole messages: never hold one back for Nagle.
         self.setTcpNoDelay(True)
 
-    def write(self, data: bytes) -> None:
-        if (
-            data
-            and self.connected
+    def _nothingQueued(self) -> bool:
+        return bool(
+            self.connected
             and not self.disconnecting
             and not self._aborting
             and not self._writeDisconnected
             and not self._tempDataLen
             and self.offset == len(self.dataBuffer)
-        ):
+        )
+
+    def write(self, data: bytes) -> None:
+        if data and self._nothingQueued():
             sent = self.writeSomeData(data)
             if sent == len(data):
                 return
@@ -101,6 +106,23 @@ class SendAtOnceServer(tcp.Server):
                 data = data[sent:]
             # Otherwise the connection is lost; the queued write finds out.
         super().write(data)
+
+    def loseConnection(self) -> None:
+        """Close now when everything written has gone and no paused producer
+        holds the close back: Twisted would wait for the socket to be writable
+        (an ``epoll_ctl`` and a reactor turn) to find nothing to write. As its
+        own close of a half-closed connection does, the protocol hears of it
+        before this returns."""
+        producer = self.producer
+        if self._nothingQueued() and (
+            producer is None or (self.streamingProducer and not self.producerPaused)
+        ):
+            self.disconnecting = True
+            self.stopReading()
+            self.stopWriting()
+            self.connectionLost(Failure(CONNECTION_DONE))
+            return
+        super().loseConnection()
 
 
 class _Port(tcp.Port):
