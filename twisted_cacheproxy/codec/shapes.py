@@ -29,7 +29,7 @@ from .legacy import number, read_request
 #: How many shapes a `ShapeMemo` keeps by default, and the largest request
 #: it learns one from (its probe costs a second full reading, once).
 MAX_SHAPES = 64
-LARGEST = 4096
+LARGEST = 2048
 
 _FLOAT = struct.Struct(">d")
 _SETITEM = 0x73
