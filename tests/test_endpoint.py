@@ -80,23 +80,32 @@ def test_a_write_reaches_the_socket_before_the_reactor_turns(pair):
     assert client.recv(100) == b"at once"
 
 
-@pytest_twisted.inlineCallbacks
-def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
+#: 16 MB: more than the socket buffers hold.
+BIG = bytes(range(256)) * (16 * 4096)
+
+
+@defer.inlineCallbacks
+def received_meanwhile(client: socket.socket, size: int):
+    """Up to ``size`` bytes read by a thread while the reactor runs."""
     from twisted.internet import reactor
 
-    client, server = pair
-    big = bytes(range(256)) * (16 * 4096)  # 16 MB: more than the socket buffers hold
     received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(receive(client, len(big) + 4)))
-    server.transport.write(big)
-    server.transport.write(b"tail")
+    reader = threading.Thread(target=lambda: received.append(receive(client, size)))
     reader.start()
     for _ in range(1000):
         if not reader.is_alive():
             break
         yield task.deferLater(reactor, 0.01, lambda: None)
     reader.join(5)
-    assert received == [big + b"tail"]
+    return received[0]
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
+    client, server = pair
+    server.transport.write(BIG)
+    server.transport.write(b"tail")
+    assert (yield received_meanwhile(client, len(BIG) + 4)) == BIG + b"tail"
 
 
 def test_accepted_connections_do_not_wait_for_nagle(pair):
@@ -124,22 +133,11 @@ def test_a_close_with_nothing_queued_happens_before_the_reactor_turns(pair):
 
 @pytest_twisted.inlineCallbacks
 def test_a_close_waits_for_what_the_socket_refused(pair):
-    from twisted.internet import reactor
-
     client, server = pair
-    big = bytes(range(256)) * (16 * 4096)
-    server.transport.write(big)
+    server.transport.write(BIG)
     server.transport.loseConnection()
     assert server.lost is None  # queued bytes go first
-    received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(receive(client, len(big) + 1)))
-    reader.start()
-    for _ in range(1000):
-        if not reader.is_alive():
-            break
-        yield task.deferLater(reactor, 0.01, lambda: None)
-    reader.join(5)
-    assert received == [big]
+    assert (yield received_meanwhile(client, len(BIG) + 1)) == BIG  # then the end
     assert server.lost is not None and server.lost.check(error.ConnectionDone)
 
 
