@@ -426,6 +426,27 @@ def test_each_fetch_times_out_at_its_own_deadline_on_one_timer():
     assert pause.func == p.pool._resumePipelining
 
 
+def test_a_fetch_made_while_one_times_out_keeps_the_others_on_time():
+    # The proxy fetches again from a timed-out request's errback (a waiter,
+    # or a client whose input it held): the next deadline must still hold.
+    p = Pool(timeout=10)
+    first = p.pool.fetch(request(b"1"))
+    p.accept()
+    p.advance(5)
+    second = p.fetch(request(b"2"))
+    p.accept()
+    again = []
+    first.addErrback(lambda _: again.append(p.fetch(request(b"3"))))
+    p.advance(5)
+    assert again and not second.done
+    p.advance(5 - EPS)
+    assert not second.done
+    p.advance(EPS)
+    assert second.error.endswith("did not answer within 10 s")
+    p.advance(5)
+    assert again[0].error.endswith("did not answer within 10 s")
+
+
 def test_requests_answered_behind_a_slow_one_are_not_kept_for_its_timeout():
     p = Pool(timeout=10)
     slow = p.fetch(request(b"slow"))

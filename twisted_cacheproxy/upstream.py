@@ -218,6 +218,7 @@ class UpstreamPool:
         #: the one timer that times out the first unsettled one.
         self._watched: deque[_Fetch] = deque()
         self._sweeper: IDelayedCall | None = None
+        self._sweeping = False
 
     @property
     def idle(self) -> int:
@@ -262,21 +263,27 @@ class UpstreamPool:
         if len(watched) > 2 * self._outstanding + 64:  # behind a slow one
             self._watched = watched = deque(f for f in watched if not f.d.called)
         watched.append(fetch)
-        if self._sweeper is None:
+        if self._sweeper is None and not self._sweeping:
             self._sweeper = self.clock.callLater(self.timeout, self._sweep)
 
     def _sweep(self) -> None:
         """Time out every fetch past its deadline; wait for the next one."""
         self._sweeper = None
         now = self.clock.seconds()
-        while self._watched:  # re-read: a timed-out fetch's callbacks may fetch again
-            fetch = self._watched[0]
-            if not fetch.d.called and fetch.deadline > now:
-                break
-            self._watched.popleft()
-            if not fetch.d.called:
-                self._timedOut(fetch)
-        if self._watched and self._sweeper is None:
+        # A timed-out fetch's callbacks may fetch again: the timer waits for
+        # the end of the sweep, and the list is read afresh each time.
+        self._sweeping = True
+        try:
+            while self._watched:
+                fetch = self._watched[0]
+                if not fetch.d.called and fetch.deadline > now:
+                    break
+                self._watched.popleft()
+                if not fetch.d.called:
+                    self._timedOut(fetch)
+        finally:
+            self._sweeping = False
+        if self._watched:
             self._sweeper = self.clock.callLater(self._watched[0].deadline - now, self._sweep)
 
     def learned(self, framed: bool) -> None:
