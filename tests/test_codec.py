@@ -250,6 +250,20 @@ def test_unary_symbol_contradicting_its_function_is_refused(course):
     )
 
 
+def test_a_refusal_quotes_payload_objects_without_addresses(course):
+    # What a refusal quotes goes back to the sender: no heap addresses.
+    symbol = course.Constant(1)
+    tree = course.UnaryExpr(course.UnaryOperator(symbol, operator.pos), course.Constant(1))
+    assert refused(course_pickle(tree, 4)) == (
+        "unsupported payload: operator <calculator.Constant> does not match its function"
+    )
+    generator = random.Random(1)
+    tree = course.FunctionCallExpr(course.Function(generator, math.cos), [course.Constant(1)])
+    assert refused(course_pickle(tree, 4)) == (
+        "unsupported payload: function <random.Random> does not match its callable"
+    )
+
+
 def test_function_name_contradicting_its_callable_is_refused(course):
     tree = course.FunctionCallExpr(course.Function("sin", math.cos), [course.Constant(1)])
     assert refused(course_pickle(tree, 4)) == (

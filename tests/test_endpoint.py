@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import socket
 import threading
+from unittest import mock
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, error, protocol, task
 
-from twisted_cacheproxy.endpoint import TCPServerEndpoint
+from twisted_cacheproxy.endpoint import SendAtOnceServer, TCPServerEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +140,28 @@ def test_a_close_waits_for_what_the_socket_refused(pair):
     assert server.lost is None  # queued bytes go first
     assert (yield received_meanwhile(client, len(BIG) + 1)) == BIG  # then the end
     assert server.lost is not None and server.lost.check(error.ConnectionDone)
+
+
+def test_after_starttls_writes_and_closes_go_through_twisted(pair):
+    # TLS has its own layer between the protocol and the socket: once it is
+    # on, the fast paths step aside for Twisted's own write and close.
+    _client, server = pair
+
+    def inherited(name):
+        return next(c for c in SendAtOnceServer.__mro__[1:] if name in vars(c))
+
+    calls = []
+    server.transport.TLS = True
+    with (
+        mock.patch.object(inherited("write"), "write", lambda _, data: calls.append(data)),
+        mock.patch.object(
+            inherited("loseConnection"), "loseConnection", lambda _: calls.append("close")
+        ),
+    ):
+        server.transport.write(b"secret")
+        server.transport.loseConnection()
+    server.transport.TLS = False
+    assert calls == [b"secret", "close"] and server.lost is None
 
 
 def test_the_sendatonce_endpoint_string_names_our_endpoint():

@@ -136,7 +136,8 @@ def test_a_constant_shared_through_the_memo_stays_one_number():
 
 def test_a_number_put_where_no_probe_can_go_leaves_the_shape_to_the_full_reading():
     # A NamedConstant whose value is set with SETITEM: tried, but its probe
-    # is refused (not PI), so nothing is learned and every request is read in full.
+    # is refused (not PI), so every request of the shape is read in full,
+    # without being probed again.
     w = Writer()
     w.new("NamedConstant").string("name").string("PI").raw(b"s")
     w.string("value").number(3.141592653589793).raw(b"sb")
@@ -145,7 +146,17 @@ def test_a_number_put_where_no_probe_can_go_leaves_the_shape_to_the_full_reading
     memo = Counting()
     for _ in range(3):
         assert memo.decode(data) == full(data)
-    assert memo.full == 6 and len(memo.memo) == 0
+    assert memo.full == 2 + 1 + 1 and len(memo.memo) == 1
+    other = with_numbers(data, struct.pack(">d", 3.0))
+    assert memo.decode(other) == full(other) and "named constant" in full(other)
+    assert memo.full == 5
+
+
+def test_a_shape_without_numbers_to_try_is_learned_without_a_probe():
+    memo = Counting()
+    assert memo.decode(pickled("PI * E")) == full(pickled("PI * E"))
+    assert memo.decode(pickled("PI * E")) == full(pickled("PI * E"))
+    assert memo.full == 1 and len(memo.memo) == 1
 
 
 def test_a_refused_request_leaves_no_shape():

@@ -88,8 +88,11 @@ class SendAtOnceServer(tcp.Server):
         self.setTcpNoDelay(True)
 
     def _nothingQueued(self) -> bool:
+        """Nothing waits to be written, so a write or a close may go at once
+        (never after ``startTLS``: TLS writes and closes through its own layer)."""
         return bool(
-            self.connected
+            not self.TLS
+            and self.connected
             and not self.disconnecting
             and not self._aborting
             and not self._writeDisconnected

@@ -74,6 +74,10 @@ class _Pickled:
             )
         self.__dict__.update(state)
 
+    def __repr__(self) -> str:
+        # No address: refusals quote payload objects back to their sender.
+        return f"<calculator.{type(self).__name__}>"
+
 
 def _standin(name: str, *fields: str) -> type[_Pickled]:
     return type(
@@ -129,6 +133,9 @@ class _AssociativityStandIn:
 
     __slots__ = ()
 
+    def __repr__(self) -> str:
+        return "<class 'calculator.Associativity'>"
+
     def __call__(self, value: Any) -> _Associativity:
         if type(value) is not int or value not in (0, 1):
             raise pickle.UnpicklingError("Associativity takes 0 or 1")
@@ -142,6 +149,9 @@ class _RandomState:
 
     def __init__(self) -> None:
         self.state_ok = False
+
+    def __repr__(self) -> str:
+        return "<random.Random>"
 
     def __setstate__(self, state: Any) -> None:
         if self.state_ok or not (
@@ -162,6 +172,9 @@ class _RandomStandIn:
 
     __slots__ = ()
 
+    def __repr__(self) -> str:
+        return "<class 'random.Random'>"
+
     def __call__(self) -> _RandomState:
         return _RandomState()
 
@@ -173,6 +186,9 @@ class _GetattrStandIn:
     """Stands in for ``builtins.getattr``: only ``<Random>.uniform``."""
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<built-in function getattr>"
 
     def __call__(self, obj: Any, name: Any) -> _Global:
         if type(obj) is _RandomState and obj.state_ok and type(name) is str and name == "uniform":

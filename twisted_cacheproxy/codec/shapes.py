@@ -79,11 +79,12 @@ class _Hole:
 
 class Shape:
     """One learned shape: the bytes that must match, where its numbers are,
-    and how the tree is built from them."""
+    and how the tree is built from them (None: it is read in full, its probe
+    having been refused, without probing it again)."""
 
     __slots__ = ("build", "holes", "length", "segments")
 
-    def __init__(self, data: bytes, holes: list[_Hole], build: Build) -> None:
+    def __init__(self, data: bytes, holes: list[_Hole], build: Build | None) -> None:
         self.length = len(data)
         self.holes = holes
         self.build = build
@@ -105,6 +106,8 @@ class Shape:
 
     def tree(self, data: bytes) -> Node:
         """The tree of ``data``, which `matches`."""
+        if self.build is None:
+            return read_request(data)[0]
         return self.build([hole.read(data) for hole in self.holes])
 
 
@@ -131,9 +134,7 @@ class ShapeMemo:
                 return known.tree(data)
         node, numbers = read_request(data)
         if len(data) <= self.largest:
-            shape = learn(data, numbers)
-            if shape is not None:
-                self._keep(shape)
+            self._keep(learn(data, numbers, node))
         return node
 
     def _keep(self, shape: Shape) -> None:
@@ -147,13 +148,15 @@ class ShapeMemo:
                 del self._by_length[old.length]
 
 
-def learn(data: bytes, numbers: list[int]) -> Shape | None:
-    """The shape of ``data``, which the full reading accepted with its number
-    literals at ``numbers``; None when the probe is refused or a probe value
-    does not fit its literal."""
+def learn(data: bytes, numbers: list[int], node: Node) -> Shape:
+    """The shape of ``data``, which the full reading made ``node`` of, with
+    its number literals at ``numbers``; one read in full when the probe is
+    refused or a probe value does not fit its literal."""
     holes = [_Hole(data, pos) for pos in numbers]
-    taken = {(type(v), v) for v in (hole.read(data) for hole in holes)}
     tried = [h for h in holes if h.end < len(data) and data[h.end] == _SETITEM]
+    if not tried:  # nothing to probe: only these very bytes are this shape
+        return Shape(data, [], _same(node))
+    taken = {(type(v), v) for v in (hole.read(data) for hole in holes)}
     probe = bytearray(data)
     values: dict[tuple[type, Real], int] = {}
     next_int, next_float = _FIRST_PROBE, 0.5
@@ -169,13 +172,13 @@ def learn(data: bytes, numbers: list[int]) -> Shape | None:
             value, next_int = next_int, next_int + 1
         written = hole.written(value)
         if written is None:
-            return None
+            return Shape(data, tried, None)
         probe[hole.start : hole.end] = written
         values[(type(value), value)] = index
     try:
         probed, _ = read_request(bytes(probe))
     except CalculationError:
-        return None
+        return Shape(data, tried, None)
     return Shape(data, tried, _compile(probed, values) or _same(probed))
 
 
