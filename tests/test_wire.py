@@ -116,7 +116,7 @@ def clock():
 def connect(proto, clock=None):
     t = StringTransport()
     if clock is not None:
-        proto.callLater = clock.callLater
+        proto.clock = clock  # the idle timer and the turns run on it
     proto.makeConnection(t)
     return t
 
@@ -254,6 +254,21 @@ def test_idle_timeout_aborts_a_connection_whose_peer_stopped_reading(clock):
     p.pauseProducing()  # the transport's buffer is full of unread answers
     clock.advance(10)
     assert t.disconnecting and t.disconnected  # StringTransport's mark of abortConnection
+
+
+def test_messages_do_not_move_the_idle_timer_they_are_noted(clock):
+    p, t = timed(clock)
+    (timer,) = clock.getDelayedCalls()
+    for _ in range(3):
+        clock.advance(2)
+        p.dataReceived(request(b"1 + 1"))
+    assert clock.getDelayedCalls() == [timer] and timer.getTime() == 10  # untouched
+    clock.advance(4)  # at 10 it finds the last message 4 s old: 6 s more
+    assert not t.disconnecting
+    clock.advance(5.5)
+    assert not t.disconnecting
+    clock.advance(0.5)
+    assert t.disconnecting and len(p.frames) == 3
 
 
 def test_half_sent_frame_does_not_reset_the_idle_timeout(clock):

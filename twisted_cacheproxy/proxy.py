@@ -126,16 +126,16 @@ class CacheProxyProtocol(wire.ServiceProtocol):
             if self._closing:
                 self.closeAfterSending()
             else:
-                # Idle from its last answer on (a reset, not a new timer).
-                self.resetTimeout()
+                # Idle from its last answer on.
+                self.markActive()
 
-    def timeoutConnection(self) -> None:
+    def idle(self) -> None:
         """A client still awaiting an answer is not idle: it gets another
         period (cheaper than stopping the timer for every miss)."""
         if self._slots:
             self.setTimeout(self.idleTimeout)
         else:
-            super().timeoutConnection()
+            super().idle()
 
     def endOfInput(self) -> None:
         """Half-closed by the client: close once every awaited answer is sent."""

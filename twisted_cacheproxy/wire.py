@@ -178,8 +178,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     ``IntNStringReceiver``, and calls `frameReceived` once per message.
 
     It also carries what every endpoint of ours needs: an idle timeout that
-    only a complete message resets, backpressure (stop reading while our own
-    unsent output is above the transport's high-water mark), a bound on input
+    only a complete message restarts (noted per message, not rescheduled),
+    backpressure (stop reading while our own unsent output is above the transport's high-water mark), a bound on input
     waiting to be handled, and half-close: what arrived before the peer's
     end-of-file is still handled.
     """
@@ -201,6 +201,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     _full = False
     _broken = False
     _eof = False
+    #: When the last complete message came (or the connection opened).
+    _activeAt = 0.0
     _nextTurn: IDelayedCall | None = None
     #: Seconds one connection may spend on frames it has buffered before the
     #: reactor serves others: a pipelined batch of heavy requests must not
@@ -224,6 +226,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         super().makeConnection(transport)
 
     def connectionMade(self) -> None:
+        self._activeAt = (self.clock or _reactor()).seconds()
         self.setTimeout(self.idleTimeout)
         # We produce responses; the transport tells us when its buffer is full.
         self.transport.registerProducer(self, True)
@@ -304,7 +307,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             data = buf[offset + HEADER_SIZE : offset + length]
             offset += length
             self.bufferedAfter = end - offset
-            self.resetTimeout()
+            self._activeAt = started
             self.frameReceived(header, data)
             if self._broken or self.transport is None or self.transport.disconnecting:
                 self._discardInput()
@@ -343,7 +346,22 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self._discardInput()
         self.closeAfterSending()
 
+    def markActive(self) -> None:
+        """Count the idle timeout from now, as after a complete message."""
+        self._activeAt = (self.clock or _reactor()).seconds()
+
     def timeoutConnection(self) -> None:
+        """The idle timer ran out: if a message came since it was set, set it
+        again for the rest of the period (cheaper than moving the timer at
+        every message), else the connection is `idle`."""
+        timeout = self.idleTimeout
+        quiet = (self.clock or _reactor()).seconds() - self._activeAt
+        if timeout is not None and quiet < timeout:
+            self.setTimeout(timeout - quiet)
+        else:
+            self.idle()
+
+    def idle(self) -> None:
         """Idle: an orderly close (FIN) when nothing is half-received or
         unsent, an abort when the peer left a frame half-sent or stopped
         reading its answers."""
@@ -497,7 +515,7 @@ class FrameClient(FrameReceiver):
         self._discardInput()
         self.transport.loseConnection()
 
-    def timeoutConnection(self) -> None:
+    def idle(self) -> None:
         self._abort()
 
     def _fail(self, error: Exception) -> None:
