@@ -179,9 +179,10 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
 
     It also carries what every endpoint of ours needs: an idle timeout that
     only a complete message restarts (noted per message, not rescheduled),
-    backpressure (stop reading while our own unsent output is above the transport's high-water mark), a bound on input
-    waiting to be handled, and half-close: what arrived before the peer's
-    end-of-file is still handled.
+    backpressure (stop reading while our own unsent output is above the
+    transport's high-water mark), a bound on input waiting to be handled,
+    and half-close: what arrived before the peer's end-of-file is still
+    handled.
     """
 
     #: A TCP transport in practice (``ITCPTransport`` and ``IPushProducer``);
