@@ -227,7 +227,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         super().makeConnection(transport)
 
     def connectionMade(self) -> None:
-        self._activeAt = (self.clock or _reactor()).seconds()
+        self.markActive()
         self.setTimeout(self.idleTimeout)
         # We produce responses; the transport tells us when its buffer is full.
         self.transport.registerProducer(self, True)
@@ -347,16 +347,19 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self._discardInput()
         self.closeAfterSending()
 
+    def _seconds(self) -> float:
+        return (self.clock or _reactor()).seconds()
+
     def markActive(self) -> None:
         """Count the idle timeout from now, as after a complete message."""
-        self._activeAt = (self.clock or _reactor()).seconds()
+        self._activeAt = self._seconds()
 
     def timeoutConnection(self) -> None:
         """The idle timer ran out: if a message came since it was set, set it
         again for the rest of the period (cheaper than moving the timer at
         every message), else the connection is `idle`."""
         timeout = self.idleTimeout
-        quiet = (self.clock or _reactor()).seconds() - self._activeAt
+        quiet = self._seconds() - self._activeAt
         if timeout is not None and quiet < timeout:
             self.setTimeout(timeout - quiet)
         else:
