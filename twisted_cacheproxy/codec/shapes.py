@@ -64,7 +64,7 @@ class _Hole:
 
     def read(self, data: bytes) -> Real:
         if self.is_float:
-            return float(_FLOAT.unpack_from(data, self.start)[0])
+            return _FLOAT.unpack_from(data, self.start)[0]
         return int.from_bytes(data[self.start : self.end], "little", signed=self.signed)
 
     def written(self, value: Real) -> bytes | None:
