@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench
 
-from twisted_cacheproxy import wire
+from twisted_cacheproxy.transport import wire
 
 SERVER_PORT, PROXY_PORT = 29989, 29988
 

@@ -156,7 +156,7 @@ def failover(tmp: pathlib.Path, reps: int) -> list[dict]:
     how long until the proxy takes it out (its log line, polled every 2 ms),
     and the slowest request across the kill."""
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-    from twisted_cacheproxy import wire
+    from twisted_cacheproxy.transport import wire
 
     found = []
     for rep in range(reps):

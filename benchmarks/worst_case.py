@@ -35,9 +35,9 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 from hostile import Writer, course_pickle  # noqa: E402
 from twisted.internet import task  # noqa: E402
 
-from twisted_cacheproxy import codec, wire  # noqa: E402
-from twisted_cacheproxy.codec import MAX_OPCODES, MAX_REDUCES  # noqa: E402
-from twisted_cacheproxy.expression import (  # noqa: E402
+from twisted_cacheproxy.calculator import codec  # noqa: E402
+from twisted_cacheproxy.calculator.codec.prescan import MAX_OPCODES, MAX_REDUCES  # noqa: E402
+from twisted_cacheproxy.calculator.expression import (  # noqa: E402
     MAX_ARGS,
     MAX_DEPTH,
     MAX_INT_BITS,
@@ -47,8 +47,9 @@ from twisted_cacheproxy.expression import (  # noqa: E402
     Number,
     Unary,
 )
-from twisted_cacheproxy.parser import MAX_TOKENS, parse  # noqa: E402
-from twisted_cacheproxy.server import CalculatorServerFactory  # noqa: E402
+from twisted_cacheproxy.calculator.parser import MAX_TOKENS, parse  # noqa: E402
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory  # noqa: E402
+from twisted_cacheproxy.transport import wire  # noqa: E402
 
 
 def grouped(terms: list[str], op: str = " + ") -> str:

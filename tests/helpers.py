@@ -22,8 +22,8 @@ import pytest
 from hypothesis import strategies as st
 from twisted.python.failure import Failure
 
-from twisted_cacheproxy import expression as ex
-from twisted_cacheproxy import wire
+from twisted_cacheproxy.calculator import expression as ex
+from twisted_cacheproxy.transport import wire
 
 HERE = pathlib.Path(__file__).parent
 #: The six standard expressions (a copy of shared/protocol-vectors.json).
@@ -323,7 +323,7 @@ class FakeConnector:
         protocol is connected, then (a turn later) handed to the pool."""
         from twisted.internet.testing import StringTransport
 
-        from twisted_cacheproxy.upstream import UpstreamProtocol
+        from twisted_cacheproxy.proxy.upstream import UpstreamProtocol
 
         protocol = UpstreamProtocol()
         transport = StringTransport()
@@ -349,9 +349,9 @@ def proxy_factory(server_port: int, **pool_options):
     cacheproxy`` does: a 64 MiB cache and a pool to 127.0.0.1:``server_port``."""
     from twisted.internet import reactor
 
-    from twisted_cacheproxy.cache import MemoryCache
-    from twisted_cacheproxy.proxy import CacheProxyFactory
-    from twisted_cacheproxy.upstream import TCPConnector, UpstreamPool
+    from twisted_cacheproxy.proxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy.factory import CacheProxyFactory
+    from twisted_cacheproxy.proxy.upstream import TCPConnector, UpstreamPool
 
     connector = TCPConnector(reactor, "127.0.0.1", server_port)
     pool = UpstreamPool(connector, reactor, **pool_options)
@@ -378,3 +378,13 @@ def request_frame(
         max_age = wire.FOREVER if cache else 0
     flags = wire.make_flags(request=request, cache=cache, steps=steps)
     return wire.encode(int(time.time()) if ts is None else ts, flags, max_age, data)
+
+
+def built(config):
+    """The service the composition root builds from parsed ``config`` for
+    the global reactor (built, not started)."""
+    from twisted.internet import reactor
+
+    from twisted_cacheproxy.application import compose, tap
+
+    return tap.ENTRIES[config.tapname].make(config, reactor, compose.tcp_listener(reactor))

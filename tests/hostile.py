@@ -20,9 +20,10 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.expression import Binary, Call, Constant, Node, Number, Unary
-from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.expression import Binary, Call, Constant, Node, Number, Unary
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
+from twisted_cacheproxy.transport import wire
 
 #: `Writer.random_uniform`'s default: a fresh, well-formed generator state.
 FRESH = object()

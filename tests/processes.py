@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from twisted_cacheproxy.transport.frameclient import FrameClient
+
 HOST = "127.0.0.1"
 #: The repository's top folder.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -157,12 +159,10 @@ def within(d, seconds: float = 10.0):
 
 def connect(port: int, protocol_class=None):
     """A Deferred firing with a new connection to 127.0.0.1:``port`` (a
-    `wire.FrameClient` unless told otherwise), opened within 5 s."""
+    `FrameClient` unless told otherwise), opened within 5 s."""
     from twisted.internet import protocol, reactor
 
-    from twisted_cacheproxy import wire
-
-    creator = protocol.ClientCreator(reactor, protocol_class or wire.FrameClient)
+    creator = protocol.ClientCreator(reactor, protocol_class or FrameClient)
     return within(creator.connectTCP(HOST, port, timeout=5), 5.0)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickletools
 import re
 
-from twisted_cacheproxy.codec.prescan import _ALLOWED, MAX_OPCODES, MAX_REDUCES
+from twisted_cacheproxy.calculator.codec.prescan import _ALLOWED, MAX_OPCODES, MAX_REDUCES
 
 ALLOWED = frozenset(_ALLOWED)
 #: Opcodes that change the item below their arguments in place; every other

@@ -8,9 +8,9 @@ import pytest
 from helpers import FakeConnector, failure_of, success_of
 from twisted.internet import task
 
-from twisted_cacheproxy import wire
-from twisted_cacheproxy.balancer import EJECT_FIRST, MAX_FAILS, Balancer
-from twisted_cacheproxy.upstream import UpstreamError, UpstreamPool
+from twisted_cacheproxy.proxy.balancer import EJECT_FIRST, MAX_FAILS, Balancer
+from twisted_cacheproxy.proxy.upstream import UpstreamError, UpstreamPool
+from twisted_cacheproxy.transport import wire
 
 REQUEST = wire.encode(0, wire.make_flags(request=True, cache=True), wire.FOREVER, b"1+1")
 ANSWER = wire.encode(
@@ -266,8 +266,8 @@ def test_mixed_fleet_course_and_ours():
 def test_the_proxy_takes_a_balancer_as_it_takes_a_pool():
     """Misses through `CacheProxyFactory` go to the servers in turn; a hit
     reaches none; with every server refusing, the 500 names both."""
-    from twisted_cacheproxy.cache import MemoryCache
-    from twisted_cacheproxy.proxy import CacheProxyFactory
+    from twisted_cacheproxy.proxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy.factory import CacheProxyFactory
 
     fleet = Fleet(2, rounds=1)
     factory = CacheProxyFactory(

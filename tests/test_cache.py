@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from twisted_cacheproxy.cache import ENTRY_OVERHEAD, FOREVER, Entry, MemoryCache
+from twisted_cacheproxy.proxy.cache import ENTRY_OVERHEAD, FOREVER, Entry, MemoryCache
 
 T0 = 1_700_000_000.0
 

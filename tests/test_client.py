@@ -12,10 +12,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from twisted_cacheproxy import client, codec, server, wire
+from twisted_cacheproxy import client
+from twisted_cacheproxy.calculator import codec, server
+from twisted_cacheproxy.calculator.expression import CalculationError
+from twisted_cacheproxy.calculator.parser import parse
 from twisted_cacheproxy.client import EXAMPLES, Answer, Calculator, Settings, render
-from twisted_cacheproxy.expression import CalculationError
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.frameclient import FrameClient, ProtocolError
 
 # --- render ------------------------------------------------------------------------------
 
@@ -83,7 +86,7 @@ def test_render_error_is_one_line():
         (error.ConnectionDone(), "Error: h:1 closed the connection before the answer came\n"),
         (error.ConnectionLost(), "Error: h:1 closed the connection before the answer came\n"),
         (
-            wire.ProtocolError("peer sent a request (T=1) instead of an answer"),
+            ProtocolError("peer sent a request (T=1) instead of an answer"),
             "Error: peer sent a request (T=1) instead of an answer\n",
         ),
     ],
@@ -105,7 +108,7 @@ def test_describe_connect_failure_names_host_and_port():
 def sent_by(settings: Settings, text: str, now: float = 1_700_000_123.7) -> bytes:
     clock = task.Clock()
     clock.advance(now)
-    connection = wire.FrameClient()
+    connection = FrameClient()
     connection.makeConnection(StringTransport())
     d = Calculator(clock, "h", 1, settings, connection=connection).calculate(text)
     assert not d.called
@@ -138,7 +141,7 @@ def test_legacy_request_is_the_course_pickle(course):
 
 
 def test_legacy_request_with_a_syntax_error_fails_locally():
-    connection = wire.FrameClient()
+    connection = FrameClient()
     connection.makeConnection(StringTransport())
     calculator = Calculator(task.Clock(), "h", 1, Settings(legacy=True), connection=connection)
     failure = failure_of(calculator.calculate("1 +"), CalculationError)
@@ -156,7 +159,7 @@ def wired():
     clock.advance(1_700_000_000)
     factory = server.CalculatorServerFactory(clock=clock)
     server_side = factory.buildProtocol(None)
-    connection = wire.FrameClient()
+    connection = FrameClient()
     pump = iosim.connect(
         server_side,
         iosim.makeFakeServer(server_side),
@@ -316,7 +319,7 @@ class Far:
         self.calculator = Calculator(
             self.reactor, "h", 1, Settings(steps=False), notify=self.notes.append
         )
-        self.connections: list[tuple[wire.FrameClient, StringTransport]] = []
+        self.connections: list[tuple[FrameClient, StringTransport]] = []
 
     def accept(self):
         """Complete the latest connection attempt."""
@@ -653,7 +656,7 @@ def test_help_shows_every_default_and_what_the_calculator_knows(capsys):
         "(default: 10.0)",
     ):
         assert default in text, default
-    from twisted_cacheproxy.expression import CONSTANTS, FUNCTIONS
+    from twisted_cacheproxy.calculator.expression import CONSTANTS, FUNCTIONS
 
     for name in [*FUNCTIONS, *(c.lower() for c in CONSTANTS)]:
         assert f" {name}," in text or f" {name} " in text, name

@@ -19,9 +19,9 @@ import pytest
 from helpers import course_pickle, trees
 from hypothesis import given, settings
 
-from twisted_cacheproxy import codec
-from twisted_cacheproxy.codec import LEGACY, TEXT, RemoteError, legacy
-from twisted_cacheproxy.expression import (
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.codec import LEGACY, TEXT, RemoteError, legacy
+from twisted_cacheproxy.calculator.expression import (
     MAX_NODES,
     Binary,
     CalculationError,
@@ -30,7 +30,7 @@ from twisted_cacheproxy.expression import (
     Number,
     Unary,
 )
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator.parser import parse
 
 ALL_OPERATORS = "(1 + 2 - 3 * 4 / 5 % 6 ** 7) + -(8) + +(9.5)"
 ALL_FUNCTIONS = (

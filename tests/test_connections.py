@@ -16,8 +16,10 @@ from processes import within
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ConnectionDone
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
+from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.framing import FrameReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +28,7 @@ def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
     return request_frame(text, steps=steps, cache=cache, ts=0)
 
 
-class Collector(wire.FrameReceiver):
+class Collector(FrameReceiver):
     """A raw client: records every answer; `closed` fires on disconnection."""
 
     def __init__(self) -> None:
@@ -187,7 +189,7 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_
         yield server_port.stopListening()
 
 
-class SlowServer(wire.FrameReceiver):
+class SlowServer(FrameReceiver):
     """Answers every request after ``delay`` seconds; counts requests."""
 
     delay = 0.3

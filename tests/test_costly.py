@@ -14,9 +14,9 @@ import time
 import pytest
 from hostile import Connection, Writer, course_pickle
 
-from twisted_cacheproxy import codec
-from twisted_cacheproxy.codec import MAX_OPCODES
-from twisted_cacheproxy.expression import (
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.codec.prescan import MAX_OPCODES
+from twisted_cacheproxy.calculator.expression import (
     MAX_ARGS,
     MAX_DEPTH,
     MAX_INT_BITS,
@@ -30,7 +30,7 @@ from twisted_cacheproxy.expression import (
     evaluate,
     evaluate_with_steps,
 )
-from twisted_cacheproxy.parser import MAX_TOKENS, parse
+from twisted_cacheproxy.calculator.parser import MAX_TOKENS, parse
 
 TOO_LARGE = f"integer result too large (over {MAX_INT_BITS} bits)"
 TOO_DEEP = f"expression nested deeper than {MAX_DEPTH} levels"

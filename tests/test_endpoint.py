@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, error, protocol, task
 
-from twisted_cacheproxy.endpoint import SendAtOnceServer, TCPServerEndpoint
+from twisted_cacheproxy.transport.endpoint import SendAtOnceServer, TCPServerEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_the_sendatonce_endpoint_string_names_our_endpoint():
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from twisted_cacheproxy.endpoint import TCPServerEndpoint, description
+    from twisted_cacheproxy.transport.endpoint import TCPServerEndpoint, description
 
     endpoint = serverFromString(reactor, description(9999, "::1", 77))
     assert isinstance(endpoint, TCPServerEndpoint)

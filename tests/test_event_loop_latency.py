@@ -14,8 +14,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
+from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.framing import FrameReceiver
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import worst_case
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.integration
 GENEROUS = 1.0  # seconds; the worst request takes some 10 ms of CPU
 
 
-class Client(wire.FrameReceiver):
+class Client(FrameReceiver):
     """Sends requests and fires one Deferred per answer, with its arrival time."""
 
     maxMessageSize = wire.LENGTH_LIMIT

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twisted_cacheproxy import expression as ex
-from twisted_cacheproxy.expression import (
+from twisted_cacheproxy.calculator import expression as ex
+from twisted_cacheproxy.calculator.expression import (
     MAX_NODES,
     Binary,
     CalculationError,
@@ -21,7 +21,7 @@ from twisted_cacheproxy.expression import (
     evaluate_with_steps,
     format_node,
 )
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator.parser import parse
 
 BIG = 10**7  # a steps budget nothing here reaches
 

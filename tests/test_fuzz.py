@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_scan import reference_scan
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.codec.prescan import _ALLOWED, scan
-from twisted_cacheproxy.expression import (
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.codec.prescan import _ALLOWED, scan
+from twisted_cacheproxy.calculator.expression import (
     Binary,
     CalculationError,
     Call,
@@ -28,7 +28,8 @@ from twisted_cacheproxy.expression import (
     evaluate,
     evaluate_with_steps,
 )
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator.parser import parse
+from twisted_cacheproxy.transport import wire
 
 fuzz = settings(
     max_examples=300,

@@ -25,10 +25,10 @@ from helpers import course_pickle
 from hostile import FRESH, Connection, Writer
 from hostile import course_pickle as raw_course_pickle
 
-from twisted_cacheproxy import codec
-from twisted_cacheproxy.codec import MAX_REDUCES
-from twisted_cacheproxy.expression import MAX_DEPTH, MAX_NODES
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.codec.prescan import MAX_REDUCES
+from twisted_cacheproxy.calculator.expression import MAX_DEPTH, MAX_NODES
+from twisted_cacheproxy.calculator.parser import parse
 
 
 class Reduce:
@@ -509,7 +509,7 @@ def test_build_cannot_change_what_find_class_hands_out(server, target, slots):
     if slots:
         w.raw(b"\x86")
     assert_refused(server, w.raw(b"b").stop())
-    assert codec.Associativity.LEFT.value == 0
+    assert codec.legacy.Associativity.LEFT.value == 0
     assert server.ask(raw_course_pickle(parse("2 ** 3 - 1"))) == (200, (7, []))
 
 

@@ -16,11 +16,12 @@ from twisted.internet.testing import StringTransport
 from twisted.web import server
 from twisted.web.test.requesthelper import DummyRequest
 
-from twisted_cacheproxy import accesslog, admin, wire
-from twisted_cacheproxy.accesslog import AccessLog
-from twisted_cacheproxy.metrics import ProxyMetrics, ServerMetrics, failure_reason
-from twisted_cacheproxy.server import CalculatorServerFactory
-from twisted_cacheproxy.upstream import UpstreamError
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
+from twisted_cacheproxy.operations import accesslog, admin
+from twisted_cacheproxy.operations.accesslog import AccessLog
+from twisted_cacheproxy.operations.metrics import ProxyMetrics, ServerMetrics, failure_reason
+from twisted_cacheproxy.proxy.upstream import UpstreamError
+from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -319,7 +320,7 @@ def test_purge_everything_then_the_next_request_reaches_the_server():
     c = h.client()
     up = h.miss(c, request(X), answer(3))
     h.miss(c, request(Y), answer(6), up)
-    purge = admin.PurgeResource(h.factory, None)
+    purge = admin.PurgeResource(h.factory.purge, None)
     assert post(purge) == (200, {"purged": 2, "shared": 0})
     assert h.factory.cache.entries == 0 and h.metrics.purged == 2
     c.send(request(X))
@@ -333,7 +334,7 @@ def test_purge_one_expression_with_and_without_steps():
     up = h.miss(c, request(X), answer(3))
     h.miss(c, request(X, steps=True), answer(3, steps=["1 + 2", "3"]), up)
     h.miss(c, request(Y), answer(6), up)
-    purge = admin.PurgeResource(h.factory, None)
+    purge = admin.PurgeResource(h.factory.purge, None)
     assert post(purge, {b"expr": [X]}) == (200, {"purged": 2, "shared": 0})
     assert post(purge, {b"expr": [X]}) == (200, {"purged": 0, "shared": 0})
     assert h.factory.cache.entries == 1
@@ -348,7 +349,7 @@ def test_purge_from_another_host_is_refused_without_a_token(client):
     h = Observed()
     c = h.client()
     h.miss(c, request(X), answer(3))
-    purge = admin.PurgeResource(h.factory, None)
+    purge = admin.PurgeResource(h.factory.purge, None)
     code, body = post(purge, client=client)
     assert code == 403 and "loopback" in body["error"]
     assert h.factory.cache.entries == 1
@@ -375,7 +376,7 @@ def test_purge_with_a_token_needs_it_from_everyone():
     h = Observed()
     c = h.client()
     h.miss(c, request(X), answer(3))
-    purge = admin.PurgeResource(h.factory, b"s3cret")
+    purge = admin.PurgeResource(h.factory.purge, b"s3cret")
     code, _ = post(purge)  # loopback is not enough
     assert code == 401
     code, _ = post(purge, headers=[(b"Authorization", b"Bearer wrong")])
@@ -387,7 +388,7 @@ def test_purge_with_a_token_needs_it_from_everyone():
 
 def test_a_cross_site_post_is_refused():
     h = Observed()
-    purge = admin.PurgeResource(h.factory, None)
+    purge = admin.PurgeResource(h.factory.purge, None)
     code, body = post(
         purge, headers=[(b"Origin", b"http://evil.example"), (b"Host", b"127.0.0.1:9100")]
     )
@@ -416,9 +417,10 @@ def test_status_page_and_stats_json_show_the_figures():
 
 
 def test_operating_options_and_services(tmp_path):
+    from helpers import built
     from twisted.python import usage
 
-    from twisted_cacheproxy.tap import ProxyOptions, ServerOptions, makeProxyService
+    from twisted_cacheproxy.application.options import ProxyOptions, ServerOptions
 
     config = ProxyOptions()
     config.parseOptions(["--stats-interval", "0"])
@@ -427,13 +429,13 @@ def test_operating_options_and_services(tmp_path):
         "127.0.0.1",
         None,
     )
-    service = makeProxyService(config)
+    service = built(config)
     assert not hasattr(service, "main")  # nothing to watch: the listener alone
     assert type(service.factory.observer).__name__ == "NoObserver"
 
     config = ProxyOptions()
     config.parseOptions(["--access-log", str(tmp_path / "a.log")])
-    service = makeProxyService(config)
+    service = built(config)
     assert isinstance(service.main.factory.observer, ProxyMetrics)
     names = sorted(type(s).__name__ for s in service)
     assert names == ["AccessLogService", "ListeningService", "StatsService"]
@@ -449,7 +451,9 @@ def test_operating_options_and_services(tmp_path):
 def test_a_busy_admin_port_or_a_bad_log_path_is_one_line(tmp_path):
     import socket
 
-    from twisted_cacheproxy.tap import ServerOptions, makeServerService
+    from helpers import built
+
+    from twisted_cacheproxy.application.options import ServerOptions
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -458,11 +462,11 @@ def test_a_busy_admin_port_or_a_bad_log_path_is_one_line(tmp_path):
         config = ServerOptions()
         config.parseOptions(["--admin-port", str(port)])
         with pytest.raises(SystemExit, match=rf"cacheserver: cannot listen on 127.0.0.1:{port}"):
-            makeServerService(config)
+            built(config)
     config = ServerOptions()
     config.parseOptions(["--access-log", str(tmp_path / "no" / "such" / "dir")])
     with pytest.raises(SystemExit, match="cacheserver: cannot open --access-log"):
-        makeServerService(config)
+        built(config)
 
 
 class _SharedTier:
@@ -487,8 +491,8 @@ class _SharedTier:
 
 
 def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_path):
-    from twisted_cacheproxy.cache import Entry
-    from twisted_cacheproxy.proxy import cache_keys
+    from twisted_cacheproxy.proxy.cache import Entry
+    from twisted_cacheproxy.proxy.factory import cache_keys
 
     stored = wire.rewrite(answer(6), ext=wire.EXT_FRAMED | wire.EXT_FROM_CACHE)
     h = Observed(tmp_path / "access.log")
@@ -509,9 +513,9 @@ def test_several_servers_each_have_their_health_and_totals():
     Then server 0's probe is answered and it is back in."""
     from test_balancer import REQUEST, Fleet
 
-    from twisted_cacheproxy.balancer import EJECT_FIRST, MAX_FAILS
-    from twisted_cacheproxy.cache import MemoryCache
-    from twisted_cacheproxy.proxy import CacheProxyFactory
+    from twisted_cacheproxy.proxy.balancer import EJECT_FIRST, MAX_FAILS
+    from twisted_cacheproxy.proxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy.factory import CacheProxyFactory
 
     fleet = Fleet(2)
     factory = CacheProxyFactory(
@@ -556,7 +560,7 @@ def test_a_purge_that_fails_is_a_500_and_a_logged_failure(proxy_log):
 
     h = Observed()
     h.factory.purge = lambda expressions: defer.fail(RuntimeError("boom"))
-    purge = admin.PurgeResource(h.factory, None)
+    purge = admin.PurgeResource(h.factory.purge, None)
     assert post(purge) == (500, {"error": "the purge failed; see the log"})
     (event,) = [e for e in proxy_log if "log_failure" in e]
     assert event["log_failure"].check(RuntimeError)

@@ -22,8 +22,10 @@ from helpers import proxy_factory, request_frame
 from processes import HOST, connect, free_port, script, start_proxy, within
 from twisted.internet import defer, protocol
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
+from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.framing import FrameReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +95,7 @@ def assert_answer(frame: bytes, payload: bytes, *, cache=True, max_age=wire.FORE
     assert frame[12:] == payload
 
 
-class CountingProtocol(wire.FrameReceiver):
+class CountingProtocol(FrameReceiver):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.connections += 1
@@ -253,7 +255,7 @@ def test_scenario_3_3_server_down_then_back(calc_server, twistd):
 
 @pytest_twisted.inlineCallbacks
 def test_legacy_request_gets_a_pickled_500_when_the_server_is_down(twistd):
-    from twisted_cacheproxy.parser import parse
+    from twisted_cacheproxy.calculator.parser import parse
 
     dead = free_port()  # nothing listens here
     proxy = start_proxy(twistd, dead, "--retries", "2")
@@ -516,7 +518,7 @@ def course_client_ask(port: int, data: bytes) -> object:
 def test_a_course_client_reads_hits_and_misses_as_before(calc_server, twistd, course):
     """Whatever the proxy marks in the extension word, the course client's
     unpickled answers are the same for a miss, a hit and a cached error."""
-    from twisted_cacheproxy.parser import parse
+    from twisted_cacheproxy.calculator.parser import parse
 
     proxy = start_proxy(twistd, calc_server.port)
     a = VECTORS[1]

@@ -16,8 +16,9 @@ import pytest
 from helpers import request_frame
 from processes import HOST, free_port, start_proxy
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
+from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.integration
 

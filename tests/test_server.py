@@ -14,8 +14,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from twisted_cacheproxy import server, wire
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator import server
+from twisted_cacheproxy.calculator.parser import parse
+from twisted_cacheproxy.transport import wire
 
 NOW = 1_700_000_000
 ADDR = IPv4Address("TCP", "127.0.0.1", 54321)

@@ -11,12 +11,12 @@ from hostile import Connection, Writer, course_pickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twisted_cacheproxy import codec
-from twisted_cacheproxy.codec import legacy, shapes
-from twisted_cacheproxy.codec.prescan import scan
-from twisted_cacheproxy.codec.shapes import ShapeMemo
-from twisted_cacheproxy.expression import CalculationError
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.codec import legacy, shapes
+from twisted_cacheproxy.calculator.codec.prescan import scan
+from twisted_cacheproxy.calculator.codec.shapes import ShapeMemo
+from twisted_cacheproxy.calculator.expression import CalculationError
+from twisted_cacheproxy.calculator.parser import parse
 
 
 def pickled(text: str) -> bytes:

@@ -16,10 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from twisted_cacheproxy import wire
-from twisted_cacheproxy.cache import Entry
-from twisted_cacheproxy.ring import Ring
-from twisted_cacheproxy.sharedcache import (
+from twisted_cacheproxy.proxy.cache import Entry
+from twisted_cacheproxy.proxy.ring import Ring
+from twisted_cacheproxy.proxy.sharedcache import (
     ENTRY_HEADER,
     FLAGS,
     GENERATION_POLL,
@@ -30,7 +29,8 @@ from twisted_cacheproxy.sharedcache import (
     expiry,
     parse_address,
 )
-from twisted_cacheproxy.wire import FOREVER
+from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.wire import FOREVER
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -760,18 +760,20 @@ def test_node_down_means_misses_go_to_the_server_at_once():
 
 
 def test_settings_line_mentions_the_tier():
-    from twisted_cacheproxy import tap
+    from helpers import built
 
-    config = tap.ProxyOptions()
+    from twisted_cacheproxy.application import options, settings
+
+    config = options.ProxyOptions()
     config.parseOptions(["--memcached", "127.0.0.1:11211", "--memcached", "[::1]:11212"])
     assert config["memcached"] == [("127.0.0.1", 11211), ("::1", 11212)]
-    line = tap.proxy_settings(config)
+    line = settings.proxy_settings(config)
     assert re.search(
         r"cache 64M, stale-if-error off, shared tier on memcached 127.0.0.1:11211, "
         r"\[::1\]:11212 \(prefix 'cacheproxy:', lookup timeout 50 ms\);",
         line,
     ), line
-    factory = tap.makeProxyService(config).factory
+    factory = built(config).factory
     assert factory.shared is not None
     assert factory.shared.timeout == 0.05
 
@@ -788,10 +790,10 @@ def test_settings_line_mentions_the_tier():
 def test_memcached_options_are_checked(argv, message):
     from twisted.python import usage
 
-    from twisted_cacheproxy import tap
+    from twisted_cacheproxy.application import options
 
     with pytest.raises(usage.UsageError) as info:
-        tap.ProxyOptions().parseOptions(argv)
+        options.ProxyOptions().parseOptions(argv)
     assert str(info.value).startswith(message)
 
 
@@ -860,8 +862,8 @@ def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log)
 def test_the_tier_is_in_the_metrics_stats_and_status_page():
     from test_metrics import scrape
 
-    from twisted_cacheproxy import admin
-    from twisted_cacheproxy.metrics import ProxyMetrics
+    from twisted_cacheproxy.operations import admin
+    from twisted_cacheproxy.operations.metrics import ProxyMetrics
 
     site = Site()
     a, b = site.proxy(), site.proxy()

@@ -22,11 +22,11 @@ from processes import HOST, accepting, free_port, start_proxy
 from test_proxy_integration import CountingServer, deferLater, exchange, raw, request
 from twisted.internet import defer
 
-from twisted_cacheproxy import wire
-from twisted_cacheproxy.cache import MemoryCache
-from twisted_cacheproxy.proxy import CacheProxyFactory
-from twisted_cacheproxy.sharedcache import SharedCache
-from twisted_cacheproxy.upstream import TCPConnector, UpstreamPool
+from twisted_cacheproxy.proxy.cache import MemoryCache
+from twisted_cacheproxy.proxy.factory import CacheProxyFactory
+from twisted_cacheproxy.proxy.sharedcache import SharedCache
+from twisted_cacheproxy.proxy.upstream import TCPConnector, UpstreamPool
+from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.integration
 

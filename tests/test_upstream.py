@@ -9,8 +9,9 @@ from helpers import FakeConnector, Peer, request_frame
 from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from twisted_cacheproxy import codec, wire
-from twisted_cacheproxy.upstream import PIPELINE_PAUSE, UpstreamError, UpstreamPool
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.proxy.upstream import PIPELINE_PAUSE, UpstreamError, UpstreamPool
+from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -956,7 +957,7 @@ def test_a_request_sent_again_after_an_out_of_step_answer_goes_on_a_new_connecti
 
 
 def test_the_tcp_connector_opens_connections_through_a_client_creator():
-    from twisted_cacheproxy.upstream import TCPConnector, UpstreamProtocol
+    from twisted_cacheproxy.proxy.upstream import TCPConnector, UpstreamProtocol
 
     reactor = MemoryReactorClock()
     connector = TCPConnector(reactor, "127.0.0.1", 9999, timeout=7.5)

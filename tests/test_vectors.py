@@ -1,7 +1,7 @@
 """The six standard expressions: exact result, type and steps, text encoding."""
 
-from twisted_cacheproxy.expression import evaluate, evaluate_with_steps
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator.expression import evaluate, evaluate_with_steps
+from twisted_cacheproxy.calculator.parser import parse
 
 
 def test_vector_result_and_steps(vector):

@@ -11,8 +11,10 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from twisted_cacheproxy import wire
-from twisted_cacheproxy.endpoint import BatchedWrites
+from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.endpoint import BatchedWrites
+from twisted_cacheproxy.transport.frameclient import FrameClient, OutOfStepError, ProtocolError
+from twisted_cacheproxy.transport.framing import FrameReceiver
 
 # --- header ------------------------------------------------------------------
 
@@ -84,7 +86,7 @@ def test_encode_refuses_more_than_the_length_field_holds():
 # --- FrameReceiver --------------------------------------------------------------
 
 
-class Recorder(wire.FrameReceiver):
+class Recorder(FrameReceiver):
     """Records frames; answers an impossible header with one 400 message."""
 
     def __init__(self, pause_on=None):
@@ -361,7 +363,7 @@ def answer(data: bytes, status: int = 200, timestamp: int = 3) -> bytes:
 
 @pytest.fixture
 def client():
-    c = wire.FrameClient()
+    c = FrameClient()
     c.makeConnection(StringTransport())
     return c
 
@@ -393,7 +395,7 @@ def test_request_message_from_the_peer_fails_every_pending_request(client):
     client.dataReceived(answer(b"ok") + request(b"I am a request") + answer(b"late"))
     assert success_of(ds[0])[1] == b"ok"
     for d in ds[1:]:
-        f = failure_of(d, wire.ProtocolError)
+        f = failure_of(d, ProtocolError)
         assert str(f.value) == "peer sent a request (T=1) instead of an answer"
     assert client.pending == 0
     assert client.transport.disconnected  # aborted
@@ -416,7 +418,7 @@ def test_impossible_header_from_the_peer_fails_pending_requests(client):
     ds = [client.sendRequest(request(b"1")) for _ in range(2)]
     client.dataReceived(struct.pack("!LHHHxx", 0, 5, 0, 0))
     for d in ds:
-        f = failure_of(d, wire.ProtocolError)
+        f = failure_of(d, ProtocolError)
         assert str(f.value) == (
             "peer sent an impossible message length 5 (must be 12..65535); closing the connection"
         )
@@ -458,7 +460,7 @@ def test_a_long_pipelined_batch_yields_to_the_reactor_between_turns():
     goes on with what it has buffered, in order."""
     seen = []
 
-    class Slow(wire.FrameReceiver):
+    class Slow(FrameReceiver):
         turnBudget = 0.0  # every frame uses up the turn
 
         def frameReceived(self, header, data):
@@ -497,7 +499,7 @@ class Writes(StringTransport):
         super().write(data)
 
 
-class Echo(BatchedWrites, wire.FrameReceiver):
+class Echo(BatchedWrites, FrameReceiver):
     """Sends each frame's data back as a message, and closes on ``b"bye"``."""
 
     def frameReceived(self, header, data):
@@ -572,7 +574,7 @@ def test_an_aborted_connection_delivers_none_of_its_buffered_answers(clock):
     """A request given up (its timeout) between two turns of a batch aborts
     the connection: the answers still buffered must not be matched against
     the requests behind it."""
-    c = wire.FrameClient()
+    c = FrameClient()
     c.turnBudget = 0.0  # every answer uses up the turn
     c.callLater = clock.callLater
     c.makeConnection(StringTransport())
@@ -591,7 +593,7 @@ def test_an_aborted_connection_delivers_none_of_its_buffered_answers(clock):
 
 
 def test_a_tagged_client_numbers_its_requests():
-    c = wire.FrameClient()
+    c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
     for n in range(3):
@@ -605,13 +607,13 @@ def test_a_tagged_client_numbers_its_requests():
 
 
 def test_an_answer_with_another_requests_tag_is_never_delivered():
-    c = wire.FrameClient()
+    c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
     d1, d2 = c.sendRequest(request(b"1")), c.sendRequest(request(b"2"))
     c.dataReceived(tagged_answer(b"two", 2))
     for d in (d1, d2):
-        f = failure_of(d, wire.OutOfStepError)
+        f = failure_of(d, OutOfStepError)
         assert str(f.value) == "answer tagged 2 for the request tagged 1"
     assert c.transport.disconnected
 
@@ -620,7 +622,7 @@ def test_an_answer_with_another_requests_tag_is_never_delivered():
 def test_an_answer_that_cannot_be_matched_is_delivered_as_it_comes(framed):
     """Tag 0 with L (a middlebox zeroed the tag) or no L at all: nothing to
     check against; the caller decides what the connection is worth."""
-    c = wire.FrameClient()
+    c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
     d = c.sendRequest(request(b"1"))
@@ -686,8 +688,8 @@ def test_end_of_file_while_paused_waits_for_the_frames_to_be_handled():
 def test_the_services_protocols_are_half_closeable():
     from twisted.internet.interfaces import IHalfCloseableProtocol
 
-    from twisted_cacheproxy.proxy import CacheProxyProtocol
-    from twisted_cacheproxy.server import CalculatorServerProtocol
+    from twisted_cacheproxy.calculator.server import CalculatorServerProtocol
+    from twisted_cacheproxy.proxy.factory import CacheProxyProtocol
 
     assert IHalfCloseableProtocol.implementedBy(CalculatorServerProtocol)
     assert IHalfCloseableProtocol.implementedBy(CacheProxyProtocol)

@@ -28,9 +28,9 @@ import pytest
 from helpers import VECTORS, course_pickle, in_ci, make_api_module, make_course_module, vector_value
 from processes import ROOT, Twistd, free_port, open_ends, script, tcp_states_to, wait_for
 
-from twisted_cacheproxy import codec
-from twisted_cacheproxy.expression import format_node
-from twisted_cacheproxy.parser import parse
+from twisted_cacheproxy.calculator import codec
+from twisted_cacheproxy.calculator.expression import format_node
+from twisted_cacheproxy.calculator.parser import parse
 
 pytestmark = pytest.mark.integration
 

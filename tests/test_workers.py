@@ -5,14 +5,16 @@ draining worker keeps its factory started until its connections are done."""
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from twisted.internet import error, task
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from twisted_cacheproxy import workers
-from twisted_cacheproxy.server import CalculatorServerFactory
+from twisted_cacheproxy.application import parent as workers
+from twisted_cacheproxy.application.worker import AdoptedListening
+from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -25,14 +27,12 @@ class StoppableClock(task.Clock):
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    c = StoppableClock()
-    monkeypatch.setattr(workers, "_reactor", lambda: c)
-    return c
+def clock():
+    return StoppableClock()
 
 
-def parent(count: int = 2) -> workers.WorkersService:
-    return workers.WorkersService("127.0.0.1", 0, 5, count, ["cacheproxy", "{}"])
+def parent(count: int = 2, reactor=None) -> workers.WorkersService:
+    return workers.WorkersService(reactor, "127.0.0.1", 0, 5, count, ["cacheproxy", "{}"])
 
 
 def worker(service: workers.WorkersService, number: int = 1) -> workers._Worker:
@@ -65,7 +65,7 @@ def test_a_workers_events_keep_their_level_and_namespace(proxy_log):
 
 
 def test_a_worker_that_never_served_stops_the_parent(clock, proxy_log):
-    service = parent()
+    service = parent(reactor=clock)
     w = worker(service)
     service.ended(w, Failure(error.ProcessTerminated(exitCode=1)))
     assert clock.stopped
@@ -76,7 +76,7 @@ def test_a_worker_that_never_served_stops_the_parent(clock, proxy_log):
 
 
 def test_a_worker_that_served_is_started_again(clock, proxy_log):
-    service = parent()
+    service = parent(reactor=clock)
     w = worker(service)
     w.childDataReceived(1, event("info", None, workers.READY))
     service.ended(w, Failure(error.ProcessTerminated(exitCode=1)))
@@ -98,7 +98,7 @@ class FakePort:
 def test_a_draining_worker_keeps_its_factory_started_until_it_stops():
     factory = CalculatorServerFactory(clock=task.Clock())
     factory.doStart()
-    listening = workers.AdoptedListening(workers.socket.AF_INET, factory, "cacheserver")
+    listening = AdoptedListening(None, socket.AF_INET, factory, "cacheserver")
     listening.port = FakePort(factory)  # as startService leaves it
     listening.startService = lambda: None
     listening.running = 1

@@ -1,6 +1,6 @@
 """``calc-client``: the calculator client, one-shot or with the exercise's menu.
 
-The network runs on the reactor: the wire code is `wire.FrameClient`, and
+The network runs on the reactor: the wire code is `FrameClient`, and
 `Calculator` keeps one connection, opened again when the far end has closed
 it. The menu reads each line with the standard library's ``input`` in a
 thread of its own (`ConsoleReader`), so that ``readline`` gives line editing
@@ -24,10 +24,13 @@ from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from . import __version__, codec, wire
-from .endpoint import address
-from .expression import BINARY, CONSTANTS, FUNCTIONS, CalculationError, Real
-from .parser import parse
+from . import __version__
+from .calculator import codec
+from .calculator.expression import BINARY, CONSTANTS, FUNCTIONS, CalculationError, Real
+from .calculator.parser import parse
+from .transport import wire
+from .transport.addresses import address
+from .transport.frameclient import FrameClient
 
 #: The exercise's six standard example expressions.
 EXAMPLES = (
@@ -90,7 +93,7 @@ class Calculator:
         settings: Settings,
         *,
         timeout: float = 10.0,
-        connection: wire.FrameClient | None = None,
+        connection: FrameClient | None = None,
         notify: Callable[[str], None] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -106,11 +109,11 @@ class Calculator:
         return address(self.host, self.port)
 
     def open(self) -> defer.Deferred:
-        """Connect now; the Deferred fires with the new `wire.FrameClient`."""
-        creator = protocol.ClientCreator(self.reactor, wire.FrameClient)
+        """Connect now; the Deferred fires with the new `FrameClient`."""
+        creator = protocol.ClientCreator(self.reactor, FrameClient)
         d = creator.connectTCP(self.host, self.port, timeout=self.timeout)
 
-        def connected(connection: wire.FrameClient) -> wire.FrameClient:
+        def connected(connection: FrameClient) -> FrameClient:
             self.connection = connection
             return connection
 
@@ -155,7 +158,7 @@ class Calculator:
             self.notify(f"(connection closed by {self.where}; reconnected)\n")
         return connection, True
 
-    def _send(self, connection: wire.FrameClient, data: bytes) -> defer.Deferred:
+    def _send(self, connection: FrameClient, data: bytes) -> defer.Deferred:
         s = self.settings
         flags = wire.make_flags(request=True, cache=s.cache, steps=s.steps)
         frame = wire.encode(int(self.reactor.seconds()), flags, s.max_age if s.cache else 0, data)

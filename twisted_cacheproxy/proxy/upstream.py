@@ -19,7 +19,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import wire
+from ..transport import wire
+from ..transport.frameclient import FrameClient, OutOfStepError, ProtocolError
 
 log = Logger()
 
@@ -44,7 +45,7 @@ class UpstreamError(Exception):
         self.kind = kind
 
 
-class UpstreamProtocol(wire.FrameClient):
+class UpstreamProtocol(FrameClient):
     """One connection to the server; answers come back in request order,
     each checked against its request's tag when the server sets ``L``."""
 
@@ -56,7 +57,7 @@ class UpstreamProtocol(wire.FrameClient):
     def dataReceived(self, data: bytes) -> None:
         if not self._pending:
             # An idle connection has nothing to say: it is broken, drop it.
-            self._fail(wire.ProtocolError("server sent bytes nobody asked for"))
+            self._fail(ProtocolError("server sent bytes nobody asked for"))
             return
         super().dataReceived(data)
 
@@ -68,7 +69,7 @@ class UpstreamProtocol(wire.FrameClient):
                 # a second message after the answer (what a course server sends
                 # for a request it read in two pieces). Every request is sent again.
                 why = "pipelined" if len(self._pending) > 1 else "followed by more bytes"
-                self._fail(wire.OutOfStepError(f"untagged answer {why}"))
+                self._fail(OutOfStepError(f"untagged answer {why}"))
                 return
             # Its one answer is delivered; it takes no other request.
             self.transport.loseConnection()
@@ -77,10 +78,10 @@ class UpstreamProtocol(wire.FrameClient):
             self.pool.learned(framed)
         super().frameReceived(header, data)
         if self.bufferedAfter and not self._pending and not self._broken:
-            self._fail(wire.ProtocolError("server sent bytes nobody asked for"))
+            self._fail(ProtocolError("server sent bytes nobody asked for"))
 
     def _fail(self, error: Exception) -> None:
-        if isinstance(error, wire.OutOfStepError) and self.pool is not None:
+        if isinstance(error, OutOfStepError) and self.pool is not None:
             self.pool.outOfStep(self, error)
         super()._fail(error)
 
@@ -431,7 +432,7 @@ class UpstreamPool:
         if reason.check(defer.CancelledError):
             return
         fetch.pending = None
-        if reason.check(wire.OutOfStepError):
+        if reason.check(OutOfStepError):
             fetch.resent += 1
             if fetch.resent < self.attempts:
                 self._dispatch(fetch, fresh=True)
@@ -448,7 +449,7 @@ class UpstreamPool:
             # try again on another.
             self._dispatch(fetch)
             return
-        if isinstance(reason.value, wire.ProtocolError):
+        if isinstance(reason.value, ProtocolError):
             message, kind = f"{self.name} sent an invalid answer: {reason.value}", "invalid"
         else:
             message, kind = f"{self.name} closed the connection before answering", "closed"

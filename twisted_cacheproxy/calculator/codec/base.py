@@ -1,22 +1,11 @@
-"""What both payload encodings share: their names, how a request tells which
-it uses, the error a client reads back, and how values from a peer are shown."""
+"""What both payload encodings share beyond the transport's view of them
+(`transport.payload`): the error a client reads back, and how values from a
+peer are shown."""
 
 from __future__ import annotations
 
 import reprlib
 from typing import Any
-
-TEXT = "text"
-LEGACY = "legacy"
-#: The first byte of legacy data: a pickle PROTO opcode.
-LEGACY_MARK = b"\x80"
-#: Pickle protocol of our legacy answers and requests (Python 3.4+ reads it).
-PROTOCOL = 4
-
-
-def encoding_of(data: bytes) -> str:
-    """The encoding of a request, from its first byte."""
-    return LEGACY if data[:1] == LEGACY_MARK else TEXT
 
 
 class RemoteError(Exception):

@@ -7,7 +7,9 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import answers, codec, wire
+from ..transport import answers, wire
+from ..transport.service import ServiceFactory, ServiceProtocol
+from . import codec
 from .expression import CalculationError, evaluate, evaluate_with_steps, is_deterministic
 
 log = Logger()
@@ -16,7 +18,7 @@ log = Logger()
 _STEPS_SLACK = 256
 
 
-class CalculatorServerProtocol(wire.ServiceProtocol):
+class CalculatorServerProtocol(ServiceProtocol):
     """Answers each request as it arrives, so pipelined answers keep their order."""
 
     factory: CalculatorServerFactory
@@ -53,7 +55,7 @@ class NoObserver:
         """``answer`` was sent for ``header``/``data``, decided from ``started`` on."""
 
 
-class CalculatorServerFactory(wire.ServiceFactory):
+class CalculatorServerFactory(ServiceFactory):
     """Shared state of the server's connections: limits and the cache policy
     that the course server keeps in module constants."""
 
@@ -79,7 +81,7 @@ class CalculatorServerFactory(wire.ServiceFactory):
         self.cacheable = cache and max_age > 0
         self.shapes = codec.ShapeMemo()
         #: Told of every answer sent (metrics.ServerMetrics).
-        self.observer = NoObserver()
+        self.observer: Any = NoObserver()
 
     def answer(self, header: wire.Header, data: bytes, encoding: str, now: int) -> bytes:
         """The whole response message for one request: ``L`` set and the

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import wire
+from ..transport import wire
 from .upstream import UpstreamError, UpstreamPool
 
 log = Logger()

@@ -14,10 +14,13 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import answers, upstream, wire
+from ..transport import answers, wire
+from ..transport.service import ServiceFactory, ServiceProtocol
+from . import upstream
 from .balancer import Fetcher
 from .cache import Cache, Entry, SharedTier
 from .upstream import UpstreamError
@@ -86,7 +89,7 @@ class NoObserver:
 MAX_AWAITED = 64
 
 
-class CacheProxyProtocol(wire.ServiceProtocol):
+class CacheProxyProtocol(ServiceProtocol):
     """One client: answers go back in request order, hits at once when no
     earlier answer is still awaited."""
 
@@ -155,7 +158,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
         self._closing = True
         self._queue(answer)
 
-    def connectionLost(self, reason: Failure = wire.protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._slots.clear()
 
@@ -164,7 +167,7 @@ class CacheProxyProtocol(wire.ServiceProtocol):
 _Waiters = list[tuple[CacheProxyProtocol, defer.Deferred[bytes], wire.Header, bytes]]
 
 
-class CacheProxyFactory(wire.ServiceFactory):
+class CacheProxyFactory(ServiceFactory):
     """The cache, the upstream pool, the in-flight misses and the counters."""
 
     protocol = CacheProxyProtocol
@@ -199,7 +202,7 @@ class CacheProxyFactory(wire.ServiceFactory):
         self.inflight: dict[bytes, _Waiters] = {}
         self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
         #: Told of every answer and upstream exchange (metrics.ProxyMetrics).
-        self.observer = NoObserver()
+        self.observer: Any = NoObserver()
         if shared is not None:
             shared.purged = self._purgedElsewhere
 

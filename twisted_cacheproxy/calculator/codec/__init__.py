@@ -1,12 +1,32 @@
-"""The entry points that read and write expressions and answers: each picks
-the module of the request's encoding (`legacy` after the `prescan`, or `text`)."""
+"""Payload encodings: request data to an expression, answers to response data.
+
+Two encodings, told apart by the first byte of the request data
+(`transport.payload.encoding_of`): ``0x80`` (a pickle PROTO opcode) is the
+course programs' legacy pickle encoding (`legacy`, after the opcode
+pre-scan of `prescan`), anything else is UTF-8 text answered with JSON
+(`text`). These entry points pick the encoding's module.
+"""
 
 from __future__ import annotations
 
+from ...transport.payload import LEGACY, TEXT, encode_error, encoding_of
 from ..expression import CalculationError, Node, Real
 from . import legacy, text
-from .base import LEGACY, TEXT, RemoteError, brief, encoding_of, shown
+from .base import RemoteError, brief, shown
 from .shapes import ShapeMemo
+
+__all__ = [
+    "LEGACY",
+    "TEXT",
+    "RemoteError",
+    "ShapeMemo",
+    "decode_request",
+    "decode_response",
+    "encode_error",
+    "encode_request",
+    "encode_result",
+    "encoding_of",
+]
 
 
 def decode_request(data: bytes, *, shapes: ShapeMemo | None = None) -> Node:

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 
 class BatchedWrites:
-    """Mixed into a framing protocol (before `wire.FrameReceiver`): the
+    """Mixed into a framing protocol (before `framing.FrameReceiver`): the
     messages it sends while it handles the frames of one read (or one
     fairness turn) leave together, in one write per `batchLimit` bytes, so
     that a full transport can still pause it between them."""
@@ -160,6 +160,38 @@ class _Port(tcp.Port):
         self.startReading()
 
 
+class AdoptedPort(_Port):
+    """A listening socket handed in by the parent: accepted from, never
+    bound, and never shut down on stopping (the other workers still use it).
+    It accepts one connection each time the socket is readable, as nginx does
+    with ``multi_accept off``: every worker is woken, and the one that is
+    free takes the connection, instead of the first one awake taking a
+    whole burst (Twisted's port accepts up to ``numberAccepts`` at once)."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        """Twisted raises its accept batch after a full one; ours stays 1."""
+
+    def startListening(self) -> None:
+        tcp._reservedFD.reserve()
+        skt = self._preexistingSocket
+        if skt is None:
+            raise CannotListenError(self.interface, self.port, OSError("no socket"))
+        self._preexistingSocket = None
+        self._shouldShutdown = False
+        self._realPortNumber = skt.getsockname()[1]
+        factory: Any = self.factory
+        factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+        self.startReading()
+
+
 @implementer(IStreamServerEndpoint)
 class TCPServerEndpoint:
     """Listens like ``TCP4ServerEndpoint``, with `SendAtOnceServer` connections."""
@@ -195,11 +227,6 @@ class SendAtOnceParser:
         """The endpoint for the string's arguments (the interface's name and
         the backlog are keyword arguments, as with ``tcp:``)."""
         return TCPServerEndpoint(reactor, int(port), interface, int(backlog))
-
-
-def address(host: str, port: int) -> str:
-    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def description(port: int, interface: str = "", backlog: int = 511) -> str:

@@ -14,26 +14,31 @@ import html
 import ipaddress
 import json
 import signal
-import socket
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from ..transport.addresses import address
 from .accesslog import AccessLog
-from .endpoint import address
 from .metrics import CACHE_STATUSES, SAMPLE_EVERY, SAMPLES, ProxyMetrics, ServerMetrics
 
 log = Logger()
 
 #: Seconds between two loads of the status page by the browser.
 REFRESH = 5
+
+#: What ``POST /purge`` calls: the proxy's ``purge`` (all answers, or those
+#: of some text expressions), firing with the counts it answers with.
+Purge = Callable[[Iterable[bytes] | None], Deferred[dict[str, int]]]
 
 
 # --- who may POST ------------------------------------------------------------
@@ -140,9 +145,9 @@ class PurgeResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, factory: Any, token: bytes | None) -> None:
+    def __init__(self, purge: Purge, token: bytes | None) -> None:
         super().__init__()
-        self.factory = factory
+        self.purge = purge
         self.token = token
 
     def render_POST(self, request: Any) -> bytes | int:
@@ -176,7 +181,7 @@ class PurgeResource(resource.Resource):
                 request.write(_json(request, body))
                 request.finish()
 
-        self.factory.purge(expressions).addCallbacks(done, failed)
+        self.purge(expressions).addCallbacks(done, failed)
         return server.NOT_DONE_YET
 
 
@@ -216,16 +221,16 @@ def site(
     metrics: ProxyMetrics | ServerMetrics,
     title: str,
     token: bytes | None = None,
+    purge: Purge | None = None,
 ) -> server.Site:
-    """The admin site of one service (with ``/purge`` for a proxy)."""
+    """The admin site of one service; ``/purge`` when it has a cache to purge."""
     root: Any = resource.Resource()
-    proxy = isinstance(metrics, ProxyMetrics)
-    root.putChild(b"", IndexResource(proxy))
+    root.putChild(b"", IndexResource(purge is not None))
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(b"stats.json", StatsResource(metrics))
     root.putChild(b"status", StatusResource(metrics, title))
-    if isinstance(metrics, ProxyMetrics):
-        root.putChild(b"purge", PurgeResource(metrics.factory, token))
+    if purge is not None:
+        root.putChild(b"purge", PurgeResource(purge, token))
     s = _QuietSite(root)
     s.displayTracebacks = False
     s.noisy = False
@@ -539,72 +544,3 @@ class StatsService(service.Service):
             self._loop.stop()
         if self.interval > 0:
             self._line(final=True)
-
-
-def check_access_log(name: str, path: str) -> None:
-    """Stop twistd with one line if ``--access-log`` cannot be opened."""
-    if path == "-":
-        return
-    try:
-        open(path, "ab").close()
-    except OSError as e:
-        raise SystemExit(f"{name}: cannot open --access-log {path}: {e.strerror}") from None
-
-
-def check_admin_port(name: str, interface: str, port: int) -> None:
-    """Stop twistd with one line if the admin port cannot be bound."""
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((interface, port))
-        except OSError as e:
-            where = address(interface, port)
-            raise SystemExit(f"{name}: cannot listen on {where} (admin): {e.strerror}") from None
-
-
-class OperatedService(service.MultiService):
-    """The listening service (`main`) with the admin site, access log and stats beside it."""
-
-    def __init__(self, main: Any) -> None:
-        super().__init__()
-        #: Added by `operated` after the access log, so that it stops before
-        #: the log closes (a MultiService stops its children last first).
-        self.main = main
-
-    @property
-    def factory(self) -> Any:
-        """The listening service's factory (as on the listening service itself)."""
-        return self.main.factory
-
-
-def operated(config: Any, factory: Any, main: Any, title: str) -> Any:
-    """``main`` with what ``--admin-port``, ``--access-log`` and
-    ``--stats-interval`` ask for beside it (a `MultiService`), the factory's
-    observer set; ``main`` alone when none of them is on."""
-    admin_port = config["admin-port"]
-    access = config["access-log"]
-    interval = config["stats-interval"]
-    if not (admin_port or access or interval):
-        return main
-    if admin_port:
-        check_admin_port(config.tapname, config["admin-interface"], admin_port)
-    proxy = hasattr(factory, "cache")
-    metrics: ProxyMetrics | ServerMetrics = (
-        ProxyMetrics(factory) if proxy else ServerMetrics(factory)
-    )
-    factory.observer = metrics
-    top = OperatedService(main)
-    if access:
-        check_access_log(config.tapname, access)
-        metrics.access_log = AccessLog(access, factory.clock)
-        metrics.access_log.open()
-        AccessLogService(metrics.access_log).setServiceParent(top)
-    main.setServiceParent(top)
-    if interval:
-        StatsService(metrics, interval, f"{config.tapname}.stats").setServiceParent(top)
-    if admin_port:
-        token = config["admin-token"]
-        web = site(metrics, title, token.encode() if token else None)
-        AdminService(web, admin_port, config["admin-interface"], metrics).setServiceParent(top)
-    return top

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 from twisted.internet.interfaces import IReactorTime
 
-from .wire import FOREVER
+from ..transport.wire import FOREVER
 
 #: What one entry costs in memory beyond the lengths of its key and answer,
 #: in bytes, as ``tracemalloc`` measures it on CPython 3.11 (64-bit): the two

@@ -35,9 +35,9 @@ from twisted.logger import Logger
 from twisted.protocols.memcache import MemCacheProtocol
 from twisted.python.failure import Failure
 
-from . import wire
+from ..transport import wire
+from ..transport.addresses import address
 from .cache import Entry
-from .endpoint import address
 from .ring import Ring
 
 log = Logger()

@@ -1,26 +1,19 @@
-"""twistd options and services: ``twistd -n cacheserver`` and ``twistd -n cacheproxy``."""
+"""The options of ``twistd cacheserver`` and ``twistd cacheproxy``
+(`usage.Options`, as Twisted's own plugins take theirs), their checks, and
+their hand-over to a worker process of ``--workers``."""
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.application import service
-from twisted.internet import defer
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 
-from . import __version__, wire
-from .endpoint import address
+from .. import __version__
+from ..operations.units import parse_size
+from ..proxy.sharedcache import check_prefix
+from ..transport import wire
+from ..transport.addresses import parse_address
 
 
 def _integer(text: str) -> int:
@@ -39,22 +32,6 @@ def _number(text: str) -> float:
         raise ValueError(f"not a number: {text!r}") from None
 
 
-def _size(text: str) -> int:
-    """A byte count with an optional K, M or G suffix (powers of 1024)."""
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-    number = text[:-1] if scale > 1 else text
-    try:
-        value = int(float(number) * scale)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512K, 64M, 1G)") from None
-    if value < 0:
-        raise ValueError("a size cannot be negative")
-    return value
-
-
-_size.coerceDoc = "Bytes, with an optional K, M or G suffix."  # type: ignore[attr-defined]
-
-
 class _NamedCoerce(usage.CoerceParameter):
     """Twisted's coercion of a parameter, with an error that names the option
     (``--port: not a number: 'abc'``) instead of "Parameter type enforcement
@@ -69,7 +46,7 @@ class _NamedCoerce(usage.CoerceParameter):
             raise usage.UsageError(f"--{parameterName}: {e}") from None
 
 
-#: Watching and steering a running service (admin.py): both services take them.
+#: Watching and steering a running service (the operations layer): both services take them.
 _OPERATING_OPTIONS: list[list[Any]] = [
     [
         "admin-port",
@@ -91,7 +68,7 @@ _OPERATING_OPTIONS: list[list[Any]] = [
 ]
 
 
-class _CommonOptions(usage.Options):
+class CommonOptions(usage.Options):
     """What both services take: where to listen and how to treat connections.
 
     Run by twistd (as its subcommand), a bad option ends twistd at once with
@@ -220,7 +197,7 @@ class _CommonOptions(usage.Options):
         return dict(self)
 
     @classmethod
-    def restore(cls, values: dict[str, Any], worker: int) -> _CommonOptions:
+    def restore(cls, values: dict[str, Any], worker: int) -> CommonOptions:
         """The options of worker number ``worker`` (from 1) of a parent whose
         options were ``values``: one process, with the admin site on the
         worker's own port (``--admin-port`` + worker - 1)."""
@@ -246,7 +223,7 @@ class _CommonOptions(usage.Options):
         }
 
 
-class ServerOptions(_CommonOptions):
+class ServerOptions(CommonOptions):
     """Options of ``twistd cacheserver``."""
 
     tapname = "cacheserver"
@@ -264,7 +241,7 @@ class ServerOptions(_CommonOptions):
             "Cache lifetime in seconds given to answers (65535: forever).",
             _integer,
         ],
-        *_CommonOptions.optParameters,
+        *CommonOptions.optParameters,
     ]
     optFlags = [["no-cache", None, "Mark every answer as not cacheable (C=0)."]]
 
@@ -274,201 +251,7 @@ class ServerOptions(_CommonOptions):
             raise usage.UsageError("--max-age must be 0..65535")
 
 
-def _reason(e: OSError) -> str:
-    """An OS error in lower-case words: "address already in use"."""
-    text = e.strerror or str(e)
-    return text[:1].lower() + text[1:]
-
-
-def cannot_listen(config: _CommonOptions, e: OSError) -> str:
-    """The one line a service that cannot listen ends with."""
-    where = address(config["interface"], config["port"])
-    return f"{config.tapname}: cannot listen on {where}: {_reason(e)}"
-
-
-def check_listening(config: _CommonOptions) -> None:
-    """Stop twistd with one line, exit status 1, if ``--interface`` and
-    ``--port`` cannot be bound (a port in use, an address this host does not
-    have). twistd makes the service before it daemonizes, writes a pid file
-    or starts logging, so the line reaches the user's terminal; left to the
-    listening itself, the error is a traceback in the log."""
-    interface = config["interface"]
-    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As Twisted's port does: a connection in TIME_WAIT does not block it.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((interface, config["port"]))
-        except OSError as e:
-            raise SystemExit(cannot_listen(config, e)) from None
-
-
-class ListeningService(service.Service):
-    """Listens on its endpoint when twistd starts it (a port that cannot be
-    bound stops twistd with one line) and logs, once it listens, one line
-    saying where and with which settings."""
-
-    def __init__(
-        self,
-        endpoint: IStreamServerEndpoint,
-        factory: wire.ServiceFactory,
-        config: _CommonOptions,
-        settings: str,
-    ) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.config = config
-        self.settings = settings
-        self.log = Logger(namespace=config.tapname)
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        outcome: list[IListeningPort | Failure] = []
-        self.endpoint.listen(self.factory).addBoth(outcome.append)
-        # Our endpoint listens at once; a failure must stop twistd now, not later.
-        (result,) = outcome
-        if isinstance(result, Failure):
-            error = result.value
-            if isinstance(error, CannotListenError):
-                # Taken between check_listening and now: still one line.
-                raise SystemExit(cannot_listen(self.config, error.socketError))
-            result.raiseException()
-        self.port = result
-        host = result.getHost()
-        assert isinstance(host, (IPv4Address, IPv6Address))
-        self.log.info(
-            "listening on {address}, {settings}",
-            address=address(host.host, host.port),
-            settings=self.settings,
-        )
-
-    def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g} s"
-
-
-def _limits(config: _CommonOptions) -> str:
-    """The connection limits both services share, in words."""
-    idle = config["idle-timeout"]
-    return (
-        f"messages up to {config['max-message-size']} bytes, "
-        f"idle timeout {_seconds(idle) if idle else 'off'}, "
-        f"at most {config['max-connections']} connections"
-    )
-
-
-def server_settings(config: ServerOptions) -> str:
-    """The server's start-up line after its address."""
-    age = config["max-age"]
-    if config["no-cache"] or not age:
-        cache = "answers not cacheable"
-    else:
-        cache = f"answers cacheable for {'ever' if age == wire.FOREVER else _seconds(age)}"
-    return f"{cache}; {_limits(config)}"
-
-
-#: Makes the service that listens for ``factory`` and logs ``settings`` once it does.
-Listen = Callable[[Any, wire.ServiceFactory, str], service.IService]
-
-
-def _listening(
-    config: _CommonOptions,
-    factory: wire.ServiceFactory,
-    settings: str,
-) -> service.IService:
-    """A service listening on ``--port`` and ``--interface`` whose connections
-    send at once (`endpoint`); a port that cannot be bound stops twistd at
-    start-up with one line."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    from .endpoint import description
-
-    where = description(config["port"], config["interface"], config["backlog"])
-    return ListeningService(serverFromString(reactor, where), factory, config, settings)
-
-
-def makeServerService(config: ServerOptions, listen: Listen = _listening) -> service.IService:
-    """A TCP service serving the calculator (in ``--workers`` processes);
-    ``listen`` makes its listener (a worker's adopts the parent's socket)."""
-    from .server import CalculatorServerFactory
-
-    if config["workers"] > 1:
-        return _workers(config, server_settings(config))
-    factory = CalculatorServerFactory(
-        max_age=config["max-age"], cache=not config["no-cache"], **config.common()
-    )
-    return _operated(config, factory, listen(config, factory, server_settings(config)))
-
-
-def _operated(config: _CommonOptions, factory: Any, main: service.IService) -> service.IService:
-    """``main`` with the admin site, access log and stats line beside it (admin.py)."""
-    from .admin import operated
-
-    title = f"{config.tapname} {address(config['interface'], config['port'])}"
-    if config.worker is not None:
-        title += f", worker {config.worker}"
-    return operated(config, factory, main, title)
-
-
-def _workers(config: _CommonOptions, settings: str) -> service.IService:
-    """The parent of ``--workers`` processes sharing one listening socket
-    (workers.py says why), logging the same start-up line as one process.
-    Worker N has its own admin site, on ``--admin-port`` + N - 1."""
-    from .admin import check_access_log, check_admin_port
-    from .workers import WorkersService
-
-    logger = Logger(namespace=config.tapname)
-    settings = f"{config['workers']} workers; {settings}"
-    if config["access-log"]:
-        check_access_log(config.tapname, config["access-log"])
-    if config["admin-port"]:
-        first = config["admin-port"]
-        for port in range(first, first + config["workers"]):
-            check_admin_port(config.tapname, config["admin-interface"], port)
-        last = first + config["workers"] - 1
-        settings += f"; admin sites on ports {first}..{last}, one per worker"
-
-    def listening(where: tuple[str, int]) -> None:
-        logger.info(
-            "listening on {address}, {settings}", address=address(*where), settings=settings
-        )
-
-    return WorkersService(
-        config["interface"],
-        config["port"],
-        config["backlog"],
-        config["workers"],
-        [config.tapname, json.dumps(config.portable())],
-        grace=config["shutdown-grace"],
-        on_listening=listening,
-        cannot_listen=lambda e: cannot_listen(config, e),
-    )
-
-
-@dataclass(frozen=True)
-class TapEntry:
-    """What a twistd ``ServiceMaker`` looks up by name: options and a maker.
-    Through it, twistd checks that the service can listen before making it."""
-
-    Options: type[_CommonOptions]
-    make: Callable[..., service.IService]
-
-    def makeService(self, config: _CommonOptions) -> service.IService:
-        check_listening(config)
-        return self.make(config)
-
-
-server = TapEntry(ServerOptions, makeServerService)
-
-
-class ProxyOptions(_CommonOptions):
+class ProxyOptions(CommonOptions):
     """Options of ``twistd cacheproxy``."""
 
     tapname = "cacheproxy"
@@ -486,7 +269,7 @@ class ProxyOptions(_CommonOptions):
             None,
             64 << 20,
             "Most bytes the cache may hold, with K, M, G suffixes (default 64M).",
-            _size,
+            parse_size,
         ],
         ["retries", None, 5, "Connection attempts per miss before answering 500.", _integer],
         [
@@ -548,7 +331,7 @@ class ProxyOptions(_CommonOptions):
             "With several --server: probe each server every S seconds (0: off).",
             _number,
         ],
-        *_CommonOptions.optParameters,
+        *CommonOptions.optParameters,
     ]
     optFlags = [
         ["verbose", "v", "Log every hit and miss (at debug level)."],
@@ -570,17 +353,12 @@ class ProxyOptions(_CommonOptions):
         """A calculator server as HOST:PORT ([::1]:9999 for IPv6); repeat for
         several (balanced, with health checks and failover). Default: the
         one --server-host and --server-port give."""
-        self.servers.append(server_address(value))
+        self.servers.append(_address("server", value))
 
     def opt_memcached(self, value: str) -> None:
         """A memcached node HOST:PORT for the shared cache tier; repeat it
         for several nodes (every proxy of a site lists the same ones)."""
-        from .sharedcache import parse_address
-
-        try:
-            self["memcached"].append(parse_address(value))
-        except ValueError as e:
-            raise usage.UsageError(f"--memcached: {e}") from None
+        self["memcached"].append(_address("memcached", value))
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -612,8 +390,6 @@ class ProxyOptions(_CommonOptions):
                 "--workers needs --memcached: each worker has its own memory cache, "
                 "and only the shared tier lets them share answers"
             )
-        from .sharedcache import check_prefix
-
         try:
             check_prefix(self["memcached-prefix"])
         except ValueError as e:
@@ -630,116 +406,9 @@ class ProxyOptions(_CommonOptions):
         return config
 
 
-def server_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9999`` for IPv6) as a (host, port) pair."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise usage.UsageError(f"--server: expected HOST:PORT, not {text!r}")
-    return host, int(port)
-
-
-def makeProxyService(config: ProxyOptions, listen: Listen = _listening) -> service.IService:
-    """A TCP service running the caching proxy (in ``--workers`` processes);
-    ``listen`` makes its listener (a worker's adopts the parent's socket)."""
-    from twisted.internet import reactor
-
-    if config["workers"] > 1:
-        return _workers(config, proxy_settings(config))
-
-    from .balancer import Balancer
-    from .cache import MemoryCache
-    from .proxy import CacheProxyFactory
-    from .upstream import TCPConnector, UpstreamPool
-
-    cache = MemoryCache(config["cache-size"], reactor, grace=config["stale-if-error"])
-    several = len(config.servers) > 1
-    pools = [
-        UpstreamPool(
-            TCPConnector(reactor, host, port, timeout=config["timeout"]),
-            reactor,
-            max_connections=config["upstream-connections"],
-            # With several servers the balancer retries, on the others first.
-            retries=1 if several else config["retries"],
-            retry_delay=config["retry-delay"],
-            timeout=config["timeout"],
-            pipeline=config["upstream-pipeline"],
-        )
-        for host, port in config.servers
-    ]
-    pool: UpstreamPool | Balancer = pools[0]
-    if several:
-        pool = Balancer(
-            pools,
-            reactor,
-            rounds=config["retries"],
-            retry_delay=config["retry-delay"],
-            timeout=config["timeout"],
-            retry_timeouts=bool(config["retry-timeouts"]),
-            interval=config["health-interval"],
-        )
-    shared = None
-    if config["memcached"]:
-        from .sharedcache import SharedCache
-
-        shared = SharedCache(
-            config["memcached"],
-            reactor,
-            prefix=config["memcached-prefix"],
-            timeout=config["memcached-timeout"] / 1000,
-            lock_wait=config["memcached-lock-wait"] / 1000,
-        )
-    factory = CacheProxyFactory(
-        cache, pool, verbose=config["verbose"], shared=shared, **config.common()
-    )
-    return _operated(config, factory, listen(config, factory, proxy_settings(config)))
-
-
-def _bytes(size: int) -> str:
-    """A byte count the way ``--cache-size`` takes it (64M, 512K, 1000)."""
-    for suffix, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale}{suffix}"
-    return f"{size} bytes"
-
-
-def proxy_settings(config: ProxyOptions) -> str:
-    """The proxy's start-up line after its address."""
-    stale = config["stale-if-error"]
-    depth = config["upstream-pipeline"]
-    servers = config.servers or [(config["server-host"], config["server-port"])]
-    where = ", ".join(address(host, port) for host, port in servers)
-    each = " each" if len(servers) > 1 else ""
-    upstream = (
-        f"in front of the server{'s' if len(servers) > 1 else ''} at {where} "
-        f"({config['upstream-connections']} connections{each}, "
-        f"{'no pipelining' if depth == 1 else f'pipelining {depth} deep'}, "
-        f"{config['retries']} attempts, timeout {_seconds(config['timeout'])}"
-    )
-    if len(servers) > 1:
-        interval = config["health-interval"]
-        upstream += (
-            f", health checks {'every ' + _seconds(interval) if interval else 'passive'}, "
-            f"{'timeouts retried' if config['retry-timeouts'] else 'timeouts not retried'}"
-        )
-    upstream += ")"
-    cache = (
-        f"cache {_bytes(config['cache-size'])}, "
-        f"stale-if-error {_seconds(stale) if stale else 'off'}"
-    )
-    if config["memcached"]:
-        nodes = ", ".join(address(host, port) for host, port in config["memcached"])
-        cache += (
-            f", shared tier on memcached {nodes} (prefix {config['memcached-prefix']!r}, "
-            f"lookup timeout {config['memcached-timeout']} ms"
-        )
-        wait = config["memcached-lock-wait"]
-        cache += f", lock wait {wait} ms)" if wait else ")"
-    return f"{upstream}; {cache}; {_limits(config)}"
-
-
-proxy = TapEntry(ProxyOptions, makeProxyService)
-
-#: The services by twistd subcommand (a worker process looks its own up).
-ENTRIES = {"cacheserver": server, "cacheproxy": proxy}
+def _address(option: str, text: str) -> tuple[str, int]:
+    """The (host, port) of an option's ``HOST:PORT`` value, or a usage error."""
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise usage.UsageError(f"--{option}: {e}") from None

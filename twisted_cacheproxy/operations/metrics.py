@@ -26,10 +26,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import CollectorRegistry
 from twisted.python.failure import Failure
 
-from . import wire
-from .endpoint import address
-from .proxy import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE
-from .upstream import UpstreamError
+from ..proxy.factory import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE
+from ..proxy.upstream import UpstreamError
+from ..transport import wire
+from ..transport.addresses import address
 
 #: The cache statuses of the proxy, in the order they are shown.
 CACHE_STATUSES = (HIT, SHARED, MISS, COALESCED, STALE, BYPASS, RELOAD)

@@ -21,6 +21,7 @@ import struct
 import types
 from typing import Any
 
+from ...transport.payload import PROTOCOL
 from ..expression import (
     BINARY,
     CONSTANTS,
@@ -39,7 +40,7 @@ from ..expression import (
     Unary,
     check_call,
 )
-from .base import PROTOCOL, RemoteError, brief, shown
+from .base import RemoteError, brief, shown
 from .prescan import scan
 
 

@@ -29,8 +29,8 @@ from typing import IO, Any
 
 from twisted.logger import Logger
 
-from . import codec, wire
-from .endpoint import address
+from ..transport import payload, wire
+from ..transport.addresses import address
 
 log = Logger()
 
@@ -86,7 +86,7 @@ def _flags(header: wire.Header) -> str:
 
 
 def _expression(encoding: str, data: bytes) -> str:
-    return quote(data) if encoding == codec.TEXT else "-"
+    return quote(data) if encoding == payload.TEXT else "-"
 
 
 class AccessLog:
@@ -134,7 +134,7 @@ class AccessLog:
         upstream: float | None,
     ) -> None:
         """The line of one request the proxy answered."""
-        encoding = codec.encoding_of(data)
+        encoding = payload.encoding_of(data)
         up = "-" if upstream is None else f"{upstream * 1000:.3f}"
         self.line(
             f"{self._stamp(now)} {peer_of(client)} {encoding} {_flags(header)} {header.max_age} "

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..expression import CalculationError, Node, Real, format_node
+from ..parser import parse
 from .base import RemoteError, shown
 
 
@@ -16,8 +17,6 @@ def decode_request(data: bytes) -> Node:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CalculationError(f"request is not UTF-8 text: {e.reason}") from None
-    from ..parser import parse  # only a server parses: clients and the proxy need not load it
-
     return parse(text)
 
 

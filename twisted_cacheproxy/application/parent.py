@@ -38,14 +38,14 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol, tcp
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, formatEvent, globalLogBeginner
+from twisted.internet import defer, error, protocol
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 from twisted.python.failure import Failure
 
-from .endpoint import _Port
+from .startup import bound_socket
 
 #: The listening socket's descriptor in a worker.
 LISTEN_FD = 3
@@ -54,41 +54,6 @@ STABLE = 10.0
 #: Else the wait before a restart: doubled for each quick exit, capped.
 RESTART_FIRST = 0.5
 RESTART_MAX = 10.0
-
-
-class AdoptedPort(_Port):
-    """A listening socket handed in by the parent: accepted from, never
-    bound, and never shut down on stopping (the other workers still use it).
-    It accepts one connection each time the socket is readable, as nginx does
-    with ``multi_accept off``: every worker is woken, and the one that is
-    free takes the connection, instead of the first one awake taking a
-    whole burst (Twisted's port accepts up to ``numberAccepts`` at once)."""
-
-    @property
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        """Twisted raises its accept batch after a full one; ours stays 1."""
-
-    def startListening(self) -> None:
-        tcp._reservedFD.reserve()
-        skt = self._preexistingSocket
-        if skt is None:
-            raise error.CannotListenError(self.interface, self.port, OSError("no socket"))
-        self._preexistingSocket = None
-        self._shouldShutdown = False
-        self._realPortNumber = skt.getsockname()[1]
-        factory: Any = self.factory
-        factory.doStart()
-        self.connected = True
-        self.socket = skt
-        self.fileno = skt.fileno  # type: ignore[method-assign]
-        self.startReading()
-
-
-# --- the parent ----------------------------------------------------------------------
 
 
 #: What a worker says once it takes connections.
@@ -146,6 +111,7 @@ class WorkersService(service.Service):
 
     def __init__(
         self,
+        reactor: Any,
         interface: str,
         port: int,
         backlog: int,
@@ -156,6 +122,9 @@ class WorkersService(service.Service):
         on_listening: Callable[[tuple[str, int]], None] | None = None,
         cannot_listen: Callable[[OSError], str] = str,
     ) -> None:
+        #: Spawns the workers and times their restarts (typed loosely: the
+        #: reactor's interfaces are zope's, and it is several of them).
+        self.reactor = reactor
         self.interface = interface
         self.port = port
         self.backlog = backlog
@@ -179,11 +148,11 @@ class WorkersService(service.Service):
         self._usr1: Any = None
 
     def privilegedStartService(self) -> None:
-        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
-        skt = socket.socket(family, socket.SOCK_STREAM)
-        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            skt.bind((self.interface, self.port))
+            skt = bound_socket(self.interface, self.port)
+        except OSError as e:
+            raise SystemExit(self.cannot_listen(e)) from None
+        try:
             skt.listen(self.backlog)
         except OSError as e:
             skt.close()
@@ -210,8 +179,7 @@ class WorkersService(service.Service):
             self._usr1(signum, frame)
 
     def _spawn(self, number: int) -> None:
-        reactor = _reactor()
-
+        reactor = self.reactor
         self._restarts.pop(number, None)
         assert self.socket is not None
         worker = _Worker(self, number, reactor.seconds())
@@ -220,7 +188,7 @@ class WorkersService(service.Service):
         argv = [
             sys.executable,
             "-m",
-            "twisted_cacheproxy.workers",
+            "twisted_cacheproxy.application.worker",
             family,
             str(number),
             str(os.getpid()),
@@ -237,8 +205,7 @@ class WorkersService(service.Service):
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
         """A worker exited: start it again unless stopping."""
-        reactor = _reactor()
-
+        reactor = self.reactor
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
         how = _exit(reason)
@@ -278,8 +245,7 @@ class WorkersService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         """Ask every worker to finish; fires when all have exited."""
-        reactor = _reactor()
-
+        reactor = self.reactor
         super().stopService()
         self._stopping = True
         if self._usr1 is not None:
@@ -316,13 +282,6 @@ class WorkersService(service.Service):
             _signal(worker, "KILL")
 
 
-def _reactor() -> Any:
-    """The global reactor (typed loosely: its interfaces are zope's)."""
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def _signal(worker: _Worker, name: str | int) -> None:
     transport: Any = worker.transport
     with contextlib.suppress(error.ProcessExitedAlready):
@@ -335,118 +294,3 @@ def _exit(reason: Failure) -> str:
         return f"killed by signal {e.signal}"
     code = getattr(e, "exitCode", 0)
     return f"exited with status {code}"
-
-
-# --- a worker --------------------------------------------------------------------------
-
-
-class AdoptedListening(service.Service):
-    """A worker's listener: accepts from the parent's socket, logs once it
-    does; `drain` stops accepting and lets every connection finish."""
-
-    def __init__(self, family: socket.AddressFamily, factory: Any, namespace: str) -> None:
-        self.family = family
-        self.factory = factory
-        self.log = Logger(namespace=namespace)
-        self.port: AdoptedPort | None = None
-        self._held = False
-
-    def startService(self) -> None:
-        super().startService()
-        reactor = _reactor()
-        self.port = AdoptedPort._fromListeningDescriptor(
-            reactor, LISTEN_FD, self.family, self.factory
-        )
-        os.close(LISTEN_FD)  # `fromfd` made a copy
-        self.port.startListening()
-        # Said once the reactor runs: only then does this worker take connections.
-        reactor.callWhenRunning(self.log.info, READY)
-
-    def drain(self) -> None:
-        """Accept no more; each connection answers what it has read, then closes."""
-        if self.port is not None:
-            # Keep the factory started (the proxy's upstream pool and shared
-            # tier) until the connections are done: a port that stops
-            # listening stops its factory once no other port holds it.
-            self.factory.numPorts += 1
-            self._held = True
-            self.port.stopListening()
-            self.port = None
-        self.factory.drain()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.drain()
-        if self._held:
-            self._held = False
-            self.factory.doStop()
-
-
-def _print(event: dict[str, Any]) -> None:
-    """A worker's log event as one JSON line, for the parent to log again."""
-    text = formatEvent(event)
-    if "log_failure" in event:
-        text += "\n" + event["log_failure"].getTraceback()
-    level = event.get("log_level", LogLevel.info)
-    line = {"level": level.name, "namespace": event.get("log_namespace"), "text": text.rstrip()}
-    sys.stdout.write(json.dumps(line) + "\n")
-    sys.stdout.flush()
-
-
-def worker_main(argv: list[str]) -> None:
-    """Serve on the inherited socket until SIGTERM (or the parent is gone).
-    ``argv``: the address family, the worker's number, the parent's pid, the
-    subcommand and its options as JSON (`tap._CommonOptions.portable`)."""
-    from twisted.internet import task
-
-    from .tap import ENTRIES
-
-    reactor = _reactor()
-    # First: a SIGTERM from now on drains (run once the reactor runs).
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(lambda: drain()))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
-    # Passed on by the parent for logrotate: the access log, if any, takes it.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-    family = socket.AF_INET6 if argv[0] == "6" else socket.AF_INET
-    number, parent, entry = int(argv[1]), int(argv[2]), ENTRIES[argv[3]]
-    config = entry.Options.restore(json.loads(argv[4]), number)
-    grace = config["shutdown-grace"]
-    globalLogBeginner.beginLoggingTo([cast(Any, _print)], redirectStandardIO=False)
-    listeners: list[AdoptedListening] = []
-
-    def adopt(config: Any, factory: Any, settings: str) -> AdoptedListening:
-        listeners.append(AdoptedListening(family, factory, config.tapname))
-        return listeners[0]
-
-    top = service.IService(entry.make(config, adopt))
-    top.privilegedStartService()
-    top.startService()
-    (listener,) = listeners
-    draining: list[bool] = []
-
-    def drain() -> None:
-        if draining:
-            return
-        draining.append(True)
-        listener.drain()
-        deadline = reactor.seconds() + grace
-
-        def check() -> None:
-            if listener.factory.connectionCount <= 0 or reactor.seconds() >= deadline:
-                defer.maybeDeferred(top.stopService).addBoth(lambda _: reactor.stop())
-            else:
-                reactor.callLater(0.05, check)
-
-        check()
-
-    def orphaned() -> None:
-        if os.getppid() != parent:
-            drain()
-
-    task.LoopingCall(orphaned).start(1.0, now=False)
-    reactor.run(installSignalHandlers=False)
-
-
-if __name__ == "__main__":
-    worker_main(sys.argv[1:])

@@ -1,0 +1,28 @@
+"""Network addresses as users write them: ``HOST:PORT``, with an IPv6
+address in brackets (``[::1]:9999``), the same rule for every option and
+every message."""
+
+from __future__ import annotations
+
+
+def address(host: str, port: int) -> str:
+    """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9999`` for IPv6) as a (host, port) pair;
+    ValueError saying what is wrong otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port}")
+    if not port.isascii() or not port.isdigit():
+        raise ValueError(f"not a port number: {port!r}")
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"port must be 1..65535, not {number}")
+    return host, number
