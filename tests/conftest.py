@@ -1,11 +1,15 @@
-"""Shared fixtures: the protocol vectors and the course-style `calculator` stand-ins."""
+"""Shared fixtures: the protocol vectors, the course-style `calculator`
+stand-ins, the log watcher, and the processes and servers the integration
+tests start (twistd, memcached, misbehaving stand-in servers)."""
 
 from __future__ import annotations
 
 import sys
 
 import pytest
-from helpers import VECTORS, make_api_module, make_course_module
+from helpers import VECTORS, make_api_module, make_course_module, require_tool
+from processes import Memcached, Twistd
+from standins import StandIn
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -73,8 +77,6 @@ def twistd(tmp_path):
     """Starts ``twistd -n`` processes of the installed plugins:
     ``twistd("cacheserver", "--port", "N", port=N)``; every one is stopped
     when the test ends."""
-    from processes import Twistd
-
     started: list[Twistd] = []
 
     def start(*args: str, port: int) -> Twistd:
@@ -85,3 +87,36 @@ def twistd(tmp_path):
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def memcached():
+    """Makes memcached processes; every one is stopped when the test ends."""
+    binary = require_tool("memcached", "memcached", "the shared cache tests")
+    made: list[Memcached] = []
+
+    def make(port: int | None = None, start: bool = True) -> Memcached:
+        m = Memcached(binary, port)
+        made.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield make
+    for m in made:
+        m.stop()
+
+
+@pytest.fixture
+def stand_in():
+    """Makes misbehaving stand-in servers (`StandIn`); every one is closed
+    when the test ends."""
+    made: list[StandIn] = []
+
+    def make(**options) -> StandIn:
+        made.append(StandIn(**options))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()

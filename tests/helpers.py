@@ -1,6 +1,7 @@
 """Helpers shared by the tests (not fixtures): the vectors, Deferred
-inspection, and the course programs' ``calculator``/``api`` modules, written
-independently of the package's own stand-ins in codec/legacy.py."""
+inspection, the course programs' ``calculator``/``api`` modules (written
+independently of the package's own stand-ins in codec/legacy.py), fakes of
+the proxy's far ends, frame builders, and a reader of ``/metrics``."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ import types
 
 import pytest
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 
+from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator import expression as ex
+from twisted_cacheproxy.operations import admin
 from twisted_cacheproxy.transport import wire
 
 HERE = pathlib.Path(__file__).parent
@@ -378,6 +383,60 @@ def request_frame(
         max_age = wire.FOREVER if cache else 0
     flags = wire.make_flags(request=request, cache=cache, steps=steps)
     return wire.encode(int(time.time()) if ts is None else ts, flags, max_age, data)
+
+
+#: The fake clocks' start, and the time stamp of the unit tests' frames.
+T0 = 1_700_000_000.0
+TS = int(T0)
+
+
+def answer(
+    result,
+    *,
+    steps=(),
+    cache=True,
+    max_age=wire.FOREVER,
+    ts=TS,
+    status=wire.OK,
+    encoding=codec.TEXT,
+) -> bytes:
+    """A server's success answer."""
+    payload = codec.encode_result(encoding, result, list(steps))
+    flags = wire.make_flags(request=False, status=status, cache=cache, steps=bool(steps))
+    return wire.encode(ts, flags, max_age, payload)
+
+
+def error_answer(
+    kind, message, *, status=wire.BAD_REQUEST, cache=False, max_age=0, ts=TS, encoding=codec.TEXT
+) -> bytes:
+    """A server's error answer."""
+    payload = codec.encode_error(encoding, kind, message)
+    return wire.encode(
+        ts, wire.make_flags(request=False, status=status, cache=cache), max_age, payload
+    )
+
+
+def with_max_age(frame: bytes, max_age: int) -> bytes:
+    """``frame`` with another cache-control field (what a hit carries)."""
+    return frame[:8] + max_age.to_bytes(2, "big") + frame[10:]
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """A ``/metrics`` page read by prometheus_client's own parser: each
+    sample's value by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def scrape(metrics) -> dict[tuple[str, tuple], float]:
+    """``/metrics`` rendered and read back by prometheus_client's own parser."""
+    request = DummyRequest([b""])
+    body = admin.MetricsResource(metrics).render_GET(request)
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    return samples(body.decode())
 
 
 def built(config):

@@ -29,11 +29,6 @@ from twisted_cacheproxy.transport import wire
 FRESH = object()
 
 
-def request(data: bytes, *, steps: bool = False) -> bytes:
-    """One request message carrying ``data`` (C=0, time stamp 0)."""
-    return request_frame(data, steps=steps, cache=False, ts=0)
-
-
 def split_frames(stream: bytes) -> list[tuple[wire.Header, bytes]]:
     """Whole messages in ``stream`` (which must hold nothing else)."""
     frames = []
@@ -67,7 +62,7 @@ class Connection:
     def ask(self, data: bytes, *, steps: bool = False) -> tuple[int, object]:
         """Send one request; its status and its decoded answer: ``(value, steps)``
         or the `codec.RemoteError` it carries."""
-        (header, payload), *more = self.feed(request(data, steps=steps))
+        (header, payload), *more = self.feed(request_frame(data, steps=steps, cache=False, ts=0))
         assert not more
         assert not header.request
         try:

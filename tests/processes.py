@@ -1,18 +1,29 @@
 """The installed package's programs, run as users run them (``pip install .``
-first): where the console scripts are, free ports on 127.0.0.1, and one
-``twistd -n`` process, stopped by its PID."""
+first): where the console scripts are, free ports on 127.0.0.1, one
+``twistd -n`` process and one memcached, each stopped by its PID; clients
+over real sockets (blocking, and on the reactor); and what /proc says of
+``--workers`` processes."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import pathlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 
+from helpers import request_frame
+from twisted.internet import defer
+
+from twisted_cacheproxy.transport import wire
 from twisted_cacheproxy.transport.frameclient import FrameClient
 
 HOST = "127.0.0.1"
@@ -174,3 +185,263 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    """A Deferred firing ``seconds`` from now on the global reactor."""
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def raw(message: tuple[wire.Header, bytes]) -> bytes:
+    """The message as it came over the wire, less its extension word (what
+    the course programs read of it; its bits are checked apart)."""
+    header, data = message
+    return wire.encode(header.timestamp, header.flags, header.max_age, data)
+
+
+@defer.inlineCallbacks
+def exchange(port: int, *frames: bytes):
+    """Send ``frames`` pipelined on one new connection; their (header, data) answers."""
+    conn = yield connect(port)
+    try:
+        answers = yield within(defer.gatherResults([conn.sendRequest(f) for f in frames]))
+    finally:
+        conn.transport.loseConnection()
+    return answers
+
+
+# --- blocking clients -------------------------------------------------------------
+
+
+def read_message(sock: socket.socket) -> tuple[wire.Header, bytes]:
+    """One whole message from a blocking socket."""
+    head = _read_exactly(sock, wire.HEADER_SIZE)
+    header = wire.decode_header(head)
+    return header, _read_exactly(sock, header.length - wire.HEADER_SIZE)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise ConnectionError("closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def expected(k: int, steps: bool) -> tuple[int, list[str]]:
+    """The answer to ``k * 7 + 1``."""
+    return k * 7 + 1, ([f"({k} * 7) + 1", f"{k * 7} + 1", f"{k * 7 + 1}"] if steps else [])
+
+
+def ask_each(port: int, ks, steps_of) -> list[str]:
+    """Ask ``k * 7 + 1`` for every k, one request at a time on one connection
+    per k; what was wrong, as text (nothing when every answer was right)."""
+    wrong = []
+    for k in ks:
+        steps = steps_of(k)
+        with socket.create_connection((HOST, port), timeout=10) as sock:
+            sock.sendall(request_frame(f"{k} * 7 + 1", steps=steps))
+            header, data = read_message(sock)
+        got = json.loads(data)
+        want = expected(k, steps)
+        if header.status != 200 or (got.get("result"), got.get("steps")) != want:
+            wrong.append(f"{k}: {header.status} {got} instead of {want}")
+        if bool(header.steps) != steps:
+            wrong.append(f"{k}: S={header.steps} for a request with S={steps}")
+    return wrong
+
+
+def in_threads(count: int, work) -> list[str]:
+    """Run ``work(i)`` in ``count`` threads; everything they found wrong."""
+    found: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: found.extend(work(i))) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return found
+
+
+def http(port: int, path: str, method: str = "GET", token: str | None = None):
+    """(status, body) of one admin request."""
+    request = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if method == "POST":
+        request.data = b""
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# --- --workers processes, as /proc shows them -------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s child processes."""
+    text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def files(pid: int) -> set[str]:
+    """The paths of the files ``pid`` has open."""
+    found = set()
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            found.add(fd.readlink().as_posix())
+        except OSError:
+            continue
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    return {f[8:-1] for f in files(pid) if f.startswith("socket:[")}
+
+
+def owners(socks: list[socket.socket], pids: list[int]) -> list[int | None]:
+    """The worker holding the server end of each client socket (one read of
+    /proc/net/tcp, which is long on a busy host)."""
+    wanted = {(s.getpeername()[1], s.getsockname()[1]): i for i, s in enumerate(socks)}
+    inodes: dict[int, str] = {}
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local = int(fields[1].split(":")[1], 16)
+        remote = int(fields[2].split(":")[1], 16)
+        if (local, remote) in wanted:
+            inodes[wanted[local, remote]] = fields[9]
+    held = {pid: _socket_inodes(pid) for pid in pids}
+    return [
+        next((pid for pid in pids if inodes.get(i) in held[pid]), None) for i in range(len(socks))
+    ]
+
+
+def answer(sock: socket.socket, k: int) -> int:
+    """Ask ``k + 1`` on ``sock`` and check the answer; its status."""
+    sock.sendall(request_frame(f"{k} + 1"))
+    header, data = read_message(sock)
+    assert header.status == 200 and data.startswith(f'{{"result": {k + 1},'.encode()), data
+    return header.status
+
+
+def connections_on_each(port: int, pids: list[int], burst: int = 40, bursts: int = 5):
+    """Open connections, each with one answer, in bursts until every worker
+    holds some (at most ``bursts`` bursts), by the worker holding each.
+
+    The kernel queues a burst and each worker takes one connection per
+    wakeup, so a burst is usually shared; but connections that stay idle
+    may all go to whichever worker wakes first, so a lopsided burst is
+    followed by another."""
+    by_worker: dict[int, list[socket.socket]] = {pid: [] for pid in pids}
+    for _ in range(bursts):
+        socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(burst)]
+        for k, sock in enumerate(socks):
+            answer(sock, k)
+        for sock, pid in zip(socks, owners(socks, pids), strict=True):
+            assert pid in by_worker, (pid, pids)
+            by_worker[pid].append(sock)
+        if all(by_worker.values()):
+            break
+    return by_worker
+
+
+def answers_across_sigterm(parent, texts: list[str]) -> list[bytes]:
+    """Pipeline ``texts`` on one connection, SIGTERM the parent after the
+    first answer, and read until the connection closes: every answer's data
+    (each a 200). The parent must exit well within the grace period."""
+    sock = socket.create_connection((HOST, parent.port), timeout=10)
+    with sock:
+        sock.sendall(b"".join(request_frame(text) for text in texts))
+        header, data = read_message(sock)
+        assert header.status == 200
+        started = time.monotonic()
+        parent.proc.send_signal(signal.SIGTERM)
+        answers = [data]
+        while True:
+            try:
+                header, data = read_message(sock)
+            except ConnectionError:
+                break
+            assert header.status == 200
+            answers.append(data)
+    # twistd ends as the signal it stopped for ends a process.
+    assert parent.proc.wait(10) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 5
+    return answers
+
+
+# --- memcached --------------------------------------------------------------------
+
+
+class Memcached:
+    """One memcached process on ``port``: started, stopped (by PID), paused."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> None:
+        command = [self.binary, "-l", HOST, "-p", str(self.port), "-U", "0", "-m", "16"]
+        command += ["-t", "1", "-c", "256"]
+        if os.geteuid() == 0:
+            command += ["-u", "root"]
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + WAIT
+        while not accepting(self.port):
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            assert time.monotonic() < deadline, "memcached did not listen"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGCONT)  # if it was paused
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def command(self, line: bytes) -> bytes:
+        """One command on a new connection; memcached's answer."""
+        with socket.create_connection((HOST, self.port), timeout=WAIT) as s:
+            s.sendall(line)
+            answer = b""
+            while not answer.endswith(b"\r\n"):
+                chunk = s.recv(65536)
+                assert chunk
+                answer += chunk
+            return answer
+
+    def keys_stored(self) -> int:
+        stats = self.command(b"stats\r\n")
+        while not stats.endswith(b"END\r\n"):
+            time.sleep(0.01)
+            stats = self.command(b"stats\r\n")
+        for line in stats.split(b"\r\n"):
+            if line.startswith(b"STAT curr_items "):
+                return int(line.split()[2])
+        raise AssertionError(stats)

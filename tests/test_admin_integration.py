@@ -14,17 +14,12 @@ import os
 import pathlib
 import signal
 import socket
-import struct
 import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 from helpers import request_frame as frame
-from helpers import require_tool
-from processes import HOST, accepting, free_port
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import require_tool, samples
+from processes import HOST, accepting, free_port, http, read_message, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,54 +31,21 @@ def ask(port: int, *frames: bytes) -> list[tuple[int, int, bytes]]:
     """Send ``frames`` pipelined in one write; (status, extension word, data) of each answer."""
     with socket.create_connection((HOST, port), timeout=WAIT) as s:
         s.sendall(b"".join(frames))
-        buf, out = b"", []
-        while len(out) < len(frames):
-            while len(buf) < 12 or len(buf) < struct.unpack_from("!H", buf, 4)[0]:
-                chunk = s.recv(65536)
-                assert chunk, "connection closed before every answer came"
-                buf += chunk
-            _, length, flags, _, ext = struct.unpack_from("!LHHHH", buf)
-            out.append((flags & 0x3FF, ext, buf[12:length]))
-            buf = buf[length:]
-    return out
-
-
-def http(port: int, path: str, method: str = "GET", token: str | None = None):
-    """(status, body) of one admin request."""
-    request = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if method == "POST":
-        request.data = b""
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        answers = [read_message(s) for _ in frames]
+    return [(header.status, header.ext, data) for header, data in answers]
 
 
 def metrics(port: int) -> dict[tuple[str, tuple], float]:
     status, body = http(port, "/metrics")
     assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-def wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return samples(body.decode())
 
 
 def start(twistd, kind: str, *args: str):
     """A twistd service with an admin port; (process, admin port)."""
     port, admin = free_port(), free_port()
     p = twistd(kind, "--port", str(port), "--admin-port", str(admin), *args, port=port)
-    wait_for(lambda: accepting(admin), f"the admin port of {kind}")
+    assert wait_for(lambda: accepting(admin)), f"the admin port of {kind}"
     return p, admin
 
 
@@ -158,7 +120,7 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
     assert figures["requests_total"] == 9 and figures["upstream"]["state"] == "down"
 
     # The access log: one line per answer, in the order they were decided.
-    wait_for(lambda: len(access.read_text().splitlines()) == 9, "9 access-log lines")
+    assert wait_for(lambda: len(access.read_text().splitlines()) == 9), "9 access-log lines"
     rows = lines(access)
     assert [r[5] for r in rows] == [
         "MISS",
@@ -178,9 +140,9 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
     # logrotate: rename, SIGUSR1, and the next line goes to a new file.
     access.rename(tmp_path / "access.log.1")
     os.kill(proxy.pid, signal.SIGUSR1)
-    wait_for(access.exists, "the access log to be reopened")
+    assert wait_for(access.exists), "the access log to be reopened"
     ask(proxy.port, frame("7 * 7"))
-    wait_for(lambda: access.read_text().count("\n") == 1, "a line in the new access log")
+    assert wait_for(lambda: access.read_text().count("\n") == 1), "a line in the new access log"
     assert lines(access)[0][10] == '"7 * 7"'
     assert len((tmp_path / "access.log.1").read_text().splitlines()) == 9
 

@@ -5,64 +5,12 @@ ejection and its doubling, the probes, the timeout rules."""
 from __future__ import annotations
 
 import pytest
-from helpers import FakeConnector, failure_of, success_of
-from twisted.internet import task
+from helpers import failure_of, success_of
+from proxyharness import REQUEST, Fleet
 
-from twisted_cacheproxy.proxy.balancer import EJECT_FIRST, MAX_FAILS, Balancer
-from twisted_cacheproxy.proxy.upstream import UpstreamError, UpstreamPool
+from twisted_cacheproxy.proxy.balancer import EJECT_FIRST, MAX_FAILS
+from twisted_cacheproxy.proxy.upstream import UpstreamError
 from twisted_cacheproxy.transport import wire
-
-REQUEST = wire.encode(0, wire.make_flags(request=True, cache=True), wire.FOREVER, b"1+1")
-ANSWER = wire.encode(
-    0, wire.make_flags(request=False, status=wire.OK, cache=True), wire.FOREVER, b'{"result": 2}'
-)
-
-
-class Fleet:
-    """``count`` fake servers, each behind its own pool, behind one balancer."""
-
-    def __init__(self, count: int = 2, **options) -> None:
-        self.clock = task.Clock()
-        self.connectors = []
-        pools = []
-        for i in range(count):
-            connector = FakeConnector(self.clock)
-            connector.name = f"calculator server 127.0.0.1:{9001 + i}"
-            self.connectors.append(connector)
-            pools.append(UpstreamPool(connector, self.clock, retries=1, timeout=10.0))
-        options.setdefault("retry_delay", 0.5)
-        options.setdefault("timeout", 10.0)
-        self.balancer = Balancer(pools, self.clock, **options)
-        self.pools = pools
-        self.peers: list[list] = [[] for _ in range(count)]
-
-    def attempts(self) -> list[int]:
-        return [len(c.attempts) for c in self.connectors]
-
-    def answer(self, server: int, framed: bool = True) -> int:
-        """Let the server's open attempts connect, and answer every request
-        waiting on its connections; how many it answered."""
-        connector = self.connectors[server]
-        for d in connector.attempts:
-            if not d.called:
-                self.peers[server].append(connector.accept(connector.attempts.index(d), framed))
-        answered = 0
-        for peer in self.peers[server]:
-            peer.take()
-            # Each request once (a course server's Peer keeps its tags).
-            waiting = len(peer.seen) - getattr(peer, "answered", 0)
-            for _ in range(waiting):
-                peer.reply(ANSWER)
-            peer.answered = len(peer.seen)
-            answered += waiting
-        return answered
-
-    def refuse(self, server: int) -> None:
-        """Refuse the server's open attempts."""
-        connector = self.connectors[server]
-        for i, d in enumerate(connector.attempts):
-            if not d.called:
-                connector.refuse(i)
 
 
 def test_ties_go_round_robin():

@@ -1,7 +1,7 @@
 """Several servers behind one real ``twistd cacheproxy`` on 127.0.0.1: the
 load shared, a server killed mid-run and started again, a stalled server
 ejected, the active probe. The servers are real ``twistd cacheserver``
-processes, or counting stand-ins in threads (tests/test_reliability_tcp.py)."""
+processes, or counting stand-ins in threads (tests/standins.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import threading
 import time
 
 import pytest
-import test_reliability_tcp
-from processes import HOST, free_port, start_proxy, wait_for
-from test_reliability_tcp import ask_each, in_threads, read_message, request
+from helpers import request_frame
+from processes import HOST, ask_each, free_port, in_threads, read_message, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
-
-stand_in = test_reliability_tcp.stand_in
 
 
 def servers_args(*ports: int) -> list[str]:
@@ -105,7 +102,7 @@ def test_a_stalled_server_is_ejected_and_its_requests_time_out(twistd):
         def one(k: int) -> list[str]:
             started = time.monotonic()
             with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
-                sock.sendall(request(f"{k} * 7 + 1"))
+                sock.sendall(request_frame(f"{k} * 7 + 1"))
                 header, data = read_message(sock)
             results.append((header.status, data, time.monotonic() - started))
             return []
@@ -135,7 +132,7 @@ def test_every_server_down_gives_a_500_naming_them(twistd):
     ports = [free_port(), free_port()]
     proxy = start_proxy(twistd, ports[0], *servers_args(*ports), "--retries", "2")
     with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
-        sock.sendall(request("1 + 1"))
+        sock.sendall(request_frame("1 + 1"))
         header, data = read_message(sock)
     assert header.status == 500
     for port in ports:

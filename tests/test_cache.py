@@ -4,13 +4,12 @@ expiry with the stale-if-error grace, all on an injected `task.Clock`."""
 from __future__ import annotations
 
 import pytest
+from helpers import T0
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from twisted_cacheproxy.proxy.cache import ENTRY_OVERHEAD, FOREVER, Entry, MemoryCache
-
-T0 = 1_700_000_000.0
 
 
 @pytest.fixture

@@ -24,10 +24,6 @@ from twisted_cacheproxy.transport.framing import FrameReceiver
 pytestmark = pytest.mark.integration
 
 
-def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
-    return request_frame(text, steps=steps, cache=cache, ts=0)
-
-
 class Collector(FrameReceiver):
     """A raw client: records every answer; `closed` fires on disconnection."""
 
@@ -75,7 +71,7 @@ def test_connections_over_the_limit_are_closed_and_the_others_keep_serving(proxy
         assert isinstance(reason, ConnectionDone)
         assert third.answers == []
         for client in (first, second):
-            client.transport.write(request("6 * 7"))
+            client.transport.write(request_frame("6 * 7", ts=0))
             answers = yield within(client.waitFor(1))
             assert answers[0][0].status == wire.OK
             assert codec.decode_response(answers[0][1]) == (42, [])
@@ -84,7 +80,7 @@ def test_connections_over_the_limit_are_closed_and_the_others_keep_serving(proxy
         yield within(first.closed)
         yield task.deferLater(reactor, 0.05)
         fourth = yield connect(port)
-        fourth.transport.write(request("1 + 1"))
+        fourth.transport.write(request_frame("1 + 1", ts=0))
         answers = yield within(fourth.waitFor(1))
         assert codec.decode_response(answers[0][1]) == (2, [])
         for client in (second, fourth):
@@ -98,7 +94,7 @@ def test_idle_timeout_closes_a_connection_with_a_half_sent_frame(proxy_log):
     listening, port = listen(CalculatorServerFactory(idle_timeout=0.3))
     try:
         client = yield connect(port)
-        frame = request("2 + 2")
+        frame = request_frame("2 + 2", ts=0)
         client.transport.write(frame[:7])  # header and length, never finished
         started = reactor.seconds()
         yield within(client.closed, 5)
@@ -117,7 +113,7 @@ def test_complete_requests_keep_a_connection_alive(proxy_log):
     try:
         client = yield connect(port)
         for i in range(4):
-            client.transport.write(request(f"{i} + 1"))
+            client.transport.write(request_frame(f"{i} + 1", ts=0))
             yield within(client.waitFor(i + 1))
             yield task.deferLater(reactor, 0.3)
         assert not client.closed.called  # 1.2 s in all, never 1 s idle
@@ -158,7 +154,7 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_
         # Each answer carries ~4.9 KB of steps: 3,000 of them are ~15 MB,
         # more than the kernel's socket buffers and Twisted's high-water mark.
         count = 3000
-        frame = request("+".join(["1"] * 40), steps=True)
+        frame = request_frame("+".join(["1"] * 40), steps=True, ts=0)
         for _ in range(count // 100):
             client.transport.write(frame * 100)
             yield task.deferLater(reactor, 0.01)
@@ -214,7 +210,7 @@ def test_clients_leaving_during_a_miss_leave_no_error_and_others_get_answers(how
         for _ in range(4):
             clients.append((yield connect(port)))
         for client in clients:
-            client.transport.write(request("3 + 4"))
+            client.transport.write(request_frame("3 + 4", ts=0))
         yield task.deferLater(reactor, 0.1)
         leaving, staying = clients[:2], clients[2:]
         for client in leaving:

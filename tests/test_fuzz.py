@@ -10,8 +10,8 @@ import sys
 from unittest import mock
 
 import pytest
-from helpers import VECTORS, make_course_module, trees
-from hostile import Connection, course_pickle, request
+from helpers import VECTORS, make_course_module, request_frame, trees
+from hostile import Connection, course_pickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_scan import reference_scan
@@ -103,7 +103,7 @@ def assert_valid_answer(header: wire.Header, payload: bytes) -> None:
 
 
 def assert_answered(conn: Connection, data: bytes, *, steps: bool = False) -> None:
-    (header, payload), *more = conn.feed(request(data, steps=steps))
+    (header, payload), *more = conn.feed(request_frame(data, steps=steps, cache=False, ts=0))
     assert not more
     assert_valid_answer(header, payload)
     assert codec.encoding_of(payload) == codec.encoding_of(data)

@@ -1,5 +1,5 @@
 """The proxy's and server's metrics, access log and admin resources, driven
-by fakes: the proxy harness of test_proxy (StringTransports and a
+by fakes: the proxy harness (StringTransports and a
 `MemoryReactorClock`), `DummyRequest`s for the web resources, and a real
 access-log file written by its thread (read after `close`, never by sleeping)."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from test_proxy import Harness, X, Y, Z, answer, error_answer, request
+from helpers import TS, answer, error_answer, request_frame, scrape
+from proxyharness import REQUEST, Fleet, Harness, X, Y, Z
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -22,6 +22,7 @@ from twisted_cacheproxy.operations.accesslog import AccessLog
 from twisted_cacheproxy.operations.metrics import ProxyMetrics, ServerMetrics, failure_reason
 from twisted_cacheproxy.proxy.upstream import UpstreamError
 from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.wire import FOREVER
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -46,18 +47,6 @@ class Observed(Harness):
             return f.read().splitlines()
 
 
-def scrape(metrics) -> dict[tuple[str, tuple], float]:
-    """``/metrics`` rendered and read back by prometheus_client's own parser."""
-    request = DummyRequest([b""])
-    body = admin.MetricsResource(metrics).render_GET(request)
-    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
 def cache_counts(samples) -> dict[str, float]:
     return {
         dict(labels)["cache"]: value
@@ -69,18 +58,18 @@ def cache_counts(samples) -> dict[str, float]:
 def every_status(h: Observed):
     """One request of each cache status, in a known order; the upstream connection."""
     c = h.client()
-    up = h.miss(c, request(X), answer(3))  # MISS
+    up = h.miss(c, request_frame(X, ts=TS), answer(3))  # MISS
     c.take()
-    c.send(request(X))  # HIT
-    c.send(request(X, max_age=0))  # RELOAD
+    c.send(request_frame(X, ts=TS))  # HIT
+    c.send(request_frame(X, max_age=0, ts=TS))  # RELOAD
     up.take()
     up.reply(answer(3))
-    c.send(request(Y, cache=False))  # BYPASS
+    c.send(request_frame(Y, cache=False, max_age=FOREVER, ts=TS))  # BYPASS
     up.take()
     up.reply(answer(6, cache=False, max_age=0))
     # COALESCED: two identical misses pipelined, one upstream request.
-    c.send(request(Z, steps=True), request(Z, steps=True))
-    assert up.take() == request(Z, steps=True)  # asked for once
+    c.send(request_frame(Z, steps=True, ts=TS), request_frame(Z, steps=True, ts=TS))
+    assert up.take() == request_frame(Z, steps=True, ts=TS)  # asked for once
     up.reply(answer(6, steps=["max(2, 3) + 3", "6"]))
     c.take()
     return c, up
@@ -121,12 +110,12 @@ def test_each_cache_status_is_counted_and_timed(tmp_path):
 def test_stale_and_failures_by_reason(tmp_path):
     h = Observed(tmp_path / "access.log", stale_if_error=30, retries=1)
     c = h.client()
-    up = h.miss(c, request(X), answer(3, max_age=10))
+    up = h.miss(c, request_frame(X, ts=TS), answer(3, max_age=10))
     up.close()
     h.advance(15)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()  # STALE: served past its lifetime, marked G
-    c.send(request(Y))
+    c.send(request_frame(Y, ts=TS))
     h.refuse()  # a 500
     c.take()
     assert h.metrics.requests["stale"] == 1
@@ -164,9 +153,9 @@ def test_failure_reasons(message, reason):
 def test_access_log_line_fields(tmp_path):
     h = Observed(tmp_path / "access.log")
     c = h.client()
-    h.miss(c, request(X), answer(3))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
     h.advance(0.25)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     (miss, hit) = h.lines()
     fields = hit.split(" ")
     assert fields[0] == "2023-11-14T22:13:20.250Z"
@@ -184,7 +173,7 @@ def test_access_log_quotes_what_could_split_or_forge_a_line(tmp_path):
         b'1 + "2"\n2023-11-14T22:13:20.000Z 10.0.0.1:1 text SC 65535 HIT 200 1 0 - "x"'
         b"\r\\ \xe2\x80\xa8\xff"
     )
-    h.miss(c, request(nasty), error_answer("SyntaxError", "bad"))
+    h.miss(c, request_frame(nasty, ts=TS), error_answer("SyntaxError", "bad"))
     (line,) = h.lines()
     assert line.count('"') == 2 + line.count('\\"')
     expression = line.split(" ", 10)[10]
@@ -197,9 +186,9 @@ def test_access_log_cuts_long_expressions_and_skips_pickles(tmp_path):
     h = Observed(tmp_path / "access.log")
     c = h.client()
     long = b"1 + " * 100 + b"1"
-    up = h.miss(c, request(long), answer(101))
+    up = h.miss(c, request_frame(long, ts=TS), answer(101))
     legacy = b"\x80\x04junk"
-    h.miss(c, request(legacy), error_answer("ValueError", "unsupported payload"), up)
+    h.miss(c, request_frame(legacy, ts=TS), error_answer("ValueError", "unsupported payload"), up)
     first, second = h.lines()
     expression = json.loads(first.split(" ", 10)[10])
     assert expression == long.decode()[: accesslog.MAX_EXPRESSION] + "..."
@@ -250,7 +239,11 @@ def test_server_metrics_by_encoding_and_status(tmp_path):
     metrics.access_log.start()
     p = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
     p.makeConnection(StringTransport())
-    p.dataReceived(request(b"1 + 2") + request(b"1 / 0") + request(b"\x80\x04junk"))
+    p.dataReceived(
+        request_frame(b"1 + 2", ts=TS)
+        + request_frame(b"1 / 0", ts=TS)
+        + request_frame(b"\x80\x04junk", ts=TS)
+    )
     samples = scrape(metrics)
     key = "cacheserver_requests_total"
     assert samples[key, (("encoding", "text"), ("status", "200"))] == 1
@@ -270,13 +263,13 @@ def test_server_metrics_by_encoding_and_status(tmp_path):
 def test_stats_line_covers_the_interval_and_the_total():
     h = Observed()
     c = h.client()
-    h.miss(c, request(X), answer(3))
-    c.send(request(X), request(X))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    c.send(request_frame(X, ts=TS), request_frame(X, ts=TS))
     h.advance(60)
     first = h.metrics.statsLine()
     assert first.startswith("stats: last 60 s: 3 requests, hit ratio 66.7%, 1 misses")
     assert "since start: 3 requests" in first and "cache 1 entries" in first
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.advance(60)
     second = h.metrics.statsLine(final=True)
     assert second.startswith("final stats: last 60 s: 1 requests, hit ratio 100.0%, 0 misses")
@@ -286,8 +279,8 @@ def test_stats_line_covers_the_interval_and_the_total():
 def test_series_gives_rate_and_hit_ratio_per_sample():
     h = Observed()
     c = h.client()
-    h.miss(c, request(X), answer(3))
-    c.send(request(X))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    c.send(request_frame(X, ts=TS))
     h.advance(5)
     h.metrics.sample()
     h.advance(5)
@@ -318,37 +311,37 @@ def post(resource, args=None, client=("127.0.0.1", 5000), headers=()):
 def test_purge_everything_then_the_next_request_reaches_the_server():
     h = Observed()
     c = h.client()
-    up = h.miss(c, request(X), answer(3))
-    h.miss(c, request(Y), answer(6), up)
+    up = h.miss(c, request_frame(X, ts=TS), answer(3))
+    h.miss(c, request_frame(Y, ts=TS), answer(6), up)
     purge = admin.PurgeResource(h.factory.purge, None)
     assert post(purge) == (200, {"purged": 2, "shared": 0})
     assert h.factory.cache.entries == 0 and h.metrics.purged == 2
-    c.send(request(X))
-    assert up.take() == request(X)  # a miss: asked upstream again
+    c.send(request_frame(X, ts=TS))
+    assert up.take() == request_frame(X, ts=TS)  # a miss: asked upstream again
     assert scrape(h.metrics)["cacheproxy_purged_total", ()] == 2
 
 
 def test_purge_one_expression_with_and_without_steps():
     h = Observed()
     c = h.client()
-    up = h.miss(c, request(X), answer(3))
-    h.miss(c, request(X, steps=True), answer(3, steps=["1 + 2", "3"]), up)
-    h.miss(c, request(Y), answer(6), up)
+    up = h.miss(c, request_frame(X, ts=TS), answer(3))
+    h.miss(c, request_frame(X, steps=True, ts=TS), answer(3, steps=["1 + 2", "3"]), up)
+    h.miss(c, request_frame(Y, ts=TS), answer(6), up)
     purge = admin.PurgeResource(h.factory.purge, None)
     assert post(purge, {b"expr": [X]}) == (200, {"purged": 2, "shared": 0})
     assert post(purge, {b"expr": [X]}) == (200, {"purged": 0, "shared": 0})
     assert h.factory.cache.entries == 1
-    c.send(request(Y))
+    c.send(request_frame(Y, ts=TS))
     assert up.take() == b""  # still a hit
-    c.send(request(X))
-    assert up.take() == request(X)
+    c.send(request_frame(X, ts=TS))
+    assert up.take() == request_frame(X, ts=TS)
 
 
 @pytest.mark.parametrize("client", [("10.1.2.3", 4000), ("2001:db8::1", 4000)])
 def test_purge_from_another_host_is_refused_without_a_token(client):
     h = Observed()
     c = h.client()
-    h.miss(c, request(X), answer(3))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
     purge = admin.PurgeResource(h.factory.purge, None)
     code, body = post(purge, client=client)
     assert code == 403 and "loopback" in body["error"]
@@ -375,7 +368,7 @@ def test_loopback_addresses(host, loopback):
 def test_purge_with_a_token_needs_it_from_everyone():
     h = Observed()
     c = h.client()
-    h.miss(c, request(X), answer(3))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
     purge = admin.PurgeResource(h.factory.purge, b"s3cret")
     code, _ = post(purge)  # loopback is not enough
     assert code == 401
@@ -400,8 +393,8 @@ def test_a_cross_site_post_is_refused():
 def test_status_page_and_stats_json_show_the_figures():
     h = Observed()
     c = h.client()
-    h.miss(c, request(X), answer(3))
-    c.send(request(X), request(X), request(X))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    c.send(request_frame(X, ts=TS), request_frame(X, ts=TS), request_frame(X, ts=TS))
     page = admin.status_page(h.metrics, "cacheproxy 127.0.0.1:9998")
     assert '<td class="n" id="requests-hit">3</td>' in page
     assert '<div class="big" id="hit-ratio">75.0%</div>' in page
@@ -498,8 +491,8 @@ def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_
     h = Observed(tmp_path / "access.log")
     h.factory.shared = _SharedTier(cache_keys(Y)[0], Entry(stored, h.now(), wire.FOREVER))
     c = h.client()
-    h.miss(c, request(X), answer(3))  # fetched: the shared tier has not got it
-    c.send(request(Y))  # the shared tier's answer, no server
+    h.miss(c, request_frame(X, ts=TS), answer(3))  # fetched: the shared tier has not got it
+    c.send(request_frame(Y, ts=TS))  # the shared tier's answer, no server
     assert c.take() and h.attempts == 1
     first, second = h.lines()
     assert first.split()[5] == "MISS" and first.split()[9] != "-"
@@ -511,8 +504,6 @@ def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_
 def test_several_servers_each_have_their_health_and_totals():
     """Server 0 refuses until it is taken out; server 1 answers every miss.
     Then server 0's probe is answered and it is back in."""
-    from test_balancer import REQUEST, Fleet
-
     from twisted_cacheproxy.proxy.balancer import EJECT_FIRST, MAX_FAILS
     from twisted_cacheproxy.proxy.cache import MemoryCache
     from twisted_cacheproxy.proxy.factory import CacheProxyFactory

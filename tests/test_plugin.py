@@ -16,13 +16,12 @@ import time
 
 import pytest
 from helpers import VECTORS, built, request_frame, vector_value
-from processes import ROOT, free_port, free_ports_in_a_row, script
+from processes import ROOT, free_port, free_ports_in_a_row, read_message, script
 from twisted.python import usage
 
 from twisted_cacheproxy.application import options as opts
 from twisted_cacheproxy.application import settings
 from twisted_cacheproxy.calculator.parser import parse
-from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.integration
 
@@ -87,26 +86,6 @@ def read(workdir) -> str:
 # --- raw TCP helpers -----------------------------------------------------------------------
 
 
-def request(data: bytes, steps=True, cache=True, max_age=65535) -> bytes:
-    return request_frame(data, steps=steps, cache=cache, max_age=max_age)
-
-
-def recv_exactly(sock, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = sock.recv(n)
-        assert chunk, "the server closed the connection"
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_answer(sock) -> tuple[wire.Header, bytes]:
-    head = recv_exactly(sock, 12)
-    h = wire.decode_header(head)
-    return h, recv_exactly(sock, h.length - 12)
-
-
 def connect(port):
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     return sock
@@ -117,8 +96,8 @@ def connect(port):
 
 def test_vector_text_over_tcp(cacheserver, vector):
     with connect(cacheserver) as sock:
-        sock.sendall(request(vector["text"].encode()))
-        h, body = read_answer(sock)
+        sock.sendall(request_frame(vector["text"].encode(), steps=True))
+        h, body = read_message(sock)
     assert (h.status, h.cache, h.steps, h.request, h.max_age) == (200, True, True, False, 65535)
     answer = json.loads(body)
     assert answer["steps"] == vector["steps"]
@@ -130,8 +109,8 @@ def test_vector_text_over_tcp(cacheserver, vector):
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_vector_legacy_over_tcp(cacheserver, vector, course, protocol):
     with connect(cacheserver) as sock:
-        sock.sendall(request(course.dumps(parse(vector["text"]), protocol)))
-        h, body = read_answer(sock)
+        sock.sendall(request_frame(course.dumps(parse(vector["text"]), protocol), steps=True))
+        h, body = read_message(sock)
     assert (h.status, h.cache, h.steps, h.max_age) == (200, True, True, 65535)
     assert body == pickle.dumps((vector_value(vector), vector["steps"]), 4)
 
@@ -139,12 +118,12 @@ def test_vector_legacy_over_tcp(cacheserver, vector, course, protocol):
 def test_pipelined_requests_over_tcp(cacheserver, course):
     frames = []
     for v in VECTORS:
-        frames.append(request(v["text"].encode()))
-        frames.append(request(course.dumps(parse(v["text"])), steps=False))
-    frames.insert(5, request(b"1 / 0"))
+        frames.append(request_frame(v["text"].encode(), steps=True))
+        frames.append(request_frame(course.dumps(parse(v["text"])), steps=False))
+    frames.insert(5, request_frame(b"1 / 0", steps=True))
     with connect(cacheserver) as sock:
         sock.sendall(b"".join(frames))
-        answers = [read_answer(sock) for _ in frames]
+        answers = [read_message(sock) for _ in frames]
     assert answers[5][0].status == 400
     assert json.loads(answers[5][1]) == {"error": "division by zero", "type": "ZeroDivisionError"}
     del answers[5]
@@ -156,26 +135,26 @@ def test_pipelined_requests_over_tcp(cacheserver, course):
 
 
 def test_one_message_in_many_tiny_writes(cacheserver):
-    frame = request(b"max(2, 3) + 3")
+    frame = request_frame(b"max(2, 3) + 3", steps=True)
     with connect(cacheserver) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(0, len(frame), 3):
             sock.sendall(frame[i : i + 3])
-        h, body = read_answer(sock)
+        h, body = read_message(sock)
     assert (h.status, body) == (200, b'{"result": 6, "steps": ["max(2, 3) + 3", "3 + 3", "6"]}')
 
 
 def test_deep_nesting_over_tcp(cacheserver):
     with connect(cacheserver) as sock:
-        sock.sendall(request(("sqrt(" * 199 + "4" + ")" * 199).encode(), steps=False))
-        h, body = read_answer(sock)
+        sock.sendall(request_frame(("sqrt(" * 199 + "4" + ")" * 199).encode(), steps=False))
+        h, body = read_message(sock)
     assert (h.status, body) == (200, b'{"result": 1.0, "steps": []}')
 
 
 def test_impossible_header_over_tcp_gets_one_400_then_close(cacheserver):
     with connect(cacheserver) as sock:
         sock.sendall(struct.pack("!LHHHxx", 0, 3, 0x0400, 0) + b"1 + 1")
-        h, body = read_answer(sock)
+        h, body = read_message(sock)
         assert h.status == 400
         assert json.loads(body) == {
             "error": "impossible message length 3 (must be 12..8192); closing the connection",

@@ -13,60 +13,29 @@ import json
 import pickle
 
 import pytest
-from helpers import FakeConnector, Peer, headers, request_frame, untagged
-from twisted.internet import error, task
+from helpers import T0, TS, answer, error_answer, request_frame, with_max_age
+from proxyharness import Harness, X, Y, Z
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent
-from twisted.python.failure import Failure
 
 from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator.parser import parse
-from twisted_cacheproxy.proxy.cache import ENTRY_OVERHEAD, MemoryCache
-from twisted_cacheproxy.proxy.factory import CacheProxyFactory, CacheProxyProtocol
-from twisted_cacheproxy.proxy.upstream import UpstreamPool
+from twisted_cacheproxy.proxy.cache import ENTRY_OVERHEAD
 from twisted_cacheproxy.transport import wire
 from twisted_cacheproxy.transport.wire import FOREVER
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
-T0 = 1_700_000_000.0
-TS = int(T0)
 #: A step small enough not to matter and exact in binary floating point.
 EPS = 2.0**-10
 HOUR = 3600
 TEXT, LEGACY = codec.TEXT, codec.LEGACY
 
-X = b"1 + 2"
-Y = b"2 * 3"
-Z = b"max(2, 3) + 3"
 RAND = b"rand(0, 1)"
 
 
 # --- frames -------------------------------------------------------------------
-
-
-def request(data: bytes, *, cache=True, steps=False, max_age=FOREVER, ts=TS) -> bytes:
-    return request_frame(data, cache=cache, steps=steps, max_age=max_age, ts=ts)
-
-
-def answer(
-    result, *, steps=(), cache=True, max_age=FOREVER, ts=TS, status=wire.OK, encoding=TEXT
-) -> bytes:
-    """A server's success answer."""
-    payload = codec.encode_result(encoding, result, list(steps))
-    flags = wire.make_flags(request=False, status=status, cache=cache, steps=bool(steps))
-    return wire.encode(ts, flags, max_age, payload)
-
-
-def error_answer(
-    kind, message, *, status=wire.BAD_REQUEST, cache=False, max_age=0, ts=TS, encoding=TEXT
-) -> bytes:
-    """A server's error answer."""
-    payload = codec.encode_error(encoding, kind, message)
-    return wire.encode(
-        ts, wire.make_flags(request=False, status=status, cache=cache), max_age, payload
-    )
 
 
 def proxy_error(message: str, ts: int, encoding=TEXT) -> bytes:
@@ -76,11 +45,6 @@ def proxy_error(message: str, ts: int, encoding=TEXT) -> bytes:
     else:
         payload = codec.encode_error(LEGACY, "ConnectionError", message)
     return wire.encode(ts, wire.make_flags(request=False, status=wire.SERVER_ERROR), 0, payload)
-
-
-def with_max_age(frame: bytes, max_age: int) -> bytes:
-    """``frame`` with another cache-control field (what a hit carries)."""
-    return frame[:8] + max_age.to_bytes(2, "big") + frame[10:]
 
 
 def as_stale(frame: bytes) -> bytes:
@@ -112,98 +76,7 @@ def counters(**values) -> dict[str, int]:
     return base
 
 
-# --- fakes --------------------------------------------------------------------
-
-
-class Client:
-    """One client connection to the proxy."""
-
-    def __init__(self, factory: CacheProxyFactory, n: int) -> None:
-        self.wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + n))
-        assert isinstance(self.wrapper, CacheProxyProtocol)
-        self.transport = StringTransport()
-        self.wrapper.makeConnection(self.transport)
-        self.marks: list[int] = []
-        self.tags: list[int] = []
-
-    def send(self, *frames: bytes) -> None:
-        self.wrapper.dataReceived(b"".join(frames))
-
-    def take(self) -> bytes:
-        """Everything written to this client since the last take, with the
-        extension words zeroed: each must carry L, and its cache marks (H,
-        G) and tag are kept in `marks` and `tags`."""
-        value = self.transport.value()
-        self.transport.clear()
-        for header in headers(value):
-            assert header.framed, header
-            self.marks.append(header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE))
-            self.tags.append(header.tag)
-        return untagged(value, keep=0)
-
-    def disconnect(self) -> None:
-        self.wrapper.connectionLost(Failure(error.ConnectionDone()))
-
-
-class Harness:
-    """A proxy factory on a fake reactor, its clients and its upstream connections."""
-
-    def __init__(
-        self, *, cache_size: int = 64 << 20, stale_if_error: float = 0.0, **options
-    ) -> None:
-        self.reactor = task.Clock()
-        self.reactor.advance(T0)
-        self.connector = FakeConnector(self.reactor)
-        self.accept = self.connector.accept
-        self.refuse = self.connector.refuse
-        cache = MemoryCache(cache_size, self.reactor, grace=stale_if_error)
-        # The proxy's options as tap.py shares them out: the upstream ones to the pool.
-        pool_options = {
-            name: options.pop(name)
-            for name in ("retries", "retry_delay", "timeout")
-            if name in options
-        }
-        if "upstream_connections" in options:
-            pool_options["max_connections"] = options.pop("upstream_connections")
-        if "upstream_pipeline" in options:
-            pool_options["pipeline"] = options.pop("upstream_pipeline")
-        pool = UpstreamPool(self.connector, self.reactor, **pool_options)
-        options.setdefault("idle_timeout", None)
-        self.factory = CacheProxyFactory(cache, pool, clock=self.reactor, **options)
-        self._clients = 0
-
-    def client(self) -> Client:
-        self._clients += 1
-        return Client(self.factory, self._clients)
-
-    @property
-    def attempts(self) -> int:
-        """Connection attempts made to the server so far."""
-        return len(self.connector.attempts)
-
-    def advance(self, seconds: float) -> None:
-        self.reactor.advance(seconds)
-
-    def now(self) -> float:
-        return self.reactor.seconds()
-
-    def counters(self) -> dict[str, int]:
-        return self.factory.counters()
-
-    def assert_quiet(self) -> None:
-        """No timer is left behind (retry, timeout) once everything is answered."""
-        assert self.reactor.getDelayedCalls() == []
-
-    def miss(self, client: Client, frame: bytes, reply: bytes, upstream: Peer | None = None):
-        """Send ``frame`` as a miss, check it went upstream unchanged, answer it."""
-        client.send(frame)
-        if upstream is None:
-            upstream = self.accept()
-        assert upstream.take() == frame
-        assert client.take() == b""
-        upstream.reply(reply)
-        assert client.take() == reply
-        return upstream
+# --- the harness ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -216,7 +89,7 @@ def h() -> Harness:
 
 def test_miss_forwards_the_request_unchanged_and_relays_the_answer(h):
     c = h.client()
-    frame = request(X)
+    frame = request_frame(X, ts=TS)
     c.send(frame)
     assert h.attempts == 1
     up = h.accept()
@@ -232,13 +105,13 @@ def test_miss_forwards_the_request_unchanged_and_relays_the_answer(h):
 def test_fresh_answer_is_served_without_contacting_the_server(h):
     c = h.client()
     reply = answer(3)
-    up = h.miss(c, request(X), reply)
+    up = h.miss(c, request_frame(X, ts=TS), reply)
     h.advance(100)
-    c.send(request(X, ts=TS + 100))
+    c.send(request_frame(X, ts=TS + 100))
     # Forever-cacheable: the very bytes the server sent, timestamp included.
     assert c.take() == reply
     other = h.client()
-    other.send(request(X, ts=TS + 100))
+    other.send(request_frame(X, ts=TS + 100))
     assert other.take() == reply
     assert h.attempts == 1
     assert up.take() == b""
@@ -249,12 +122,12 @@ def test_fresh_answer_is_served_without_contacting_the_server(h):
 def test_hits_carry_the_remaining_lifetime_as_cache_control(h):
     c = h.client()
     reply = answer(3, max_age=100)
-    h.miss(c, request(X), reply)
+    h.miss(c, request_frame(X, ts=TS), reply)
     h.advance(30)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(reply, 70)
     h.advance(29.5)  # age 59.5: 40.5 s left, never announced as more
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(reply, 40)
     assert h.attempts == 1
     assert h.counters()["hits"] == 2
@@ -263,9 +136,9 @@ def test_hits_carry_the_remaining_lifetime_as_cache_control(h):
 def test_forever_answers_never_go_stale(h):
     c = h.client()
     reply = answer(3, max_age=FOREVER)
-    h.miss(c, request(X), reply)
+    h.miss(c, request_frame(X, ts=TS), reply)
     h.advance(10 * 365 * 86400)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == reply
     assert h.attempts == 1
 
@@ -276,17 +149,17 @@ def test_forever_answers_never_go_stale(h):
 def test_answer_is_served_only_while_younger_than_its_max_age(h):
     c = h.client()
     reply = answer(3, max_age=10)
-    up = h.miss(c, request(X), reply)
+    up = h.miss(c, request_frame(X, ts=TS), reply)
     h.advance(10 - EPS)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     # Less than a second left: announced as 1 s (or 0, "do not keep it").
     assert c.take() in (with_max_age(reply, 1), with_max_age(reply, 0))
     h.advance(EPS)  # age 10: expired
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
     # Asked again, on the pooled connection.
     assert h.attempts == 1
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     fresh = answer(3, max_age=10, ts=TS + 10)
     up.reply(fresh)
     assert c.take() == fresh
@@ -296,21 +169,21 @@ def test_answer_is_served_only_while_younger_than_its_max_age(h):
 def test_request_max_age_limits_the_age_it_accepts(h):
     c = h.client()
     reply = answer(3, max_age=FOREVER)
-    up = h.miss(c, request(X), reply)
+    up = h.miss(c, request_frame(X, ts=TS), reply)
     h.advance(5 - EPS)
-    c.send(request(X, max_age=5))
+    c.send(request_frame(X, max_age=5, ts=TS))
     assert c.take() == reply
     h.advance(EPS)  # age 5: too old for max-age 5, though fresh
-    c.send(request(X, max_age=5))
+    c.send(request_frame(X, max_age=5, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X, max_age=5)
+    assert up.take() == request_frame(X, max_age=5, ts=TS)
     newer = answer(4, max_age=FOREVER, ts=TS + 5)
     up.reply(newer)
     assert c.take() == newer
     # The newer answer replaced the older one.
-    c.send(request(X, max_age=1))
+    c.send(request_frame(X, max_age=1, ts=TS))
     assert c.take() == newer
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == newer
     assert h.counters() == counters(misses=2, hits=3, entries=1, bytes=entry_bytes(X, newer))
 
@@ -318,20 +191,20 @@ def test_request_max_age_limits_the_age_it_accepts(h):
 def test_the_smaller_of_both_max_ages_wins(h):
     c = h.client()
     reply = answer(3, max_age=10)
-    up = h.miss(c, request(X), reply)
+    up = h.miss(c, request_frame(X, ts=TS), reply)
     h.advance(12)
     # The client would accept 20 s, but the answer's lifetime is 10 s.
-    c.send(request(X, max_age=20))
+    c.send(request_frame(X, max_age=20, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X, max_age=20)
+    assert up.take() == request_frame(X, max_age=20, ts=TS)
 
 
 @pytest.mark.parametrize("request_max_age", [1, 100, FOREVER])
 def test_any_request_max_age_above_zero_accepts_a_new_answer(h, request_max_age):
     c = h.client()
     reply = answer(3, max_age=50)
-    h.miss(c, request(X), reply)
-    c.send(request(X, max_age=request_max_age))
+    h.miss(c, request_frame(X, ts=TS), reply)
+    c.send(request_frame(X, max_age=request_max_age, ts=TS))
     assert c.take() == with_max_age(reply, 50)
     assert h.attempts == 1
 
@@ -342,44 +215,44 @@ def test_any_request_max_age_above_zero_accepts_a_new_answer(h, request_max_age)
 @pytest.mark.parametrize("server_offset", [-HOUR, 0, HOUR], ids=["server-behind", "same", "ahead"])
 def test_age_is_measured_on_the_proxy_clock_from_sending(h, server_offset):
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     h.advance(4)  # the answer takes 4 s
     reply = answer(3, max_age=10, ts=TS + 4 + server_offset)
     up.reply(reply)
     assert c.take() == reply
     h.advance(1)  # age 5, counted from sending
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(reply, 5)
     h.advance(5 - EPS)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     # Less than a second left: announced as 1 s (or 0, "do not keep it").
     assert c.take() in (with_max_age(reply, 1), with_max_age(reply, 0))
     h.advance(EPS)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     assert h.counters()["hits"] == 2
 
 
 def test_age_counts_from_when_the_request_left_not_when_the_miss_began(h):
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.advance(2)  # the connection takes 2 s to open; the request leaves at T0 + 2
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     h.advance(1)
     reply = answer(3, max_age=10, ts=TS + 3)
     up.reply(reply)
     assert c.take() == reply
     h.advance(8)  # T0 + 11: age 9
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(reply, 1)
     h.advance(1)  # age 10
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
 
 
 # --- 4. reload -----------------------------------------------------------------
@@ -388,16 +261,16 @@ def test_age_counts_from_when_the_request_left_not_when_the_miss_began(h):
 def test_reload_fetches_and_replaces_the_stored_answer(h):
     c = h.client()
     old = answer(3)
-    up = h.miss(c, request(X), old)
+    up = h.miss(c, request_frame(X, ts=TS), old)
     h.advance(1)
-    reload = request(X, max_age=0, ts=TS + 1)
+    reload = request_frame(X, max_age=0, ts=TS + 1)
     c.send(reload)
     assert c.take() == b""
     assert up.take() == reload
     new = answer(30, ts=TS + 1)
     up.reply(new)
     assert c.take() == new
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == new
     assert h.attempts == 1
     assert h.counters() == counters(misses=2, hits=1, entries=1, bytes=entry_bytes(X, new))
@@ -405,15 +278,15 @@ def test_reload_fetches_and_replaces_the_stored_answer(h):
 
 def test_reload_restarts_the_lifetime(h):
     c = h.client()
-    up = h.miss(c, request(X), answer(3, max_age=10))
+    up = h.miss(c, request_frame(X, ts=TS), answer(3, max_age=10))
     h.advance(8)
-    c.send(request(X, max_age=0))
-    assert up.take() == request(X, max_age=0)
+    c.send(request_frame(X, max_age=0, ts=TS))
+    assert up.take() == request_frame(X, max_age=0, ts=TS)
     new = answer(3, max_age=10, ts=TS + 8)
     up.reply(new)
     assert c.take() == new
     h.advance(9)  # 17 s after the first fetch, 9 s after the reload
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(new, 1)
     assert up.take() == b""
 
@@ -421,14 +294,14 @@ def test_reload_restarts_the_lifetime(h):
 def test_reload_answered_uncacheable_is_not_stored(h):
     c = h.client()
     old = answer(3)
-    up = h.miss(c, request(X), old)
-    c.send(request(X, max_age=0))
-    assert up.take() == request(X, max_age=0)
+    up = h.miss(c, request_frame(X, ts=TS), old)
+    c.send(request_frame(X, max_age=0, ts=TS))
+    assert up.take() == request_frame(X, max_age=0, ts=TS)
     uncacheable = answer(4, cache=False, max_age=0)
     up.reply(uncacheable)
     assert c.take() == uncacheable
     # Only a cacheable answer replaces the stored one.
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == old
     assert up.take() == b""
     assert h.counters() == counters(misses=2, hits=1, entries=1, bytes=entry_bytes(X, old))
@@ -440,33 +313,33 @@ def test_reload_answered_uncacheable_is_not_stored(h):
 def test_c0_request_is_not_served_from_the_cache(h):
     c = h.client()
     stored = answer(3)
-    up = h.miss(c, request(X), stored)
-    nocache = request(X, cache=False, max_age=0)
+    up = h.miss(c, request_frame(X, ts=TS), stored)
+    nocache = request_frame(X, cache=False, max_age=0, ts=TS)
     c.send(nocache)
     assert c.take() == b""
     assert up.take() == nocache
     fresh = answer(3, ts=TS + 1)  # cacheable, yet asked for with C=0
     up.reply(fresh)
     assert c.take() == fresh
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == stored
     assert h.counters() == counters(misses=2, hits=1, entries=1, bytes=entry_bytes(X, stored))
 
 
 def test_c0_request_answer_is_not_stored(h):
     c = h.client()
-    nocache = request(X, cache=False, max_age=FOREVER)
+    nocache = request_frame(X, cache=False, max_age=FOREVER, ts=TS)
     reply = answer(3)
     up = h.miss(c, nocache, reply)
     assert h.counters()["entries"] == 0
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
 
 
 def test_c0_requests_are_not_coalesced(h):
     a, b = h.client(), h.client()
-    nocache = request(X, cache=False, max_age=0)
+    nocache = request_frame(X, cache=False, max_age=0, ts=TS)
     a.send(nocache)
     b.send(nocache)
     assert h.attempts == 2
@@ -496,11 +369,11 @@ def test_c0_requests_are_not_coalesced(h):
 )
 def test_uncacheable_answers_are_relayed_but_not_stored(h, reply):
     c = h.client()
-    up = h.miss(c, request(X), reply)
+    up = h.miss(c, request_frame(X, ts=TS), reply)
     assert h.counters() == counters(misses=1)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     up.reply(reply)
     assert c.take() == reply
     assert h.counters() == counters(misses=2)
@@ -510,8 +383,8 @@ def test_cacheable_400_is_stored_like_a_200(h):
     c = h.client()
     request_data = b"1 / 0"
     reply = error_answer("ZeroDivisionError", "division by zero", cache=True, max_age=FOREVER)
-    up = h.miss(c, request(request_data), reply)
-    c.send(request(request_data))
+    up = h.miss(c, request_frame(request_data, ts=TS), reply)
+    c.send(request_frame(request_data, ts=TS))
     assert c.take() == reply
     assert up.take() == b""
     assert h.counters() == counters(
@@ -522,10 +395,10 @@ def test_cacheable_400_is_stored_like_a_200(h):
 def test_uncacheable_400_is_not_stored(h):
     c = h.client()
     reply = error_answer("SyntaxError", "unexpected end", cache=False, max_age=0)
-    up = h.miss(c, request(b"1 +"), reply)
-    c.send(request(b"1 +"))
+    up = h.miss(c, request_frame(b"1 +", ts=TS), reply)
+    c.send(request_frame(b"1 +", ts=TS))
     assert c.take() == b""
-    assert up.take() == request(b"1 +")
+    assert up.take() == request_frame(b"1 +", ts=TS)
 
 
 # --- 7. the S flag is part of the key -------------------------------------------------
@@ -534,15 +407,15 @@ def test_uncacheable_400_is_not_stored(h):
 def test_answer_without_steps_never_serves_a_request_for_steps(h):
     c = h.client()
     plain = answer(6)
-    up = h.miss(c, request(Z), plain)
-    c.send(request(Z, steps=True))
+    up = h.miss(c, request_frame(Z, ts=TS), plain)
+    c.send(request_frame(Z, steps=True, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(Z, steps=True)
+    assert up.take() == request_frame(Z, steps=True, ts=TS)
     stepped = answer(6, steps=["max(2, 3) + 3", "3 + 3", "6"])
     up.reply(stepped)
     assert c.take() == stepped
     # Both are stored, each under its own key.
-    c.send(request(Z, steps=True), request(Z))
+    c.send(request_frame(Z, steps=True, ts=TS), request_frame(Z, ts=TS))
     assert c.take() == stepped + plain
     assert h.counters() == counters(
         misses=2,
@@ -555,24 +428,24 @@ def test_answer_without_steps_never_serves_a_request_for_steps(h):
 def test_answer_with_steps_does_not_serve_a_request_without(h):
     c = h.client()
     stepped = answer(6, steps=["max(2, 3) + 3", "3 + 3", "6"])
-    up = h.miss(c, request(Z, steps=True), stepped)
-    c.send(request(Z))
+    up = h.miss(c, request_frame(Z, steps=True, ts=TS), stepped)
+    c.send(request_frame(Z, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(Z)
+    assert up.take() == request_frame(Z, ts=TS)
 
 
 def test_text_and_legacy_requests_are_different_keys(h):
     c = h.client()
     legacy = codec.encode_request(parse("1 + 2"), LEGACY)
     text_reply = answer(3)
-    up = h.miss(c, request(X), text_reply)
-    c.send(request(legacy))
+    up = h.miss(c, request_frame(X, ts=TS), text_reply)
+    c.send(request_frame(legacy, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(legacy)
+    assert up.take() == request_frame(legacy, ts=TS)
     legacy_reply = answer(3, encoding=LEGACY)
     up.reply(legacy_reply)
     assert c.take() == legacy_reply
-    c.send(request(legacy), request(X))
+    c.send(request_frame(legacy, ts=TS), request_frame(X, ts=TS))
     assert c.take() == legacy_reply + text_reply
 
 
@@ -582,10 +455,10 @@ def test_text_and_legacy_requests_are_different_keys(h):
 def test_identical_requests_during_a_miss_share_one_upstream_request(h):
     clients = [h.client() for _ in range(5)]
     for c in clients:
-        c.send(request(X))
+        c.send(request_frame(X, ts=TS))
     assert h.attempts == 1
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     for c in clients:
         assert c.take() == b""
     reply = answer(3)
@@ -600,12 +473,12 @@ def test_identical_requests_during_a_miss_share_one_upstream_request(h):
 
 def test_requests_arriving_while_connecting_also_coalesce(h):
     first = h.client()
-    first.send(request(X))
+    first.send(request_frame(X, ts=TS))
     h.advance(1)
     later = h.client()
-    later.send(request(X, ts=TS + 1))
+    later.send(request_frame(X, ts=TS + 1))
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     reply = answer(3, ts=TS + 1)
     up.reply(reply)
     assert first.take() == reply
@@ -615,9 +488,9 @@ def test_requests_arriving_while_connecting_also_coalesce(h):
 
 def test_one_client_pipelining_the_same_request_twice_gets_two_answers(h):
     c = h.client()
-    c.send(request(X), request(X))
+    c.send(request_frame(X, ts=TS), request_frame(X, ts=TS))
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     reply = answer(3)
     up.reply(reply)
     assert c.take() == reply + reply
@@ -626,18 +499,18 @@ def test_one_client_pipelining_the_same_request_twice_gets_two_answers(h):
 
 def test_different_steps_flags_are_not_coalesced(h):
     a, b = h.client(), h.client()
-    a.send(request(Z))
-    b.send(request(Z, steps=True))
+    a.send(request_frame(Z, ts=TS))
+    b.send(request_frame(Z, steps=True, ts=TS))
     assert h.attempts == 2
     up_a, up_b = h.accept(0), h.accept(1)
-    assert up_a.take() == request(Z)
-    assert up_b.take() == request(Z, steps=True)
+    assert up_a.take() == request_frame(Z, ts=TS)
+    assert up_b.take() == request_frame(Z, steps=True, ts=TS)
 
 
 def test_waiter_that_disconnected_is_dropped_cleanly(h, proxy_log):
     a, b, c = h.client(), h.client(), h.client()
     for client in (a, b, c):
-        client.send(request(X))
+        client.send(request_frame(X, ts=TS))
     up = h.accept()
     b.disconnect()
     reply = answer(3)
@@ -650,8 +523,8 @@ def test_waiter_that_disconnected_is_dropped_cleanly(h, proxy_log):
 
 def test_requester_that_disconnected_still_fills_the_cache_for_waiters(h):
     a, b = h.client(), h.client()
-    a.send(request(X))
-    b.send(request(X))
+    a.send(request_frame(X, ts=TS))
+    b.send(request_frame(X, ts=TS))
     up = h.accept()
     a.disconnect()
     reply = answer(3)
@@ -659,7 +532,7 @@ def test_requester_that_disconnected_still_fills_the_cache_for_waiters(h):
     assert a.take() == b""
     assert b.take() == reply
     later = h.client()
-    later.send(request(X))
+    later.send(request_frame(X, ts=TS))
     assert later.take() == reply
     assert h.attempts == 1
 
@@ -668,7 +541,7 @@ def test_failed_shared_fetch_answers_every_waiter_with_the_error():
     h = Harness(retries=1)
     clients = [h.client() for _ in range(3)]
     for c in clients:
-        c.send(request(X))
+        c.send(request_frame(X, ts=TS))
     h.refuse()
     for c in clients:
         assert c.take() == proxy_error(unreachable(1), TS)
@@ -680,8 +553,8 @@ def test_failed_shared_fetch_answers_every_waiter_with_the_error():
 def test_failed_shared_fetch_skips_a_waiter_that_disconnected():
     h = Harness(retries=1)
     a, b = h.client(), h.client()
-    a.send(request(X))
-    b.send(request(X))
+    a.send(request_frame(X, ts=TS))
+    b.send(request_frame(X, ts=TS))
     b.disconnect()
     h.refuse()
     assert a.take() == proxy_error(unreachable(1), TS)
@@ -691,7 +564,7 @@ def test_failed_shared_fetch_skips_a_waiter_that_disconnected():
 def test_uncacheable_shared_answer_gives_each_waiter_its_own_request():
     h = Harness(upstream_connections=1)
     clients = [h.client() for _ in range(3)]
-    rand = request(RAND)
+    rand = request_frame(RAND, ts=TS)
     for c in clients:
         c.send(rand)
     up = h.accept()
@@ -717,9 +590,9 @@ def test_uncacheable_shared_answer_gives_each_waiter_its_own_request():
 def test_server_error_answer_is_shared_by_the_waiters_and_not_stored(h):
     clients = [h.client() for _ in range(3)]
     for c in clients:
-        c.send(request(X))
+        c.send(request_frame(X, ts=TS))
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     reply = error_answer("RuntimeError", "internal server error", status=500)
     up.reply(reply)
     # A 500 is the shared fetch failing: every waiter gets it, nobody asks again.
@@ -733,7 +606,7 @@ def test_server_error_answer_is_shared_by_the_waiters_and_not_stored(h):
 def test_waiter_that_left_gets_no_upstream_request_of_its_own():
     h = Harness(upstream_connections=1)
     a, b, c = h.client(), h.client(), h.client()
-    rand = request(RAND)
+    rand = request_frame(RAND, ts=TS)
     for client in (a, b, c):
         client.send(rand)
     up = h.accept()
@@ -759,7 +632,7 @@ def test_waiter_that_left_gets_no_upstream_request_of_its_own():
 def test_unreachable_server_is_retried_with_backoff_then_500(h, encoding, proxy_log):
     data = X if encoding == TEXT else codec.encode_request(parse("1 + 2"), LEGACY)
     c = h.client()
-    c.send(request(data))
+    c.send(request_frame(data, ts=TS))
     started = []
     for n in range(5):
         assert h.attempts == n + 1
@@ -797,13 +670,13 @@ def test_unreachable_server_is_retried_with_backoff_then_500(h, encoding, proxy_
 def test_a_later_attempt_that_connects_is_answered():
     h = Harness(retries=5)
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()
     h.advance(0.5)
     h.refuse()
     h.advance(1)
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     reply = answer(3, ts=TS + 2)
     up.reply(reply)
     assert c.take() == reply
@@ -817,9 +690,9 @@ def test_a_later_attempt_that_connects_is_answered():
 
 def test_timeout_bounds_a_silent_server_and_it_is_not_asked_again(h):
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     h.advance(10 - EPS)
     assert c.take() == b""
     h.advance(EPS)
@@ -836,15 +709,15 @@ def test_timeout_bounds_a_silent_server_and_it_is_not_asked_again(h):
     assert h.counters() == counters(misses=1, upstream_errors=1)
     h.assert_quiet()
     # Nothing was stored: the next request is a miss on a new connection.
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert h.attempts == 2
-    assert h.accept().take() == request(X)
+    assert h.accept().take() == request_frame(X, ts=TS)
 
 
 def test_timeout_includes_the_connection_retries():
     h = Harness(retries=5, retry_delay=0.5, timeout=2)
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()  # T0
     h.advance(0.5)
     h.refuse()  # T0 + 0.5
@@ -864,7 +737,7 @@ def test_timeout_includes_the_connection_retries():
 
 def test_late_answer_after_the_timeout_is_not_stored(h):
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     up = h.accept()
     h.advance(10)
     assert c.take() == proxy_error(
@@ -879,12 +752,12 @@ def test_late_answer_after_the_timeout_is_not_stored(h):
 def test_a_slow_miss_does_not_time_out_waiters_of_other_keys():
     h = Harness(timeout=10)
     a, b = h.client(), h.client()
-    a.send(request(X))
+    a.send(request_frame(X, ts=TS))
     up_x = h.accept()
     h.advance(9)
-    b.send(request(Y, ts=TS + 9))
+    b.send(request_frame(Y, ts=TS + 9))
     up_y = h.accept()
-    assert up_y.take() == request(Y, ts=TS + 9)
+    assert up_y.take() == request_frame(Y, ts=TS + 9)
     h.advance(1)
     assert a.take() == proxy_error(
         "calculator server 127.0.0.1:9999 did not answer within 10 s", TS + 10
@@ -901,29 +774,29 @@ def test_a_slow_miss_does_not_time_out_waiters_of_other_keys():
 def test_server_down_fresh_answers_still_served_then_recovery(h):
     c = h.client()
     cached = answer(3)
-    up = h.miss(c, request(X), cached)
+    up = h.miss(c, request_frame(X, ts=TS), cached)
     up.close()  # the server goes away
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == cached
     # A new request cannot be answered.
-    c.send(request(Y))
+    c.send(request_frame(Y, ts=TS))
     for delay in (0.5, 1, 2, 4):
         h.refuse()
         h.advance(delay)
     h.refuse()
     assert h.attempts == 6
     assert c.take() == proxy_error(unreachable(5), int(h.now()))
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == cached
     # The server is back: the proxy connects again by itself.
-    c.send(request(Y))
+    c.send(request_frame(Y, ts=TS))
     assert h.attempts == 7
     up2 = h.accept()
-    assert up2.take() == request(Y)
+    assert up2.take() == request_frame(Y, ts=TS)
     reply = answer(6, ts=int(h.now()))
     up2.reply(reply)
     assert c.take() == reply
-    c.send(request(Y))
+    c.send(request_frame(Y, ts=TS))
     assert c.take() == reply
     assert h.counters() == counters(
         misses=3,
@@ -938,10 +811,10 @@ def test_stale_if_error_serves_an_expired_answer_while_the_server_is_unreachable
     h = Harness(stale_if_error=30, retries=1)
     c = h.client()
     cached = answer(3, max_age=10)
-    up = h.miss(c, request(X), cached)
+    up = h.miss(c, request_frame(X, ts=TS), cached)
     up.close()
     h.advance(15)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
     h.refuse()
     assert c.take() == as_stale(cached)
@@ -957,14 +830,14 @@ def test_stale_if_error_window_ends_n_seconds_after_the_lifetime():
     h = Harness(stale_if_error=30, retries=1)
     c = h.client()
     cached = answer(3, max_age=10)
-    up = h.miss(c, request(X), cached)
+    up = h.miss(c, request_frame(X, ts=TS), cached)
     up.close()
     h.advance(40 - EPS)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()
     assert c.take() == as_stale(cached)
     h.advance(EPS)  # 10 + 30 s after the answer was asked for
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()
     assert c.take() == proxy_error(unreachable(1), int(h.now()))
     assert h.counters()["stale"] == 1
@@ -975,16 +848,16 @@ def test_stale_if_error_still_honours_the_request_max_age():
     h = Harness(stale_if_error=30, retries=1)
     c = h.client()
     cached = answer(3, max_age=10)
-    up = h.miss(c, request(X), cached)
+    up = h.miss(c, request_frame(X, ts=TS), cached)
     up.close()
     h.advance(15)
-    c.send(request(X, max_age=20))
+    c.send(request_frame(X, max_age=20, ts=TS))
     h.refuse()
     assert c.take() == as_stale(cached)
-    c.send(request(X, max_age=12))  # 15 s old is too old for this client
+    c.send(request_frame(X, max_age=12, ts=TS))  # 15 s old is too old for this client
     h.refuse()
     assert c.take() == proxy_error(unreachable(1), TS + 15)
-    c.send(request(X, max_age=0))  # a reload is never answered from the cache
+    c.send(request_frame(X, max_age=0, ts=TS))  # a reload is never answered from the cache
     h.refuse()
     assert c.take() == proxy_error(unreachable(1), TS + 15)
     assert h.counters()["stale"] == 1
@@ -994,10 +867,10 @@ def test_stale_if_error_is_off_by_default():
     h = Harness(retries=1)
     c = h.client()
     cached = answer(3, max_age=10)
-    up = h.miss(c, request(X), cached)
+    up = h.miss(c, request_frame(X, ts=TS), cached)
     up.close()
     h.advance(11)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()
     assert c.take() == proxy_error(unreachable(1), TS + 11)
     assert h.counters()["stale"] == 0
@@ -1006,10 +879,10 @@ def test_stale_if_error_is_off_by_default():
 def test_stale_if_error_does_not_serve_c0_requests():
     h = Harness(stale_if_error=30, retries=1)
     c = h.client()
-    up = h.miss(c, request(X), answer(3, max_age=10))
+    up = h.miss(c, request_frame(X, ts=TS), answer(3, max_age=10))
     up.close()
     h.advance(15)
-    c.send(request(X, cache=False, max_age=0))
+    c.send(request_frame(X, cache=False, max_age=0, ts=TS))
     h.refuse()
     assert c.take() == proxy_error(unreachable(1), TS + 15)
 
@@ -1018,11 +891,11 @@ def test_stale_if_error_answers_coalesced_waiters_too():
     h = Harness(stale_if_error=30, retries=1)
     a, b = h.client(), h.client()
     cached = answer(3, max_age=10)
-    up = h.miss(a, request(X), cached)
+    up = h.miss(a, request_frame(X, ts=TS), cached)
     up.close()
     h.advance(15)
-    a.send(request(X))
-    b.send(request(X))
+    a.send(request_frame(X, ts=TS))
+    b.send(request_frame(X, ts=TS))
     h.refuse()
     assert a.take() == as_stale(cached)
     assert b.take() == as_stale(cached)
@@ -1032,11 +905,11 @@ def test_stale_if_error_answers_coalesced_waiters_too():
 def test_stale_entry_is_not_served_while_the_server_answers():
     h = Harness(stale_if_error=30)
     c = h.client()
-    up = h.miss(c, request(X), answer(3, max_age=10))
+    up = h.miss(c, request_frame(X, ts=TS), answer(3, max_age=10))
     h.advance(15)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     fresh = answer(4, max_age=10, ts=TS + 15)
     up.reply(fresh)
     assert c.take() == fresh
@@ -1049,15 +922,15 @@ def test_stale_entry_is_not_served_while_the_server_answers():
 def test_slow_miss_does_not_delay_hits_or_other_misses(h):
     warm = h.client()
     cached = answer(6)
-    h.miss(warm, request(Z), cached)
+    h.miss(warm, request_frame(Z, ts=TS), cached)
     slow, hitter, other = h.client(), h.client(), h.client()
-    slow.send(request(X))  # goes out on the pooled connection and hangs there
-    hitter.send(request(Z))
+    slow.send(request_frame(X, ts=TS))  # goes out on the pooled connection and hangs there
+    hitter.send(request_frame(Z, ts=TS))
     assert hitter.take() == cached
-    other.send(request(Y))
+    other.send(request_frame(Y, ts=TS))
     assert h.attempts == 2  # the busy connection is not shared: a second one opens
     up_y = h.accept()
-    assert up_y.take() == request(Y)
+    assert up_y.take() == request_frame(Y, ts=TS)
     reply_y = answer(6, ts=TS + 1)
     up_y.reply(reply_y)
     assert other.take() == reply_y
@@ -1067,13 +940,13 @@ def test_slow_miss_does_not_delay_hits_or_other_misses(h):
 def test_pipelined_answers_stay_in_request_order(h):
     warm = h.client()
     cached = answer(6)
-    up1 = h.miss(warm, request(Z), cached)
+    up1 = h.miss(warm, request_frame(Z, ts=TS), cached)
     c = h.client()
-    c.send(request(X), request(Z), request(Y))
+    c.send(request_frame(X, ts=TS), request_frame(Z, ts=TS), request_frame(Y, ts=TS))
     # X went out on the pooled connection, Y on a new one.
-    assert up1.take() == request(X)
+    assert up1.take() == request_frame(X, ts=TS)
     up2 = h.accept()
-    assert up2.take() == request(Y)
+    assert up2.take() == request_frame(Y, ts=TS)
     reply_y = answer(6)
     up2.reply(reply_y)
     # The hit and Y's answer wait behind X's.
@@ -1086,11 +959,11 @@ def test_pipelined_answers_stay_in_request_order(h):
 
 def test_a_hit_after_the_answered_pipeline_is_immediate(h):
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     up = h.accept()
     reply = answer(3)
     up.reply(reply)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == reply + reply
 
 
@@ -1102,15 +975,15 @@ def test_counters_and_evictions():
     one = entry_bytes(X, reply_x)
     h = Harness(cache_size=one)  # room for exactly one of these answers
     c = h.client()
-    up = h.miss(c, request(X), reply_x)
+    up = h.miss(c, request_frame(X, ts=TS), reply_x)
     assert h.counters() == counters(misses=1, entries=1, bytes=one)
-    h.miss(c, request(Y), reply_y, upstream=up)
+    h.miss(c, request_frame(Y, ts=TS), reply_y, upstream=up)
     assert h.counters() == counters(misses=2, evictions=1, entries=1, bytes=entry_bytes(Y, reply_y))
-    c.send(request(Y))
+    c.send(request_frame(Y, ts=TS))
     assert c.take() == reply_y
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     up.reply(reply_x)
     assert c.take() == reply_x
     assert h.counters() == counters(misses=3, hits=1, evictions=2, entries=1, bytes=one)
@@ -1145,7 +1018,7 @@ def test_impossible_length_is_answered_400_then_closed(h):
 
 def test_impossible_length_after_a_pending_miss_is_answered_in_order(h):
     c = h.client()
-    c.send(request(X), wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0, 0))
+    c.send(request_frame(X, ts=TS), wire.HEADER.pack(TS, 9000, wire.make_flags(request=True), 0, 0))
     bad = wire.encode(
         TS,
         wire.make_flags(request=False, status=wire.BAD_REQUEST),
@@ -1159,7 +1032,7 @@ def test_impossible_length_after_a_pending_miss_is_answered_in_order(h):
         ).encode(),
     )
     up = h.accept()
-    assert up.take() == request(X)
+    assert up.take() == request_frame(X, ts=TS)
     # X's answer comes first: the client reads answers in request order.
     assert c.take() == b""
     reply = answer(3)
@@ -1170,7 +1043,7 @@ def test_impossible_length_after_a_pending_miss_is_answered_in_order(h):
 
 def test_a_response_in_a_pipeline_is_answered_in_order(h):
     c = h.client()
-    c.send(request(X), answer(3), request(Y))
+    c.send(request_frame(X, ts=TS), answer(3), request_frame(Y, ts=TS))
     up_x = h.accept(0)
     up_y = h.accept(1)
     assert c.take() == b""
@@ -1185,27 +1058,27 @@ def test_a_response_in_a_pipeline_is_answered_in_order(h):
 
 def test_requests_split_across_reads_are_reassembled(h):
     c = h.client()
-    frames = request(X) + request(Y)
+    frames = request_frame(X, ts=TS) + request_frame(Y, ts=TS)
     for i in range(len(frames)):
         c.send(frames[i : i + 1])
     assert h.attempts == 2
-    assert h.accept(0).take() == request(X)
-    assert h.accept(1).take() == request(Y)
+    assert h.accept(0).take() == request_frame(X, ts=TS)
+    assert h.accept(1).take() == request_frame(Y, ts=TS)
 
 
 def test_reserved_flag_bits_are_not_forwarded(h):
     c = h.client()
     flags = wire.make_flags(request=True, cache=True) | 0xE000
     c.send(wire.encode(TS, flags, FOREVER, X))
-    assert h.accept().take() == request(X)
+    assert h.accept().take() == request_frame(X, ts=TS)
 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_verbose_logs_each_hit_and_miss_at_debug_level(verbose, proxy_log):
     h = Harness(verbose=verbose)
     c = h.client()
-    h.miss(c, request(X), answer(3))
-    c.send(request(X), request(X))
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    c.send(request_frame(X, ts=TS), request_frame(X, ts=TS))
     assert c.take() == answer(3) * 2
     debug = [
         formatEvent(e)
@@ -1223,7 +1096,7 @@ def test_idle_client_connection_is_closed_after_the_idle_timeout():
     h = Harness(idle_timeout=5)
     c = h.client()
     h.advance(4)
-    c.send(request(X))  # a complete request resets the timer
+    c.send(request_frame(X, ts=TS))  # a complete request resets the timer
     up = h.accept()
     up.reply(answer(3))
     h.advance(5 - EPS)
@@ -1235,7 +1108,7 @@ def test_idle_client_connection_is_closed_after_the_idle_timeout():
 def test_a_client_awaiting_an_answer_is_not_idle():
     h = Harness(idle_timeout=5, timeout=30)
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     up = h.accept()
     h.advance(5)  # one idle period, still waiting for the server
     h.advance(2)
@@ -1255,7 +1128,7 @@ def test_max_connections_refuses_clients_over_the_limit():
     a.disconnect()
     # A place is free again.
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert h.attempts == 1
     assert h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49998)) is None
 
@@ -1263,8 +1136,8 @@ def test_max_connections_refuses_clients_over_the_limit():
 def test_queued_miss_also_gets_retries_when_the_server_is_down():
     h = Harness(upstream_connections=1, retries=2, retry_delay=0.5)
     a, b = h.client(), h.client()
-    a.send(request(X))
-    b.send(request(Y))
+    a.send(request_frame(X, ts=TS))
+    b.send(request_frame(Y, ts=TS))
     assert h.attempts == 1  # Y waits for the one connection slot
     refused = 0
     for _ in range(12):  # 3 s in steps of 0.25 s, refusing every attempt made
@@ -1288,20 +1161,20 @@ def test_a_client_pipelining_misses_is_held_at_the_cap_then_read_again():
 
     h = Harness(upstream_connections=1000)
     c = h.client()
-    c.send(*[request(b"%d" % i) for i in range(MAX_AWAITED + 10)])
+    c.send(*[request_frame(b"%d" % i, ts=TS) for i in range(MAX_AWAITED + 10)])
     assert h.attempts == MAX_AWAITED  # the rest stays unread in the buffer
     assert c.transport.producerState == "paused"
     peers = [h.accept(i) for i in range(MAX_AWAITED)]
     forwarded = [peer.take() for peer in peers]
-    assert forwarded == [request(b"%d" % i) for i in range(MAX_AWAITED)]
+    assert forwarded == [request_frame(b"%d" % i, ts=TS) for i in range(MAX_AWAITED)]
     peers[0].reply(answer(0))
     assert c.take() == answer(0)
     # One answer out: one more request read, sent on the connection just freed.
-    assert peers[0].take() == request(b"%d" % MAX_AWAITED)
+    assert peers[0].take() == request_frame(b"%d" % MAX_AWAITED, ts=TS)
     assert c.transport.producerState == "paused"  # at the cap again
     for i in range(1, 10):
         peers[i].reply(answer(i))
-        assert peers[i].take() == request(b"%d" % (MAX_AWAITED + i))
+        assert peers[i].take() == request_frame(b"%d" % (MAX_AWAITED + i), ts=TS)
     assert c.transport.producerState == "paused"  # all read, and 64 awaited again
     peers[10].reply(answer(10))
     assert c.transport.producerState == "producing"  # below the cap
@@ -1313,7 +1186,7 @@ def test_requests_past_the_upstream_queue_bound_get_an_overloaded_500():
     h.factory.pool.max_queued = 2
     clients = [h.client() for _ in range(4)]
     for i, c in enumerate(clients):
-        c.send(request(b"%d" % i))
+        c.send(request_frame(b"%d" % i, ts=TS))
     assert h.attempts == 1
     got = clients[3].take()
     assert wire.decode_header(got).status == wire.SERVER_ERROR
@@ -1333,12 +1206,12 @@ def tagged(frame: bytes, tag: int) -> bytes:
 def test_a_hit_is_marked_from_the_cache_and_a_miss_is_not(h):
     c = h.client()
     reply = answer(3)
-    up = h.miss(c, request(X), reply)
-    c.send(request(X))
+    up = h.miss(c, request_frame(X, ts=TS), reply)
+    c.send(request_frame(X, ts=TS))
     assert c.take() == reply
     reply60 = answer(6, max_age=60)
-    h.miss(c, request(Y), reply60, up)
-    c.send(request(Y))
+    h.miss(c, request_frame(Y, ts=TS), reply60, up)
+    c.send(request_frame(Y, ts=TS))
     assert c.take() == with_max_age(reply60, 60)
     assert c.marks == [0, H, 0, H]
 
@@ -1347,9 +1220,9 @@ def test_a_stale_answer_is_marked_from_the_cache_and_grace():
     h = Harness(stale_if_error=30, retries=1)
     c = h.client()
     cached = answer(3, max_age=10)
-    h.miss(c, request(X), cached).close()
+    h.miss(c, request_frame(X, ts=TS), cached).close()
     h.advance(15)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.refuse()
     assert c.take() == as_stale(cached)
     assert c.marks == [0, H | G]
@@ -1357,7 +1230,7 @@ def test_a_stale_answer_is_marked_from_the_cache_and_grace():
 
 def test_an_upstreams_cache_mark_is_kept_and_its_l_replaced_by_ours(h):
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     up = h.accept()
     up.take()
     up.reply(answer(3)[:10] + (H | G).to_bytes(2, "big") + answer(3)[12:])
@@ -1367,13 +1240,13 @@ def test_an_upstreams_cache_mark_is_kept_and_its_l_replaced_by_ours(h):
 
 def test_every_answer_echoes_its_requests_tag(h):
     a, b = h.client(), h.client()
-    a.send(tagged(request(X), 11))
-    b.send(tagged(request(X), 22))  # coalesced behind a's miss
+    a.send(tagged(request_frame(X, ts=TS), 11))
+    b.send(tagged(request_frame(X, ts=TS), 22))  # coalesced behind a's miss
     up = h.accept()
-    assert up.take() == request(X)  # upstream, the pool's own tag, not the client's
+    assert up.take() == request_frame(X, ts=TS)  # upstream, the pool's own tag, not the client's
     up.reply(answer(3))
-    a.send(tagged(request(X), 33))  # a hit
-    a.send(tagged(request(X, cache=False), 44))  # C=0: fetched again
+    a.send(tagged(request_frame(X, ts=TS), 33))  # a hit
+    a.send(tagged(request_frame(X, cache=False, max_age=FOREVER, ts=TS), 44))  # C=0: fetched again
     up.take()
     up.reply(answer(3))
     a.send(tagged(answer(1), 55))  # not a request: 400
@@ -1385,7 +1258,7 @@ def test_every_answer_echoes_its_requests_tag(h):
 def test_the_500_for_an_unreachable_server_echoes_the_tag():
     h = Harness(retries=1)
     c = h.client()
-    c.send(tagged(request(X), 7))
+    c.send(tagged(request_frame(X, ts=TS), 7))
     h.refuse()
     assert c.take() == proxy_error(unreachable(1), TS)
     assert c.tags == [7]
@@ -1393,12 +1266,12 @@ def test_the_500_for_an_unreachable_server_echoes_the_tag():
 
 def test_a_stored_answer_is_served_with_each_clients_own_tag(h):
     c = h.client()
-    c.send(tagged(request(X), 1))
+    c.send(tagged(request_frame(X, ts=TS), 1))
     up = h.accept()
     up.take()
     up.reply(answer(3))
     for tag in (2, 3, 0):
-        c.send(tagged(request(X), tag))
+        c.send(tagged(request_frame(X, ts=TS), tag))
     assert c.take() == answer(3) * 4
     assert c.tags == [1, 2, 3, 0]
 
@@ -1408,8 +1281,8 @@ def test_a_stored_answer_is_served_with_each_clients_own_tag(h):
 
 def test_a_half_closed_client_gets_its_pending_misses_then_a_close(h):
     c = h.client()
-    up = h.miss(c, request(Y), answer(6))  # stored: the next Y is a hit
-    c.send(request(X), request(Y), request(Z))
+    up = h.miss(c, request_frame(Y, ts=TS), answer(6))  # stored: the next Y is a hit
+    c.send(request_frame(X, ts=TS), request_frame(Y, ts=TS), request_frame(Z, ts=TS))
     c.wrapper.readConnectionLost()
     assert c.take() == b"" and not c.transport.disconnecting
     up.take()

@@ -18,20 +18,26 @@ import time
 
 import pytest
 import pytest_twisted
-from helpers import proxy_factory, request_frame
-from processes import HOST, connect, free_port, script, start_proxy, within
-from twisted.internet import defer, protocol
+from helpers import VECTORS, proxy_factory, request_frame
+from processes import (
+    HOST,
+    connect,
+    deferLater,
+    exchange,
+    free_port,
+    raw,
+    script,
+    start_proxy,
+    within,
+)
+from standins import CountingServer
+from twisted.internet import defer
 
 from twisted_cacheproxy.calculator import codec
-from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 from twisted_cacheproxy.transport import wire
-from twisted_cacheproxy.transport.framing import FrameReceiver
 
 pytestmark = pytest.mark.integration
 
-VECTORS = json.loads(
-    (pathlib.Path(__file__).parent / "data" / "protocol-vectors.json").read_text()
-)["vectors"]
 #: How long any single exchange in these tests may take.
 TIMEOUT = 10.0
 
@@ -45,40 +51,12 @@ def calc_server(twistd):
 # --- clients and counting servers in this process --------------------------------------
 
 
-def deferLater(seconds: float) -> defer.Deferred:
-    from twisted.internet import reactor, task
-
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-def raw(message: tuple[wire.Header, bytes]) -> bytes:
-    """The message as it came over the wire, less its extension word (what
-    the course programs read of it; its bits are checked apart)."""
-    header, data = message
-    return wire.encode(header.timestamp, header.flags, header.max_age, data)
-
-
-@defer.inlineCallbacks
-def exchange(port: int, *frames: bytes):
-    """Send ``frames`` pipelined on one new connection; their (header, data) answers."""
-    conn = yield connect(port)
-    try:
-        answers = yield within(defer.gatherResults([conn.sendRequest(f) for f in frames]))
-    finally:
-        conn.transport.loseConnection()
-    return answers
-
-
 @defer.inlineCallbacks
 def ask(port: int, *frames: bytes):
     """Send ``frames`` pipelined on one new connection; the answers' bytes
     less the extension word, in order."""
     answers = yield exchange(port, *frames)
     return [raw(a) for a in answers]
-
-
-def request(text: str, *, steps=True, cache=True, max_age=wire.FOREVER) -> bytes:
-    return request_frame(text, steps=steps, cache=cache, max_age=max_age)
 
 
 def vector_payload(v: dict) -> bytes:
@@ -95,80 +73,15 @@ def assert_answer(frame: bytes, payload: bytes, *, cache=True, max_age=wire.FORE
     assert frame[12:] == payload
 
 
-class CountingProtocol(FrameReceiver):
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.factory.connections += 1
-
-    answered = 0
-
-    def frameReceived(self, header: wire.Header, data: bytes) -> None:
-        f = self.factory
-        f.requests.append(raw((header, data)))
-        if f.answers_per_connection and self.answered >= f.answers_per_connection:
-            # As if this connection had been closed while idle, just before the request.
-            self.transport.loseConnection()
-            return
-        self.answered += 1
-        now = int(f.clock.seconds())
-        frame = f.calculator.answer(header, data, codec.TEXT, now)
-        f.sent.append(frame[:10] + b"\x00\x00" + frame[12:])
-        if f.held is not None:
-            f.held.append((self.transport, frame))
-            if len(f.held) >= f.hold_until:
-                held, f.held = f.held, None
-                for transport, answer in held:
-                    transport.write(answer)
-        elif f.delay:
-            f.clock.callLater(f.delay, self.transport.write, frame)
-        else:
-            self.transport.write(frame)
-
-
-class CountingServer(protocol.Factory):
-    """A calculator server that records every connection, request and answer,
-    and can hold each answer back for ``delay`` seconds, or (`hold`) every
-    answer until it has a given number of them."""
-
-    protocol = CountingProtocol
-
-    def __init__(self, delay: float = 0.0, answers_per_connection: int = 0) -> None:
-        from twisted.internet import reactor
-
-        self.clock = reactor
-        self.delay = delay
-        self.held: list[tuple] | None = None
-        self.hold_until = 0
-        self.answers_per_connection = answers_per_connection
-        self.calculator = CalculatorServerFactory(clock=reactor)
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.sent: list[bytes] = []
-        self.port = None
-
-    def hold(self, count: int) -> None:
-        """Send no answer until ``count`` more are ready, then all of them."""
-        self.held, self.hold_until = [], count
-
-    def listen(self) -> int:
-        from twisted.internet import reactor
-
-        self.port = reactor.listenTCP(0, self, interface=HOST)
-        return self.port.getHost().port
-
-    def close(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.port.stopListening)
-
-
 # --- 3.1: client -> server ---------------------------------------------------------------
 
 
 @pytest_twisted.inlineCallbacks
 def test_scenario_3_1_client_to_server(calc_server):
     a, b = VECTORS[1], VECTORS[0]
-    first = yield ask(calc_server.port, request(a["text"]))
-    second = yield ask(calc_server.port, request(a["text"]))
-    other = yield ask(calc_server.port, request(b["text"]))
+    first = yield ask(calc_server.port, request_frame(a["text"], steps=True))
+    second = yield ask(calc_server.port, request_frame(a["text"], steps=True))
+    other = yield ask(calc_server.port, request_frame(b["text"], steps=True))
     for frame in (first[0], second[0]):
         assert_answer(frame, vector_payload(a))
     assert_answer(other[0], vector_payload(b))
@@ -184,21 +97,21 @@ def test_scenario_3_2_through_the_proxy_hit_without_upstream_contact(twistd):
     try:
         proxy = start_proxy(twistd, server_port)
         a, b = VECTORS[1], VECTORS[0]
-        first = request(a["text"])
+        first = request_frame(a["text"], steps=True)
         (miss,) = yield ask(proxy.port, first)
         assert_answer(miss, vector_payload(a))
         assert server.requests == [first]  # forwarded unchanged
         assert server.sent == [miss]  # relayed unchanged
         assert server.connections == 1
 
-        (hit,) = yield ask(proxy.port, request(a["text"]))
+        (hit,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
         assert hit == miss  # forever-cacheable: the stored bytes, as they were
-        ((header, _),) = yield exchange(proxy.port, request(a["text"]))
+        ((header, _),) = yield exchange(proxy.port, request_frame(a["text"], steps=True))
         assert (header.framed, header.from_cache, header.grace) == (True, True, False)
         assert len(server.requests) == 1
         assert server.connections == 1
 
-        other = request(b["text"])
+        other = request_frame(b["text"], steps=True)
         (different,) = yield ask(proxy.port, other)
         assert_answer(different, vector_payload(b))
         assert server.requests == [first, other]
@@ -212,10 +125,10 @@ def test_scenario_3_2_through_the_proxy_hit_without_upstream_contact(twistd):
 def test_scenario_3_2_with_the_real_server(calc_server, twistd):
     proxy = start_proxy(twistd, calc_server.port)
     a = VECTORS[1]
-    (miss,) = yield ask(proxy.port, request(a["text"]))
+    (miss,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
     assert_answer(miss, vector_payload(a))
     calc_server.stop()  # nothing upstream any more: the hit must come from the cache
-    (hit,) = yield ask(proxy.port, request(a["text"]))
+    (hit,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
     assert hit == miss
 
 
@@ -226,15 +139,15 @@ def test_scenario_3_2_with_the_real_server(calc_server, twistd):
 def test_scenario_3_3_server_down_then_back(calc_server, twistd):
     proxy = start_proxy(twistd, calc_server.port)
     a, b = VECTORS[1], VECTORS[4]
-    (cached,) = yield ask(proxy.port, request(a["text"]))
+    (cached,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
     assert_answer(cached, vector_payload(a))
 
     calc_server.stop()
-    (again,) = yield ask(proxy.port, request(a["text"]))
+    (again,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
     assert again == cached
 
     started = time.monotonic()
-    (failed,) = yield ask(proxy.port, request(b["text"]))
+    (failed,) = yield ask(proxy.port, request_frame(b["text"], steps=True))
     elapsed = time.monotonic() - started
     header = wire.decode_header(failed)
     assert (header.status, header.cache, header.steps, header.max_age) == (500, False, False, 0)
@@ -247,9 +160,9 @@ def test_scenario_3_3_server_down_then_back(calc_server, twistd):
     assert 0.7 <= elapsed < 5
 
     calc_server.start()  # same port; the proxy was not restarted
-    (recovered,) = yield ask(proxy.port, request(b["text"]))
+    (recovered,) = yield ask(proxy.port, request_frame(b["text"], steps=True))
     assert_answer(recovered, vector_payload(b))
-    (still,) = yield ask(proxy.port, request(a["text"]))
+    (still,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
     assert still == cached
 
 
@@ -278,7 +191,7 @@ def test_legacy_request_gets_a_pickled_500_when_the_server_is_down(twistd):
 def _many_identical_requests(proxy_port: int, server: CountingServer, n: int):
     conns = yield within(defer.gatherResults([connect(proxy_port) for _ in range(n)]))
     try:
-        frame = request("max(2, 3) + 3")
+        frame = request_frame("max(2, 3) + 3", steps=True)
         answers = yield within(defer.gatherResults([c.sendRequest(frame) for c in conns]))
         assert len(server.requests) == 1
         assert server.connections == 1
@@ -332,12 +245,12 @@ def test_a_slow_miss_does_not_delay_a_hit_over_tcp():
     listening = reactor.listenTCP(0, factory, interface=HOST)
     port = listening.getHost().port
     try:
-        (cached,) = yield ask(port, request("1 + 2"))
+        (cached,) = yield ask(port, request_frame("1 + 2", steps=True))
         server.delay = 2.0
         slow_conn = yield connect(port)
-        slow = slow_conn.sendRequest(request("2 + 3"))
+        slow = slow_conn.sendRequest(request_frame("2 + 3", steps=True))
         started = time.monotonic()
-        (hit,) = yield ask(port, request("1 + 2"))
+        (hit,) = yield ask(port, request_frame("1 + 2", steps=True))
         assert time.monotonic() - started < 1.0
         assert hit == cached
         assert not slow.called
@@ -355,7 +268,7 @@ def test_pooled_connection_closed_under_a_request_is_retried_over_tcp(twistd):
     server_port = server.listen()
     try:
         proxy = start_proxy(twistd, server_port)
-        first, second = request("1 + 2"), request("2 + 3")
+        first, second = request_frame("1 + 2", steps=True), request_frame("2 + 3", steps=True)
         (a,) = yield ask(proxy.port, first)
         assert a == server.sent[0]
         (b,) = yield ask(proxy.port, second)
@@ -373,10 +286,10 @@ def test_idle_connection_closed_by_the_real_server_is_replaced(twistd):
     server_port = free_port()
     twistd("cacheserver", "--port", str(server_port), "--idle-timeout", "0.2", port=server_port)
     proxy = start_proxy(twistd, server_port)
-    (a,) = yield ask(proxy.port, request("1 + 2"))
+    (a,) = yield ask(proxy.port, request_frame("1 + 2", steps=True))
     assert wire.decode_header(a).status == wire.OK
     yield deferLater(0.5)  # the server closes the pooled connection meanwhile
-    (b,) = yield ask(proxy.port, request("2 + 3"))
+    (b,) = yield ask(proxy.port, request_frame("2 + 3", steps=True))
     assert_answer(b, codec.encode_result(codec.TEXT, 5, ["2 + 3", "5"]))
 
 
@@ -390,14 +303,14 @@ def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
             twistd, server_port, "--upstream-pipeline", "64", "--upstream-connections", "1"
         )
         # Pipelining starts once the connection has brought an answer with L.
-        yield ask(proxy.port, request("1 + 1"))
+        yield ask(proxy.port, request_frame("1 + 1", steps=True))
         server.requests.clear()
         # The server answers nothing until it has every request: only
         # pipelining gets them all to it, all on the proxy's one connection
         # (without, it would see one, and the proxy would wait for its answer).
         server.hold(n)
         conns = yield within(defer.gatherResults([connect(proxy.port) for _ in range(n)]))
-        frames = [request(f"{k} * 3 + 1") for k in range(n)]
+        frames = [request_frame(f"{k} * 3 + 1", steps=True) for k in range(n)]
         answered = defer.gatherResults(
             [c.sendRequest(f) for c, f in zip(conns, frames, strict=True)]
         )

@@ -3,7 +3,7 @@ of a real ``twistd cacheserver`` and a real memcached: both workers answer,
 an answer one worker fetched is a cache hit on the other, a purge through
 one worker's admin site empties both workers' memory, and SIGTERM lets the
 misses already read be answered. Which worker holds a connection is read
-from /proc, as in test_workers_integration."""
+from /proc (processes.owners)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ import pathlib
 import socket
 
 import pytest
-from processes import free_port, free_ports_in_a_row, wait_for
-from test_admin_integration import http
-from test_reliability_tcp import read_message, request
-from test_sharedcache_integration import memcached  # noqa: F401 (a fixture)
-from test_workers_integration import answers_across_sigterm, children, connections_on_each
+from helpers import request_frame
+from processes import (
+    answers_across_sigterm,
+    children,
+    connections_on_each,
+    free_port,
+    free_ports_in_a_row,
+    http,
+    read_message,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -25,7 +31,7 @@ pytestmark = [
 
 
 @pytest.fixture
-def proxy_workers(twistd, memcached):  # noqa: F811 (the fixture imported above)
+def proxy_workers(twistd, memcached):
     node = memcached()
     server_port = free_port()
     twistd("cacheserver", "--port", str(server_port), port=server_port)
@@ -57,7 +63,7 @@ ANSWER = b'{"result": 7778, "steps": []}'
 
 def ask(sock: socket.socket, text: str) -> tuple[bool, bytes]:
     """(served from a cache, data) of one request of ``text`` on ``sock``."""
-    sock.sendall(request(text))
+    sock.sendall(request_frame(text))
     header, data = read_message(sock)
     assert header.status == 200, data
     return header.from_cache, data

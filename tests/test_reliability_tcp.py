@@ -14,35 +14,11 @@ import time
 
 import pytest
 from helpers import request_frame
-from processes import HOST, free_port, start_proxy
+from processes import HOST, ask_each, expected, free_port, in_threads, read_message, start_proxy
 
-from twisted_cacheproxy.calculator import codec
-from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.integration
-
-
-def request(text: str, *, steps: bool = False, cache: bool = True) -> bytes:
-    return request_frame(text, steps=steps, cache=cache)
-
-
-def read_message(sock: socket.socket) -> tuple[wire.Header, bytes]:
-    """One whole message from a blocking socket."""
-    head = _read_exactly(sock, wire.HEADER_SIZE)
-    header = wire.decode_header(head)
-    return header, _read_exactly(sock, header.length - wire.HEADER_SIZE)
-
-
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = sock.recv(n)
-        if not chunk:
-            raise ConnectionError("closed")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
 
 
 def read_all(sock: socket.socket) -> list[tuple[wire.Header, bytes]]:
@@ -56,171 +32,6 @@ def read_all(sock: socket.socket) -> list[tuple[wire.Header, bytes]]:
         out.append((header, raw[wire.HEADER_SIZE : header.length]))
         raw = raw[header.length :]
     return out
-
-
-class StandIn:
-    """A calculator server in a thread that misbehaves on purpose. Every
-    answer is computed right (by our own evaluator) for the request it
-    answers; what goes wrong is when and how often it is sent:
-
-    - ``framed``: set L and echo tags (our server) or not (a course server);
-    - ``duplicate``: send every answer a second time ``duplicate`` s later;
-    - ``hold``: answer the first request of a connection at once, then keep
-      its answers and send them all in one write ``hold`` seconds after the
-      first of them arrived;
-    - ``course``: read one ``recv`` as one message, as the course server
-      does (never L), and note in ``violations`` every ``recv`` that did not
-      hold exactly one whole request and every second request on a connection.
-    """
-
-    def __init__(
-        self, *, framed: bool, duplicate: float = 0.0, hold: float = 0.0, course: bool = False
-    ) -> None:
-        self.framed = framed and not course
-        self.duplicate = duplicate
-        self.hold = hold
-        self.course = course
-        self.violations: list[str] = []
-        self.calculator = CalculatorServerFactory()
-        self.requests = 0
-        self.listener = socket.create_server((HOST, 0))
-        self.port = self.listener.getsockname()[1]
-        self.stopping = False
-        self.threads: list[threading.Thread] = []
-        self._spawn(self._accept)
-
-    def _spawn(self, target, *args) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True)
-        self.threads.append(t)
-        t.start()
-
-    def _accept(self) -> None:
-        self.listener.settimeout(0.1)
-        while not self.stopping:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            self._spawn(self._serve, conn)
-
-    def answer(self, header: wire.Header, data: bytes) -> bytes:
-        answer = self.calculator.answer(header, data, codec.encoding_of(data), int(time.time()))
-        return answer if self.framed else answer[:10] + b"\x00\x00" + answer[12:]
-
-    def _serve_course(self, conn: socket.socket) -> None:
-        """One ``recv`` is one message; a connection is meant for one request."""
-        conn.settimeout(0.2)
-        received = 0
-        with conn:
-            while not self.stopping:
-                try:
-                    chunk = conn.recv(1 << 16)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                received += 1
-                if received > 1:
-                    self.violations.append(f"request {received} on one connection")
-                header = wire.decode_header(chunk)
-                if header.length != len(chunk):
-                    self.violations.append(
-                        f"one recv of {len(chunk)} bytes, {header.length} framed"
-                    )
-                self.requests += 1
-                try:
-                    conn.sendall(self.answer(header, chunk[wire.HEADER_SIZE : header.length]))
-                except OSError:
-                    return
-
-    def _serve(self, conn: socket.socket) -> None:
-        if self.course:
-            self._serve_course(conn)
-            return
-        held: list[bytes] = []
-        deadline = None
-        answered = 0
-        conn.settimeout(0.002 if self.hold else 0.2)
-        with conn:
-            while not self.stopping:
-                try:
-                    header, data = read_message(conn)
-                except TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        conn.sendall(b"".join(held))
-                        held, deadline = [], None
-                    continue
-                except OSError:
-                    return
-                self.requests += 1
-                answered += 1
-                answer = self.answer(header, data)
-                if self.hold and answered > 1:
-                    held.append(answer)
-                    deadline = deadline or time.monotonic() + self.hold
-                    continue
-                try:
-                    conn.sendall(answer)
-                    if self.duplicate:
-                        time.sleep(self.duplicate)
-                        conn.sendall(answer)
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        self.stopping = True
-        self.listener.close()
-        for t in self.threads:
-            t.join(2)
-
-
-@pytest.fixture
-def stand_in():
-    made: list[StandIn] = []
-
-    def make(**options) -> StandIn:
-        made.append(StandIn(**options))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
-
-
-def expected(k: int, steps: bool) -> tuple[int, list[str]]:
-    """The answer to ``k * 7 + 1``."""
-    return k * 7 + 1, ([f"({k} * 7) + 1", f"{k * 7} + 1", f"{k * 7 + 1}"] if steps else [])
-
-
-def ask_each(port: int, ks, steps_of) -> list[str]:
-    """Ask ``k * 7 + 1`` for every k, one request at a time on one connection
-    per k; what was wrong, as text (nothing when every answer was right)."""
-    wrong = []
-    for k in ks:
-        steps = steps_of(k)
-        with socket.create_connection((HOST, port), timeout=10) as sock:
-            sock.sendall(request(f"{k} * 7 + 1", steps=steps))
-            header, data = read_message(sock)
-        got = json.loads(data)
-        want = expected(k, steps)
-        if header.status != 200 or (got.get("result"), got.get("steps")) != want:
-            wrong.append(f"{k}: {header.status} {got} instead of {want}")
-        if bool(header.steps) != steps:
-            wrong.append(f"{k}: S={header.steps} for a request with S={steps}")
-    return wrong
-
-
-def in_threads(count: int, work) -> list[str]:
-    """Run ``work(i)`` in ``count`` threads; everything they found wrong."""
-    found: list[str] = []
-    threads = [threading.Thread(target=lambda i=i: found.extend(work(i))) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return found
 
 
 @pytest.mark.parametrize(
@@ -268,7 +79,7 @@ def test_a_late_batch_racing_the_timeout_gives_no_wrong_answer(twistd, stand_in,
     )
     # The proxy's one connection brings an answer with L first: then it pipelines.
     with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
-        sock.sendall(request("0 * 7 + 1"))
+        sock.sendall(request_frame("0 * 7 + 1"))
         assert read_message(sock)[0].status == 200
 
     answered: dict[int, int] = {}
@@ -276,7 +87,7 @@ def test_a_late_batch_racing_the_timeout_gives_no_wrong_answer(twistd, stand_in,
     def work(i: int) -> list[str]:
         ks = range(1 + i * 63, 1 + i * 63 + 63)
         with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
-            sock.sendall(b"".join(request(f"{k} * 7 + 1", steps=True) for k in ks))
+            sock.sendall(b"".join(request_frame(f"{k} * 7 + 1", steps=True) for k in ks))
             answers = [read_message(sock) for _ in ks]
         wrong = []
         for k, (header, data) in zip(ks, answers, strict=True):
@@ -303,7 +114,7 @@ def test_a_half_closing_client_gets_every_answer(twistd, service):
     twistd("cacheserver", "--port", str(server_port), port=server_port)
     port = server_port if service == "server" else start_proxy(twistd, server_port).port
     count = 10_000 if service == "server" else 3
-    frames = [request(f"{k} * 7 + 1") for k in range(count)]
+    frames = [request_frame(f"{k} * 7 + 1") for k in range(count)]
     with socket.create_connection((HOST, port), timeout=20) as sock:
         sock.sendall(b"".join(frames))
         sock.shutdown(socket.SHUT_WR)
@@ -323,9 +134,9 @@ def test_a_client_pipelining_as_fast_as_it_reads_keeps_the_server_small(twistd):
     port = free_port()
     server = twistd("cacheserver", "--port", str(port), port=port)
     pid = server.proc.pid
-    batch = request("1 + 1") * 2000
+    batch = request_frame("1 + 1") * 2000
     with socket.create_connection((HOST, port), timeout=10) as sock:
-        sock.sendall(request("1 + 1"))
+        sock.sendall(request_frame("1 + 1"))
         read_message(sock)
         before = rss_kb(pid)
         stop = time.monotonic() + 4
@@ -381,7 +192,7 @@ def test_a_course_server_gets_one_request_at_a_time_from_a_default_proxy(twistd,
     def work(i: int) -> list[str]:
         ks = range(i * 20, i * 20 + 20)
         with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
-            sock.sendall(b"".join(request(f"{k} * 7 + 1", steps=True) for k in ks))
+            sock.sendall(b"".join(request_frame(f"{k} * 7 + 1", steps=True) for k in ks))
             answers = [read_message(sock) for _ in ks]
         wrong = []
         for k, (header, data) in zip(ks, answers, strict=True):

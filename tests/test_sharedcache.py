@@ -10,7 +10,8 @@ import math
 import re
 
 import pytest
-from test_proxy import TS, Harness, X, Y, answer, request, with_max_age
+from helpers import T0, TS, answer, request_frame, scrape, with_max_age
+from proxyharness import Harness, X, Y
 from twisted.internet import error
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
@@ -35,7 +36,6 @@ from twisted_cacheproxy.transport.wire import FOREVER
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
 HIT = wire.EXT_FRAMED | wire.EXT_FROM_CACHE
-T0 = float(TS)
 
 
 # --- the ring -------------------------------------------------------------------------
@@ -125,7 +125,7 @@ GOOD = encode_entry(KEY, Entry(STORED, T0, 60))
         encode_entry(b"\x01" + Y, Entry(STORED, T0, 60)),
         # The other S flag: steps are in the key.
         encode_entry(b"\x00" + X, Entry(STORED, T0, 60)),
-        encode_entry(KEY, Entry(request(X, max_age=60), T0, 60)),  # a request
+        encode_entry(KEY, Entry(request_frame(X, max_age=60, ts=TS), T0, 60)),  # a request
         encode_entry(KEY, Entry(answer(3, max_age=60, status=500), T0, 60)),
         encode_entry(KEY, Entry(answer(3, max_age=0), T0, 0)),  # may not be cached
         encode_entry(KEY, Entry(answer(3, cache=False, max_age=60), T0, 60)),
@@ -536,7 +536,7 @@ def test_l2_miss_goes_to_the_server_and_the_answer_is_stored_in_both():
     h = site.proxy()
     c = h.client()
     reply = answer(3, max_age=60)
-    upstream_miss(h, c, request(X), reply, site)
+    upstream_miss(h, c, request_frame(X, ts=TS), reply, site)
     assert c.take() == reply
     assert h.counters()["entries"] == 1
     (mkey,) = site.mc.data_keys()
@@ -548,11 +548,11 @@ def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
     site = Site()
     a, b = site.proxy(), site.proxy()
     reply = answer(3, max_age=60)
-    upstream_miss(a, a.client(), request(X), reply, site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), reply, site)
     a.advance(10)
     b.advance(10)
     c = b.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == b""
     site.mc.pump()
     assert c.take() == with_max_age(reply, 50)
@@ -561,7 +561,7 @@ def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
     assert b.counters()["l2_hits"] == 1
     # Copied into L1: the next one is an L1 hit, with no memcached command.
     before = len(site.mc.commands)
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(reply, 50)
     assert len(site.mc.commands) == before
     assert b.counters()["hits"] == 1
@@ -573,9 +573,9 @@ def both_hold_x() -> tuple[Site, Harness, Harness, object, bytes]:
     site = Site()
     a, b = site.proxy(poll=True), site.proxy(poll=True)
     reply = answer(3, max_age=60)
-    upstream_miss(a, a.client(), request(X), reply, site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), reply, site)
     c = b.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     site.mc.pump()
     assert c.take() == reply and b.counters()["entries"] == 1
     return site, a, b, c, reply
@@ -592,7 +592,7 @@ def test_a_purge_through_one_proxy_empties_every_proxys_memory_within_a_poll(pro
     assert b.counters()["entries"] == 0
     assert any("shared cache was purged" in e.get("log_format", "") for e in proxy_log)
     # Neither level has it now: the server is asked again.
-    upstream_miss(b, c, request(X), reply, site)
+    upstream_miss(b, c, request_frame(X, ts=TS), reply, site)
     assert c.take() == reply
     # a's own purge does not empty a twice when its poll reads the new generation.
     a.advance(GENERATION_POLL)
@@ -604,8 +604,8 @@ def test_a_purge_through_one_proxy_empties_every_proxys_memory_within_a_poll(pro
 def test_a_purge_of_one_expression_deletes_its_shared_entries():
     site = Site()
     a, b, c = site.proxy(), site.proxy(), site.proxy()
-    upstream_miss(a, a.client(), request(X), answer(3), site)
-    upstream_miss(b, b.client(), request(Y), answer(6), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
+    upstream_miss(b, b.client(), request_frame(Y, ts=TS), answer(6), site)
     assert len(site.mc.data_keys()) == 2
     purged = fired(a.factory.purge([X]))
     site.mc.pump()
@@ -613,22 +613,22 @@ def test_a_purge_of_one_expression_deletes_its_shared_entries():
     assert len(site.mc.data_keys()) == 1
     # A third proxy finds Y shared, and X in neither level.
     client = c.client()
-    client.send(request(Y))
+    client.send(request_frame(Y, ts=TS))
     site.mc.pump()
     assert client.take() == answer(6) and c.attempts == 0
-    upstream_miss(c, client, request(X), answer(3), site)
+    upstream_miss(c, client, request_frame(X, ts=TS), answer(3), site)
     assert client.take() == answer(3)
 
 
 def test_an_l2_entry_the_request_finds_too_old_goes_to_the_server_and_is_replaced():
     site = Site()
     a, b = site.proxy(), site.proxy()
-    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
     for h in (a, b):
         h.advance(10)
     c = b.client()
     newer = answer(3, ts=TS + 10)
-    upstream_miss(b, c, request(X, max_age=5), newer, site)
+    upstream_miss(b, c, request_frame(X, max_age=5, ts=TS), newer, site)
     assert c.take() == newer
     (mkey,) = site.mc.data_keys()
     assert decode_entry(KEY[:0] + b"\x00" + X, site.mc.store[mkey][2]).stored == TS + 10
@@ -637,13 +637,13 @@ def test_an_l2_entry_the_request_finds_too_old_goes_to_the_server_and_is_replace
 def test_reload_skips_the_l2_lookup_and_replaces_the_shared_entry():
     site = Site()
     a, b = site.proxy(), site.proxy()
-    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
     c = b.client()
     before = site.mc.commands.count(b"get")
-    c.send(request(X, max_age=0))
+    c.send(request_frame(X, max_age=0, ts=TS))
     assert b.attempts == 1  # straight to the server
     up = b.accept()
-    assert up.take() == request(X, max_age=0)
+    assert up.take() == request_frame(X, max_age=0, ts=TS)
     newer = answer(3, ts=TS + 1)
     up.reply(newer)
     site.mc.pump()
@@ -658,7 +658,7 @@ def test_c0_requests_never_touch_the_shared_tier():
     h = site.proxy()
     before = list(site.mc.commands)
     c = h.client()
-    c.send(request(X, cache=False, max_age=0))
+    c.send(request_frame(X, cache=False, max_age=0, ts=TS))
     up = h.accept()
     up.reply(answer(3))
     site.mc.pump()
@@ -669,17 +669,17 @@ def test_c0_requests_never_touch_the_shared_tier():
 def test_uncacheable_answers_are_not_shared():
     site = Site()
     h = site.proxy()
-    upstream_miss(h, h.client(), request(X), answer(0.5, cache=False, max_age=0), site)
+    upstream_miss(h, h.client(), request_frame(X, ts=TS), answer(0.5, cache=False, max_age=0), site)
     assert site.mc.data_keys() == []
 
 
 def test_steps_are_in_the_shared_key():
     site = Site()
     a, b = site.proxy(), site.proxy()
-    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
     c = b.client()
     with_steps = answer(3, steps=["1 + 2", "3"])
-    upstream_miss(b, c, request(X, steps=True), with_steps, site)
+    upstream_miss(b, c, request_frame(X, steps=True, ts=TS), with_steps, site)
     assert c.take() == with_steps
     assert len(site.mc.data_keys()) == 2
 
@@ -688,10 +688,10 @@ def test_l1_hits_never_wait_for_a_stalled_shared_tier():
     site = Site()
     h = site.proxy()
     c = h.client()
-    upstream_miss(h, c, request(X), answer(3), site)
+    upstream_miss(h, c, request_frame(X, ts=TS), answer(3), site)
     c.take()
     site.mc.stalled = True
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert c.take() == answer(3)
 
 
@@ -700,7 +700,7 @@ def test_a_stalled_tier_is_an_l2_miss_after_the_timeout():
     h = site.proxy()
     site.mc.stalled = True
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     h.advance(0.049)
     assert h.attempts == 0
     h.advance(0.001)
@@ -715,7 +715,7 @@ def test_identical_misses_wait_for_one_l2_lookup_and_one_server_request():
     h = site.proxy()
     c1, c2, c3 = h.client(), h.client(), h.client()
     for c in (c1, c2, c3):
-        c.send(request(X))
+        c.send(request_frame(X, ts=TS))
     assert h.counters()["coalesced"] == 2
     gets = site.mc.commands.count(b"get")
     site.mc.pump()
@@ -729,18 +729,18 @@ def test_identical_misses_wait_for_one_l2_lookup_and_one_server_request():
 def test_waiters_on_an_l2_hit_get_it_unless_they_want_a_younger_answer():
     site = Site()
     a, b = site.proxy(), site.proxy()
-    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
     b.advance(10)
     c1, c2, c3 = b.client(), b.client(), b.client()
-    c1.send(request(X))
-    c2.send(request(X, max_age=5))  # too old for this one
-    c3.send(request(X, max_age=20))
+    c1.send(request_frame(X, ts=TS))
+    c2.send(request_frame(X, max_age=5, ts=TS))  # too old for this one
+    c3.send(request_frame(X, max_age=20, ts=TS))
     site.mc.pump()
     assert c1.take() == answer(3)
     assert c3.take() == answer(3)
     assert c2.take() == b""
     up = b.accept()
-    assert up.take() == request(X, max_age=5)
+    assert up.take() == request_frame(X, max_age=5, ts=TS)
     newer = answer(3, ts=TS + 10)
     up.reply(newer)
     assert c2.take() == newer
@@ -752,7 +752,7 @@ def test_node_down_means_misses_go_to_the_server_at_once():
     proto, _ = site.mc.conns[0]
     proto.connectionLost(Failure(error.ConnectionLost()))
     c = h.client()
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     assert h.attempts == 1  # no wait for the tier
     up = h.accept()
     up.reply(answer(3))
@@ -860,8 +860,6 @@ def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log)
 
 
 def test_the_tier_is_in_the_metrics_stats_and_status_page():
-    from test_metrics import scrape
-
     from twisted_cacheproxy.operations import admin
     from twisted_cacheproxy.operations.metrics import ProxyMetrics
 
@@ -869,11 +867,11 @@ def test_the_tier_is_in_the_metrics_stats_and_status_page():
     a, b = site.proxy(), site.proxy()
     metrics = ProxyMetrics(b.factory)
     b.factory.observer = metrics
-    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
     c = b.client()
-    c.send(request(X))  # an L2 hit
+    c.send(request_frame(X, ts=TS))  # an L2 hit
     site.mc.pump()
-    c.send(request(Y))  # an L2 miss, answered by b's server and stored
+    c.send(request_frame(Y, ts=TS))  # an L2 miss, answered by b's server and stored
     site.mc.pump()
     up = b.accept()
     up.reply(answer(6))
@@ -897,9 +895,9 @@ def test_a_lookup_answered_before_the_purge_does_not_bring_a_purged_answer_back(
     site = Site()
     a, b = site.proxy(poll=True), site.proxy(poll=True)
     reply = answer(3, max_age=60)
-    upstream_miss(b, b.client(), request(X), reply, site)  # X shared
+    upstream_miss(b, b.client(), request_frame(X, ts=TS), reply, site)  # X shared
     c = a.client()
-    c.send(request(X))  # a's lookup is on its way...
+    c.send(request_frame(X, ts=TS))  # a's lookup is on its way...
     purged = fired(a.factory.purge())  # ...when a purges: the lookup is answered first
     site.mc.pump()
     assert c.take() == reply  # served, as it was asked for before the purge
@@ -921,7 +919,7 @@ def test_a_purge_made_while_a_proxy_was_cut_off_is_noticed_once_it_is_back():
     site.mc.connect(b.shared.nodes[0])  # b is back: it reads the generation at once
     site.mc.pump()
     assert b.counters()["entries"] == 0
-    c.send(request(X))
+    c.send(request_frame(X, ts=TS))
     site.mc.pump()
     assert c.take() == b"" and b.counters()["hits"] == 0  # asked of the server again
 
@@ -929,7 +927,7 @@ def test_a_purge_made_while_a_proxy_was_cut_off_is_noticed_once_it_is_back():
 def test_a_node_down_at_the_purge_is_purged_once_it_is_back(proxy_log):
     site = Site()
     a, b = site.proxy(), site.proxy()
-    upstream_miss(a, a.client(), request(X), answer(3), site)
+    upstream_miss(a, a.client(), request_frame(X, ts=TS), answer(3), site)
     proto, transport = site.mc.conns[0]  # a is cut off from the node
     site.mc.conns.remove((proto, transport))
     proto.connectionLost(Failure(error.ConnectionLost()))
@@ -940,5 +938,5 @@ def test_a_node_down_at_the_purge_is_purged_once_it_is_back(proxy_log):
     site.mc.pump()
     # b, which never saw the purge, finds X gone from the shared tier.
     c = b.client()
-    upstream_miss(b, c, request(X), answer(3), site)
+    upstream_miss(b, c, request_frame(X, ts=TS), answer(3), site)
     assert c.take() == answer(3)

@@ -9,17 +9,13 @@ Without memcached installed the tests are skipped; with ``CI`` set they fail.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import time
 
 import pytest
 import pytest_twisted
-from helpers import require_tool
-from processes import HOST, accepting, free_port, start_proxy
-from test_proxy_integration import CountingServer, deferLater, exchange, raw, request
+from helpers import request_frame
+from processes import HOST, Memcached, deferLater, exchange, raw, start_proxy
+from standins import CountingServer
 from twisted.internet import defer
 
 from twisted_cacheproxy.proxy.cache import MemoryCache
@@ -31,92 +27,6 @@ from twisted_cacheproxy.transport import wire
 pytestmark = pytest.mark.integration
 
 WAIT = 10.0
-
-
-class Memcached:
-    """One memcached process on ``port``: started, stopped (by PID), paused."""
-
-    def __init__(self, binary: str, port: int | None = None) -> None:
-        self.binary = binary
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def start(self) -> None:
-        command = [self.binary, "-l", HOST, "-p", str(self.port), "-U", "0", "-m", "16"]
-        command += ["-t", "1", "-c", "256"]
-        if os.geteuid() == 0:
-            command += ["-u", "root"]
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + WAIT
-        while not accepting(self.port):
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            assert time.monotonic() < deadline, "memcached did not listen"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGCONT)  # if it was paused
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def command(self, line: bytes) -> bytes:
-        """One command on a new connection; memcached's answer."""
-        with socket.create_connection((HOST, self.port), timeout=WAIT) as s:
-            s.sendall(line)
-            answer = b""
-            while not answer.endswith(b"\r\n"):
-                chunk = s.recv(65536)
-                assert chunk
-                answer += chunk
-            return answer
-
-    def keys_stored(self) -> int:
-        stats = self.command(b"stats\r\n")
-        while not stats.endswith(b"END\r\n"):
-            time.sleep(0.01)
-            stats = self.command(b"stats\r\n")
-        for line in stats.split(b"\r\n"):
-            if line.startswith(b"STAT curr_items "):
-                return int(line.split()[2])
-        raise AssertionError(stats)
-
-
-@pytest.fixture
-def memcached():
-    """Makes memcached processes; every one is stopped when the test ends."""
-    binary = require_tool("memcached", "memcached", "the shared cache tests")
-    made: list[Memcached] = []
-
-    def make(port: int | None = None, start: bool = True) -> Memcached:
-        m = Memcached(binary, port)
-        made.append(m)
-        if start:
-            m.start()
-        return m
-
-    yield make
-    for m in made:
-        m.stop()
 
 
 # --- proxies in this process ------------------------------------------------------------
@@ -137,7 +47,7 @@ def in_process_proxy(server_port: int, nodes: list[Memcached], *, timeout: float
 
 def plain(text: str) -> bytes:
     """A cacheable request without steps (its key: ``b"\\x00" + text``)."""
-    return request(text, steps=False)
+    return request_frame(text, steps=False)
 
 
 @defer.inlineCallbacks
@@ -337,7 +247,7 @@ def test_two_twistd_proxies_share_answers_and_a_restarted_one_keeps_serving_them
         b = start_proxy(twistd, server_port, *options)
         for p in (a, b):
             yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
-        frame = request("max(2, 3) + 3", steps=True)
+        frame = request_frame("max(2, 3) + 3", steps=True)
         ((first, first_data),) = yield exchange(a.port, frame)
         assert (first.status, first.from_cache) == (wire.OK, False)
         assert len(server.requests) == 1

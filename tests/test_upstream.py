@@ -5,28 +5,16 @@ backoff, pipelining and the tag checks; and `TCPConnector`'s ClientCreator chain
 from __future__ import annotations
 
 import pytest
-from helpers import FakeConnector, Peer, request_frame
+from helpers import T0, TS, FakeConnector, Peer, answer, request_frame
 from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.proxy.upstream import PIPELINE_PAUSE, UpstreamError, UpstreamPool
 from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
-T0 = 1_700_000_000.0
-TS = int(T0)
 EPS = 2.0**-10
-
-
-def request(data: bytes) -> bytes:
-    return request_frame(data, ts=TS)
-
-
-def answer(result) -> bytes:
-    payload = codec.encode_result(codec.TEXT, result, [])
-    return wire.encode(TS, wire.make_flags(request=False, status=200, cache=True), 60, payload)
 
 
 class Result:
@@ -81,14 +69,14 @@ def p() -> Pool:
 
 
 def test_fetch_sends_the_frame_and_fires_with_the_answer_and_the_send_time(p):
-    r = p.fetch(request(b"1 + 2"))
+    r = p.fetch(request_frame(b"1 + 2", ts=TS))
     assert p.attempts == 1
     p.advance(2)  # the connection opens 2 s later: that is when the request leaves
     conn = p.accept()
-    assert conn.take() == request(b"1 + 2")
+    assert conn.take() == request_frame(b"1 + 2", ts=TS)
     p.advance(3)
     assert not r.done
-    reply = answer(3)
+    reply = answer(3, max_age=60)
     conn.reply(reply)
     header, data, sent = r.value
     assert header == wire.decode_header(reply)._replace(ext=wire.EXT_FRAMED | 1 << 3)
@@ -98,9 +86,9 @@ def test_fetch_sends_the_frame_and_fires_with_the_answer_and_the_send_time(p):
 
 
 def test_answer_split_across_reads_is_reassembled(p):
-    r = p.fetch(request(b"1 + 2"))
+    r = p.fetch(request_frame(b"1 + 2", ts=TS))
     conn = p.accept()
-    reply = answer(3)
+    reply = answer(3, max_age=60)
     for i in range(len(reply) - 1):
         conn.reply(reply[i : i + 1])
         assert not r.done
@@ -114,66 +102,66 @@ def test_answer_split_across_reads_is_reassembled(p):
 def test_one_connection_is_reused_request_after_request(p):
     conn = None
     for n in range(4):
-        r = p.fetch(request(b"%d" % n))
+        r = p.fetch(request_frame(b"%d" % n, ts=TS))
         if conn is None:
             conn = p.accept()
-        assert conn.take() == request(b"%d" % n)
-        conn.reply(answer(n))
-        assert r.value[1] == answer(n)[12:]
+        assert conn.take() == request_frame(b"%d" % n, ts=TS)
+        conn.reply(answer(n, max_age=60))
+        assert r.value[1] == answer(n, max_age=60)[12:]
         assert (p.pool.connections, p.pool.idle) == (1, 1)
     assert p.attempts == 1
 
 
 def test_concurrent_fetches_use_separate_connections(p):
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
     assert p.attempts == 2
     c1, c2 = p.accept(0), p.accept(1)
-    assert c1.take() == request(b"1")
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
-    c1.reply(answer(1))
-    assert r1.value[1] == answer(1)[12:]
-    assert r2.value[1] == answer(2)[12:]
+    assert c1.take() == request_frame(b"1", ts=TS)
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    c1.reply(answer(1, max_age=60))
+    assert r1.value[1] == answer(1, max_age=60)[12:]
+    assert r2.value[1] == answer(2, max_age=60)[12:]
     assert (p.pool.connections, p.pool.idle) == (2, 2)
 
 
 def test_fetches_over_the_connection_limit_wait_for_a_free_connection():
     p = Pool(max_connections=2)
-    r1, r2, r3 = (p.fetch(request(b"%d" % n)) for n in (1, 2, 3))
+    r1, r2, r3 = (p.fetch(request_frame(b"%d" % n, ts=TS)) for n in (1, 2, 3))
     assert p.attempts == 2
     c1, c2 = p.accept(0), p.accept(1)
-    assert c1.take() == request(b"1")
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
+    assert c1.take() == request_frame(b"1", ts=TS)
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
     # The waiting request goes out on the connection that just became free.
-    assert c2.take() == request(b"3")
+    assert c2.take() == request_frame(b"3", ts=TS)
     assert c1.take() == b""
     assert p.attempts == 2
-    c2.reply(answer(3))
-    c1.reply(answer(1))
-    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n)[12:] for n in (1, 2, 3)]
+    c2.reply(answer(3, max_age=60))
+    c1.reply(answer(1, max_age=60))
+    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n, max_age=60)[12:] for n in (1, 2, 3)]
     assert (p.pool.connections, p.pool.idle) == (2, 2)
 
 
 def test_a_waiting_fetch_connects_when_a_busy_connection_is_lost():
     p = Pool(max_connections=1)
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
     c1 = p.accept()
     c1.close()
     assert r1.error == "calculator server 127.0.0.1:9999 closed the connection before answering"
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
-    assert r2.value[1] == answer(2)[12:]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    assert r2.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_a_waiting_fetch_connects_after_the_busy_connection_times_out():
     p = Pool(max_connections=1, timeout=5)
-    r1 = p.fetch(request(b"1"))
+    r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     p.advance(1)
-    r2 = p.fetch(request(b"2"))
+    r2 = p.fetch(request_frame(b"2", ts=TS))
     p.advance(4)  # T0 + 5: the first times out and its connection is closed
     assert r1.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
     assert c1.transport.disconnecting
@@ -181,22 +169,22 @@ def test_a_waiting_fetch_connects_after_the_busy_connection_times_out():
     c1.close(error.ConnectionAborted)
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
-    assert r2.value[1] == answer(2)[12:]
-    assert c1.take() == request(b"1")
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    assert r2.value[1] == answer(2, max_age=60)[12:]
+    assert c1.take() == request_frame(b"1", ts=TS)
 
 
 def test_a_cancelled_waiting_fetch_is_never_sent():
     p = Pool(max_connections=1)
-    r1 = p.fetch(request(b"1"))
+    r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    d2 = p.pool.fetch(request(b"2"))
+    d2 = p.pool.fetch(request_frame(b"2", ts=TS))
     d2.addErrback(lambda f: f.trap(defer.CancelledError))
     d2.cancel()
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     assert r1.done
-    assert c1.take() == request(b"1")
+    assert c1.take() == request_frame(b"1", ts=TS)
     assert (p.pool.connections, p.pool.idle) == (1, 1)
     assert p.reactor.getDelayedCalls() == []
 
@@ -205,41 +193,41 @@ def test_a_cancelled_waiting_fetch_is_never_sent():
 
 
 def test_idle_connection_closed_by_the_server_is_discarded(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     assert r.done
     c1.close()
     assert (p.pool.connections, p.pool.idle) == (0, 0)
-    r2 = p.fetch(request(b"2"))
+    r2 = p.fetch(request_frame(b"2", ts=TS))
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    assert c1.take() == request(b"1")
-    c2.reply(answer(2))
-    assert r2.value[1] == answer(2)[12:]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    assert c1.take() == request_frame(b"1", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    assert r2.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_idle_connection_already_closing_is_skipped(p):
-    p.fetch(request(b"1"))
+    p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     c1.take()
     c1.transport.loseConnection()  # closing, its connectionLost not yet delivered
-    r2 = p.fetch(request(b"2"))
+    r2 = p.fetch(request_frame(b"2", ts=TS))
     assert c1.take() == b""
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
-    assert r2.value[1] == answer(2)[12:]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    assert r2.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_unrequested_bytes_on_an_idle_connection_drop_it(p):
-    p.fetch(request(b"1"))
+    p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1))
-    c1.reply(answer(99))
+    c1.reply(answer(1, max_age=60))
+    c1.reply(answer(99, max_age=60))
     assert c1.transport.disconnecting
     c1.close(error.ConnectionAborted)
     assert (p.pool.connections, p.pool.idle) == (0, 0)
@@ -247,45 +235,45 @@ def test_unrequested_bytes_on_an_idle_connection_drop_it(p):
 
 @pytest.mark.parametrize("reason", [error.ConnectionDone, error.ConnectionLost])
 def test_request_on_a_broken_pooled_connection_is_retried_on_a_fresh_one(p, reason):
-    p.fetch(request(b"1"))
+    p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     c1.take()
-    r = p.fetch(request(b"2"))
-    assert c1.take() == request(b"2")
+    r = p.fetch(request_frame(b"2", ts=TS))
+    assert c1.take() == request_frame(b"2", ts=TS)
     c1.close(reason)
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
-    assert r.value[1] == answer(2)[12:]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    assert r.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_every_broken_idle_connection_is_tried_then_a_fresh_one(p):
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
     c1, c2 = p.accept(0), p.accept(1)
-    c1.reply(answer(1))
-    c2.reply(answer(2))
+    c1.reply(answer(1, max_age=60))
+    c2.reply(answer(2, max_age=60))
     assert r1.done and r2.done
     c1.take(), c2.take()
-    r = p.fetch(request(b"3"))
+    r = p.fetch(request_frame(b"3", ts=TS))
     # The server closed both while they were idle; we learn it one at a time.
     first = c2 if c2.transport.value() else c1
     second = c1 if first is c2 else c2
-    assert first.take() == request(b"3")
+    assert first.take() == request_frame(b"3", ts=TS)
     first.close()
-    assert second.take() == request(b"3")
+    assert second.take() == request_frame(b"3", ts=TS)
     second.close()
     assert p.attempts == 3
     c3 = p.accept()
-    assert c3.take() == request(b"3")
-    c3.reply(answer(3))
-    assert r.value[1] == answer(3)[12:]
+    assert c3.take() == request_frame(b"3", ts=TS)
+    c3.reply(answer(3, max_age=60))
+    assert r.value[1] == answer(3, max_age=60)[12:]
     assert (p.pool.connections, p.pool.idle) == (1, 1)
 
 
 def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.close()
     assert r.error == "calculator server 127.0.0.1:9999 closed the connection before answering"
@@ -294,31 +282,31 @@ def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry(p):
 
 
 def test_bytes_after_a_tagged_answer_close_the_connection_once_it_is_delivered(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1) + b"\x00")
-    assert r.value[1] == answer(1)[12:]
+    c1.reply(answer(1, max_age=60) + b"\x00")
+    assert r.value[1] == answer(1, max_age=60)[12:]
     assert c1.transport.disconnecting and not c1.protocol.usable
 
 
 def test_a_second_message_after_an_untagged_answer_sends_the_request_again(p):
     """A course server that read the request in two pieces sends two errors:
     neither can be trusted as the answer."""
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1) + answer(1), framed=False)
+    c1.reply(answer(1, max_age=60) + answer(1, max_age=60), framed=False)
     assert not r.done and c1.transport.disconnected
     c1.close(error.ConnectionAborted)
     c2 = p.accept()
-    assert c2.take() == request(b"1")
-    c2.reply(answer(1), framed=False)
-    assert r.value[1] == answer(1)[12:]
+    assert c2.take() == request_frame(b"1", ts=TS)
+    c2.reply(answer(1, max_age=60), framed=False)
+    assert r.value[1] == answer(1, max_age=60)[12:]
 
 
 def test_a_request_instead_of_an_answer_is_an_invalid_answer(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(request(b"2"))
+    c1.reply(request_frame(b"2", ts=TS))
     assert r.error == (
         "calculator server 127.0.0.1:9999 sent an invalid answer: "
         "peer sent a request (T=1) instead of an answer"
@@ -327,7 +315,7 @@ def test_a_request_instead_of_an_answer_is_an_invalid_answer(p):
 
 
 def test_an_impossible_length_is_an_invalid_answer(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.reply(wire.HEADER.pack(TS, 5, 200, 0, 0))
     assert r.error == (
@@ -341,9 +329,9 @@ def test_an_impossible_length_is_an_invalid_answer(p):
 
 
 def test_timeout_cancels_a_sent_request_and_closes_its_connection(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    assert c1.take() == request(b"1")
+    assert c1.take() == request_frame(b"1", ts=TS)
     p.advance(10 - EPS)
     assert not r.done
     assert not c1.transport.disconnecting
@@ -360,7 +348,7 @@ def test_timeout_cancels_a_sent_request_and_closes_its_connection(p):
 
 def test_timeout_cancels_a_connection_attempt():
     p = Pool(timeout=4)
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     p.advance(4)
     assert r.error == "calculator server 127.0.0.1:9999 did not answer within 4 s"
     assert p.connector.cancelled(0)
@@ -372,7 +360,7 @@ def test_timeout_cancels_a_connection_attempt():
 
 def test_timeout_cancels_a_waiting_retry():
     p = Pool(timeout=1, retry_delay=0.75)
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     p.refuse()
     p.advance(0.75)
     p.refuse()  # the next attempt would be at T0 + 2.25
@@ -387,10 +375,10 @@ def test_timeout_cancels_a_waiting_retry():
 
 
 def test_an_answer_before_the_timeout_cancels_the_timer(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     p.advance(9)
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     assert r.value is not None
     assert p.reactor.getDelayedCalls() == []
     p.advance(100)
@@ -403,7 +391,7 @@ def test_each_fetch_times_out_at_its_own_deadline_on_one_timer():
     c1 = framed(p)
     rs = []
     for n in range(4):
-        rs.append(p.fetch(request(b"%d" % n)))
+        rs.append(p.fetch(request_frame(b"%d" % n, ts=TS)))
         p.advance(1)
     assert len(p.reactor.getDelayedCalls()) == 1  # one timer, not one per request
     p.advance(10 - 4 - EPS)  # the first is due 10 s after it left
@@ -413,8 +401,8 @@ def test_each_fetch_times_out_at_its_own_deadline_on_one_timer():
     assert rs[0].error == "calculator server 127.0.0.1:9999 did not answer within 10 s"
     c1.close(error.ConnectionAborted)  # closed for it: the others go again elsewhere
     c2 = p.accept(1)
-    assert c2.take() == request(b"1")
-    c2.reply(answer(1))
+    assert c2.take() == request_frame(b"1", ts=TS)
+    c2.reply(answer(1, max_age=60))
     assert rs[1].value is not None
     p.advance(2 - EPS)  # each of the others at its own deadline
     assert [r.done for r in rs] == [True, True, False, False]
@@ -431,13 +419,13 @@ def test_a_fetch_made_while_one_times_out_keeps_the_others_on_time():
     # The proxy fetches again from a timed-out request's errback (a waiter,
     # or a client whose input it held): the next deadline must still hold.
     p = Pool(timeout=10)
-    first = p.pool.fetch(request(b"1"))
+    first = p.pool.fetch(request_frame(b"1", ts=TS))
     p.accept()
     p.advance(5)
-    second = p.fetch(request(b"2"))
+    second = p.fetch(request_frame(b"2", ts=TS))
     p.accept()
     again = []
-    first.addErrback(lambda _: again.append(p.fetch(request(b"3"))))
+    first.addErrback(lambda _: again.append(p.fetch(request_frame(b"3", ts=TS))))
     p.advance(5)
     assert again and not second.done
     p.advance(5 - EPS)
@@ -450,14 +438,14 @@ def test_a_fetch_made_while_one_times_out_keeps_the_others_on_time():
 
 def test_requests_answered_behind_a_slow_one_are_not_kept_for_its_timeout():
     p = Pool(timeout=10)
-    slow = p.fetch(request(b"slow"))
+    slow = p.fetch(request_frame(b"slow", ts=TS))
     c1 = p.accept()
     c2 = None
     for n in range(500):
-        r = p.fetch(request(b"%d" % n))
+        r = p.fetch(request_frame(b"%d" % n, ts=TS))
         if c2 is None:
             c2 = p.accept()
-        c2.reply(answer(n))
+        c2.reply(answer(n, max_age=60))
         assert r.value is not None
     assert p.pool.outstanding == 1 and len(p.pool._watched) <= 66
     p.advance(10)
@@ -467,7 +455,7 @@ def test_requests_answered_behind_a_slow_one_are_not_kept_for_its_timeout():
 
 
 def test_cancelling_a_sent_request_closes_its_connection(p):
-    d = p.pool.fetch(request(b"1"))
+    d = p.pool.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     d.cancel()
     failures = []
@@ -480,7 +468,7 @@ def test_cancelling_a_sent_request_closes_its_connection(p):
 
 
 def test_retry_backoff_is_half_a_second_doubling(p):
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     started = []
     for n in range(5):
         assert p.attempts == n + 1
@@ -502,7 +490,7 @@ def test_retry_backoff_is_half_a_second_doubling(p):
 
 def test_retry_delay_and_count_are_configurable():
     p = Pool(retries=4, retry_delay=0.125)
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     started = []
     while not r.done:
         if p.attempts > len(started):
@@ -518,7 +506,7 @@ def test_retry_delay_and_count_are_configurable():
 
 def test_one_attempt_is_named_in_the_singular():
     p = Pool(retries=1)
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     p.refuse()
     assert r.error == (
         "calculator server 127.0.0.1:9999 unreachable after 1 attempt: Connection refused"
@@ -538,7 +526,7 @@ def test_one_attempt_is_named_in_the_singular():
 )
 def test_the_last_failure_is_named_in_the_error(reason, why):
     p = Pool(retries=2, retry_delay=1)
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     p.refuse()
     p.advance(1)
     p.refuse(reason=reason)
@@ -547,25 +535,25 @@ def test_the_last_failure_is_named_in_the_error(reason, why):
 
 def test_a_retry_uses_a_connection_that_became_idle_meanwhile():
     p = Pool(retry_delay=1)
-    busy = p.fetch(request(b"1"))
-    r = p.fetch(request(b"2"))
+    busy = p.fetch(request_frame(b"1", ts=TS))
+    r = p.fetch(request_frame(b"2", ts=TS))
     c1 = p.accept(0)
     p.refuse(1)
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     assert busy.done
     c1.take()
     p.advance(1)
     # The retry finds the now idle connection instead of dialling again.
     assert p.attempts == 2
-    assert c1.take() == request(b"2")
-    c1.reply(answer(2))
-    assert r.value[1] == answer(2)[12:]
+    assert c1.take() == request_frame(b"2", ts=TS)
+    c1.reply(answer(2, max_age=60))
+    assert r.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_close_closes_the_idle_connections(p):
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
     c1, c2 = p.accept(0), p.accept(1)
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     assert r1.done and not r2.done
     p.pool.close()
     assert c1.transport.disconnecting
@@ -577,20 +565,20 @@ def test_close_closes_the_idle_connections(p):
 
 
 def test_without_pipelining_a_busy_connection_never_takes_a_second_request(p):
-    p.fetch(request(b"1"))
+    p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    p.fetch(request(b"2"))
-    assert c1.take() == request(b"1")
+    p.fetch(request_frame(b"2", ts=TS))
+    assert c1.take() == request_frame(b"1", ts=TS)
     assert p.attempts == 2
 
 
 def framed(p: Pool) -> Peer:
     """A connection of ``p`` that has brought an answer with L and our tag
     (so it may be pipelined), idle again."""
-    r = p.fetch(request(b"0"))
+    r = p.fetch(request_frame(b"0", ts=TS))
     conn = p.accept()
-    conn.reply(answer(0))
-    assert r.value[1] == answer(0)[12:]
+    conn.reply(answer(0, max_age=60))
+    assert r.value[1] == answer(0, max_age=60)[12:]
     conn.take()
     return conn
 
@@ -598,58 +586,67 @@ def framed(p: Pool) -> Peer:
 def test_pipelined_requests_share_one_connection_and_fire_in_order():
     p = Pool(pipeline=3)
     c1 = framed(p)
-    r1, r2, r3 = p.fetch(request(b"1")), p.fetch(request(b"2")), p.fetch(request(b"3"))
+    r1, r2, r3 = (
+        p.fetch(request_frame(b"1", ts=TS)),
+        p.fetch(request_frame(b"2", ts=TS)),
+        p.fetch(request_frame(b"3", ts=TS)),
+    )
     assert p.attempts == 1
-    assert c1.take() == request(b"1") + request(b"2") + request(b"3")
+    assert c1.take() == request_frame(b"1", ts=TS) + request_frame(b"2", ts=TS) + request_frame(
+        b"3", ts=TS
+    )
     # All three answers in one read.
-    c1.reply(answer(1), answer(2), answer(3))
-    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n)[12:] for n in (1, 2, 3)]
+    c1.reply(answer(1, max_age=60), answer(2, max_age=60), answer(3, max_age=60))
+    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n, max_age=60)[12:] for n in (1, 2, 3)]
     assert (p.pool.connections, p.pool.idle) == (1, 1)
 
 
 def test_a_new_connection_takes_one_request_until_it_has_answered_with_l():
     p = Pool(pipeline=3)
-    r1 = p.fetch(request(b"1"))
+    r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    r2 = p.fetch(request(b"2"))
+    r2 = p.fetch(request_frame(b"2", ts=TS))
     assert p.attempts == 2  # not pipelined behind the first: c1 has not said L yet
     c2 = p.accept()
-    assert (c1.take(), c2.take()) == (request(b"1"), request(b"2"))
-    c1.reply(answer(1))
-    c2.reply(answer(2))
-    r3, r4 = p.fetch(request(b"3")), p.fetch(request(b"4"))
+    assert (c1.take(), c2.take()) == (request_frame(b"1", ts=TS), request_frame(b"2", ts=TS))
+    c1.reply(answer(1, max_age=60))
+    c2.reply(answer(2, max_age=60))
+    r3, r4 = p.fetch(request_frame(b"3", ts=TS)), p.fetch(request_frame(b"4", ts=TS))
     # Both have said L now: the second request goes behind the first.
-    assert sorted([c1.take(), c2.take()]) == [b"", request(b"3") + request(b"4")]
+    assert sorted([c1.take(), c2.take()]) == [
+        b"",
+        request_frame(b"3", ts=TS) + request_frame(b"4", ts=TS),
+    ]
     assert p.attempts == 2 and r1.done and r2.done and not (r3.done or r4.done)
 
 
 def test_a_server_without_l_gets_one_request_per_connection_whatever_the_pipeline():
     p = Pool(pipeline=8)
-    rs = [p.fetch(request(b"%d" % n)) for n in range(3)]
+    rs = [p.fetch(request_frame(b"%d" % n, ts=TS)) for n in range(3)]
     conns = [p.accept(n) for n in range(3)]
     assert p.attempts == 3
     for n, conn in enumerate(conns):
-        assert conn.take() == request(b"%d" % n)
-        conn.reply(answer(n), framed=False)
+        assert conn.take() == request_frame(b"%d" % n, ts=TS)
+        conn.reply(answer(n, max_age=60), framed=False)
         assert conn.transport.disconnecting  # its one answer delivered, then closed
-    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in range(3)]
+    assert [r.value[1] for r in rs] == [answer(n, max_age=60)[12:] for n in range(3)]
     assert p.pool.idle == 0
     for conn in conns:
         conn.close()
-    r = p.fetch(request(b"9"))
+    r = p.fetch(request_frame(b"9", ts=TS))
     assert p.attempts == 4  # never reused
-    p.accept().reply(answer(9), framed=False)
-    assert r.value[1] == answer(9)[12:]
+    p.accept().reply(answer(9, max_age=60), framed=False)
+    assert r.value[1] == answer(9, max_age=60)[12:]
 
 
 def two_framed(p: Pool) -> tuple[Peer, Peer]:
     """Two connections of ``p`` that have said L, both idle."""
-    p.fetch(request(b"0"))
+    p.fetch(request_frame(b"0", ts=TS))
     a = p.accept()
-    p.fetch(request(b"0"))
+    p.fetch(request_frame(b"0", ts=TS))
     b = p.accept()
-    a.reply(answer(0))
-    b.reply(answer(0))
+    a.reply(answer(0, max_age=60))
+    b.reply(answer(0, max_age=60))
     a.take(), b.take()
     return a, b
 
@@ -657,16 +654,18 @@ def two_framed(p: Pool) -> tuple[Peer, Peer]:
 def test_a_request_goes_on_the_busiest_connection_with_room_before_an_idle_one():
     p = Pool(pipeline=3)
     a, b = two_framed(p)
-    rs = [p.fetch(request(b"%d" % n)) for n in range(1, 6)]
+    rs = [p.fetch(request_frame(b"%d" % n, ts=TS)) for n in range(1, 6)]
     first, second = sorted((a, b), key=lambda c: -len(c.transport.value()))
     # Three on one (its depth), then the idle one takes the rest.
-    assert first.take() == request(b"1") + request(b"2") + request(b"3")
-    assert second.take() == request(b"4") + request(b"5")
-    first.reply(answer(1), answer(2))
-    r6, r7 = p.fetch(request(b"6")), p.fetch(request(b"7"))
+    assert first.take() == request_frame(b"1", ts=TS) + request_frame(b"2", ts=TS) + request_frame(
+        b"3", ts=TS
+    )
+    assert second.take() == request_frame(b"4", ts=TS) + request_frame(b"5", ts=TS)
+    first.reply(answer(1, max_age=60), answer(2, max_age=60))
+    r6, r7 = p.fetch(request_frame(b"6", ts=TS)), p.fetch(request_frame(b"7", ts=TS))
     # ``second`` is the busier (2 in flight against 1): it takes 6, then is full.
-    assert second.take() == request(b"6")
-    assert first.take() == request(b"7")
+    assert second.take() == request_frame(b"6", ts=TS)
+    assert first.take() == request_frame(b"7", ts=TS)
     assert p.attempts == 2 and not (r6.done or r7.done)
     assert [r.done for r in rs] == [True, True, False, False, False]
 
@@ -674,10 +673,10 @@ def test_a_request_goes_on_the_busiest_connection_with_room_before_an_idle_one()
 def test_no_connection_ever_has_more_than_the_pipeline_depth_in_flight():
     p = Pool(pipeline=2, max_connections=2)
     a, b = two_framed(p)
-    rs = [p.fetch(request(b"%d" % n)) for n in range(1, 7)]
+    rs = [p.fetch(request_frame(b"%d" % n, ts=TS)) for n in range(1, 7)]
     assert (a.protocol.pending, b.protocol.pending) == (2, 2)
     assert p.attempts == 2  # the rest wait for room
-    (a if a.transport.value() else b).reply(answer(1))
+    (a if a.transport.value() else b).reply(answer(1, max_age=60))
     assert sorted([a.protocol.pending, b.protocol.pending]) == [2, 2]
     assert sum(r.done for r in rs) == 1
 
@@ -685,42 +684,42 @@ def test_no_connection_ever_has_more_than_the_pipeline_depth_in_flight():
 def test_a_connection_that_has_not_said_l_never_takes_a_second_request_beside_a_busy_one():
     p = Pool(pipeline=8)
     c1 = framed(p)
-    p.fetch(request(b"1"))
-    p.fetch(request(b"2"))
+    p.fetch(request_frame(b"1", ts=TS))
+    p.fetch(request_frame(b"2", ts=TS))
     c1.protocol.transport.loseConnection()  # c1 closing: not usable
-    p.fetch(request(b"3"))
+    p.fetch(request_frame(b"3", ts=TS))
     c2 = p.accept()
-    p.fetch(request(b"4"))
+    p.fetch(request_frame(b"4", ts=TS))
     # c2 has one request in flight and has not said L: 4 gets a connection of its own.
-    assert c2.take() == request(b"3")
+    assert c2.take() == request_frame(b"3", ts=TS)
     assert p.attempts == 3
-    assert p.accept().take() == request(b"4")
+    assert p.accept().take() == request_frame(b"4", ts=TS)
 
 
 def test_a_full_connection_makes_the_pool_open_another():
     p = Pool(pipeline=2)
     c1 = framed(p)
-    p.fetch(request(b"1"))
-    p.fetch(request(b"2"))
+    p.fetch(request_frame(b"1", ts=TS))
+    p.fetch(request_frame(b"2", ts=TS))
     assert p.attempts == 1
-    p.fetch(request(b"3"))
+    p.fetch(request_frame(b"3", ts=TS))
     assert p.attempts == 2
     c2 = p.accept()
-    p.fetch(request(b"4"))  # c2 has not said L yet: c1 would, but it is full
+    p.fetch(request_frame(b"4", ts=TS))  # c2 has not said L yet: c1 would, but it is full
     assert p.attempts == 3
-    assert c1.take() == request(b"1") + request(b"2")
-    assert c2.take() == request(b"3")
+    assert c1.take() == request_frame(b"1", ts=TS) + request_frame(b"2", ts=TS)
+    assert c2.take() == request_frame(b"3", ts=TS)
 
 
 def test_at_the_connection_limit_a_waiting_request_takes_the_first_free_place():
     p = Pool(pipeline=2, max_connections=1)
     c1 = framed(p)
-    rs = [p.fetch(request(b"%d" % n)) for n in (1, 2, 3)]
-    assert c1.take() == request(b"1") + request(b"2")
-    c1.reply(answer(1))
-    assert c1.take() == request(b"3")
-    c1.reply(answer(2), answer(3))
-    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in (1, 2, 3)]
+    rs = [p.fetch(request_frame(b"%d" % n, ts=TS)) for n in (1, 2, 3)]
+    assert c1.take() == request_frame(b"1", ts=TS) + request_frame(b"2", ts=TS)
+    c1.reply(answer(1, max_age=60))
+    assert c1.take() == request_frame(b"3", ts=TS)
+    c1.reply(answer(2, max_age=60), answer(3, max_age=60))
+    assert [r.value[1] for r in rs] == [answer(n, max_age=60)[12:] for n in (1, 2, 3)]
     assert p.attempts == 1
     assert p.pool.idle == 1
 
@@ -728,10 +727,12 @@ def test_at_the_connection_limit_a_waiting_request_takes_the_first_free_place():
 def test_a_timed_out_pipelined_request_closes_its_connection_and_pauses_pipelining():
     p = Pool(pipeline=4, timeout=5)
     c1 = framed(p)
-    slow = p.fetch(request(b"slow"))
+    slow = p.fetch(request_frame(b"slow", ts=TS))
     p.advance(1)
-    rs = [p.fetch(request(b"%d" % n)) for n in (1, 2)]
-    assert c1.take() == request(b"slow") + request(b"1") + request(b"2")
+    rs = [p.fetch(request_frame(b"%d" % n, ts=TS)) for n in (1, 2)]
+    assert c1.take() == request_frame(b"slow", ts=TS) + request_frame(b"1", ts=TS) + request_frame(
+        b"2", ts=TS
+    )
     p.advance(4)
     assert slow.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
     assert c1.transport.disconnecting
@@ -740,29 +741,35 @@ def test_a_timed_out_pipelined_request_closes_its_connection_and_pauses_pipelini
     # Sent again, one request per connection for the pause.
     assert p.attempts == 3
     c2, c3 = p.accept(1), p.accept(2)
-    assert (c2.take(), c3.take()) == (request(b"1"), request(b"2"))
-    c2.reply(answer(1))
-    c3.reply(answer(2))
-    assert [r.value[1] for r in rs] == [answer(1)[12:], answer(2)[12:]]
-    p.fetch(request(b"3"))
-    p.fetch(request(b"4"))
-    assert sorted([c2.take(), c3.take()]) == [request(b"3"), request(b"4")]
-    c2.reply(answer(3))
-    c3.reply(answer(4))
+    assert (c2.take(), c3.take()) == (request_frame(b"1", ts=TS), request_frame(b"2", ts=TS))
+    c2.reply(answer(1, max_age=60))
+    c3.reply(answer(2, max_age=60))
+    assert [r.value[1] for r in rs] == [answer(1, max_age=60)[12:], answer(2, max_age=60)[12:]]
+    p.fetch(request_frame(b"3", ts=TS))
+    p.fetch(request_frame(b"4", ts=TS))
+    assert sorted([c2.take(), c3.take()]) == [
+        request_frame(b"3", ts=TS),
+        request_frame(b"4", ts=TS),
+    ]
+    c2.reply(answer(3, max_age=60))
+    c3.reply(answer(4, max_age=60))
     # The server may only have been slow: after the pause, pipelining again.
     p.advance(PIPELINE_PAUSE)
     assert p.pool.pipelining
-    p.fetch(request(b"5"))
-    p.fetch(request(b"6"))
-    assert sorted([c2.take(), c3.take()]) == [b"", request(b"5") + request(b"6")]
+    p.fetch(request_frame(b"5", ts=TS))
+    p.fetch(request_frame(b"6", ts=TS))
+    assert sorted([c2.take(), c3.take()]) == [
+        b"",
+        request_frame(b"5", ts=TS) + request_frame(b"6", ts=TS),
+    ]
 
 
 def test_bytes_beyond_the_last_pipelined_answer_close_the_connection():
     p = Pool(pipeline=2)
     c1 = framed(p)
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
-    c1.reply(answer(1), answer(2), b"\x00")
-    assert (r1.value[1], r2.value[1]) == (answer(1)[12:], answer(2)[12:])
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
+    c1.reply(answer(1, max_age=60), answer(2, max_age=60), b"\x00")
+    assert (r1.value[1], r2.value[1]) == (answer(1, max_age=60)[12:], answer(2, max_age=60)[12:])
     assert c1.transport.disconnecting and not c1.protocol.usable
 
 
@@ -770,24 +777,24 @@ def test_requests_wait_for_the_connection_being_opened_to_a_server_known_to_fram
     p = Pool(pipeline=4)
     c0 = framed(p)
     c0.close()
-    rs = [p.fetch(request(b"%d" % n)) for n in range(1, 7)]
+    rs = [p.fetch(request_frame(b"%d" % n, ts=TS)) for n in range(1, 7)]
     assert p.attempts == 2  # one dial, not six
     c1 = p.accept()
-    assert c1.take() == request(b"1")  # alone until it says L
+    assert c1.take() == request_frame(b"1", ts=TS)  # alone until it says L
     assert p.attempts == 3  # meanwhile one more connection for those waiting
-    c1.reply(answer(1))
-    assert c1.take() == b"".join(request(b"%d" % n) for n in range(3, 7))
+    c1.reply(answer(1, max_age=60))
+    assert c1.take() == b"".join(request_frame(b"%d" % n, ts=TS) for n in range(3, 7))
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c1.reply(*(answer(n) for n in range(3, 7)))
-    c2.reply(answer(2))
-    assert [r.value[1] for r in rs] == [answer(n)[12:] for n in range(1, 7)]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c1.reply(*(answer(n, max_age=60) for n in range(3, 7)))
+    c2.reply(answer(2, max_age=60))
+    assert [r.value[1] for r in rs] == [answer(n, max_age=60)[12:] for n in range(1, 7)]
 
 
 def test_pipelined_requests_waiting_for_a_refused_dial_try_in_turn():
     p = Pool(pipeline=4, retries=1)
     framed(p).close()
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
     p.refuse(1)
     assert (
         r1.error
@@ -802,49 +809,51 @@ def test_pipelined_requests_waiting_for_a_refused_dial_try_in_turn():
 def test_pipelined_requests_on_a_connection_the_server_closes_go_to_a_fresh_one():
     p = Pool(pipeline=4)
     c1 = framed(p)
-    r1, r2, r3 = (p.fetch(request(b"%d" % n)) for n in (1, 2, 3))
-    assert c1.take() == request(b"1") + request(b"2") + request(b"3")
+    r1, r2, r3 = (p.fetch(request_frame(b"%d" % n, ts=TS)) for n in (1, 2, 3))
+    assert c1.take() == request_frame(b"1", ts=TS) + request_frame(b"2", ts=TS) + request_frame(
+        b"3", ts=TS
+    )
     # As over real TCP: the loss arrives without the transport closing first.
     c1.close()
     assert [r.done for r in (r1, r2, r3)] == [False] * 3  # all sent on a reused connection
     c2 = p.accept(1)
-    assert c2.take() == request(b"1")
-    c2.reply(answer(1))
-    assert c2.take() == request(b"3")  # pipelined now that c2 has said L
+    assert c2.take() == request_frame(b"1", ts=TS)
+    c2.reply(answer(1, max_age=60))
+    assert c2.take() == request_frame(b"3", ts=TS)  # pipelined now that c2 has said L
     c3 = p.accept(2)  # dialed for those waiting while c2 had not said L
-    assert c3.take() == request(b"2")
-    c2.reply(answer(3))
-    c3.reply(answer(2))
-    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n)[12:] for n in (1, 2, 3)]
+    assert c3.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(3, max_age=60))
+    c3.reply(answer(2, max_age=60))
+    assert [r.value[1] for r in (r1, r2, r3)] == [answer(n, max_age=60)[12:] for n in (1, 2, 3)]
     assert c1.take() == b"" and p.attempts == 3
 
 
 def test_a_connection_aborted_for_a_timeout_takes_no_new_request_before_it_closes():
     p = Pool(pipeline=4, timeout=5)
-    slow = p.fetch(request(b"slow"))
+    slow = p.fetch(request_frame(b"slow", ts=TS))
     c1 = p.accept()
     c1.transport.abortConnection = lambda: None  # as over real TCP: it closes a turn later
     p.advance(5)
     assert slow.error == "calculator server 127.0.0.1:9999 did not answer within 5 s"
-    r = p.fetch(request(b"new"))
-    assert c1.take() == request(b"slow")
+    r = p.fetch(request_frame(b"new", ts=TS))
+    assert c1.take() == request_frame(b"slow", ts=TS)
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"new")
-    c2.reply(answer(1))
-    assert r.value[1] == answer(1)[12:]
+    assert c2.take() == request_frame(b"new", ts=TS)
+    c2.reply(answer(1, max_age=60))
+    assert r.value[1] == answer(1, max_age=60)[12:]
 
 
 def test_a_request_whose_connection_we_aborted_for_another_is_sent_again():
     p = Pool()
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.close(error.ConnectionAborted)  # closed by us, for a neighbour's timeout
     assert p.attempts == 2
     c2 = p.accept()
-    assert c2.take() == request(b"1")
-    c2.reply(answer(1))
-    assert r.value[1] == answer(1)[12:]
+    assert c2.take() == request_frame(b"1", ts=TS)
+    c2.reply(answer(1, max_age=60))
+    assert r.value[1] == answer(1, max_age=60)[12:]
 
 
 # --- tags: a wrong match is detected, never delivered ---------------------------------
@@ -853,26 +862,26 @@ def test_a_request_whose_connection_we_aborted_for_another_is_sent_again():
 def test_every_request_carries_a_tag_of_its_own(p):
     c1 = framed(p)
     for n in (1, 2):
-        p.fetch(request(b"%d" % n))
-        c1.reply(answer(n))
+        p.fetch(request_frame(b"%d" % n, ts=TS))
+        c1.reply(answer(n, max_age=60))
     assert c1.seen == [1, 2, 3]
 
 
 def test_an_answer_out_of_order_is_not_delivered_and_both_are_sent_again():
     p = Pool(pipeline=4)
     c1 = framed(p)
-    r1, r2 = p.fetch(request(b"1")), p.fetch(request(b"2"))
+    r1, r2 = p.fetch(request_frame(b"1", ts=TS)), p.fetch(request_frame(b"2", ts=TS))
     c1.take()
     c1.tags.reverse()  # the server answers the second request first
-    c1.reply(answer(2))
+    c1.reply(answer(2, max_age=60))
     assert c1.transport.disconnected and not (r1.done or r2.done)
     c1.close(error.ConnectionAborted)
     assert not p.pool.pipelining  # pipelined requests went out of step
     for n in (1, 2):
         conn = p.accept(n)
         sent = conn.take()
-        conn.reply(answer(int(sent[12:])))
-    assert (r1.value[1], r2.value[1]) == (answer(1)[12:], answer(2)[12:])
+        conn.reply(answer(int(sent[12:]), max_age=60))
+    assert (r1.value[1], r2.value[1]) == (answer(1, max_age=60)[12:], answer(2, max_age=60)[12:])
 
 
 def test_a_duplicated_answer_never_answers_the_next_request():
@@ -880,58 +889,62 @@ def test_a_duplicated_answer_never_answers_the_next_request():
     waits on the same connection, and is recognised by its tag."""
     p = Pool()
     c1 = framed(p)
-    r1 = p.fetch(request(b"1"))
+    r1 = p.fetch(request_frame(b"1", ts=TS))
     c1.take()
     (tag1,) = c1.tags
-    c1.reply(answer(1))
-    r2 = p.fetch(request(b"2"))
-    assert c1.take() == request(b"2")
-    duplicate = answer(1)[:10] + (wire.EXT_FRAMED | tag1 << 3).to_bytes(2, "big") + answer(1)[12:]
+    c1.reply(answer(1, max_age=60))
+    r2 = p.fetch(request_frame(b"2", ts=TS))
+    assert c1.take() == request_frame(b"2", ts=TS)
+    duplicate = (
+        answer(1, max_age=60)[:10]
+        + (wire.EXT_FRAMED | tag1 << 3).to_bytes(2, "big")
+        + answer(1, max_age=60)[12:]
+    )
     c1.reply(duplicate, framed=False)
-    assert r1.value[1] == answer(1)[12:]
+    assert r1.value[1] == answer(1, max_age=60)[12:]
     assert not r2.done and c1.transport.disconnected
     c1.close(error.ConnectionAborted)
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2))
-    assert r2.value[1] == answer(2)[12:]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60))
+    assert r2.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_a_server_without_l_answering_twice_never_answers_another_request(p):
-    r1 = p.fetch(request(b"1"))
+    r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
-    c1.reply(answer(1), framed=False)
-    r2 = p.fetch(request(b"2"))
-    c1.reply(answer(1), framed=False)  # the stray second answer
-    assert r1.value[1] == answer(1)[12:]
+    c1.reply(answer(1, max_age=60), framed=False)
+    r2 = p.fetch(request_frame(b"2", ts=TS))
+    c1.reply(answer(1, max_age=60), framed=False)  # the stray second answer
+    assert r1.value[1] == answer(1, max_age=60)[12:]
     assert not r2.done
-    assert c1.take() == request(b"1")  # request 2 never went on that connection
+    assert c1.take() == request_frame(b"1", ts=TS)  # request 2 never went on that connection
     c2 = p.accept()
-    assert c2.take() == request(b"2")
-    c2.reply(answer(2), framed=False)
-    assert r2.value[1] == answer(2)[12:]
+    assert c2.take() == request_frame(b"2", ts=TS)
+    c2.reply(answer(2, max_age=60), framed=False)
+    assert r2.value[1] == answer(2, max_age=60)[12:]
 
 
 def test_an_l_answer_with_tag_0_is_taken_as_a_server_without_l(p):
     """A middlebox that zeroes the word in requests: tags do not get through."""
-    r1 = p.fetch(request(b"1"))
+    r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.take()
     c1.tags[:] = [0]
-    c1.reply(answer(1))
-    assert r1.value[1] == answer(1)[12:]
+    c1.reply(answer(1, max_age=60))
+    assert r1.value[1] == answer(1, max_age=60)[12:]
     assert c1.transport.disconnecting and not p.pool.framed
     assert p.pool.idle == 0
 
 
 def test_a_server_always_out_of_step_gets_a_500_after_the_attempts():
     p = Pool(retries=2)
-    r = p.fetch(request(b"1"))
+    r = p.fetch(request_frame(b"1", ts=TS))
     for n in range(2):
         conn = p.accept(n)
         conn.take()
         conn.tags[:] = [4000]  # never our tag
-        conn.reply(answer(1))
+        conn.reply(answer(1, max_age=60))
         conn.close(error.ConnectionAborted)
     assert r.error == (
         "calculator server 127.0.0.1:9999 answered out of step: "
@@ -943,17 +956,17 @@ def test_a_request_sent_again_after_an_out_of_step_answer_goes_on_a_new_connecti
     """An idle connection may still have a stray answer on its way."""
     p = Pool()
     c1 = framed(p)
-    ra, rb = p.fetch(request(b"a")), p.fetch(request(b"b"))
+    ra, rb = p.fetch(request_frame(b"a", ts=TS)), p.fetch(request_frame(b"b", ts=TS))
     c2 = p.accept()
-    c2.reply(answer(0))
-    assert rb.value[1] == answer(0)[12:]  # c2 is idle now
+    c2.reply(answer(0, max_age=60))
+    assert rb.value[1] == answer(0, max_age=60)[12:]  # c2 is idle now
     c1.take()
     c1.tags[:] = [4000]
-    c1.reply(answer(1))
+    c1.reply(answer(1, max_age=60))
     c1.close(error.ConnectionAborted)
-    assert p.attempts == 3 and c2.take() == request(b"b")
-    p.accept().reply(answer(1))
-    assert ra.value[1] == answer(1)[12:]
+    assert p.attempts == 3 and c2.take() == request_frame(b"b", ts=TS)
+    p.accept().reply(answer(1, max_age=60))
+    assert ra.value[1] == answer(1, max_age=60)[12:]
 
 
 def test_the_tcp_connector_opens_connections_through_a_client_creator():

@@ -106,10 +106,6 @@ class Recorder(FrameReceiver):
         self.transport.loseConnection()
 
 
-def request(data: bytes, timestamp: int = 1) -> bytes:
-    return request_frame(data, cache=False, max_age=65535, ts=timestamp)
-
-
 @pytest.fixture
 def clock():
     return task.Clock()
@@ -137,14 +133,14 @@ def test_connection_registers_the_protocol_as_a_streaming_producer():
 def test_one_whole_frame():
     p = Recorder()
     connect(p)
-    p.dataReceived(request(b"1 + 2", timestamp=42))
+    p.dataReceived(request_frame(b"1 + 2", cache=False, max_age=65535, ts=42))
     assert p.frames == [(wire.Header(42, 17, 0x0400, 65535), b"1 + 2")]
 
 
 def test_frame_split_across_reads():
     p = Recorder()
     connect(p)
-    frame = request(b"max(2, 3) + 3")
+    frame = request_frame(b"max(2, 3) + 3", cache=False, max_age=65535, ts=1)
     p.dataReceived(frame[:5])  # not even a whole header
     p.dataReceived(frame[5:14])  # header and two data bytes
     assert p.frames == []
@@ -155,7 +151,12 @@ def test_frame_split_across_reads():
 def test_coalesced_frames_and_a_trailing_partial_one():
     p = Recorder()
     connect(p)
-    frames = [request(b"1"), request(b""), request(b"22" * 50), request(b"333")]
+    frames = [
+        request_frame(b"1", cache=False, max_age=65535, ts=1),
+        request_frame(b"", cache=False, max_age=65535, ts=1),
+        request_frame(b"22" * 50, cache=False, max_age=65535, ts=1),
+        request_frame(b"333", cache=False, max_age=65535, ts=1),
+    ]
     stream = b"".join(frames)
     p.dataReceived(stream[:-2])
     assert datas(p) == [b"1", b"", b"22" * 50]
@@ -167,7 +168,7 @@ def test_byte_by_byte_delivery():
     p = Recorder()
     connect(p)
     payloads = [b"sin(1)", b"", b"2 ** 10", b"x" * 300]
-    stream = b"".join(request(d) for d in payloads)
+    stream = b"".join(request_frame(d, cache=False, max_age=65535, ts=1) for d in payloads)
     for i in range(len(stream)):
         p.dataReceived(stream[i : i + 1])
     assert datas(p) == payloads
@@ -177,7 +178,7 @@ def test_byte_by_byte_delivery():
 def test_largest_allowed_frame_is_accepted():
     p = Recorder()
     t = connect(p)
-    p.dataReceived(request(b"z" * (8192 - 12)))
+    p.dataReceived(request_frame(b"z" * (8192 - 12), cache=False, max_age=65535, ts=1))
     assert datas(p) == [b"z" * 8180]
     assert p.invalid == []
     assert not t.disconnecting
@@ -187,9 +188,9 @@ def test_configured_limit_is_used():
     p = Recorder()
     p.maxMessageSize = 20
     t = connect(p)
-    p.dataReceived(request(b"12345678"))
+    p.dataReceived(request_frame(b"12345678", cache=False, max_age=65535, ts=1))
     assert datas(p) == [b"12345678"]
-    p.dataReceived(request(b"123456789"))
+    p.dataReceived(request_frame(b"123456789", cache=False, max_age=65535, ts=1))
     assert len(p.invalid) == 1
     assert p.invalid[0][0] == (
         "impossible message length 21 (must be 12..20); closing the connection"
@@ -218,10 +219,15 @@ def answers(raw: bytes):
 def test_impossible_header_gets_one_answer_then_close(length, tail, first):
     p = Recorder()
     t = connect(p)
-    good = request(b"1+1")
+    good = request_frame(b"1+1", cache=False, max_age=65535, ts=1)
     bad = struct.pack("!LHHHxx", 1, length, 0x0400, 0) + tail
     # A good frame, then the impossible header, then more that must be ignored.
-    p.dataReceived(good + bad + request(b"2+2") + request(b"3+3"))
+    p.dataReceived(
+        good
+        + bad
+        + request_frame(b"2+2", cache=False, max_age=65535, ts=1)
+        + request_frame(b"3+3", cache=False, max_age=65535, ts=1)
+    )
     assert datas(p) == [b"1+1"]
     reason = f"impossible message length {length} (must be 12..8192); closing the connection"
     assert p.invalid == [(reason, first)]
@@ -263,7 +269,7 @@ def test_messages_do_not_move_the_idle_timer_they_are_noted(clock):
     (timer,) = clock.getDelayedCalls()
     for _ in range(3):
         clock.advance(2)
-        p.dataReceived(request(b"1 + 1"))
+        p.dataReceived(request_frame(b"1 + 1", cache=False, max_age=65535, ts=1))
     assert clock.getDelayedCalls() == [timer] and timer.getTime() == 10  # untouched
     clock.advance(4)  # at 10 it finds the last message 4 s old: 6 s more
     assert not t.disconnecting
@@ -275,7 +281,7 @@ def test_messages_do_not_move_the_idle_timer_they_are_noted(clock):
 
 def test_half_sent_frame_does_not_reset_the_idle_timeout(clock):
     p, t = timed(clock)
-    frame = request(b"1 + 1")
+    frame = request_frame(b"1 + 1", cache=False, max_age=65535, ts=1)
     clock.advance(6)
     p.dataReceived(frame[:13])
     clock.advance(3.5)
@@ -287,7 +293,7 @@ def test_half_sent_frame_does_not_reset_the_idle_timeout(clock):
 
 def test_complete_frame_resets_the_idle_timeout(clock):
     p, t = timed(clock)
-    frame = request(b"1 + 1")
+    frame = request_frame(b"1 + 1", cache=False, max_age=65535, ts=1)
     clock.advance(6)
     p.dataReceived(frame[:3])
     clock.advance(2)
@@ -324,22 +330,31 @@ def test_paused_protocol_stops_reading_and_buffers_frames():
     t = connect(p)
     p.pauseProducing()
     assert t.producerState == "paused"
-    p.dataReceived(request(b"a") + request(b"b") + request(b"c")[:7])
+    p.dataReceived(
+        request_frame(b"a", cache=False, max_age=65535, ts=1)
+        + request_frame(b"b", cache=False, max_age=65535, ts=1)
+        + request_frame(b"c", cache=False, max_age=65535, ts=1)[:7]
+    )
     assert p.frames == []
     p.resumeProducing()
     assert t.producerState == "producing"
     assert datas(p) == [b"a", b"b"]
-    p.dataReceived(request(b"c")[7:])
+    p.dataReceived(request_frame(b"c", cache=False, max_age=65535, ts=1)[7:])
     assert datas(p) == [b"a", b"b", b"c"]
 
 
 def test_pause_while_handling_a_frame_holds_back_the_rest():
     p = Recorder(pause_on=b"b")
     t = connect(p)
-    p.dataReceived(request(b"a") + request(b"b") + request(b"c") + request(b"d"))
+    p.dataReceived(
+        request_frame(b"a", cache=False, max_age=65535, ts=1)
+        + request_frame(b"b", cache=False, max_age=65535, ts=1)
+        + request_frame(b"c", cache=False, max_age=65535, ts=1)
+        + request_frame(b"d", cache=False, max_age=65535, ts=1)
+    )
     assert datas(p) == [b"a", b"b"]
     assert t.producerState == "paused"
-    p.dataReceived(request(b"e"))
+    p.dataReceived(request_frame(b"e", cache=False, max_age=65535, ts=1))
     assert datas(p) == [b"a", b"b"]
     p.resumeProducing()
     assert datas(p) == [b"a", b"b", b"c", b"d", b"e"]
@@ -350,7 +365,7 @@ def test_stop_producing_stops_handing_frames():
     p = Recorder()
     connect(p)
     p.stopProducing()
-    p.dataReceived(request(b"a"))
+    p.dataReceived(request_frame(b"a", cache=False, max_age=65535, ts=1))
     assert p.frames == []
 
 
@@ -369,7 +384,7 @@ def client():
 
 
 def test_send_request_writes_the_frame_and_waits(client):
-    frame = request(b"1+1")
+    frame = request_frame(b"1+1", cache=False, max_age=65535, ts=1)
     d = client.sendRequest(frame)
     assert client.transport.value() == frame
     assert client.pending == 1
@@ -377,7 +392,10 @@ def test_send_request_writes_the_frame_and_waits(client):
 
 
 def test_answers_fire_deferreds_in_order(client):
-    ds = [client.sendRequest(request(str(i).encode())) for i in range(3)]
+    ds = [
+        client.sendRequest(request_frame(str(i).encode(), cache=False, max_age=65535, ts=1))
+        for i in range(3)
+    ]
     raw = answer(b"zero", timestamp=10) + answer(b"one", 400) + answer(b"two", 500)
     client.dataReceived(raw[:20])
     assert [d.called for d in ds] == [True, False, False]
@@ -391,8 +409,14 @@ def test_answers_fire_deferreds_in_order(client):
 
 
 def test_request_message_from_the_peer_fails_every_pending_request(client):
-    ds = [client.sendRequest(request(b"1")) for _ in range(3)]
-    client.dataReceived(answer(b"ok") + request(b"I am a request") + answer(b"late"))
+    ds = [
+        client.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1)) for _ in range(3)
+    ]
+    client.dataReceived(
+        answer(b"ok")
+        + request_frame(b"I am a request", cache=False, max_age=65535, ts=1)
+        + answer(b"late")
+    )
     assert success_of(ds[0])[1] == b"ok"
     for d in ds[1:]:
         f = failure_of(d, ProtocolError)
@@ -402,7 +426,7 @@ def test_request_message_from_the_peer_fails_every_pending_request(client):
 
 
 def test_unsolicited_answer_aborts(client):
-    d = client.sendRequest(request(b"1"))
+    d = client.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1))
     client.dataReceived(answer(b"one") + answer(b"extra") + answer(b"more"))
     assert success_of(d)[1] == b"one"
     assert client.transport.disconnected
@@ -415,7 +439,9 @@ def test_unsolicited_answer_before_any_request_aborts(client):
 
 
 def test_impossible_header_from_the_peer_fails_pending_requests(client):
-    ds = [client.sendRequest(request(b"1")) for _ in range(2)]
+    ds = [
+        client.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1)) for _ in range(2)
+    ]
     client.dataReceived(struct.pack("!LHHHxx", 0, 5, 0, 0))
     for d in ds:
         f = failure_of(d, ProtocolError)
@@ -426,7 +452,9 @@ def test_impossible_header_from_the_peer_fails_pending_requests(client):
 
 
 def test_connection_loss_fails_pending_requests(client):
-    ds = [client.sendRequest(request(b"1")) for _ in range(2)]
+    ds = [
+        client.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1)) for _ in range(2)
+    ]
     client.dataReceived(answer(b"first")[:15])
     client.connectionLost(Failure(error.ConnectionLost("gone")))
     for d in ds:
@@ -435,8 +463,8 @@ def test_connection_loss_fails_pending_requests(client):
 
 
 def test_cancelling_a_pending_request_closes_the_connection(client):
-    d1 = client.sendRequest(request(b"1"))
-    d2 = client.sendRequest(request(b"2"))
+    d1 = client.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1))
+    d2 = client.sendRequest(request_frame(b"2", cache=False, max_age=65535, ts=1))
     d1.cancel()
     failure_of(d1, CancelledError)
     assert client.pending == 1
@@ -511,9 +539,13 @@ class Echo(BatchedWrites, FrameReceiver):
 def test_messages_sent_for_frames_of_one_read_leave_in_one_write():
     p, t = Echo(), Writes()
     p.makeConnection(t)
-    p.dataReceived(request(b"a") + request(b"b") + request(b"c")[:5])
+    p.dataReceived(
+        request_frame(b"a", cache=False, max_age=65535, ts=1)
+        + request_frame(b"b", cache=False, max_age=65535, ts=1)
+        + request_frame(b"c", cache=False, max_age=65535, ts=1)[:5]
+    )
     assert t.writes == [b"ab"]
-    p.dataReceived(request(b"c")[5:])
+    p.dataReceived(request_frame(b"c", cache=False, max_age=65535, ts=1)[5:])
     assert t.writes == [b"ab", b"c"]
 
 
@@ -530,7 +562,11 @@ def test_close_after_sending_writes_the_batch_before_closing():
     closed_with = []
     t.loseConnection = lambda: closed_with.append(list(t.writes))
     p.makeConnection(t)
-    p.dataReceived(request(b"a") + request(b"bye") + request(b"ignored"))
+    p.dataReceived(
+        request_frame(b"a", cache=False, max_age=65535, ts=1)
+        + request_frame(b"bye", cache=False, max_age=65535, ts=1)
+        + request_frame(b"ignored", cache=False, max_age=65535, ts=1)
+    )
     assert closed_with == [[b"abye"]]
 
 
@@ -552,7 +588,7 @@ def test_a_long_batch_goes_out_in_parts_so_a_full_transport_can_pause_it():
     p, t = Echo(), FillsUp(room=100_000)
     p.makeConnection(t)
     big = [b"%05d" % n + b"x" * 8_000 for n in range(40)]
-    p.dataReceived(b"".join(request(m) for m in big))
+    p.dataReceived(b"".join(request_frame(m, cache=False, max_age=65535, ts=1) for m in big))
     # Parts of at most one batch limit plus a message; then the pause stops it.
     assert max(map(len, t.writes)) < p.batchLimit + 8_100
     sent = b"".join(t.writes)
@@ -578,7 +614,9 @@ def test_an_aborted_connection_delivers_none_of_its_buffered_answers(clock):
     c.turnBudget = 0.0  # every answer uses up the turn
     c.callLater = clock.callLater
     c.makeConnection(StringTransport())
-    ds = [c.sendRequest(request(b"%d" % n)) for n in range(3)]
+    ds = [
+        c.sendRequest(request_frame(b"%d" % n, cache=False, max_age=65535, ts=1)) for n in range(3)
+    ]
     got: list[bytes] = []
     for d in ds:
         d.addCallbacks(lambda m: got.append(m[1]), lambda f: None)
@@ -597,12 +635,12 @@ def test_a_tagged_client_numbers_its_requests():
     c.tagged = True
     c.makeConnection(StringTransport())
     for n in range(3):
-        c.sendRequest(request(b"%d" % n))
+        c.sendRequest(request_frame(b"%d" % n, cache=False, max_age=65535, ts=1))
     sent = c.transport.value()
     tags = [wire.decode_header(sent, offset).tag for offset in (0, 13, 26)]
     assert tags == [1, 2, 3]
     c._lastTag = wire.MAX_TAG
-    c.sendRequest(request(b"x"))
+    c.sendRequest(request_frame(b"x", cache=False, max_age=65535, ts=1))
     assert wire.decode_header(c.transport.value(), 39).tag == 1  # 8191 wraps to 1, never 0
 
 
@@ -610,7 +648,10 @@ def test_an_answer_with_another_requests_tag_is_never_delivered():
     c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
-    d1, d2 = c.sendRequest(request(b"1")), c.sendRequest(request(b"2"))
+    d1, d2 = (
+        c.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1)),
+        c.sendRequest(request_frame(b"2", cache=False, max_age=65535, ts=1)),
+    )
     c.dataReceived(tagged_answer(b"two", 2))
     for d in (d1, d2):
         f = failure_of(d, OutOfStepError)
@@ -625,7 +666,7 @@ def test_an_answer_that_cannot_be_matched_is_delivered_as_it_comes(framed):
     c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
-    d = c.sendRequest(request(b"1"))
+    d = c.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1))
     c.dataReceived(tagged_answer(b"one", 0, framed=framed))
     assert success_of(d)[1] == b"one"
 
@@ -637,7 +678,7 @@ def test_input_waiting_for_a_turn_stops_reading_past_the_bound(clock):
     p = Recorder()
     p.turnBudget = 0.0
     t = connect(p, clock)
-    frame = request(b"x" * 1000)  # 1,012 bytes
+    frame = request_frame(b"x" * 1000, cache=False, max_age=65535, ts=1)  # 1,012 bytes
     p.dataReceived(frame * 10)
     assert len(p.frames) == 1 and t.producerState == "producing"
     while t.producerState == "producing":
@@ -653,7 +694,7 @@ def test_input_waiting_for_a_turn_stops_reading_past_the_bound(clock):
 def test_a_frame_sent_a_byte_at_a_time_is_joined_once():
     p = Recorder()
     connect(p)
-    frame = request(b"y" * 5000)
+    frame = request_frame(b"y" * 5000, cache=False, max_age=65535, ts=1)
     for i in range(len(frame) - 1):
         p.dataReceived(frame[i : i + 1])
     # The header was joined once, to learn the length; the rest waits unjoined.
@@ -668,7 +709,11 @@ def test_a_frame_sent_a_byte_at_a_time_is_joined_once():
 def test_end_of_file_after_requests_handles_them_then_closes():
     p = Recorder()
     t = connect(p)
-    p.dataReceived(request(b"a") + request(b"b") + request(b"c")[:5])
+    p.dataReceived(
+        request_frame(b"a", cache=False, max_age=65535, ts=1)
+        + request_frame(b"b", cache=False, max_age=65535, ts=1)
+        + request_frame(b"c", cache=False, max_age=65535, ts=1)[:5]
+    )
     p.readConnectionLost()
     assert datas(p) == [b"a", b"b"]
     assert t.disconnecting and not t.disconnected  # an orderly close
@@ -678,7 +723,10 @@ def test_end_of_file_while_paused_waits_for_the_frames_to_be_handled():
     p = Recorder()
     t = connect(p)
     p.pauseProducing()
-    p.dataReceived(request(b"a") + request(b"b"))
+    p.dataReceived(
+        request_frame(b"a", cache=False, max_age=65535, ts=1)
+        + request_frame(b"b", cache=False, max_age=65535, ts=1)
+    )
     p.readConnectionLost()
     assert p.frames == [] and not t.disconnecting
     p.resumeProducing()

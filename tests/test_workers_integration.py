@@ -9,60 +9,24 @@ import os
 import pathlib
 import signal
 import socket
-import time
 
 import pytest
-from processes import HOST, free_port, wait_for
-from test_reliability_tcp import read_message, request
+from processes import (
+    HOST,
+    answer,
+    answers_across_sigterm,
+    children,
+    connections_on_each,
+    files,
+    free_port,
+    owners,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not pathlib.Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
 ]
-
-
-def children(pid: int) -> list[int]:
-    text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
-def files(pid: int) -> set[str]:
-    """The paths of the files ``pid`` has open."""
-    found = set()
-    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            found.add(fd.readlink().as_posix())
-        except OSError:
-            continue
-    return found
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    return {f[8:-1] for f in files(pid) if f.startswith("socket:[")}
-
-
-def owners(socks: list[socket.socket], pids: list[int]) -> list[int | None]:
-    """The worker holding the server end of each client socket (one read of
-    /proc/net/tcp, which is long on a busy host)."""
-    wanted = {(s.getpeername()[1], s.getsockname()[1]): i for i, s in enumerate(socks)}
-    inodes: dict[int, str] = {}
-    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local = int(fields[1].split(":")[1], 16)
-        remote = int(fields[2].split(":")[1], 16)
-        if (local, remote) in wanted:
-            inodes[wanted[local, remote]] = fields[9]
-    held = {pid: _socket_inodes(pid) for pid in pids}
-    return [
-        next((pid for pid in pids if inodes.get(i) in held[pid]), None) for i in range(len(socks))
-    ]
-
-
-def answer(sock: socket.socket, k: int) -> int:
-    sock.sendall(request(f"{k} + 1"))
-    header, data = read_message(sock)
-    assert header.status == 200 and data.startswith(f'{{"result": {k + 1},'.encode()), data
-    return header.status
 
 
 @pytest.fixture
@@ -71,27 +35,6 @@ def workers(twistd):
     parent = twistd("cacheserver", "--port", str(port), "--workers", "2", port=port)
     assert wait_for(lambda: parent.text().count("accepting connections") == 2)
     return parent
-
-
-def connections_on_each(port: int, pids: list[int], burst: int = 40, bursts: int = 5):
-    """Open connections, each with one answer, in bursts until every worker
-    holds some (at most ``bursts`` bursts), by the worker holding each.
-
-    The kernel queues a burst and each worker takes one connection per
-    wakeup, so a burst is usually shared; but connections that stay idle
-    may all go to whichever worker wakes first, so a lopsided burst is
-    followed by another."""
-    by_worker: dict[int, list[socket.socket]] = {pid: [] for pid in pids}
-    for _ in range(bursts):
-        socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(burst)]
-        for k, sock in enumerate(socks):
-            answer(sock, k)
-        for sock, pid in zip(socks, owners(socks, pids), strict=True):
-            assert pid in by_worker, (pid, pids)
-            by_worker[pid].append(sock)
-        if all(by_worker.values()):
-            break
-    return by_worker
 
 
 def test_both_workers_answer(workers):
@@ -150,31 +93,6 @@ def _serves(port: int, pid: int, pids: list[int]) -> bool:
     finally:
         for s in socks:
             s.close()
-
-
-def answers_across_sigterm(parent, texts: list[str]) -> list[bytes]:
-    """Pipeline ``texts`` on one connection, SIGTERM the parent after the
-    first answer, and read until the connection closes: every answer's data
-    (each a 200). The parent must exit well within the grace period."""
-    sock = socket.create_connection((HOST, parent.port), timeout=10)
-    with sock:
-        sock.sendall(b"".join(request(text) for text in texts))
-        header, data = read_message(sock)
-        assert header.status == 200
-        started = time.monotonic()
-        parent.proc.send_signal(signal.SIGTERM)
-        answers = [data]
-        while True:
-            try:
-                header, data = read_message(sock)
-            except ConnectionError:
-                break
-            assert header.status == 200
-            answers.append(data)
-    # twistd ends as the signal it stopped for ends a process.
-    assert parent.proc.wait(10) in (0, -signal.SIGTERM)
-    assert time.monotonic() - started < 5
-    return answers
 
 
 def test_sigterm_lets_the_workers_finish(workers):
