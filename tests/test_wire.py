@@ -596,6 +596,7 @@ def test_a_tagged_client_numbers_its_requests():
     c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
+    c._lastTag = 0  # tags start at random: here, where tests can read them
     for n in range(3):
         c.sendRequest(request(b"%d" % n))
     sent = c.transport.value()
@@ -610,6 +611,7 @@ def test_an_answer_with_another_requests_tag_is_never_delivered():
     c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
+    c._lastTag = 0
     d1, d2 = c.sendRequest(request(b"1")), c.sendRequest(request(b"2"))
     c.dataReceived(tagged_answer(b"two", 2))
     for d in (d1, d2):
