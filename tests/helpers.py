@@ -24,10 +24,12 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator import expression as ex
 from twisted_cacheproxy.operations import admin
+from twisted_cacheproxy.proxy.interfaces import IConnector
 from twisted_cacheproxy.transport import wire
 
 HERE = pathlib.Path(__file__).parent
@@ -304,12 +306,15 @@ def trees(functions: tuple[str, ...], max_leaves: int) -> st.SearchStrategy[ex.N
     )
 
 
+@implementer(IConnector)
 class FakeConnector:
     """The far end of a pool's connections, for `UpstreamPool` in place of a
     `TCPConnector`: every `connect` is an attempt that the test lets succeed
     (`accept`, handing back the server's side as a `Peer`) or fail (`refuse`)."""
 
-    name = "calculator server 127.0.0.1:9999"
+    address = "127.0.0.1:9999"
+    #: The tag of each connection's first request.
+    first_tag = 1
 
     def __init__(self, clock) -> None:
         self.clock = clock
@@ -331,6 +336,7 @@ class FakeConnector:
         from twisted_cacheproxy.proxy.upstream import UpstreamProtocol
 
         protocol = UpstreamProtocol()
+        protocol._lastTag = self.first_tag - 1  # tags start at random; here, known
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.clock.callLater(0, self.attempts[index].callback, protocol)
@@ -351,16 +357,20 @@ class FakeConnector:
 
 def proxy_factory(server_port: int, **pool_options):
     """A `CacheProxyFactory` in this process, put together as ``twistd
-    cacheproxy`` does: a 64 MiB cache and a pool to 127.0.0.1:``server_port``."""
+    cacheproxy`` does: a 64 MiB cache and a pool to 127.0.0.1:``server_port``,
+    observed by its metrics (``factory.observer``)."""
     from twisted.internet import reactor
 
+    from twisted_cacheproxy.operations.metrics import ProxyMetrics
     from twisted_cacheproxy.proxy.cache import MemoryCache
     from twisted_cacheproxy.proxy.factory import CacheProxyFactory
     from twisted_cacheproxy.proxy.upstream import TCPConnector, UpstreamPool
 
     connector = TCPConnector(reactor, "127.0.0.1", server_port)
     pool = UpstreamPool(connector, reactor, **pool_options)
-    return CacheProxyFactory(MemoryCache(64 << 20, reactor), pool)
+    factory = CacheProxyFactory(MemoryCache(64 << 20, reactor), pool)
+    factory.observer = ProxyMetrics(factory)
+    return factory
 
 
 def request_frame(

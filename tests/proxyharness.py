@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from twisted_cacheproxy.operations.metrics import ProxyMetrics
 from twisted_cacheproxy.proxy.balancer import Balancer
 from twisted_cacheproxy.proxy.cache import MemoryCache
 from twisted_cacheproxy.proxy.factory import CacheProxyFactory, CacheProxyProtocol
@@ -80,6 +81,8 @@ class Harness:
         pool = UpstreamPool(self.connector, self.reactor, **pool_options)
         options.setdefault("idle_timeout", None)
         self.factory = CacheProxyFactory(cache, pool, clock=self.reactor, **options)
+        self.metrics = ProxyMetrics(self.factory)
+        self.factory.observer = self.metrics
         self._clients = 0
 
     def client(self) -> Client:
@@ -98,7 +101,17 @@ class Harness:
         return self.reactor.seconds()
 
     def counters(self) -> dict[str, int]:
-        return self.factory.counters()
+        """Answers by cache status (as the proxy's metrics count them),
+        failed upstream attempts, and the cache's figures."""
+        cache = self.factory.cache
+        failures = sum(sum(s.tally.failures.values()) for s in self.factory.pool.servers)
+        return {
+            **self.metrics.requests,
+            "failures": failures,
+            "evictions": cache.evictions,
+            "entries": cache.entries,
+            "bytes": cache.bytes,
+        }
 
     def assert_quiet(self) -> None:
         """No timer is left behind (retry, timeout) once everything is answered."""
@@ -134,7 +147,7 @@ class Fleet:
         pools = []
         for i in range(count):
             connector = FakeConnector(self.clock)
-            connector.name = f"calculator server 127.0.0.1:{9001 + i}"
+            connector.address = f"127.0.0.1:{9001 + i}"
             self.connectors.append(connector)
             pools.append(UpstreamPool(connector, self.clock, retries=1, timeout=10.0))
         options.setdefault("retry_delay", 0.5)

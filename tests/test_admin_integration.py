@@ -108,7 +108,7 @@ def test_metrics_purge_and_access_log_of_a_known_sequence(twistd, tmp_path):
     assert m["cacheproxy_responses_total", (("status", "200"),)] == 8
     assert m["cacheproxy_responses_total", (("status", "500"),)] == 1
     assert m["cacheproxy_upstream_requests_total", ()] == 6
-    assert m["cacheproxy_upstream_failures_total", (("reason", "refused"),)] == 1
+    assert m["cacheproxy_upstream_failures_total", (("reason", "unreachable"),)] == 1
     assert m["cacheproxy_upstream_duration_seconds_count", ()] == 5
     assert m["cacheproxy_purged_total", ()] == 3
     assert m["cacheproxy_cache_entries", ()] == 0

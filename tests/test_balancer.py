@@ -256,4 +256,32 @@ def test_figures_over_every_server():
     assert (balancer.idle, balancer.connections, balancer.outstanding) == (1, 1, 0)
     assert not balancer.framed  # server 1 has not answered yet
     assert not balancer.pipelining
-    assert balancer.name == "calculator server 127.0.0.1:9001, calculator server 127.0.0.1:9002"
+    assert [server.address for server in balancer.servers] == ["127.0.0.1:9001", "127.0.0.1:9002"]
+    assert [server.tally.answers for server in balancer.servers] == [1, 0]
+
+
+def test_the_overall_timeout_is_a_timeout():
+    """With servers that never answer, the miss fails as a timeout (what the
+    metrics count it under), and each server's tally says so."""
+    fleet = Fleet(2, timeout=10.0)
+    d = fleet.balancer.fetch(REQUEST)
+    for server in (0, 1):
+        for i, attempt in enumerate(fleet.connectors[server].attempts):
+            if not attempt.called:
+                fleet.connectors[server].accept(i)
+    fleet.clock.advance(10.0)
+    error = failure_of(d).value
+    assert isinstance(error, UpstreamError) and error.kind == "timeout"
+    failures = [server.tally.failures["timeout"] for server in fleet.balancer.servers]
+    assert sum(failures) == 1
+
+
+def test_a_miss_that_fails_everywhere_has_the_kind_of_its_last_failure():
+    fleet = Fleet(2, rounds=1)
+    d = fleet.balancer.fetch(REQUEST)
+    for connector in fleet.connectors:
+        if connector.attempts:
+            connector.refuse()
+    error = failure_of(d).value
+    assert error.kind == "unreachable"
+    assert [s.tally.failures["unreachable"] for s in fleet.balancer.servers] == [1, 1]

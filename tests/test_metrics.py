@@ -19,8 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 from twisted_cacheproxy.operations import accesslog, admin
 from twisted_cacheproxy.operations.accesslog import AccessLog
-from twisted_cacheproxy.operations.metrics import ProxyMetrics, ServerMetrics, failure_reason
-from twisted_cacheproxy.proxy.upstream import UpstreamError
+from twisted_cacheproxy.operations.metrics import ProxyMetrics, ServerMetrics
 from twisted_cacheproxy.transport import wire
 from twisted_cacheproxy.transport.wire import FOREVER
 
@@ -32,13 +31,11 @@ class Observed(Harness):
 
     def __init__(self, path=None, **options) -> None:
         super().__init__(**options)
-        self.metrics = ProxyMetrics(self.factory)
-        self.factory.observer = self.metrics
         self.log = None
         if path is not None:
             self.log = AccessLog(str(path), self.reactor)
             self.log.start()
-            self.metrics.access_log = self.log
+            self.metrics.request_logs.append(self.log)
 
     def lines(self) -> list[str]:
         assert self.log is not None
@@ -120,31 +117,48 @@ def test_stale_and_failures_by_reason(tmp_path):
     c.take()
     assert h.metrics.requests["stale"] == 1
     assert h.metrics.requests["miss"] == 2
-    assert h.metrics.upstream_failures["refused"] == 2
+    upstream = h.metrics.figures()["upstream"]
+    assert upstream["failures"]["unreachable"] == 2
+    assert upstream["last_failure_time"] == h.now()
     assert h.metrics.responses["500"] == 1
-    assert h.metrics.upstreamState() == "down"
+    assert upstream["state"] == "down"
+    samples = scrape(h.metrics)
+    assert samples["cacheproxy_upstream_failures_total", (("reason", "unreachable"),)] == 2
     lines = h.lines()
     stale, failed = lines[1].split(), lines[2].split()
     assert stale[5:7] == ["STALE", "200"] and stale[9] == "-"
     assert failed[5:7] == ["MISS", "500"] and failed[9] == "-"
 
 
-@pytest.mark.parametrize(
-    ("message", "reason"),
-    [
-        ("calculator server h:1 unreachable after 5 attempts: Connection refused", "refused"),
-        ("calculator server h:1 did not answer within 10 s", "timeout"),
-        ("calculator server h:1 unreachable within 10 s (3 attempts): x", "timeout"),
-        ("calculator server h:1 closed the connection before answering", "reset"),
-        ("calculator server h:1 sent an invalid answer: junk", "bad_answer"),
-        ("calculator server h:1 answered out of step: tags", "bad_answer"),
-        ("proxy overloaded: 4096 requests already wait for calculator server h:1", "overloaded"),
-    ],
-)
-def test_failure_reasons(message, reason):
-    from twisted.python.failure import Failure
+def odd_status() -> bytes:
+    return wire.rewrite(answer(3), flags=wire.make_flags(request=False, status=999))
 
-    assert failure_reason(Failure(UpstreamError(message))) == reason
+
+@pytest.mark.parametrize(
+    ("stage", "kind"),
+    [
+        (lambda h, up: h.refuse(), "unreachable"),
+        (lambda h, up: (h.accept(), h.advance(10)), "timeout"),
+        (lambda h, up: h.accept().close(), "closed"),
+        (lambda h, up: h.accept().reply(odd_status()), "invalid"),
+    ],
+    ids=["unreachable", "timeout", "closed", "invalid"],
+)
+def test_failures_are_counted_by_the_kind_the_pool_gives_them(stage, kind):
+    """By what happened, never by the wording of the message."""
+    h = Observed(retries=1, timeout=10)
+    c = h.client()
+    c.send(request_frame(X, ts=TS))
+    stage(h, None)
+    c.take()
+    samples = scrape(h.metrics)
+    failures = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "cacheproxy_upstream_failures_total"
+    }
+    assert failures == {k: (1 if k == kind else 0) for k in failures}
+    assert h.metrics.responses["500"] == 1
 
 
 # --- the access log ---------------------------------------------------------------
@@ -235,8 +249,9 @@ def test_server_metrics_by_encoding_and_status(tmp_path):
     factory = CalculatorServerFactory(clock=clock, idle_timeout=None)
     metrics = ServerMetrics(factory)
     factory.observer = metrics
-    metrics.access_log = AccessLog(str(tmp_path / "s.log"), clock)
-    metrics.access_log.start()
+    log = AccessLog(str(tmp_path / "s.log"), clock)
+    log.start()
+    metrics.request_logs.append(log)
     p = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
     p.makeConnection(StringTransport())
     p.dataReceived(
@@ -251,10 +266,10 @@ def test_server_metrics_by_encoding_and_status(tmp_path):
     assert samples[key, (("encoding", "legacy"), ("status", "400"))] == 1
     assert samples["cacheserver_request_duration_seconds_count", ()] == 3
     assert samples["cacheserver_client_connections", ()] == 1
-    metrics.access_log.close()
+    log.close()
     lines = (tmp_path / "s.log").read_text().splitlines()
     assert [line.split()[5:7] for line in lines] == [["-", "200"], ["-", "400"], ["-", "400"]]
-    assert "errors" in metrics.statsLine()
+    assert "3 requests, 2 errors" in metrics.statsLine()
 
 
 # --- the stats line and the history --------------------------------------------------------
@@ -267,13 +282,23 @@ def test_stats_line_covers_the_interval_and_the_total():
     c.send(request_frame(X, ts=TS), request_frame(X, ts=TS))
     h.advance(60)
     first = h.metrics.statsLine()
-    assert first.startswith("stats: last 60 s: 3 requests, hit ratio 66.7%, 1 misses")
-    assert "since start: 3 requests" in first and "cache 1 entries" in first
+    assert first.startswith("stats: last 60 s: 3 requests, hit ratio 66.7%, 1 miss, ")
+    assert "since start: 3 requests" in first and "cache 1 entry," in first
     c.send(request_frame(X, ts=TS))
     h.advance(60)
     second = h.metrics.statsLine(final=True)
-    assert second.startswith("final stats: last 60 s: 1 requests, hit ratio 100.0%, 0 misses")
+    assert second.startswith("final stats: last 60 s: 1 request, hit ratio 100.0%, 0 misses")
     assert "since start: 4 requests, hit ratio 75.0%" in second
+
+
+def test_no_stats_line_for_an_idle_interval_but_always_a_final_one():
+    h = Observed()
+    h.advance(60)
+    assert h.metrics.statsLine() is None
+    h.advance(60)
+    assert h.metrics.statsLine(final=True).startswith(
+        "final stats: last 120 s: 0 requests, hit ratio -, 0 misses, 0 upstream errors, 0.0/s;"
+    )
 
 
 def test_series_gives_rate_and_hit_ratio_per_sample():
@@ -315,7 +340,7 @@ def test_purge_everything_then_the_next_request_reaches_the_server():
     h.miss(c, request_frame(Y, ts=TS), answer(6), up)
     purge = admin.PurgeResource(h.factory.purge, None)
     assert post(purge) == (200, {"purged": 2, "shared": 0})
-    assert h.factory.cache.entries == 0 and h.metrics.purged == 2
+    assert h.factory.cache.entries == 0 and h.metrics.purged_answers == 2
     c.send(request_frame(X, ts=TS))
     assert up.take() == request_frame(X, ts=TS)  # a miss: asked upstream again
     assert scrape(h.metrics)["cacheproxy_purged_total", ()] == 2
@@ -424,7 +449,7 @@ def test_operating_options_and_services(tmp_path):
     )
     service = built(config)
     assert not hasattr(service, "main")  # nothing to watch: the listener alone
-    assert type(service.factory.observer).__name__ == "NoObserver"
+    assert service.factory.observer is None
 
     config = ProxyOptions()
     config.parseOptions(["--access-log", str(tmp_path / "a.log")])
@@ -432,7 +457,8 @@ def test_operating_options_and_services(tmp_path):
     assert isinstance(service.main.factory.observer, ProxyMetrics)
     names = sorted(type(s).__name__ for s in service)
     assert names == ["AccessLogService", "ListeningService", "StatsService"]
-    service.main.factory.observer.access_log.close()  # opened, never started
+    (log,) = service.main.factory.observer.request_logs
+    log.close()  # opened, never started
     for argv, message in (
         (["--admin-port", "70000"], "--admin-port must be 1..65535, not 70000"),
         (["--stats-interval", "-1"], "--stats-interval cannot be negative"),
@@ -482,6 +508,25 @@ class _SharedTier:
     def stop(self) -> None:
         pass
 
+    def purge(self):
+        from twisted.internet import defer
+
+        return defer.succeed(0)
+
+    def delete(self, keys):
+        from twisted.internet import defer
+
+        return defer.succeed(0)
+
+    def counters(self) -> dict[str, int]:
+        return dict.fromkeys(
+            ("l2_lookups", "l2_hits", "l2_timeouts", "l2_rejected", "l2_unavailable", "l2_stores"),
+            0,
+        )
+
+    nodes = ()
+    purged = None
+
 
 def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_path):
     from twisted_cacheproxy.proxy.cache import Entry
@@ -497,8 +542,10 @@ def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_
     first, second = h.lines()
     assert first.split()[5] == "MISS" and first.split()[9] != "-"
     assert second.split()[5] == "SHARED" and second.split()[9] == "-"
-    assert h.metrics.upstream_requests == 1
+    assert h.metrics.upstream_duration.count == 1
     assert (h.metrics.requests["miss"], h.metrics.requests["shared"]) == (1, 1)
+    assert h.metrics.figures()["hit_ratio"] == 0.5  # a shared hit is a hit
+    assert h.metrics.figures()["shared_hit_ratio"] == 0.5
 
 
 def test_several_servers_each_have_their_health_and_totals():
@@ -518,8 +565,8 @@ def test_several_servers_each_have_their_health_and_totals():
         fleet.refuse(0)
         fleet.answer(1)
         assert d.called
-    first = (("server", "calculator server 127.0.0.1:9001"),)
-    second = (("server", "calculator server 127.0.0.1:9002"),)
+    first = (("server", "127.0.0.1:9001"),)
+    second = (("server", "127.0.0.1:9002"),)
     m = scrape(metrics)
     assert m["cacheproxy_server_up", first] == 0 and m["cacheproxy_server_up", second] == 1
     assert m["cacheproxy_server_failures_total", first] == MAX_FAILS
@@ -531,6 +578,11 @@ def test_several_servers_each_have_their_health_and_totals():
         (False, MAX_FAILS, 0),
         (True, 0, MAX_FAILS),
     ]
+    # The summary agrees with the rows: the failures failed over are counted.
+    upstream = metrics.figures()["upstream"]
+    assert upstream["failures"]["unreachable"] == MAX_FAILS
+    assert upstream["state"] == "up" and upstream["requests"] == 2 * MAX_FAILS
+    assert m["cacheproxy_upstream_failures_total", (("reason", "unreachable"),)] == MAX_FAILS
     page = admin.status_page(metrics, "t")
     assert f"taken out</span>, 0 outstanding, 0 answers, {MAX_FAILS} failures, 1 times" in page
     fleet.clock.advance(EJECT_FIRST)
@@ -540,10 +592,20 @@ def test_several_servers_each_have_their_health_and_totals():
     assert m["cacheproxy_server_answers_total", first] == 1
 
 
-def test_one_server_has_no_per_server_families():
+def test_one_server_has_its_row_and_families_too():
+    """Named by its address, as with several."""
     h = Observed()
-    assert not [name for name, _ in scrape(h.metrics) if name.startswith("cacheproxy_server_")]
-    assert h.metrics.figures()["upstream"]["servers"] == []
+    c = h.client()
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    samples = scrape(h.metrics)
+    assert samples["cacheproxy_server_answers_total", (("server", "127.0.0.1:9999"),)] == 1
+    (row,) = h.metrics.figures()["upstream"]["servers"]
+    assert (row["server"], row["up"], row["state"], row["answers"]) == (
+        "127.0.0.1:9999",
+        True,
+        "up",
+        1,
+    )
 
 
 def test_a_purge_that_fails_is_a_500_and_a_logged_failure(proxy_log):

@@ -227,9 +227,8 @@ def test_many_concurrent_identical_requests_make_one_upstream_request_in_process
     listening = reactor.listenTCP(0, factory, interface=HOST)
     try:
         yield _many_identical_requests(listening.getHost().port, server, 50)
-        assert factory.counters()["misses"] == 1
-        assert factory.counters()["coalesced"] == 49
-        assert factory.counters()["hits"] == 50
+        requests = factory.observer.requests
+        assert (requests["miss"], requests["coalesced"], requests["hit"]) == (1, 49, 50)
     finally:
         yield listening.stopListening()
         yield server.close()

@@ -541,7 +541,7 @@ def test_l2_miss_goes_to_the_server_and_the_answer_is_stored_in_both():
     assert h.counters()["entries"] == 1
     (mkey,) = site.mc.data_keys()
     assert site.mc.store[mkey][:2] == (FLAGS, 60)
-    assert h.counters()["l2_hits"] == 0
+    assert (h.counters()["shared"], h.counters()["miss"]) == (0, 1)
 
 
 def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
@@ -558,13 +558,13 @@ def test_a_second_proxy_serves_the_shared_answer_with_its_age_and_keeps_it():
     assert c.take() == with_max_age(reply, 50)
     assert c.marks == [wire.EXT_FROM_CACHE]  # H, as every cache hit
     assert b.attempts == 0  # the server never saw it
-    assert b.counters()["l2_hits"] == 1
+    assert b.counters()["shared"] == 1
     # Copied into L1: the next one is an L1 hit, with no memcached command.
     before = len(site.mc.commands)
     c.send(request_frame(X, ts=TS))
     assert c.take() == with_max_age(reply, 50)
     assert len(site.mc.commands) == before
-    assert b.counters()["hits"] == 1
+    assert b.counters()["hit"] == 1
 
 
 def both_hold_x() -> tuple[Site, Harness, Harness, object, bytes]:
@@ -707,7 +707,7 @@ def test_a_stalled_tier_is_an_l2_miss_after_the_timeout():
     up = h.accept()
     up.reply(answer(3))
     assert c.take() == answer(3)
-    assert h.counters()["upstream_errors"] == 0
+    assert h.counters()["failures"] == 0
 
 
 def test_identical_misses_wait_for_one_l2_lookup_and_one_server_request():
@@ -716,7 +716,6 @@ def test_identical_misses_wait_for_one_l2_lookup_and_one_server_request():
     c1, c2, c3 = h.client(), h.client(), h.client()
     for c in (c1, c2, c3):
         c.send(request_frame(X, ts=TS))
-    assert h.counters()["coalesced"] == 2
     gets = site.mc.commands.count(b"get")
     site.mc.pump()
     assert site.mc.commands.count(b"get") == gets + 1
@@ -724,6 +723,7 @@ def test_identical_misses_wait_for_one_l2_lookup_and_one_server_request():
     up.reply(answer(3))
     assert [c.take() for c in (c1, c2, c3)] == [answer(3)] * 3
     assert h.attempts == 1
+    assert (h.counters()["miss"], h.counters()["coalesced"]) == (1, 2)
 
 
 def test_waiters_on_an_l2_hit_get_it_unless_they_want_a_younger_answer():
@@ -921,7 +921,7 @@ def test_a_purge_made_while_a_proxy_was_cut_off_is_noticed_once_it_is_back():
     assert b.counters()["entries"] == 0
     c.send(request_frame(X, ts=TS))
     site.mc.pump()
-    assert c.take() == b"" and b.counters()["hits"] == 0  # asked of the server again
+    assert c.take() == b"" and b.counters()["hit"] == 0  # asked of the server again
 
 
 def test_a_node_down_at_the_purge_is_purged_once_it_is_back(proxy_log):

@@ -925,6 +925,54 @@ def test_a_server_without_l_answering_twice_never_answers_another_request(p):
     assert r2.value[1] == answer(2, max_age=60)[12:]
 
 
+def test_tags_start_at_random_on_every_connection():
+    """Never 0, and not the same on every connection: an answer a server
+    sends unasked cannot match by design."""
+    from twisted_cacheproxy.proxy.upstream import UpstreamProtocol
+
+    firsts = set()
+    for _ in range(50):
+        protocol = UpstreamProtocol()
+        protocol.makeConnection(StringTransport())
+        protocol.sendRequest(request_frame(b"1", ts=TS))
+        firsts.add(wire.decode_header(protocol.transport.value()).tag)
+    assert all(1 <= tag <= wire.MAX_TAG for tag in firsts)
+    assert len(firsts) > 1
+
+
+def test_an_answer_a_server_sends_as_the_connection_opens_is_never_delivered():
+    """A server that speaks first, with an L answer tagged 1 (where every
+    connection's tags used to start): out of step, so not delivered, and the
+    request goes again on a new connection."""
+    p = Pool()
+    p.connector.first_tag = 100
+    r = p.fetch(request_frame(b"1", ts=TS))
+    c1 = p.accept()
+    stray = answer(999)[:10] + (wire.EXT_FRAMED | 1 << 3).to_bytes(2, "big") + answer(999)[12:]
+    c1.reply(stray, framed=False)
+    assert not r.done and c1.transport.disconnected
+    c1.close(error.ConnectionAborted)
+    c2 = p.accept()
+    assert c2.take() == request_frame(b"1", ts=TS)
+    c2.reply(answer(1))
+    assert r.value[1] == answer(1)[12:]
+
+
+@pytest.mark.parametrize("status", [0, 201, 503, 999])
+def test_an_answer_with_a_status_other_than_200_400_500_is_invalid(p, status):
+    """The course client loses any other code: the proxy must never relay one."""
+    r = p.fetch(request_frame(b"1", ts=TS))
+    c1 = p.accept()
+    odd = wire.rewrite(answer(1), flags=wire.make_flags(request=False, status=status))
+    c1.reply(odd)
+    assert r.error == (
+        f"calculator server 127.0.0.1:9999 sent an invalid answer: "
+        f"status {status} is not 200, 400 or 500"
+    )
+    assert c1.transport.disconnected or c1.transport.disconnecting
+    assert p.pool.tally.failures["invalid"] == 1
+
+
 def test_an_l_answer_with_tag_0_is_taken_as_a_server_without_l(p):
     """A middlebox that zeroes the word in requests: tags do not get through."""
     r1 = p.fetch(request_frame(b"1", ts=TS))
@@ -974,7 +1022,7 @@ def test_the_tcp_connector_opens_connections_through_a_client_creator():
 
     reactor = MemoryReactorClock()
     connector = TCPConnector(reactor, "127.0.0.1", 9999, timeout=7.5)
-    assert connector.name == "calculator server 127.0.0.1:9999"
+    assert connector.address == "127.0.0.1:9999"
     d = connector.connect()
     host, port, factory, timeout, _bind = reactor.tcpClients[0]
     assert (host, port, timeout) == ("127.0.0.1", 9999, 7.5)

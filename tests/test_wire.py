@@ -634,6 +634,7 @@ def test_a_tagged_client_numbers_its_requests():
     c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
+    c._lastTag = 0  # tags start at random: here, where tests can read them
     for n in range(3):
         c.sendRequest(request_frame(b"%d" % n, cache=False, max_age=65535, ts=1))
     sent = c.transport.value()
@@ -648,6 +649,7 @@ def test_an_answer_with_another_requests_tag_is_never_delivered():
     c = FrameClient()
     c.tagged = True
     c.makeConnection(StringTransport())
+    c._lastTag = 0
     d1, d2 = (
         c.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1)),
         c.sendRequest(request_frame(b"2", cache=False, max_age=65535, ts=1)),

@@ -19,12 +19,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from ..calculator.server import CalculatorServerFactory
-from ..operations.accesslog import AccessLog
+from ..operations.accesslog import AccessLog, VerboseLog
 from ..operations.admin import AccessLogService, AdminService, Purge, StatsService, site
 from ..operations.metrics import ProxyMetrics, ServerMetrics
-from ..proxy.balancer import Balancer, Fetcher
+from ..proxy.balancer import Balancer
 from ..proxy.cache import MemoryCache
 from ..proxy.factory import CacheProxyFactory
+from ..proxy.interfaces import IFetcher
 from ..proxy.sharedcache import SharedCache
 from ..proxy.upstream import TCPConnector, UpstreamPool
 from ..transport.addresses import address
@@ -90,19 +91,20 @@ def makeProxyService(config: ProxyOptions, reactor: Any, listen: Listen) -> serv
         cache,
         _upstream(config, reactor),
         clock=reactor,
-        verbose=config["verbose"],
         shared=shared,
         **config.common(),
     )
     main = listen(config, factory, settings)
-    if not _operated(config):
+    if not (_operated(config) or config["verbose"]):
         return main
     metrics = ProxyMetrics(factory)
     factory.observer = metrics
+    if config["verbose"]:
+        metrics.request_logs.append(VerboseLog())
     return _operations(config, reactor, main, metrics, factory.purge)
 
 
-def _upstream(config: ProxyOptions, reactor: Any) -> Fetcher:
+def _upstream(config: ProxyOptions, reactor: Any) -> IFetcher:
     """One pool to the one server, or a balancer over a pool per server
     (each pool then makes one attempt per miss: the balancer retries, on
     the other servers first)."""
@@ -170,9 +172,10 @@ def _operations(
     access = config["access-log"]
     if access:
         check_access_log(name, access)
-        metrics.access_log = AccessLog(access, reactor)
-        metrics.access_log.open()
-        AccessLogService(metrics.access_log).setServiceParent(top)
+        access_log = AccessLog(access, reactor)
+        access_log.open()
+        metrics.request_logs.append(access_log)
+        AccessLogService(access_log).setServiceParent(top)
     # After the access log: a MultiService stops its children last first,
     # so the listener stops (and its last lines are logged) before the log closes.
     main.setServiceParent(top)

@@ -334,7 +334,11 @@ class ProxyOptions(CommonOptions):
         *CommonOptions.optParameters,
     ]
     optFlags = [
-        ["verbose", "v", "Log every hit and miss (at debug level)."],
+        [
+            "verbose",
+            "v",
+            "Log one line per request at debug level: client, cache status, times and the request.",
+        ],
         [
             "retry-timeouts",
             None,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..transport import answers, wire
 from ..transport.service import ServiceFactory, ServiceProtocol
 from . import codec
+from .events import IServerObserver, Served
 from .expression import CalculationError, evaluate, evaluate_with_steps, is_deterministic
 
 log = Logger()
@@ -33,26 +32,13 @@ class CalculatorServerProtocol(ServiceProtocol):
         else:
             answer = factory.answer(header, data, encoding, now)
         self.sendMessage(answer)
-        factory.observer.requestDone(encoding, answer, started, header, data, self)
+        observer = factory.observer
+        if observer is not None:
+            observer.served(Served(encoding, started, header, data, self, answer))
 
     def invalidFrame(self, reason: str, first: bytes) -> None:
         self.sendMessage(answers.bad_frame(reason, first, int(self.factory.clock.seconds())))
         self.closeAfterSending()
-
-
-class NoObserver:
-    """The default `CalculatorServerFactory.observer`: sees nothing, costs one call."""
-
-    def requestDone(
-        self,
-        encoding: str,
-        answer: bytes,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: Any,
-    ) -> None:
-        """``answer`` was sent for ``header``/``data``, decided from ``started`` on."""
 
 
 class CalculatorServerFactory(ServiceFactory):
@@ -80,8 +66,8 @@ class CalculatorServerFactory(ServiceFactory):
         self.max_age = max_age
         self.cacheable = cache and max_age > 0
         self.shapes = codec.ShapeMemo()
-        #: Told of every answer sent (metrics.ServerMetrics).
-        self.observer: Any = NoObserver()
+        #: Told of every answer sent (`operations.metrics.ServerMetrics`); None: nobody.
+        self.observer: IServerObserver | None = None
 
     def answer(self, header: wire.Header, data: bytes, encoding: str, now: int) -> bytes:
         """The whole response message for one request: ``L`` set and the

@@ -29,6 +29,8 @@ from typing import IO, Any
 
 from twisted.logger import Logger
 
+from ..calculator.events import Served
+from ..proxy.events import Answered
 from ..transport import payload, wire
 from ..transport.addresses import address
 
@@ -89,6 +91,31 @@ def _expression(encoding: str, data: bytes) -> str:
     return quote(data) if encoding == payload.TEXT else "-"
 
 
+def proxy_fields(now: float, event: Answered) -> str:
+    """A proxy line after its time stamp: client, encoding, flags, max-age,
+    cache status, answer status and size, total and upstream milliseconds,
+    the text expression."""
+    data, header, answer, up = event.data, event.header, event.answer, event.upstream
+    encoding = payload.encoding_of(data)
+    upstream = "-" if up is None else f"{up * 1000:.3f}"
+    return (
+        f"{peer_of(event.client)} {encoding} {_flags(header)} {header.max_age} "
+        f"{event.status.upper()} {wire.status_of(answer)} {len(answer)} "
+        f"{(now - event.started) * 1000:.3f} {upstream} {_expression(encoding, data)}"
+    )
+
+
+def server_fields(now: float, event: Served) -> str:
+    """A server line after its time stamp: as a proxy's, with ``-`` for the
+    cache status and the upstream time."""
+    header, answer, encoding = event.header, event.answer, event.encoding
+    return (
+        f"{peer_of(event.client)} {encoding} {_flags(header)} {header.max_age} "
+        f"- {wire.status_of(answer)} {len(answer)} {(now - event.started) * 1000:.3f} - "
+        f"{_expression(encoding, event.data)}"
+    )
+
+
 class AccessLog:
     """Buffered access-log lines for ``path`` (``-``: standard output)."""
 
@@ -122,42 +149,13 @@ class AccessLog:
         self._thread = threading.Thread(target=self._write, name="access-log", daemon=True)
         self._thread.start()
 
-    def proxyRequest(
-        self,
-        now: float,
-        client: Any,
-        header: wire.Header,
-        data: bytes,
-        cache: str,
-        answer: bytes,
-        total: float,
-        upstream: float | None,
-    ) -> None:
+    def proxyRequest(self, now: float, event: Answered) -> None:
         """The line of one request the proxy answered."""
-        encoding = payload.encoding_of(data)
-        up = "-" if upstream is None else f"{upstream * 1000:.3f}"
-        self.line(
-            f"{self._stamp(now)} {peer_of(client)} {encoding} {_flags(header)} {header.max_age} "
-            f"{cache.upper()} {_status(answer)} {len(answer)} "
-            f"{total * 1000:.3f} {up} {_expression(encoding, data)}\n"
-        )
+        self.line(f"{self._stamp(now)} {proxy_fields(now, event)}\n")
 
-    def serverRequest(
-        self,
-        now: float,
-        client: Any,
-        header: wire.Header,
-        data: bytes,
-        encoding: str,
-        answer: bytes,
-        total: float,
-    ) -> None:
+    def serverRequest(self, now: float, event: Served) -> None:
         """The line of one request the server answered."""
-        self.line(
-            f"{self._stamp(now)} {peer_of(client)} {encoding} {_flags(header)} {header.max_age} "
-            f"- {_status(answer)} {len(answer)} {total * 1000:.3f} - "
-            f"{_expression(encoding, data)}\n"
-        )
+        self.line(f"{self._stamp(now)} {server_fields(now, event)}\n")
 
     def line(self, text: str) -> None:
         """Queue one whole line (ending in a newline)."""
@@ -238,5 +236,14 @@ class AccessLog:
             f.close()
 
 
-def _status(answer: bytes) -> int:
-    return ((answer[6] << 8) | answer[7]) & wire.STATUS_MASK
+class VerboseLog:
+    """``--verbose``: the access log's line of each request, without its time
+    stamp (the log adds its own), logged at debug level."""
+
+    log = Logger(namespace="cacheproxy.requests")
+
+    def proxyRequest(self, now: float, event: Answered) -> None:
+        self.log.debug("{line}", line=proxy_fields(now, event))
+
+    def serverRequest(self, now: float, event: Served) -> None:
+        self.log.debug("{line}", line=server_fields(now, event))

@@ -536,7 +536,9 @@ class StatsService(service.Service):
             self._loop.start(self.interval, now=False)
 
     def _line(self, final: bool = False) -> None:
-        self.log.info("{line}", line=self.metrics.statsLine(final))
+        line = self.metrics.statsLine(final)
+        if line is not None:  # None: nothing happened since the last line
+            self.log.info("{line}", line=line)
 
     def stopService(self) -> None:
         super().stopService()

@@ -1,19 +1,21 @@
 """What the services have done, counted cheaply on the request path and
 exported on demand: Prometheus collectors, a JSON summary and the stats line.
 
-`ProxyMetrics` and `ServerMetrics` are the factories' observers (see
-``observer`` in proxy.py and server.py). They keep plain integers and bucket
-lists, so counting one request costs a few additions; `prometheus_client`
-sees them only when ``/metrics`` is scraped, through a custom collector
-rendered in the reactor thread. The exported names are stable (README,
-"Operating the proxy").
+`ProxyMetrics` and `ServerMetrics` are the factories' observers
+(`proxy.interfaces.IProxyObserver`, `calculator.events.IServerObserver`):
+each answer arrives as an event saying what happened (the cache status the
+proxy decided, the upstream time, the failure), and they keep plain integers
+and bucket lists, so counting one request costs a few additions.
+`prometheus_client` sees them only when ``/metrics`` is scraped, through a
+custom collector rendered in the reactor thread. The exported names are
+stable (docs/operating.md).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from typing import Any, Protocol
 
@@ -24,18 +26,20 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from ..proxy.factory import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE
-from ..proxy.upstream import UpstreamError
-from ..transport import wire
+from ..calculator.events import IServerObserver, Served
+from ..calculator.server import CalculatorServerFactory
+from ..proxy.events import CACHE_STATUSES, HIT, MISS, RELOAD, SHARED, Answered
+from ..proxy.factory import CacheProxyFactory
+from ..proxy.interfaces import IProxyObserver, ISharedTier, IUpstreamServer
+from ..proxy.upstream import FAILURE_KINDS
 from ..transport.addresses import address
+from ..transport.service import ServiceFactory
+from ..transport.wire import status_of
+from .units import plural
 
-#: The cache statuses of the proxy, in the order they are shown.
-CACHE_STATUSES = (HIT, SHARED, MISS, COALESCED, STALE, BYPASS, RELOAD)
-#: Why a request to the server failed (the ``reason`` label).
-FAILURE_REASONS = ("refused", "timeout", "reset", "bad_answer", "overloaded")
-#: Answer status labels; any other code a server sends counts as "other".
+#: Answer status labels; any other code counts as "other".
 STATUSES = ("200", "400", "500")
 _STATUS_LABEL = {200: "200", 400: "400", 500: "500"}
 #: Histogram bucket bounds, in seconds: a hit takes microseconds, a miss
@@ -63,31 +67,13 @@ SAMPLE_EVERY = 5.0
 SAMPLES = 120
 
 
-class AccessLogger(Protocol):
-    """What the metrics hand each answered request to (accesslog.AccessLog)."""
+class RequestLog(Protocol):
+    """What the metrics hand each answered request to: the access log
+    (`accesslog.AccessLog`) and ``--verbose``'s log lines (`accesslog.VerboseLog`)."""
 
-    def proxyRequest(
-        self,
-        now: float,
-        client: Any,
-        header: wire.Header,
-        data: bytes,
-        cache: str,
-        answer: bytes,
-        total: float,
-        upstream: float | None,
-    ) -> None: ...
+    def proxyRequest(self, now: float, event: Answered) -> None: ...
 
-    def serverRequest(
-        self,
-        now: float,
-        client: Any,
-        header: wire.Header,
-        data: bytes,
-        encoding: str,
-        answer: bytes,
-        total: float,
-    ) -> None: ...
+    def serverRequest(self, now: float, event: Served) -> None: ...
 
 
 class Histogram:
@@ -117,31 +103,19 @@ class Histogram:
         return out
 
 
-def failure_reason(reason: Failure) -> str:
-    """Which `FAILURE_REASONS` label a failed upstream request counts under."""
-    if not reason.check(UpstreamError):
-        return "bad_answer"
-    text = str(reason.value)
-    if "overloaded" in text:
-        return "overloaded"
-    if "did not answer within" in text or "unreachable within" in text or "timed out" in text:
-        return "timeout"
-    if "unreachable" in text:
-        return "refused"
-    if "closed the connection" in text:
-        return "reset"
-    return "bad_answer"
-
-
 class _Sample:
     """Totals at one moment (for the stats line and the status page's chart)."""
 
-    __slots__ = ("errors", "hits", "misses", "requests", "time")
+    __slots__ = ("errors", "hits", "misses", "requests", "shared", "time")
 
-    def __init__(self, time: float, requests: int, hits: int, misses: int, errors: int) -> None:
+    def __init__(
+        self, time: float, requests: int, hits: int, shared: int, misses: int, errors: int
+    ) -> None:
         self.time = time
         self.requests = requests
+        #: Hits of either kind (memory or the shared tier), and the shared tier's.
         self.hits = hits
+        self.shared = shared
         self.misses = misses
         self.errors = errors
 
@@ -151,10 +125,11 @@ class _Metrics:
 
     kind = ""
 
-    def __init__(self, factory: Any, clock: Any = None) -> None:
+    def __init__(self, factory: ServiceFactory, clock: Any = None) -> None:
         self.factory = factory
         self.clock: Any = clock if clock is not None else factory.clock
-        self.access_log: AccessLogger | None = None
+        #: Where each answered request is also written (access log, --verbose).
+        self.request_logs: list[RequestLog] = []
         #: Answers by status code (at most 1024 codes fit in the field).
         self.codes: defaultdict[int, int] = defaultdict(int)
         self._seconds = self.clock.seconds
@@ -172,8 +147,8 @@ class _Metrics:
         return out
 
     # Overridden: the totals the history and the stats line are made of.
-    def totals(self) -> tuple[int, int, int, int]:
-        """Requests, hits, misses and errors since the start."""
+    def totals(self) -> tuple[int, int, int, int, int]:
+        """Requests, hits (of either kind), shared-tier hits, misses and errors."""
         raise NotImplementedError
 
     def snapshot(self) -> _Sample:
@@ -205,53 +180,56 @@ class _Metrics:
     def collect(self) -> Iterator[Metric]:
         raise NotImplementedError
 
-    def statsLine(self, final: bool = False) -> str:
-        """The periodic summary: the interval since the last line, and the totals."""
+    def statsLine(self, final: bool = False) -> str | None:
+        """The periodic summary: the interval since the last line, and the
+        totals; None when nothing happened since the last line (a quiet log
+        for an idle service), except for the final line."""
         now = self.snapshot()
+        if not final and now.requests == self._lastStats.requests:
+            return None
         last, self._lastStats = self._lastStats, now
         span = max(now.time - last.time, 1e-9)
         requests = now.requests - last.requests
-        interval = _summary(
+        interval = self._summary(
             requests,
             now.hits - last.hits,
+            now.shared - last.shared,
             now.misses - last.misses,
             now.errors - last.errors,
-            self.kind,
         )
-        rate = requests / span
-        total = _summary(now.requests, now.hits, now.misses, now.errors, self.kind)
+        total = self._summary(now.requests, now.hits, now.shared, now.misses, now.errors)
         head = "final stats" if final else "stats"
         return (
-            f"{head}: last {span:.0f} s: {interval}, {rate:.1f}/s; "
+            f"{head}: last {span:.0f} s: {interval}, {requests / span:.1f}/s; "
             f"since start: {total}{self.extraStats()}"
         )
+
+    def _summary(self, requests: int, hits: int, shared: int, misses: int, errors: int) -> str:
+        return f"{plural(requests, 'request')}, {plural(errors, 'error')}"
 
     def extraStats(self) -> str:
         return ""
 
 
-def _summary(requests: int, hits: int, misses: int, errors: int, kind: str) -> str:
-    if kind == "proxy":
-        ratio = f"{100 * hits / requests:.1f}%" if requests else "-"
-        return f"{requests} requests, hit ratio {ratio}, {misses} misses, {errors} upstream errors"
-    return f"{requests} requests, {errors} errors"
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
 
 
+@implementer(IProxyObserver)
 class ProxyMetrics(_Metrics):
-    """The proxy's observer: counts per cache status, answer status and
-    upstream outcome, and hands each answer to the access log if there is one."""
+    """The proxy's observer: counts per cache status and answer status,
+    upstream times, and each answer handed to the request logs. What the
+    servers did (answers, failures by kind, health) is read from the
+    proxy's upstream (`IUpstreamServer`) when the figures are asked for."""
 
     kind = "proxy"
+    factory: CacheProxyFactory
 
-    def __init__(self, factory: Any, clock: Any = None) -> None:
+    def __init__(self, factory: CacheProxyFactory, clock: Any = None) -> None:
         self.durations = {status: Histogram() for status in CACHE_STATUSES}
-        self.upstream_requests = 0
-        self.upstream_failures = dict.fromkeys(FAILURE_REASONS, 0)
         self.upstream_duration = Histogram()
-        self.purged = 0
-        self.last_ok: float | None = None
-        self.last_failure: tuple[float, str] | None = None
-        self._upstreamTime: float | None = None
+        #: Answers removed from memory by purges.
+        self.purged_answers = 0
         super().__init__(factory, clock)
 
     @property
@@ -259,102 +237,52 @@ class ProxyMetrics(_Metrics):
         """Answers by cache status (the duration histograms count them)."""
         return {status: h.count for status, h in self.durations.items()}
 
-    def totals(self) -> tuple[int, int, int, int]:
+    def totals(self) -> tuple[int, int, int, int, int]:
         requests = self.requests
+        hits = requests[HIT] + requests[SHARED]
         misses = requests[MISS] + requests[RELOAD]
-        return sum(requests.values()), requests[HIT], misses, sum(self.upstream_failures.values())
+        errors = sum(_failures(self.factory.pool.servers).values())
+        return sum(requests.values()), hits, requests[SHARED], misses, errors
 
     # --- the observer (called by CacheProxyFactory) ---------------------------
 
-    def requestDone(
-        self,
-        cache: str,
-        answer: bytes,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: Any,
-        upstream: float | None = None,
-    ) -> None:
+    def answered(self, event: Answered) -> None:
         """One answer was decided: count it, time it, log it."""
-        # Inlined: this runs for every hit (the issue's budget: < 5 %).
+        # Inlined: this runs for every hit.
         now = self._seconds()
-        took = now - started
-        h = self.durations[cache]
+        took = now - event.started
+        h = self.durations[event.status]
         h.counts[bisect_left(BUCKETS, took)] += 1
         h.sum += took
-        self.codes[((answer[6] & 3) << 8) | answer[7]] += 1
-        log = self.access_log
-        if log is not None:
-            log.proxyRequest(now, client, header, data, cache, answer, now - started, upstream)
+        self.codes[status_of(event.answer)] += 1
+        if event.upstream is not None:
+            self.upstream_duration.observe(event.upstream)
+        for log in self.request_logs:
+            log.proxyRequest(now, event)
 
-    def answered(
-        self,
-        answer: bytes,
-        cache: str,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: Any,
-    ) -> bytes:
-        """A Deferred answer fired: a MISS or COALESCED answer marked G is
-        STALE; a MISS marked H was answered by the shared tier (SHARED), with
-        no upstream time; who fetched it gets the upstream time of the fetch
-        that just ended."""
-        upstream = None
-        marks = answer[11]
-        if marks & wire.EXT_GRACE:
-            cache = STALE
-        elif cache != COALESCED:
-            # The fetch that just ended, unless the answer came from a cache
-            # (the shared tier) without one.
-            upstream, self._upstreamTime = self._upstreamTime, None
-            if marks & wire.EXT_FROM_CACHE:
-                upstream = None
-                cache = SHARED if cache == MISS else cache
-        self.requestDone(cache, answer, started, header, data, client, upstream)
-        return answer
-
-    def upstreamDone(self, sent: float) -> None:
-        now = self.clock.seconds()
-        self.upstream_requests += 1
-        self._upstreamTime = now - sent
-        self.upstream_duration.observe(now - sent)
-        self.last_ok = now
-
-    def upstreamFailed(self, reason: Failure) -> None:
-        why = failure_reason(reason)
-        self.upstream_requests += 1
-        self.upstream_failures[why] += 1
-        self._upstreamTime = None
-        self.last_failure = (self.clock.seconds(), str(reason.value))
-
-    def purgedAnswers(self, count: int) -> None:
-        """A purge removed ``count`` entries."""
-        self.purged += count
+    def purged(self, count: int) -> None:
+        """A purge removed ``count`` answers from memory."""
+        self.purged_answers += count
 
     # --- what is exported -------------------------------------------------------
-
-    def upstreamState(self) -> str:
-        """``up`` (its last answer came after any failure), ``down`` or ``unknown``."""
-        if self.last_failure is not None and (
-            self.last_ok is None or self.last_failure[0] >= self.last_ok
-        ):
-            return "down"
-        return "up" if self.last_ok is not None else "unknown"
 
     def figures(self) -> dict[str, Any]:
         """Everything ``/stats.json`` and ``/status`` show."""
         factory = self.factory
         cache, pool = factory.cache, factory.pool
-        total = sum(self.requests.values())
+        requests = self.requests
+        total = sum(requests.values())
+        servers = pool.servers
+        failures = _failures(servers)
+        last = _last_failure(servers)
         idle = pool.idle
         return {
             "service": "cacheproxy",
             "uptime_seconds": self.clock.seconds() - self.started,
-            "requests": dict(self.requests),
+            "requests": dict(requests),
             "requests_total": total,
-            "hit_ratio": self.requests[HIT] / total if total else None,
+            "hit_ratio": _ratio(requests[HIT] + requests[SHARED], total),
+            "shared_hit_ratio": _ratio(requests[SHARED], total),
             "responses": dict(self.responses),
             "client_connections": factory.connectionCount,
             "cache": {
@@ -362,27 +290,29 @@ class ProxyMetrics(_Metrics):
                 "bytes": cache.bytes,
                 "capacity_bytes": cache.max_bytes,
                 "evictions": cache.evictions,
-                "purged": self.purged,
+                "purged": self.purged_answers,
             },
             "upstream": {
-                "server": _server_of(pool),
-                "state": self.upstreamState(),
+                "server": ", ".join(s.address for s in servers),
+                "state": _state(servers),
                 "framed": pool.framed,
                 "pipelining": pool.pipelining,
                 "connections": {"idle": idle, "busy": max(0, pool.connections - idle)},
-                "requests": self.upstream_requests,
-                "failures": dict(self.upstream_failures),
-                "last_failure": self.last_failure[1] if self.last_failure else None,
+                "requests": sum(s.tally.answers for s in servers) + sum(failures.values()),
+                "failures": failures,
+                "last_failure": None if last is None else last[1],
+                "last_failure_time": None if last is None else last[0],
                 "servers": [
                     {
-                        "server": server.name,
+                        "server": server.address,
                         "up": server.healthy,
+                        "state": _server_state(server),
                         "outstanding": server.outstanding,
-                        "answers": server.answers,
-                        "failures": server.failures,
+                        "answers": server.tally.answers,
+                        "failures": sum(server.tally.failures.values()),
                         "ejections": server.ejected,
                     }
-                    for server in getattr(pool, "servers", ())
+                    for server in servers
                 ],
             },
             "shared": _shared_figures(factory.shared),
@@ -392,19 +322,30 @@ class ProxyMetrics(_Metrics):
             ],
         }
 
+    def _summary(self, requests: int, hits: int, shared: int, misses: int, errors: int) -> str:
+        ratio = "-" if not requests else f"{100 * hits / requests:.1f}%"
+        if requests and self.factory.shared is not None:
+            ratio += f" ({100 * shared / requests:.1f}% from the shared tier)"
+        misses_ = plural(misses, "miss", "misses")
+        return (
+            f"{plural(requests, 'request')}, hit ratio {ratio}, {misses_}, "
+            f"{plural(errors, 'upstream error')}"
+        )
+
     def extraStats(self) -> str:
         cache = self.factory.cache
-        return f"; cache {cache.entries} entries, {cache.bytes} bytes"
+        return f"; cache {plural(cache.entries, 'entry', 'entries')}, {cache.bytes} bytes"
 
     def collect(self) -> Iterator[Metric]:
         """The Prometheus metric families (a `prometheus_client` collector)."""
         factory = self.factory
         cache, pool = factory.cache, factory.pool
+        servers = pool.servers
         requests = CounterMetricFamily(
             "cacheproxy_requests", "Requests answered, by cache status.", labels=["cache"]
         )
-        for status in CACHE_STATUSES:
-            requests.add_metric([status], self.requests[status])
+        for status, count in self.requests.items():
+            requests.add_metric([status], count)
         yield requests
         yield _responses("cacheproxy_responses", self.responses)
         durations = HistogramMetricFamily(
@@ -416,22 +357,25 @@ class ProxyMetrics(_Metrics):
             h = self.durations[status]
             durations.add_metric([status], h.cumulative(), h.sum)
         yield durations
+        failures = _failures(servers)
         yield CounterMetricFamily(
             "cacheproxy_upstream_requests",
-            "Requests sent to the calculator server (counted when they end).",
-            value=self.upstream_requests,
+            "Requests sent to the calculator servers, each attempt and health probe "
+            "(counted when they end).",
+            value=sum(s.tally.answers for s in servers) + sum(failures.values()),
         )
-        failures = CounterMetricFamily(
+        by_reason = CounterMetricFamily(
             "cacheproxy_upstream_failures",
-            "Requests to the calculator server that got no answer, by reason.",
+            "Attempts on a calculator server that got no answer, by reason "
+            "(a miss may fail on one server and be answered by another).",
             labels=["reason"],
         )
-        for why in FAILURE_REASONS:
-            failures.add_metric([why], self.upstream_failures[why])
-        yield failures
+        for kind, count in failures.items():
+            by_reason.add_metric([kind], count)
+        yield by_reason
         upstream = HistogramMetricFamily(
             "cacheproxy_upstream_duration_seconds",
-            "Time from sending a request to the server to its answer.",
+            "Time from sending a miss to the server to its answer.",
         )
         upstream.add_metric([], self.upstream_duration.cumulative(), self.upstream_duration.sum)
         yield upstream
@@ -452,7 +396,7 @@ class ProxyMetrics(_Metrics):
             value=cache.evictions,
         )
         yield CounterMetricFamily(
-            "cacheproxy_purged", "Answers removed by purges.", value=self.purged
+            "cacheproxy_purged", "Answers removed by purges.", value=self.purged_answers
         )
         yield GaugeMetricFamily(
             "cacheproxy_client_connections", "Open client connections.", factory.connectionCount
@@ -460,23 +404,24 @@ class ProxyMetrics(_Metrics):
         idle = pool.idle
         conns = GaugeMetricFamily(
             "cacheproxy_upstream_connections",
-            "Connections to the calculator server, by state (busy includes connecting).",
+            "Connections to the calculator servers, by state (busy includes connecting).",
             labels=["state"],
         )
         conns.add_metric(["idle"], idle)
         conns.add_metric(["busy"], max(0, pool.connections - idle))
         yield conns
-        yield from _per_server(getattr(pool, "servers", ()))
+        yield from _per_server(servers)
         if factory.shared is not None:
             yield from _shared_tier(factory.shared)
 
 
+@implementer(IServerObserver)
 class ServerMetrics(_Metrics):
     """The server's observer: counts per encoding and status, and timings."""
 
     kind = "server"
 
-    def __init__(self, factory: Any, clock: Any = None) -> None:
+    def __init__(self, factory: CalculatorServerFactory, clock: Any = None) -> None:
         self.by_encoding: defaultdict[tuple[str, int], int] = defaultdict(int)
         self.duration = Histogram()
         super().__init__(factory, clock)
@@ -489,28 +434,19 @@ class ServerMetrics(_Metrics):
             out[encoding, _STATUS_LABEL.get(code, "other")] += count
         return dict(out)
 
-    def totals(self) -> tuple[int, int, int, int]:
+    def totals(self) -> tuple[int, int, int, int, int]:
         requests = self.duration.count
-        return requests, 0, 0, requests - self.codes[200]
+        return requests, 0, 0, 0, requests - self.codes[200]
 
-    def requestDone(
-        self,
-        encoding: str,
-        answer: bytes,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: Any,
-    ) -> None:
+    def served(self, event: Served) -> None:
         """One answer was sent: count it, time it, log it."""
         now = self._seconds()
-        code = ((answer[6] & 3) << 8) | answer[7]
+        code = status_of(event.answer)
         self.codes[code] += 1
-        self.by_encoding[encoding, code] += 1
-        self.duration.observe(now - started)
-        log = self.access_log
-        if log is not None:
-            log.serverRequest(now, client, header, data, encoding, answer, now - started)
+        self.by_encoding[event.encoding, code] += 1
+        self.duration.observe(now - event.started)
+        for log in self.request_logs:
+            log.serverRequest(now, event)
 
     def figures(self) -> dict[str, Any]:
         total = sum(self.requests.values())
@@ -549,20 +485,64 @@ class ServerMetrics(_Metrics):
         )
 
 
-def _per_server(servers: Any) -> Iterator[Metric]:
-    """With several ``--server``: each one's health and totals, by its address."""
+# --- the servers behind the proxy ------------------------------------------------
+
+
+def _failures(servers: Sequence[IUpstreamServer]) -> dict[str, int]:
+    """Failed attempts over every server, by kind."""
+    out = dict.fromkeys(FAILURE_KINDS, 0)
+    for server in servers:
+        for kind, count in server.tally.failures.items():
+            out[kind] += count
+    return out
+
+
+def _last_failure(servers: Sequence[IUpstreamServer]) -> tuple[float, str] | None:
+    """The latest failure of any server: (clock time, message)."""
+    failures = [s.tally.last_failure for s in servers if s.tally.last_failure is not None]
+    return max(failures, default=None, key=lambda failure: failure[0])
+
+
+def _server_state(server: IUpstreamServer) -> str:
+    """``down`` while taken out, else what its last outcome says."""
+    return str(server.tally.state) if server.healthy else "down"
+
+
+def _state(servers: Sequence[IUpstreamServer]) -> str:
+    """``up`` while any server answers, ``down`` when none does."""
+    states = [_server_state(s) for s in servers]
+    if "up" in states:
+        return "up"
+    return "down" if all(state == "down" for state in states) else "unknown"
+
+
+def _per_server(servers: Sequence[IUpstreamServer]) -> Iterator[Metric]:
+    """Each server's health and totals, labelled with its address."""
     families = [
-        (GaugeMetricFamily, "up", "1 while the server is in, 0 while taken out.", "healthy"),
+        (GaugeMetricFamily, "up", "1 while the server is in, 0 while taken out.", "up"),
         (GaugeMetricFamily, "outstanding", "Requests sent, not yet answered.", "outstanding"),
         (CounterMetricFamily, "answers", "Answers, health probes included.", "answers"),
-        (CounterMetricFamily, "failures", "Requests and probes that failed.", "failures"),
-        (CounterMetricFamily, "ejections", "Times the server was taken out.", "ejected"),
+        (CounterMetricFamily, "failures", "Attempts and probes that failed.", "failures"),
+        (CounterMetricFamily, "ejections", "Times the server was taken out.", "ejections"),
     ]
-    for kind, name, text, attribute in families if servers else ():
+    rows = {
+        server.address: {
+            "up": int(server.healthy),
+            "outstanding": server.outstanding,
+            "answers": server.tally.answers,
+            "failures": sum(server.tally.failures.values()),
+            "ejections": server.ejected,
+        }
+        for server in servers
+    }
+    for kind, name, text, field in families:
         family = kind(f"cacheproxy_server_{name}", text, labels=["server"])
-        for server in servers:
-            family.add_metric([_server_of(server.pool)], int(getattr(server, attribute)))
+        for server, row in rows.items():
+            family.add_metric([server], row[field])
         yield family
+
+
+# --- the shared tier -------------------------------------------------------------
 
 
 #: The shared tier's counters (`SharedCache.counters`) as metrics.
@@ -580,7 +560,7 @@ _SHARED_COUNTERS = [
 ]
 
 
-def _shared_figures(shared: Any) -> dict[str, Any] | None:
+def _shared_figures(shared: ISharedTier | None) -> dict[str, Any] | None:
     """The shared tier in ``/stats.json`` (None without ``--memcached``)."""
     if shared is None:
         return None
@@ -591,7 +571,7 @@ def _shared_figures(shared: Any) -> dict[str, Any] | None:
     }
 
 
-def _shared_tier(shared: Any) -> Iterator[Metric]:
+def _shared_tier(shared: ISharedTier) -> Iterator[Metric]:
     """With ``--memcached``: what the shared tier did, and which nodes are up."""
     counters = shared.counters()
     for key, name, text in _SHARED_COUNTERS:
@@ -602,13 +582,6 @@ def _shared_tier(shared: Any) -> Iterator[Metric]:
     for node in shared.nodes:
         up.add_metric([address(node.host, node.port)], int(node.state == "up"))
     yield up
-
-
-def _server_of(pool: Any) -> str:
-    """``host:port`` of the pool's server when its connector says, else its name."""
-    connector: Any = getattr(pool, "connector", None)
-    host = getattr(connector, "host", None)
-    return str(pool.name) if host is None else address(host, connector.port)
 
 
 def _responses(name: str, responses: dict[str, int]) -> CounterMetricFamily:

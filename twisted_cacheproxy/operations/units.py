@@ -37,6 +37,7 @@ def seconds(value: float) -> str:
     return f"{value:g} s"
 
 
-def plural(count: int, noun: str) -> str:
-    """``1 request``, ``2 requests``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def plural(count: int, noun: str, many: str = "") -> str:
+    """``1 request``, ``2 requests`` (``many``: the plural when it is not
+    the noun and an s, as in ``misses``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {many or noun + 's'}"

@@ -26,15 +26,15 @@ active health, and failover.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..transport import wire
-from .upstream import UpstreamError, UpstreamPool
+from .interfaces import IFetcher, IUpstreamServer
+from .upstream import Answer, Tally, UpstreamError, UpstreamPool
 
 log = Logger()
 
@@ -47,18 +47,6 @@ EJECT_MAX = 30.0
 _FAILOVER = frozenset({"unreachable", "closed", "invalid", "overloaded"})
 
 
-class Fetcher(Protocol):
-    """What the proxy asks on a miss: a pool (one server) or a `Balancer`."""
-
-    def fetch(self, frame: bytes) -> defer.Deferred:
-        """Fires with ``(header, data, sent)`` or fails with `UpstreamError`."""
-        ...
-
-    def close(self) -> None:
-        """Close idle connections (on shutdown)."""
-        ...
-
-
 def probe_frame(now: int) -> bytes:
     """The small request of a health probe: ``1`` in the text encoding, not
     cacheable. Our servers answer 200; a course server, which reads only
@@ -66,12 +54,15 @@ def probe_frame(now: int) -> bytes:
     return wire.encode(now, wire.make_flags(request=True), 0, b"1")
 
 
+@implementer(IUpstreamServer)
 class Server:
     """One server of a `Balancer`: its pool and its health."""
 
-    def __init__(self, name: str, pool: UpstreamPool) -> None:
-        self.name = name
+    def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.address = pool.address
+        #: How error messages name it.
+        self.name = pool.name
         #: Consecutive failures since the last success.
         self.fails = 0
         #: Ejections in a row without a success between.
@@ -80,9 +71,8 @@ class Server:
         self.out_until = 0.0
         self.probing = False
         self.timer: IDelayedCall | None = None
-        #: Totals for the metrics: well-formed answers (probes included),
-        #: failures, times taken out.
-        self.answers = self.failures = self.ejected = 0
+        #: Times taken out.
+        self.ejected = 0
 
     @property
     def healthy(self) -> bool:
@@ -92,14 +82,32 @@ class Server:
     def outstanding(self) -> int:
         return self.pool.outstanding
 
+    @property
+    def tally(self) -> Tally:
+        """Its answers and failures, probes included: its pool counts what
+        it sees, and the balancer adds the timeouts it gives up on."""
+        return self.pool.tally
+
 
 class _Job:
     """One miss on its way through the servers."""
 
-    __slots__ = ("current", "d", "errors", "frame", "pending", "retry", "round", "timer", "tried")
+    __slots__ = (
+        "current",
+        "d",
+        "errors",
+        "frame",
+        "kind",
+        "pending",
+        "retry",
+        "round",
+        "timer",
+        "tried",
+    )
 
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
+        self.kind = "unreachable"  # of the last failure
         self.round = 1
         self.tried: list[Server] = []  # in this round
         self.errors: dict[str, str] = {}  # server name: its last error
@@ -120,6 +128,7 @@ class _Job:
             pending.cancel()
 
 
+@implementer(IFetcher)
 class Balancer:
     """Several servers behind one `fetch`/`close`, as a `UpstreamPool` offers
     for one; see the module docstring. Each server's pool should make one
@@ -142,7 +151,7 @@ class Balancer:
         eject_first: float = EJECT_FIRST,
         eject_max: float = EJECT_MAX,
     ) -> None:
-        self.servers = [Server(p.name, p) for p in pools]
+        self.servers = [Server(p) for p in pools]
         self.clock = clock
         self.rounds = max(1, rounds)
         self.retry_delay = retry_delay
@@ -158,11 +167,6 @@ class Balancer:
             self._active = clock.callLater(interval, self._checkAll)
 
     # --- the figures a pool offers, over every server (for status pages) --------
-
-    @property
-    def name(self) -> str:
-        """How error messages and status pages name the servers."""
-        return ", ".join(s.name for s in self.servers)
 
     @property
     def idle(self) -> int:
@@ -210,7 +214,7 @@ class Balancer:
 
     # --- fetching -------------------------------------------------------------
 
-    def fetch(self, frame: bytes) -> defer.Deferred:
+    def fetch(self, frame: bytes) -> defer.Deferred[Answer]:
         """Send one request frame to a server; fires ``(header, data, sent)``
         or fails with `UpstreamError` naming every server tried."""
         job = _Job(frame)
@@ -246,8 +250,8 @@ class Balancer:
         pending, job.pending, job.current = job.pending, None, None
         if pending is not None:
             pending.cancel()
-        job.errors[server.name] = f"{server.name} did not answer within {self.timeout / 2:g} s"
-        self.failed(server, "timeout")
+        half = self.timeout / 2
+        self._timedOutOn(job, server, f"{server.name} did not answer within {half:g} s")
         self._try(job)
 
     def _answered(self, result: tuple, job: _Job, server: Server) -> None:
@@ -267,6 +271,7 @@ class Balancer:
         self._stopTry(job)
         e = reason.value
         kind = e.kind if isinstance(e, UpstreamError) else "invalid"
+        job.kind = kind
         job.errors[server.name] = str(e)
         if kind != "overloaded":
             self.failed(server, kind)
@@ -286,23 +291,30 @@ class Balancer:
         server = job.current
         job.cancel()
         if server is not None:
-            job.errors[server.name] = f"{server.name} did not answer"
-            self.failed(server, "timeout")
-        self._give_up(job, f"no answer within {self.timeout:g} s")
+            self._timedOutOn(job, server, f"{server.name} did not answer")
+        self._give_up(job, f"no answer within {self.timeout:g} s", "timeout")
 
-    def _give_up(self, job: _Job, why: str = "") -> None:
+    def _timedOutOn(self, job: _Job, server: Server, message: str) -> None:
+        """The balancer gave up waiting for ``server``: a timeout of its own,
+        which its pool (whose request was cancelled) never saw."""
+        job.errors[server.name] = message
+        server.tally.failed(self.clock.seconds(), UpstreamError(message, "timeout"))
+        self.failed(server, "timeout")
+
+    def _give_up(self, job: _Job, why: str = "", kind: str = "") -> None:
+        """Fail the miss with every server's last error; its kind is
+        ``kind`` or else that of the last failure."""
         job.cancel()
         if job.d.called:
             return
         tried = "; ".join(job.errors.values()) or "no server tried"
         head = why or "no server could answer"
-        job.d.errback(UpstreamError(f"{head}: {tried}"))
+        job.d.errback(UpstreamError(f"{head}: {tried}", kind or job.kind))
 
     # --- health ---------------------------------------------------------------
 
     def succeeded(self, server: Server) -> None:
         """A well-formed answer: the server is in, its counts start again."""
-        server.answers += 1
         server.fails = 0
         server.ejections = 0
         if not server.healthy:
@@ -310,7 +322,6 @@ class Balancer:
 
     def failed(self, server: Server, kind: str) -> None:
         """One more failure; `max_fails` in a row take the server out."""
-        server.failures += 1
         server.fails += 1
         if server.healthy and server.fails >= self.max_fails:
             self._eject(server, f"{server.fails} failures in a row ({kind})")
@@ -343,7 +354,6 @@ class Balancer:
 
     def _probed(self, result: tuple, server: Server) -> None:
         server.probing = False
-        server.answers += 1
         if not server.healthy:
             self._putBack(server)  # its ejections keep doubling until real traffic succeeds
         server.fails = 0
@@ -353,7 +363,6 @@ class Balancer:
         if server.healthy:
             self.failed(server, getattr(reason.value, "kind", "invalid"))
         else:
-            server.failures += 1
             self._eject(server, f"probe failed: {reason.value}")
 
     def _checkAll(self) -> None:
@@ -376,4 +385,4 @@ class Balancer:
             server.pool.close()
 
 
-__all__ = ["Balancer", "Fetcher", "Server", "probe_frame"]
+__all__ = ["Balancer", "Server", "probe_frame"]

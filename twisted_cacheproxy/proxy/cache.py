@@ -1,21 +1,20 @@
 """The proxy's answer cache: encoded answers by key, bounded by bytes, LRU.
 
-Nothing here knows about sockets or payloads: keys and answers are bytes,
-time is whatever clock the owner passes in (tests use ``task.Clock``).
+Nothing here knows about sockets or payloads: keys (the S flag byte and the
+request data) and answers are bytes, time is whatever clock the owner passes
+in (tests use ``task.Clock``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
+from collections.abc import Iterable
 
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from ..transport.wire import FOREVER
+from .interfaces import ICache
 
 #: What one entry costs in memory beyond the lengths of its key and answer,
 #: in bytes, as ``tracemalloc`` measures it on CPython 3.11 (64-bit): the two
@@ -49,73 +48,7 @@ class Entry:
         return self.lifetime == FOREVER or now - self.stored < self.lifetime + grace
 
 
-#: A key (the S flag byte and the request data); named apart because the
-#: cache interface has a ``bytes`` counter of its own.
-Key = bytes
-
-
-class Cache(Protocol):
-    """What the proxy needs of a cache backend."""
-
-    #: Seconds past its lifetime an entry is still kept (stale-if-error).
-    grace: float
-
-    @property
-    def entries(self) -> int:
-        """How many answers are stored."""
-        ...
-
-    @property
-    def bytes(self) -> int:
-        """What they cost against the bound."""
-        ...
-
-    @property
-    def evictions(self) -> int:
-        """How many were dropped to make room."""
-        ...
-
-    def get(self, key: Key) -> Entry | None: ...
-
-    def put(self, key: Key, entry: Entry) -> None: ...
-
-    def delete(self, key: Key) -> None: ...
-
-    def clear(self) -> int:
-        """Forget every entry (a purge); how many there were."""
-        ...
-
-    def purge(self, keys: Iterable[Key]) -> int:
-        """Forget the entries stored under ``keys``; how many of them there were."""
-        ...
-
-
-class SharedTier(Protocol):
-    """What the proxy needs of a second cache level shared with other
-    proxies (`sharedcache.SharedCache`): asked on a miss before the server."""
-
-    def get(self, key: bytes) -> Deferred[Entry | None]:
-        """Fires with the `Entry` stored for ``key`` or None; never fails."""
-        ...
-
-    def put(self, key: bytes, entry: Entry) -> None: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    #: Called when the tier was purged by another proxy (set by the proxy).
-    purged: Callable[[], None]
-
-    def purge(self) -> Deferred[int]:
-        """Hide every shared entry; fires with the number of nodes purged."""
-        ...
-
-    def delete(self, keys: Iterable[bytes]) -> Deferred[int]:
-        """Remove the entries of ``keys``; fires with how many there were."""
-        ...
-
-
+@implementer(ICache)
 class MemoryCache:
     """An in-memory LRU bounded by bytes, dropping entries once they are past
     their lifetime plus ``grace`` (the stale-if-error window)."""

@@ -4,12 +4,14 @@ The proxy never reads payloads: the cache key is the request data plus its S
 flag, and the first data byte only picks the encoding of the proxy's own
 error answers. The cache rules are PROTOCOL.md section 2 plus what caching
 proxies such as Varnish and nginx do: coalescing, retries, stale-if-error.
+Its observer (`interfaces.IProxyObserver`) is told of every answer with the
+cache status the proxy decided (`events`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import defer
@@ -20,10 +22,10 @@ from twisted.python.failure import Failure
 
 from ..transport import answers, wire
 from ..transport.service import ServiceFactory, ServiceProtocol
-from . import upstream
-from .balancer import Fetcher
-from .cache import Cache, Entry, SharedTier
-from .upstream import UpstreamError
+from .cache import Entry
+from .events import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE, Answered
+from .interfaces import ICache, IFetcher, IProxyObserver, ISharedTier
+from .upstream import Answer, UpstreamError
 
 log = Logger()
 
@@ -36,51 +38,6 @@ _STEPS_KEY = (b"\x00", b"\x01")
 def cache_keys(data: bytes) -> tuple[bytes, bytes]:
     """The cache keys of one request ``data``, without and with steps (a purge)."""
     return _STEPS_KEY[0] + data, _STEPS_KEY[1] + data
-
-
-# --- observing (metrics, access log): which path each request took --------------
-HIT, MISS, COALESCED, BYPASS, RELOAD = "hit", "miss", "coalesced", "bypass", "reload"
-#: Not decided in `CacheProxyFactory.answer`: a MISS or COALESCED answer that
-#: came back marked G (served past its lifetime while the server failed).
-STALE = "stale"
-#: Nor this: a MISS answered from the shared tier (memcached), marked H.
-SHARED = "shared"
-
-
-class NoObserver:
-    """The default `CacheProxyFactory.observer`: sees nothing, costs one call."""
-
-    def requestDone(
-        self,
-        cache: str,
-        answer: bytes,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: Any,
-    ) -> None:
-        """An answer to ``header``/``data`` was decided at once (bytes)."""
-
-    def answered(
-        self,
-        answer: bytes,
-        cache: str,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: Any,
-    ) -> bytes:
-        """A Deferred answer fired with ``answer``; passes it on."""
-        return answer
-
-    def upstreamDone(self, sent: float) -> None:
-        """The server answered a request sent at ``sent``."""
-
-    def upstreamFailed(self, reason: Any) -> None:
-        """A request to the server failed (a `Failure`)."""
-
-    def purgedAnswers(self, count: int) -> None:
-        """A purge removed ``count`` answers from memory."""
 
 
 #: Most answers one client may await at once; past it the proxy stops
@@ -163,26 +120,41 @@ class CacheProxyProtocol(ServiceProtocol):
         self._slots.clear()
 
 
-#: The clients waiting for one in-flight miss (Varnish's waiting list).
-_Waiters = list[tuple[CacheProxyProtocol, defer.Deferred[bytes], wire.Header, bytes]]
+class _Request(Answered):
+    """A request whose answer is not known at once: the `events.Answered`
+    its observer will be told, and the Deferred its client waits on."""
+
+    __slots__ = ("d",)
+
+    def __init__(
+        self, status: str, started: float, header: wire.Header, data: bytes, client: Any
+    ) -> None:
+        super().__init__(status, started, header, data, client)
+        self.d: defer.Deferred[bytes] = defer.Deferred()
+
+    @property
+    def asking(self) -> str:
+        """Its status when it asks the server itself: a reload when it
+        accepts no stored answer, else a miss."""
+        return MISS if self.header.max_age else RELOAD
 
 
 class CacheProxyFactory(ServiceFactory):
-    """The cache, the upstream pool, the in-flight misses and the counters."""
+    """The cache, the way to the servers, the misses in flight, and the
+    observer that is told of every answer."""
 
     protocol = CacheProxyProtocol
 
     def __init__(
         self,
-        cache: Cache,
-        pool: Fetcher,
+        cache: ICache,
+        pool: IFetcher,
         *,
         clock: IReactorTime | None = None,
         max_message_size: int = wire.MAX_MESSAGE_SIZE,
         idle_timeout: float | None = 60.0,
         max_connections: int | None = 10_000,
-        verbose: bool = False,
-        shared: SharedTier | None = None,
+        shared: ISharedTier | None = None,
     ) -> None:
         """``cache`` keeps the answers (its grace is the stale-if-error
         window); ``pool`` (an `UpstreamPool` or a `Balancer`) asks the server
@@ -196,13 +168,11 @@ class CacheProxyFactory(ServiceFactory):
         )
         self.cache = cache
         self.pool = pool
-        self.verbose = verbose
         self.shared = shared
-        self.l2_hits = 0
-        self.inflight: dict[bytes, _Waiters] = {}
-        self.hits = self.misses = self.coalesced = self.stale = self.upstream_errors = 0
-        #: Told of every answer and upstream exchange (metrics.ProxyMetrics).
-        self.observer: Any = NoObserver()
+        #: The requests waiting for each miss in flight, by key (Varnish's waiting list).
+        self.inflight: dict[bytes, list[_Request]] = {}
+        #: Told of every answer (`operations.metrics.ProxyMetrics`); None: nobody.
+        self.observer: IProxyObserver | None = None
         if shared is not None:
             shared.purged = self._purgedElsewhere
 
@@ -236,7 +206,8 @@ class CacheProxyFactory(ServiceFactory):
     def _forget(self, keys: list[bytes] | None) -> int:
         """Remove from memory every answer, or those of ``keys``; how many went."""
         count = self.cache.clear() if keys is None else self.cache.purge(keys)
-        self.observer.purgedAnswers(count)
+        if self.observer is not None:
+            self.observer.purged(count)
         return count
 
     def _purgedElsewhere(self) -> None:
@@ -248,127 +219,96 @@ class CacheProxyFactory(ServiceFactory):
             count=count,
         )
 
-    def counters(self) -> dict[str, int]:
-        """What the proxy has done so far, for logs and tests."""
-        counters = {
-            "hits": self.hits,
-            "misses": self.misses,
-            "coalesced": self.coalesced,
-            "stale": self.stale,
-            "upstream_errors": self.upstream_errors,
-            "evictions": self.cache.evictions,
-            "entries": self.cache.entries,
-            "bytes": self.cache.bytes,
-        }
-        if self.shared is not None:
-            # Misses answered by the shared tier (``misses`` counts them too).
-            counters["l2_hits"] = self.l2_hits
-        return counters
-
     # --- the request path ---------------------------------------------------
 
     def answer(
         self, header: wire.Header, data: bytes, client: CacheProxyProtocol
-    ) -> bytes | defer.Deferred:
+    ) -> bytes | defer.Deferred[bytes]:
         """The answer to one request: bytes at once, or a Deferred firing with bytes."""
         started = self.clock.seconds()
         flags = header.flags
         if not flags & wire.FLAG_REQUEST:
             answer = answers.not_a_request(header, data, int(started))
-            return self._observed(BYPASS, answer, started, header, data, client)
+            self._told(Answered(BYPASS, started, header, data, client, answer))
+            return answer
         if not flags & wire.FLAG_CACHE:
-            self.misses += 1
-            return self._observed(
-                BYPASS, self._fetch(header, data, None), started, header, data, client
-            )
+            request = _Request(BYPASS, started, header, data, client)
+            self._fetch(request, None)
+            return request.d
         key = _STEPS_KEY[bool(flags & wire.FLAG_STEPS)] + data
         accept = header.max_age
         if accept:
             entry = self.cache.get(key)
             if entry is not None:
-                now = started
-                age = entry.age(now)
-                if entry.fresh(now) and _accepts(accept, age):
-                    self.hits += 1
-                    if self.verbose:
-                        log.debug("hit {size} bytes, age {age:.1f} s", size=len(data), age=age)
+                age = entry.age(started)
+                if entry.fresh(started) and _accepts(accept, age):
                     answer = _restamp(entry, age, header)
-                    self.observer.requestDone(HIT, answer, started, header, data, client)
+                    if self.observer is not None:
+                        self.observer.answered(Answered(HIT, started, header, data, client, answer))
                     return answer
         waiting = self.inflight.get(key)
         if waiting is not None:
-            self.coalesced += 1
-            d: defer.Deferred[bytes] = defer.Deferred()
-            waiting.append((client, d, header, data))
-            return self._observed(COALESCED, d, started, header, data, client)
-        self.misses += 1
-        if self.verbose:
-            log.debug("miss {size} bytes", size=len(data))
+            request = _Request(COALESCED, started, header, data, client)
+            waiting.append(request)
+            return request.d
+        request = _Request(MISS if accept else RELOAD, started, header, data, client)
         self.inflight[key] = []
         if self.shared is not None and accept:  # a reload skips it
-            fetched: defer.Deferred[Any] = self.shared.get(key).addCallback(
-                self._shared_answer, header, data, key
-            )
+            self.shared.get(key).addCallback(self._sharedAnswered, request, key)
         else:
-            fetched = self._fetch(header, data, key)
-        return self._observed(MISS if accept else RELOAD, fetched, started, header, data, client)
+            self._fetch(request, key)
+        return request.d
 
-    def _observed(
-        self,
-        cache: str,
-        answer: Any,
-        started: float,
-        header: wire.Header,
-        data: bytes,
-        client: CacheProxyProtocol,
-    ) -> Any:
-        """Tell the observer how ``answer`` was decided (now, or when it fires)."""
-        if type(answer) is bytes:
-            self.observer.requestDone(cache, answer, started, header, data, client)
-        else:
-            answer.addCallback(self.observer.answered, cache, started, header, data, client)
-        return answer
+    def _told(self, event: Answered) -> None:
+        if self.observer is not None:
+            self.observer.answered(event)
 
-    def _shared_answer(
-        self, entry: Entry | None, header: wire.Header, data: bytes, key: bytes
-    ) -> bytes | defer.Deferred[bytes]:
-        """After the L2 lookup of a miss: its entry if the request accepts it
-        (copied into L1), else the server's answer."""
+    def _settle(self, request: _Request, answer: bytes) -> None:
+        """Tell the observer how ``request`` was answered, then its client."""
+        request.answer = answer
+        self._told(request)
+        request.d.callback(answer)
+
+    def _sharedAnswered(self, entry: Entry | None, request: _Request, key: bytes) -> None:
+        """After the shared tier's lookup of a miss: its entry if the request
+        accepts it (copied into memory), else the server's answer."""
         now = self.clock.seconds()
-        if entry is None or not entry.fresh(now) or not _accepts(header.max_age, entry.age(now)):
-            return self._fetch(header, data, key)
-        self.l2_hits += 1
+        if entry is None or not entry.fresh(now):
+            self._fetch(request, key)
+            return
+        age = entry.age(now)
+        if not _accepts(request.header.max_age, age):
+            self._fetch(request, key)
+            return
+        request.status = SHARED
         self.cache.put(key, entry)
-        waiting = self.inflight.pop(key)
-        for client, d, h, waiter_data in waiting:
-            if not client.connected:
+        for waiter in self.inflight.pop(key):
+            if not waiter.client.connected:
                 continue
-            if h.max_age and _accepts(h.max_age, entry.age(now)):
-                d.callback(_restamp(entry, entry.age(now), h))
-            elif key in self.inflight:  # a waiter wanting a younger answer
-                self.inflight[key].append((client, d, h, waiter_data))
+            if waiter.header.max_age and _accepts(waiter.header.max_age, age):
+                self._settle(waiter, _restamp(entry, age, waiter.header))
+            elif key in self.inflight:  # another waiter wanting a younger answer asks
+                self.inflight[key].append(waiter)
             else:
+                waiter.status = waiter.asking
                 self.inflight[key] = []
-                self._fetch(h, waiter_data, key).chainDeferred(d)
-        return _restamp(entry, entry.age(now), header)
+                self._fetch(waiter, key)
+        self._settle(request, _restamp(entry, age, request.header))
 
-    def _fetch(self, header: wire.Header, data: bytes, key: bytes | None) -> defer.Deferred[bytes]:
+    def _fetch(self, request: _Request, key: bytes | None) -> None:
         """Ask the server; store the answer per the rules when ``key`` is given
         (a C=1 request), then answer the requester and every waiter."""
+        header = request.header
         frame = wire.encode(
-            header.timestamp, header.flags & ~wire.RESERVED_MASK, header.max_age, data
+            header.timestamp, header.flags & ~wire.RESERVED_MASK, header.max_age, request.data
         )  # the extension word is the pool's: it tags each request itself
-        return (
-            self.pool.fetch(frame)
-            .addCallback(self._fetched, header, data, key)
-            .addErrback(self._failed, header, data, key)
+        self.pool.fetch(frame).addCallback(self._fetched, request, key).addErrback(
+            self._failed, request, key
         )
 
-    def _fetched(
-        self, result: upstream.Answer, header: wire.Header, data: bytes, key: bytes | None
-    ) -> bytes:
+    def _fetched(self, result: Answer, request: _Request, key: bytes | None) -> None:
         answer_header, answer_data, sent = result
-        self.observer.upstreamDone(sent)
+        request.upstream = self.clock.seconds() - sent
         # L is hop by hop (ours replaces the server's); H and G pass on.
         marks = answer_header.ext & (wire.EXT_FROM_CACHE | wire.EXT_GRACE)
         answer = wire.encode(
@@ -379,62 +319,52 @@ class CacheProxyFactory(ServiceFactory):
             wire.EXT_FRAMED | marks,
         )
         if key is None:
-            return wire.with_tag(answer, header)
+            self._settle(request, wire.with_tag(answer, request.header))
+            return
         waiting = self.inflight.pop(key)
         failed = (answer_header.flags & wire.STATUS_MASK) >= wire.SERVER_ERROR
         cacheable = answer_header.flags & wire.FLAG_CACHE and answer_header.max_age
         if cacheable and not failed:
-            stored = wire.rewrite(answer, ext=_HIT)
-            entry = Entry(stored, sent, answer_header.max_age)
+            entry = Entry(wire.rewrite(answer, ext=_HIT), sent, answer_header.max_age)
             self.cache.put(key, entry)
             if self.shared is not None:
                 self.shared.put(key, entry)
-        if cacheable or failed:
-            self._settle(waiting, lambda h, d: wire.with_tag(answer, h))
-        else:
-            # Not cacheable (e.g. rand): sharing it would be caching it, so
-            # each waiter asks the server for its own answer.
-            for client, d, h, waiter_data in waiting:
-                if client.connected:
-                    self.misses += 1
-                    self._fetch(h, waiter_data, None).chainDeferred(d)
-        return wire.with_tag(answer, header)
+        for waiter in waiting:
+            if not waiter.client.connected:
+                continue
+            if cacheable or failed:
+                self._settle(waiter, wire.with_tag(answer, waiter.header))
+            else:
+                # Not cacheable (e.g. rand): sharing it would be caching it, so
+                # each waiter asks the server for its own answer.
+                waiter.status = waiter.asking
+                self._fetch(waiter, None)
+        self._settle(request, wire.with_tag(answer, request.header))
 
-    def _failed(
-        self, reason: Failure, header: wire.Header, data: bytes, key: bytes | None
-    ) -> bytes:
-        self.upstream_errors += 1
-        self.observer.upstreamFailed(reason)
-        if reason.check(UpstreamError):
-            message = str(reason.value)
-            log.warn("{error}", error=message)
+    def _failed(self, reason: Failure, request: _Request, key: bytes | None) -> None:
+        error = reason.value
+        if isinstance(error, UpstreamError):
+            log.warn("{error}", error=str(error))
         else:
-            message = "internal proxy error"
             log.failure("Unexpected failure fetching an answer", reason)
-        waiting = self.inflight.pop(key, None) if key is not None else None
+            error = UpstreamError("internal proxy error", "internal")
+        request.failure = error
+        message = str(error)
+        waiting = self.inflight.pop(key, []) if key is not None else []
         stale = self.cache.get(key) if key is not None and self.cache.grace else None
-
-        def fallback(h: wire.Header, d: bytes) -> bytes:
+        for asker in (*(w for w in waiting if w.client.connected), request):
             now = self.clock.seconds()
+            h = asker.header
             if (
                 stale is not None
                 and h.flags & wire.FLAG_CACHE
                 and h.max_age
                 and _accepts(h.max_age, stale.age(now))
             ):
-                self.stale += 1
-                return _stale(stale, h)
-            return answers.unreachable(h, d, message, int(now))
-
-        if waiting is not None:
-            self._settle(waiting, fallback)
-        return fallback(header, data)
-
-    def _settle(self, waiting: _Waiters, answer_for: Callable[[wire.Header, bytes], bytes]) -> None:
-        """Answer every waiter still connected; those who left are dropped."""
-        for client, d, h, data in waiting:
-            if client.connected:
-                d.callback(answer_for(h, data))
+                asker.status = STALE
+                self._settle(asker, _stale(stale, h))
+                continue
+            self._settle(asker, answers.unreachable(h, asker.data, message, int(now)))
 
 
 def _accepts(max_age: int, age: float) -> bool:

@@ -34,10 +34,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.memcache import MemCacheProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..transport import wire
 from ..transport.addresses import address
 from .cache import Entry
+from .interfaces import ISharedTier
 from .ring import Ring
 
 log = Logger()
@@ -358,6 +360,7 @@ class Node:
 # --- the tier ------------------------------------------------------------------------
 
 
+@implementer(ISharedTier)
 class SharedCache:
     """Answers shared through memcached nodes: `get` and `put` for the proxy
     on its L1 misses, `purge` to hide every entry, and the counters."""

@@ -18,9 +18,12 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..transport import wire
+from ..transport.addresses import address
 from ..transport.frameclient import FrameClient, OutOfStepError, ProtocolError
+from .interfaces import IConnector, IFetcher, IUpstreamServer
 
 log = Logger()
 
@@ -32,17 +35,54 @@ PIPELINE_PAUSE = 60.0
 Answer = tuple[wire.Header, bytes, float]
 
 
+#: What can go wrong on the way to a server (`UpstreamError.kind`), in the
+#: order figures show them.
+FAILURE_KINDS = ("unreachable", "timeout", "closed", "invalid", "overloaded", "internal")
+
+
 class UpstreamError(Exception):
     """The server could not give an answer; the message says why, for the client.
 
     ``kind`` says what went wrong, for a balancer choosing whether another
-    server may be tried: ``unreachable`` (no connection), ``timeout`` (sent,
-    no answer in time), ``closed`` (closed before answering), ``invalid`` (a
-    broken or out-of-step answer) or ``overloaded`` (too many waiting here)."""
+    server may be tried and for the figures: ``unreachable`` (no
+    connection), ``timeout`` (sent, no answer in time), ``closed`` (closed
+    before answering), ``invalid`` (a broken, out-of-step or impossible
+    answer), ``overloaded`` (too many waiting here) or ``internal`` (a fault
+    of the proxy's own)."""
 
     def __init__(self, message: str, kind: str = "unreachable") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class Tally:
+    """What one server did for us: its answers and its failures by kind, and
+    when it last gave each (what the status page and the metrics show)."""
+
+    __slots__ = ("answers", "failures", "last_answer", "last_failure")
+
+    def __init__(self) -> None:
+        self.answers = 0
+        self.failures = dict.fromkeys(FAILURE_KINDS, 0)
+        self.last_answer: float | None = None
+        #: When, and the message the client was given.
+        self.last_failure: tuple[float, str] | None = None
+
+    def answered(self, now: float) -> None:
+        self.answers += 1
+        self.last_answer = now
+
+    def failed(self, now: float, error: UpstreamError) -> None:
+        self.failures[error.kind] += 1
+        self.last_failure = (now, str(error))
+
+    @property
+    def state(self) -> str:
+        """``up`` (its last answer came after any failure), ``down`` or ``unknown``."""
+        failure, answer = self.last_failure, self.last_answer
+        if failure is not None and (answer is None or failure[0] >= answer):
+            return "down"
+        return "unknown" if answer is None else "up"
 
 
 class UpstreamProtocol(FrameClient):
@@ -62,6 +102,11 @@ class UpstreamProtocol(FrameClient):
         super().dataReceived(data)
 
     def frameReceived(self, header: wire.Header, data: bytes) -> None:
+        if header.status not in wire.STATUSES and not header.request:
+            # The course client loses an answer with any other status: it is
+            # a broken server, never an answer to relay.
+            self._fail(ProtocolError(f"status {header.status} is not 200, 400 or 500"))
+            return
         framed = bool(header.ext & wire.EXT_FRAMED and header.tag)
         if not framed:
             if len(self._pending) > 1 or self.bufferedAfter:
@@ -131,17 +176,7 @@ class _Fetch:
             pending.cancel()
 
 
-class Connector(Protocol):
-    """What opens connections to one server for a pool."""
-
-    #: How error messages name the server.
-    name: str
-
-    def connect(self) -> defer.Deferred[UpstreamProtocol]:
-        """A new connection, or a failure saying why there is none."""
-        ...
-
-
+@implementer(IConnector)
 class TCPConnector:
     """Opens connections to a server over TCP through a `ClientCreator`
     Deferred chain, each attempt bounded by ``timeout``."""
@@ -150,13 +185,14 @@ class TCPConnector:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self.name = f"calculator server {host}:{port}"
+        self.address = address(host, port)
         self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
 
     def connect(self) -> defer.Deferred[UpstreamProtocol]:
         return self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
 
 
+@implementer(IFetcher, IUpstreamServer)
 class UpstreamPool:
     """Persistent connections to one server, reused for request after request
     (nginx ``keepalive``). `fetch` fires with ``(header, data, sent)``, where
@@ -184,7 +220,7 @@ class UpstreamPool:
 
     def __init__(
         self,
-        connector: Connector,
+        connector: IConnector,
         clock: IReactorTime,
         *,
         max_connections: int = 32,
@@ -206,8 +242,11 @@ class UpstreamPool:
         self.pipelining = pipeline > 1
         #: What the last answer said: the server frames by length and echoes tags.
         self.framed = False
+        self.address: str = connector.address
         #: How error messages name the server.
-        self.name = connector.name
+        self.name = f"calculator server {self.address}"
+        #: Its answers and failures (it is the one server it sends to).
+        self.tally = Tally()
         self._dialing = 0
         self._outstanding = 0
         self._idle: list[UpstreamProtocol] = []
@@ -236,6 +275,19 @@ class UpstreamPool:
         """Connections open or being opened: what counts against the limit."""
         return self._dialing + len(self._open)
 
+    @property
+    def servers(self) -> list[UpstreamPool]:
+        """The one server it sends to: itself."""
+        return [self]
+
+    @property
+    def healthy(self) -> bool:
+        """A lone server is never taken out: every miss is sent to it."""
+        return True
+
+    #: A lone server is never taken out.
+    ejected = 0
+
     def fetch(self, frame: bytes) -> defer.Deferred[Answer]:
         """Send one request frame upstream; see the class docstring."""
         fetch = _Fetch(frame, self.clock.seconds() + self.timeout)
@@ -245,8 +297,12 @@ class UpstreamPool:
         self._dispatch(fetch)
         return fetch.d
 
-    def _done(self, result):
+    def _done(self, result: Answer | Failure) -> Answer | Failure:
         self._outstanding -= 1
+        if not isinstance(result, Failure):
+            self.tally.answered(self.clock.seconds())
+        elif isinstance(result.value, UpstreamError):
+            self.tally.failed(self.clock.seconds(), result.value)
         if not self._outstanding:
             self._watched.clear()
             if self._sweeper is not None:

@@ -3,6 +3,7 @@ request in the manner of ``twisted.protocols.memcache``, with tag checks."""
 
 from __future__ import annotations
 
+import random
 from collections import deque
 
 from twisted.internet import protocol
@@ -37,11 +38,13 @@ class FrameClient(FrameReceiver):
 
     maxMessageSize = LENGTH_LIMIT
     tagged = False
-    _lastTag = 0
 
     def __init__(self) -> None:
         #: (Deferred, tag) of each request awaiting its answer, in order.
         self._pending: deque[tuple[Deferred[tuple[Header, bytes]], int]] = deque()
+        #: Tags start anywhere, so that an answer a peer sends unasked (as a
+        #: connection opens, say) matches a request only by a 1-in-8191 chance.
+        self._lastTag = random.randrange(MAX_TAG)
 
     @property
     def pending(self) -> int:

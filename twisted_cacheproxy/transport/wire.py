@@ -42,6 +42,8 @@ MAX_TAG = TAG_MASK >> TAG_SHIFT
 OK = 200
 BAD_REQUEST = 400
 SERVER_ERROR = 500
+#: The only status codes an answer may carry: the course client loses any other.
+STATUSES = (OK, BAD_REQUEST, SERVER_ERROR)
 
 
 class Header(NamedTuple):
@@ -149,6 +151,11 @@ def with_tag(answer: bytes, request: Header) -> bytes:
     if ext & TAG_MASK == tag:
         return answer
     return rewrite(answer, ext=(ext & ~TAG_MASK) | tag)
+
+
+def status_of(message: bytes) -> int:
+    """The status code of a whole message, read from its flags word."""
+    return ((message[6] << 8) | message[7]) & STATUS_MASK
 
 
 def decode_header(buf: bytes, offset: int = 0) -> Header:
