@@ -18,6 +18,9 @@ from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 from twisted_cacheproxy.transport import wire
 from twisted_cacheproxy.transport.framing import FrameReceiver
 
+#: The result of the answer a `StandIn` with ``speaks_first`` sends unasked.
+STRAY = 424242
+
 
 class StandIn:
     """A calculator server in a thread that misbehaves on purpose. Every
@@ -31,16 +34,28 @@ class StandIn:
       first of them arrived;
     - ``course``: read one ``recv`` as one message, as the course server
       does (never L), and note in ``violations`` every ``recv`` that did not
-      hold exactly one whole request and every second request on a connection.
+      hold exactly one whole request and every second request on a connection;
+    - ``speaks_first``: as each of its first ``speaks_first`` connections
+      opens, send an answer nobody asked for (L, tag 1, result `STRAY`);
+    - ``status``: send every answer with this status code instead.
     """
 
     def __init__(
-        self, *, framed: bool, duplicate: float = 0.0, hold: float = 0.0, course: bool = False
+        self,
+        *,
+        framed: bool,
+        duplicate: float = 0.0,
+        hold: float = 0.0,
+        course: bool = False,
+        speaks_first: int = 0,
+        status: int | None = None,
     ) -> None:
         self.framed = framed and not course
         self.duplicate = duplicate
         self.hold = hold
         self.course = course
+        self.speaks_first = speaks_first
+        self.status = status
         self.violations: list[str] = []
         self.calculator = CalculatorServerFactory()
         self.requests = 0
@@ -66,6 +81,8 @@ class StandIn:
 
     def answer(self, header: wire.Header, data: bytes) -> bytes:
         answer = self.calculator.answer(header, data, codec.encoding_of(data), int(time.time()))
+        if self.status is not None:
+            answer = wire.rewrite(answer, flags=wire.make_flags(request=False, status=self.status))
         return answer if self.framed else answer[:10] + b"\x00\x00" + answer[12:]
 
     def _serve_course(self, conn: socket.socket) -> None:
@@ -105,6 +122,12 @@ class StandIn:
         answered = 0
         conn.settimeout(0.002 if self.hold else 0.2)
         with conn:
+            if self.speaks_first > 0:
+                self.speaks_first -= 1
+                payload = codec.encode_result(codec.TEXT, STRAY, [])
+                flags = wire.make_flags(request=False, status=wire.OK, cache=True)
+                stray = wire.encode(int(time.time()), flags, wire.FOREVER, payload, 1 | 1 << 3)
+                conn.sendall(stray)
             while not self.stopping:
                 try:
                     header, data = read_message(conn)

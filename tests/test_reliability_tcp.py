@@ -15,6 +15,7 @@ import time
 import pytest
 from helpers import request_frame
 from processes import HOST, ask_each, expected, free_port, in_threads, read_message, start_proxy
+from standins import STRAY
 
 from twisted_cacheproxy.transport import wire
 
@@ -204,3 +205,49 @@ def test_a_course_server_gets_one_request_at_a_time_from_a_default_proxy(twistd,
     assert in_threads(8, work) == []
     assert server.violations == []
     assert server.requests == 160
+
+
+def test_an_answer_a_server_sends_unasked_is_never_delivered_nor_stored(twistd, stand_in):
+    """A server that speaks first on its first connections, with an L answer
+    tagged 1: each upstream connection starts its tags at random, so the
+    stray answer is out of step, never taken for the first request's, and
+    the request goes again on another connection."""
+    server = stand_in(framed=True, speaks_first=3)
+    proxy = start_proxy(twistd, server.port, "--upstream-connections", "4")
+
+    def work(i: int) -> list[str]:
+        return ask_each(proxy.port, range(i * 20, i * 20 + 20), lambda k: False)
+
+    assert in_threads(6, work) == []
+    assert server.speaks_first == 0  # it did speak first, three times
+    # And nothing stray was stored: asked again, every answer is still right.
+    assert ask_each(proxy.port, range(120), lambda k: False) == []
+
+
+def test_a_server_that_always_speaks_first_gets_500s_never_its_stray_answer(twistd, stand_in):
+    server = stand_in(framed=True, speaks_first=1000)
+    proxy = start_proxy(twistd, server.port, "--retries", "2")
+    with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+        sock.sendall(request_frame("6 * 7"))
+        header, data = read_message(sock)
+    assert header.status == 500
+    assert "answered out of step: answer tagged 1 for the request tagged" in data.decode()
+    assert str(STRAY) not in data.decode()
+
+
+def test_a_status_other_than_200_400_500_reaches_the_client_as_a_500(twistd, stand_in):
+    """The course client loses an answer with any other code: the proxy
+    answers 500 instead, and stores nothing."""
+    server = stand_in(framed=True, status=999)
+    proxy = start_proxy(twistd, server.port, "--retries", "1")
+    for _ in range(2):
+        with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+            sock.sendall(request_frame("6 * 7"))
+            header, data = read_message(sock)
+        assert header.status == 500 and not header.cache
+        assert json.loads(data) == {
+            "error": f"calculator server 127.0.0.1:{server.port} sent an invalid answer: "
+            "status 999 is not 200, 400 or 500",
+            "type": "ConnectionError",
+        }
+    assert server.requests == 2  # not stored: asked again

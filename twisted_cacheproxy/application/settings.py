@@ -3,7 +3,7 @@ was configured, so an operator sees the effect of every option at once."""
 
 from __future__ import annotations
 
-from ..operations.units import format_size, seconds
+from ..operations.units import format_size, plural, seconds
 from ..transport import wire
 from ..transport.addresses import address
 from .options import CommonOptions, ProxyOptions, ServerOptions
@@ -15,7 +15,7 @@ def _limits(config: CommonOptions) -> str:
     return (
         f"messages up to {config['max-message-size']} bytes, "
         f"idle timeout {seconds(idle) if idle else 'off'}, "
-        f"at most {config['max-connections']} connections"
+        f"at most {plural(config['max-connections'], 'connection')}"
     )
 
 
@@ -38,9 +38,9 @@ def proxy_settings(config: ProxyOptions) -> str:
     each = " each" if len(servers) > 1 else ""
     upstream = (
         f"in front of the server{'s' if len(servers) > 1 else ''} at {where} "
-        f"({config['upstream-connections']} connections{each}, "
+        f"({plural(config['upstream-connections'], 'connection')}{each}, "
         f"{'no pipelining' if depth == 1 else f'pipelining {depth} deep'}, "
-        f"{config['retries']} attempts, timeout {seconds(config['timeout'])}"
+        f"{plural(config['retries'], 'attempt')}, timeout {seconds(config['timeout'])}"
     )
     if len(servers) > 1:
         interval = config["health-interval"]
