@@ -25,12 +25,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
+from twisted_cacheproxy.application import options as opts
 from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator import expression as ex
 from twisted_cacheproxy.operations import admin
 from twisted_cacheproxy.transport import wire
 
 HERE = pathlib.Path(__file__).parent
+#: The repository's top folder.
+ROOT = HERE.resolve().parent
 #: The six standard expressions (a copy of shared/protocol-vectors.json).
 VECTORS = json.loads((HERE / "data" / "protocol-vectors.json").read_text())["vectors"]
 
@@ -447,3 +450,21 @@ def built(config):
     from twisted_cacheproxy.application import compose, tap
 
     return tap.ENTRIES[config.tapname].make(config, reactor, compose.tcp_listener(reactor))
+
+
+def options(*argv):
+    """``twistd cacheserver``'s options parsed from ``argv``."""
+    config = opts.ServerOptions()
+    config.parseOptions(list(argv))
+    return config
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """The README's example command lines that start with ``prefix``."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    found = []
+    for line in lines:
+        command = line.strip().removeprefix("$ ").split("  #")[0].strip()
+        if line.startswith("    ") and command.startswith(prefix + " "):
+            found.append(command)
+    return found

@@ -162,16 +162,3 @@ def test_after_starttls_writes_and_closes_go_through_twisted(pair):
         server.transport.loseConnection()
     server.transport.TLS = False
     assert calls == [b"secret", "close"] and server.lost is None
-
-
-def test_the_sendatonce_endpoint_string_names_our_endpoint():
-    """Any program that takes endpoint strings can listen the way the
-    services do (the plugin is installed with the package)."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    from twisted_cacheproxy.transport.endpoint import TCPServerEndpoint, description
-
-    endpoint = serverFromString(reactor, description(9999, "::1", 77))
-    assert isinstance(endpoint, TCPServerEndpoint)
-    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (9999, "::1", 77)

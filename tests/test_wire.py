@@ -741,3 +741,19 @@ def test_the_services_protocols_are_half_closeable():
 
     assert IHalfCloseableProtocol.implementedBy(CalculatorServerProtocol)
     assert IHalfCloseableProtocol.implementedBy(CacheProxyProtocol)
+
+
+# --- the send-at-once endpoint's string ------------------------------------------------
+
+
+def test_the_sendatonce_endpoint_string_names_our_endpoint():
+    """Any program that takes endpoint strings can listen the way the
+    services do (the plugin is installed with the package)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from twisted_cacheproxy.transport.endpoint import TCPServerEndpoint, description
+
+    endpoint = serverFromString(reactor, description(9999, "::1", 77))
+    assert isinstance(endpoint, TCPServerEndpoint)
+    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (9999, "::1", 77)
