@@ -20,6 +20,7 @@ import shutil
 import types
 
 import pytest
+from hypothesis import settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.failure import Failure
@@ -44,6 +45,26 @@ def vector_value(vector):
     value = kind(vector["result_repr"])
     assert repr(value) == vector["result_repr"]
     return value
+
+
+# --- hypothesis profiles ------------------------------------------------------
+
+#: The hypothesis profiles conftest.py registers, by their ``max_examples``:
+#: "ci" keeps hypothesis's default, "dev" runs a fifth of it so that local
+#: unit runs stay quick. ``HYPOTHESIS_PROFILE`` chooses; by default "ci" in
+#: CI (``CI=true``), "dev" elsewhere.
+PROFILES = {"ci": 100, "dev": 20}
+
+
+def hypothesis_profile() -> str:
+    """The profile to load: ``HYPOTHESIS_PROFILE``, else "ci" in CI, else "dev"."""
+    return os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "dev")
+
+
+def examples(full: int) -> int:
+    """A property test's example count: ``full`` under the "ci" profile, and
+    as much less under another as its ``max_examples`` is below ci's."""
+    return max(1, full * settings().max_examples // PROFILES["ci"])
 
 
 # --- external tools ----------------------------------------------------------

@@ -4,7 +4,7 @@ expiry with the stale-if-error grace, all on an injected `task.Clock`."""
 from __future__ import annotations
 
 import pytest
-from helpers import T0
+from helpers import T0, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -281,7 +281,7 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(ops=_ops, max_bytes=st.integers(0, 1500), grace=st.sampled_from([0, 3, 20]))
 def test_cache_matches_an_lru_model(ops, max_bytes, grace):
     clock = Clock()

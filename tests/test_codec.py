@@ -16,7 +16,7 @@ import types
 from unittest import mock
 
 import pytest
-from helpers import course_pickle, trees
+from helpers import course_pickle, examples, trees
 from hypothesis import given, settings
 
 from twisted_cacheproxy.calculator import codec
@@ -183,7 +183,7 @@ def c_pickle(graph: object) -> bytes:
     return out.getvalue()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(trees(("max", "min", "sin", "rand", "pow"), 40))
 def test_the_request_writer_writes_what_the_c_pickler_writes(tree):
     graph = legacy._to_pickled(tree, {})

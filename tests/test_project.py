@@ -1,14 +1,16 @@
 """The project's files agree with the package and with each other: the
 version in the package, setup.cfg and the changelog, the licence, and the
-README's twistd examples; and the tests' own rule that a missing tool skips
-a test on a developer's machine but fails it in CI."""
+README's twistd examples; and the tests' own rules: a missing tool skips a
+test on a developer's machine but fails it in CI, and the hypothesis
+profile runs the full example counts in CI and a fifth of them elsewhere."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
-from helpers import ROOT, readme_commands, require_tool
+from helpers import ROOT, examples, hypothesis_profile, readme_commands, require_tool
+from hypothesis import settings
 
 
 def test_package_version_is_the_distributions():
@@ -57,3 +59,30 @@ def test_require_tool_skips_but_fails_in_ci(monkeypatch):
         require_tshark()
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     assert require_tshark() == "/usr/bin/tshark"
+
+
+@pytest.mark.parametrize(
+    ("environment", "profile"),
+    [
+        ({}, "dev"),
+        ({"CI": "true"}, "ci"),
+        ({"CI": "true", "HYPOTHESIS_PROFILE": "dev"}, "dev"),
+        ({"HYPOTHESIS_PROFILE": "ci"}, "ci"),
+    ],
+)
+def test_hypothesis_profile_is_ci_in_ci_and_dev_elsewhere(monkeypatch, environment, profile):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert hypothesis_profile() == profile
+
+
+def test_examples_are_the_full_count_under_ci_and_a_fifth_under_dev():
+    try:
+        settings.load_profile("ci")
+        assert (examples(300), examples(100), settings().derandomize) == (300, 100, True)
+        settings.load_profile("dev")
+        assert (examples(300), examples(100), settings().derandomize) == (60, 20, False)
+    finally:
+        settings.load_profile(hypothesis_profile())
