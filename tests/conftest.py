@@ -1,15 +1,30 @@
 """Shared fixtures: the protocol vectors, the course-style `calculator`
 stand-ins, the log watcher, and the processes and servers the integration
-tests start (twistd, memcached, misbehaving stand-in servers)."""
+tests start (twistd, memcached, misbehaving stand-in servers); and the
+hypothesis profile, loaded before any test module is read."""
 
 from __future__ import annotations
 
 import sys
 
 import pytest
-from helpers import VECTORS, make_api_module, make_course_module, require_tool
+from helpers import (
+    PROFILES,
+    VECTORS,
+    hypothesis_profile,
+    make_api_module,
+    make_course_module,
+    require_tool,
+)
+from hypothesis import settings
 from processes import Memcached, Twistd
 from standins import StandIn
+
+# Each on top of hypothesis's own profile of the kind: "ci" keeps its
+# derandomized, deadline-free runs, "dev" the default's.
+settings.register_profile("ci", settings.get_profile("ci"), max_examples=PROFILES["ci"])
+settings.register_profile("dev", settings.get_profile("default"), max_examples=PROFILES["dev"])
+settings.load_profile(hypothesis_profile())
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -20,12 +20,14 @@ import shutil
 import types
 
 import pytest
+from hypothesis import settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
+from twisted_cacheproxy.application import options as opts
 from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator import expression as ex
 from twisted_cacheproxy.operations import admin
@@ -33,6 +35,8 @@ from twisted_cacheproxy.proxy.interfaces import IConnector
 from twisted_cacheproxy.transport import wire
 
 HERE = pathlib.Path(__file__).parent
+#: The repository's top folder.
+ROOT = HERE.resolve().parent
 #: The six standard expressions (a copy of shared/protocol-vectors.json).
 VECTORS = json.loads((HERE / "data" / "protocol-vectors.json").read_text())["vectors"]
 
@@ -43,6 +47,26 @@ def vector_value(vector):
     value = kind(vector["result_repr"])
     assert repr(value) == vector["result_repr"]
     return value
+
+
+# --- hypothesis profiles ------------------------------------------------------
+
+#: The hypothesis profiles conftest.py registers, by their ``max_examples``:
+#: "ci" keeps hypothesis's default, "dev" runs a fifth of it so that local
+#: unit runs stay quick. ``HYPOTHESIS_PROFILE`` chooses; by default "ci" in
+#: CI (``CI=true``), "dev" elsewhere.
+PROFILES = {"ci": 100, "dev": 20}
+
+
+def hypothesis_profile() -> str:
+    """The profile to load: ``HYPOTHESIS_PROFILE``, else "ci" in CI, else "dev"."""
+    return os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "dev")
+
+
+def examples(full: int) -> int:
+    """A property test's example count: ``full`` under the "ci" profile, and
+    as much less under another as its ``max_examples`` is below ci's."""
+    return max(1, full * settings().max_examples // PROFILES["ci"])
 
 
 # --- external tools ----------------------------------------------------------
@@ -457,3 +481,21 @@ def built(config):
     from twisted_cacheproxy.application import compose, tap
 
     return tap.ENTRIES[config.tapname].make(config, reactor, compose.tcp_listener(reactor))
+
+
+def options(*argv):
+    """``twistd cacheserver``'s options parsed from ``argv``."""
+    config = opts.ServerOptions()
+    config.parseOptions(list(argv))
+    return config
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """The README's example command lines that start with ``prefix``."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    found = []
+    for line in lines:
+        command = line.strip().removeprefix("$ ").split("  #")[0].strip()
+        if line.startswith("    ") and command.startswith(prefix + " "):
+            found.append(command)
+    return found

@@ -27,8 +27,6 @@ from twisted_cacheproxy.transport import wire
 from twisted_cacheproxy.transport.frameclient import FrameClient
 
 HOST = "127.0.0.1"
-#: The repository's top folder.
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: Seconds any single wait for a process may take.
 WAIT = 15.0
 

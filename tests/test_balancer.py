@@ -24,6 +24,7 @@ def test_ties_go_round_robin():
 
 
 def test_least_outstanding_wins():
+    """A slow server has more requests outstanding, so it gets fewer new ones."""
     fleet = Fleet(2)
     first = fleet.balancer.fetch(REQUEST)  # to server 0
     second = fleet.balancer.fetch(REQUEST)  # server 0 is busy: server 1
@@ -125,6 +126,7 @@ def test_ejection_is_capped():
 
 
 def test_all_out_still_tries_them_and_a_return_is_used():
+    """With every server out a miss still tries them all, so the first one back serves at once."""
     fleet = Fleet(2, max_fails=1, rounds=1)
     d = fleet.balancer.fetch(REQUEST)
     fleet.connectors[0].refuse()
@@ -138,6 +140,7 @@ def test_all_out_still_tries_them_and_a_return_is_used():
 
 
 def test_timeout_is_not_sent_elsewhere_by_default():
+    """A calculation that timed out may be costly: by default it is not sent to another server."""
     fleet = Fleet(2)
     d = fleet.balancer.fetch(REQUEST)
     fleet.connectors[0].accept()  # accepted, never answered
@@ -149,6 +152,7 @@ def test_timeout_is_not_sent_elsewhere_by_default():
 
 
 def test_retry_timeouts_gives_each_server_half():
+    """With retry_timeouts a miss may go on to another server: each try has half the timeout."""
     fleet = Fleet(2, retry_timeouts=True)
     d = fleet.balancer.fetch(REQUEST)
     fleet.connectors[0].accept()
@@ -172,6 +176,7 @@ def test_active_probe_brings_a_server_back():
 
 
 def test_a_course_server_400_proves_it_alive():
+    """A course server cannot read the text probe: its 400 is a well-formed answer all the same."""
     fleet = Fleet(2, max_fails=1, interval=1.0)
     server0 = fleet.balancer.servers[0]
     fleet.balancer.failed(server0, "unreachable")
@@ -191,6 +196,7 @@ def test_close_stops_the_probes():
 
 @pytest.mark.parametrize("kind", ["unreachable", "closed", "invalid", "timeout"])
 def test_each_failure_kind_counts(kind):
+    """Not only refusals: every kind of failure counts toward taking a server out."""
     fleet = Fleet(2)
     server = fleet.balancer.servers[1]
     for _ in range(MAX_FAILS):

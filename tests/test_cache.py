@@ -4,7 +4,7 @@ expiry with the stale-if-error grace, all on an injected `task.Clock`."""
 from __future__ import annotations
 
 import pytest
-from helpers import T0
+from helpers import T0, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -186,6 +186,7 @@ def test_entry_exactly_at_the_bound_is_kept(clock):
 
 
 def test_entry_larger_than_the_whole_cache_is_not_stored_and_evicts_nothing(clock):
+    """One huge answer must not empty the cache of everything else for nothing."""
     cache = MemoryCache(1000, clock)
     cache.put(b"small", entry(clock, b"s"))
     cache.put(b"huge", entry(clock, b"h" * 1000))
@@ -195,6 +196,7 @@ def test_entry_larger_than_the_whole_cache_is_not_stored_and_evicts_nothing(cloc
 
 
 def test_oversized_replacement_drops_the_old_entry(clock):
+    """The older answer for the key must not go on being served in place of the new one."""
     cache = MemoryCache(1000, clock)
     cache.put(b"k", entry(clock, b"old"))
     cache.put(b"k", entry(clock, b"h" * 1000))
@@ -245,7 +247,7 @@ def test_forever_entries_never_expire(clock):
 
 
 def test_expiry_uses_the_store_time_in_the_entry_not_the_put_time(clock):
-    # The proxy stores answers with the time it *sent* the request.
+    """The proxy stores an answer with the time it sent the request."""
     cache = MemoryCache(10_000, clock)
     cache.put(b"k", Entry(b"v", clock.seconds() - 8, 10))
     clock.advance(1.999)
@@ -281,9 +283,10 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(ops=_ops, max_bytes=st.integers(0, 1500), grace=st.sampled_from([0, 3, 20]))
 def test_cache_matches_an_lru_model(ops, max_bytes, grace):
+    """Random puts, gets, deletes and clock moves, against a dict kept in LRU order."""
     clock = Clock()
     clock.advance(T0)
     cache = MemoryCache(max_bytes, clock, grace=grace)

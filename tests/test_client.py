@@ -61,6 +61,7 @@ def test_render_cacheability(cache, max_age, note):
 
 
 def test_render_float_uses_repr():
+    """repr is the shortest text that reads back as the same float: 0.1 + 0.2 is not 0.3."""
     answer = Answer(200, False, 0, 0.1 + 0.2, ("0.1 + 0.2", "0.30000000000000004"))
     assert render("0.1 + 0.2", answer).splitlines()[-1] == (
         "Result: 0.30000000000000004  (computed by the server, not cacheable)"
@@ -141,6 +142,7 @@ def test_legacy_request_is_the_course_pickle(course):
 
 
 def test_legacy_request_with_a_syntax_error_fails_locally():
+    """With --legacy the client pickles a parsed tree, so a syntax error is never sent."""
     connection = FrameClient()
     connection.makeConnection(StringTransport())
     calculator = Calculator(task.Clock(), "h", 1, Settings(legacy=True), connection=connection)
@@ -207,6 +209,7 @@ def test_calculate_many_on_one_connection(wired):
 
 
 def test_answer_with_a_result_but_an_error_status():
+    """The status decides: a 500 that carries a result pickle is still shown as an error."""
     header = wire.Header(0, 0, 500, 0)
     answer = client._answer((header, pickle.dumps((1, []), 4)))
     assert answer.status == 500
@@ -371,6 +374,7 @@ def test_calculator_reconnects_after_the_far_end_closed_and_says_so():
 
 
 def test_calculator_sends_again_a_request_lost_with_a_used_connection():
+    """A kept connection may be closed as a request leaves: that request is sent once more."""
     far = Far()
     d = far.calculator.calculate("1 + 1")
     proto, transport = far.accept()
@@ -387,6 +391,7 @@ def test_calculator_sends_again_a_request_lost_with_a_used_connection():
 
 
 def test_calculator_does_not_resend_on_a_fresh_connection():
+    """A request lost on a connection just opened is a real failure, not an idle close."""
     far = Far()
     d = far.calculator.calculate("1 + 1")
     proto, _ = far.accept()
@@ -789,6 +794,7 @@ def test_parse_args_defaults():
 
 
 def test_render_describes_integers_too_long_to_print():
+    """Python refuses str() of an integer over 4300 digits: the client says what it got."""
     from twisted_cacheproxy.client import Answer, render
 
     answer = Answer(status=200, cache=True, max_age=65535, value=2**20000, steps=())

@@ -16,7 +16,7 @@ import types
 from unittest import mock
 
 import pytest
-from helpers import course_pickle, trees
+from helpers import course_pickle, examples, trees
 from hypothesis import given, settings
 
 from twisted_cacheproxy.calculator import codec
@@ -40,6 +40,7 @@ ALL_FUNCTIONS = (
 
 
 def test_encoding_of_looks_at_the_first_byte():
+    """A pickle starts with PROTO (0x80), which no UTF-8 text does: one byte tells them apart."""
     assert codec.encoding_of(b"\x80\x04rest") == LEGACY
     assert codec.encoding_of(b"\x80") == LEGACY
     assert codec.encoding_of(b"1 + 1") == TEXT
@@ -136,7 +137,7 @@ def test_encode_request_legacy_is_byte_identical_to_a_course_pickle(course, text
 
 
 def test_encode_request_legacy_with_rand_round_trips(course, monkeypatch):
-    # As in calc-client's process, where nothing registers a bound-method reducer.
+    """As in calc-client's process, where nothing registers a bound-method reducer."""
     monkeypatch.delitem(copyreg.dispatch_table, types.MethodType, raising=False)
     tree = parse("rand(1, 2) + rand(3, 4)")
     data = codec.encode_request(tree, LEGACY)
@@ -153,6 +154,7 @@ def test_encode_request_legacy_with_rand_round_trips(course, monkeypatch):
 
 
 def test_encode_request_legacy_with_rand_after_twisted_styles_is_imported():
+    """twisted.persisted.styles pickles bound methods as Twisted's, which the course cannot load."""
     import twisted.persisted.styles  # noqa: F401 - registers the reducer
 
     assert types.MethodType in copyreg.dispatch_table
@@ -163,6 +165,7 @@ def test_encode_request_legacy_with_rand_after_twisted_styles_is_imported():
 
 
 def test_encode_request_legacy_without_a_calculator_module():
+    """calc-client writes course pickles without the course's calculator module installed."""
     assert "calculator" not in sys.modules
     data = codec.encode_request(parse("1 + 2"), LEGACY)
     assert "calculator" not in sys.modules
@@ -183,16 +186,16 @@ def c_pickle(graph: object) -> bytes:
     return out.getvalue()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(trees(("max", "min", "sin", "rand", "pow"), 40))
 def test_the_request_writer_writes_what_the_c_pickler_writes(tree):
+    """Our writer gives, byte for byte, the C pickler's output for the course client's objects."""
     graph = legacy._to_pickled(tree, {})
     assert legacy._RequestWriter().dump(graph) == c_pickle(graph)
 
 
 def test_the_request_writer_frames_and_batches_as_the_c_pickler_does():
-    # More than 64 KiB (two frames), a call of more than 1000 arguments
-    # (two batches), more than 256 memo entries (LONG_BINGET).
+    """Over 64 KiB (two frames), 1000 arguments (two batches), 256 memo entries (LONG_BINGET)."""
     args = tuple(Number(i + 0.5) for i in range(3500))
     tree = Binary(Call("max", args), "+", Call("rand", (Number(1), Number(2))))
     graph = legacy._to_pickled(tree, {})
@@ -251,7 +254,7 @@ def test_unary_symbol_contradicting_its_function_is_refused(course):
 
 
 def test_a_refusal_quotes_payload_objects_without_addresses(course):
-    # What a refusal quotes goes back to the sender: no heap addresses.
+    """What a refusal quotes goes back to the sender: no heap addresses."""
     symbol = course.Constant(1)
     tree = course.UnaryExpr(course.UnaryOperator(symbol, operator.pos), course.Constant(1))
     assert refused(course_pickle(tree, 4)) == (
@@ -345,6 +348,8 @@ def test_arbitrary_globals_are_never_loaded(tmp_path):
 
 
 def test_getattr_is_only_random_uniform(course):
+    """getattr in a pickle reaches any attribute: only the course's random.uniform passes."""
+
     class Sneaky:
         def __reduce__(self):
             return (getattr, (random.Random(1), "seed"))
@@ -401,6 +406,7 @@ print(sorted(m for m in sys.modules if m.startswith("twisted")))
 
 @pytest.mark.integration  # spawns a plain python
 def test_legacy_answers_unpickle_in_a_plain_python(tmp_path):
+    """The course client has no Twisted nor our package: our answers load with builtins alone."""
     answers = [
         codec.encode_result(LEGACY, -0.38748277824137206, ["(sin(1) / 12) * 13", "x"]),
         codec.encode_result(LEGACY, 42, []),
@@ -556,6 +562,7 @@ def test_legacy_depth_limit(course):
 
 
 def test_legacy_shared_subtrees_are_counted_as_expanded(course):
+    """A few hundred bytes can share one subtree 2**40 times: the node limit counts it expanded."""
     node = course.Constant(1)
     for _ in range(40):  # 2**40 leaves once expanded, a few hundred bytes pickled
         node = course.BinaryExpr(node, course.BINARY["+"], node)
@@ -567,6 +574,7 @@ def test_legacy_shared_subtrees_are_counted_as_expanded(course):
 
 
 def test_legacy_cycle_is_bounded(course):
+    """A pickle can make a node its own operand: the depth limit ends the cycle."""
     node = course.BinaryExpr(None, course.BINARY["+"], course.Constant(1))
     node.left_operand = node
     with pytest.raises(CalculationError) as info:

@@ -91,6 +91,7 @@ def test_connections_over_the_limit_are_closed_and_the_others_keep_serving(proxy
 
 @pytest_twisted.inlineCallbacks
 def test_idle_timeout_closes_a_connection_with_a_half_sent_frame(proxy_log):
+    """A client that stops in the middle of a message must not hold a connection for ever."""
     listening, port = listen(CalculatorServerFactory(idle_timeout=0.3))
     try:
         client = yield connect(port)
@@ -136,6 +137,7 @@ class Hoarder(Collector):
 @pytest.mark.parametrize("service", ["server", "proxy"])
 @pytest_twisted.inlineCallbacks
 def test_a_client_that_never_reads_is_not_buffered_without_bound(service, proxy_log):
+    """A client pipelines 3,000 requests with 5 KB answers and never reads: about 15 MB."""
     server_factory = CalculatorServerFactory()
     server_port, server_at = listen(server_factory)
     built = []
@@ -200,6 +202,7 @@ class SlowServer(FrameReceiver):
 @pytest.mark.parametrize("how", ["close", "reset"])
 @pytest_twisted.inlineCallbacks
 def test_clients_leaving_during_a_miss_leave_no_error_and_others_get_answers(how, proxy_log):
+    """Two of four clients coalesced on one slow miss close or reset before the answer comes."""
     slow = protocol.ServerFactory.forProtocol(SlowServer)
     slow.requests, slow.calls = [], []
     upstream, upstream_at = listen(slow)

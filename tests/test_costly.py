@@ -131,7 +131,7 @@ def test_powers_of_minus_one_zero_and_one_do_not_loop_over_the_exponent(text, va
 
 
 def test_powers_of_one_with_huge_exponents_in_bulk(server):
-    # Python loops over all the exponent's bits: 2000 such terms took 0.3 s.
+    """Python loops over all the exponent's bits: 2000 such terms took 0.3 s."""
     term = "1 ** 2 ** 4000"
     text = "max(" + ", ".join([term] * MAX_ARGS) + ") + 2"
     assert evaluate(parse(text)) == 3
@@ -202,6 +202,7 @@ def sums(term: str, count: int) -> str:
     ids=["powers", "products", "remainders", "modular powers"],
 )
 def test_big_integer_work_is_bounded_per_request(term, server):
+    """Each term is within the limits, all of them together are too much work for one request."""
     assert evaluate(parse(term)) >= 0  # one is fine
     count = MAX_NODES // (size(parse(term)) + 1)  # as many as the node limit allows
     text = sums(term, count)
@@ -256,6 +257,7 @@ def test_float_overflow_is_a_400(text, message, server):
 
 
 def test_nan_and_inf_never_come_back(server):
+    """JSON has no NaN nor Infinity: a calculation that makes one is a 400, not an answer."""
     for text in ("1e308 * 10 - 1e308 * 10", "sin(1e308 * 10)"):
         assert server.ask(text.encode())[0] == 400
 
@@ -364,7 +366,7 @@ def test_legacy_nesting_at_the_limit_is_computed(shape, server):
 
 
 def test_deep_nesting_of_plain_containers_in_a_pickle(server):
-    # Lists nested 10,000 deep as a Constant's value: nothing walks them.
+    """Lists nested 10,000 deep as a Constant's value: nothing walks them."""
     w = Writer().new("Constant").string("value").raw(b"]" * 10_000 + b"a" * 9_999)
     started = time.perf_counter()
     status, error = server.ask(w.raw(b"sb").stop())
@@ -415,7 +417,7 @@ def test_legacy_call_with_too_many_arguments(count, server):
 
 
 def test_nodes_beyond_the_limit(server):
-    # Bushy, so only the node count is over: max(max(1, ..., 1), ...).
+    """Bushy, so that only the node count is over: max(max(1, ..., 1), ...)."""
     inner = "max(" + ",".join(["1"] * 50) + ")"
     text = "max(" + ",".join([inner] * (MAX_NODES // 50)) + ")"  # 51 nodes each, and one
     with pytest.raises(CalculationError) as info:

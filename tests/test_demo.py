@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from processes import ROOT, free_port
+from helpers import ROOT
+from processes import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -74,6 +74,7 @@ def pair():
 
 
 def test_a_write_reaches_the_socket_before_the_reactor_turns(pair):
+    """Sending at once saves each answer a reactor turn and half its system calls."""
     client, server = pair
     server.transport.write(b"at once")
     # The reactor cannot run while this blocks: a queued write would never come.
@@ -110,6 +111,7 @@ def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
 
 
 def test_accepted_connections_do_not_wait_for_nagle(pair):
+    """Small answers written at once must not wait for Nagle's algorithm to join them."""
     _client, server = pair
     assert server.transport.getTcpNoDelay()
 
@@ -143,8 +145,7 @@ def test_a_close_waits_for_what_the_socket_refused(pair):
 
 
 def test_after_starttls_writes_and_closes_go_through_twisted(pair):
-    # TLS has its own layer between the protocol and the socket: once it is
-    # on, the fast paths step aside for Twisted's own write and close.
+    """TLS is a layer of its own over the socket: the fast paths step aside for Twisted's."""
     _client, server = pair
 
     def inherited(name):
@@ -162,16 +163,3 @@ def test_after_starttls_writes_and_closes_go_through_twisted(pair):
         server.transport.loseConnection()
     server.transport.TLS = False
     assert calls == [b"secret", "close"] and server.lost is None
-
-
-def test_the_sendatonce_endpoint_string_names_our_endpoint():
-    """Any program that takes endpoint strings can listen the way the
-    services do (the plugin is installed with the package)."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    from twisted_cacheproxy.transport.endpoint import TCPServerEndpoint, description
-
-    endpoint = serverFromString(reactor, description(9999, "::1", 77))
-    assert isinstance(endpoint, TCPServerEndpoint)
-    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (9999, "::1", 77)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -277,8 +278,7 @@ def test_integer_results_up_to_max_int_bits():
     ["sin((-8) ** 0.5)", "max((-8) ** 0.5, 1)", "1 + sqrt(4) * pow(-8, 0.5) * 0"],
 )
 def test_complex_is_refused_where_it_first_appears(text):
-    # Python itself would fail later with a TypeError about the complex
-    # (math.sin, max) or carry on with a complex; we stop at the `**`.
+    """Python would fail later (math.sin, max) or carry a complex on; we stop at the ``**``."""
     message = "result is not a real number: (1.7319121124709868e-16+2.8284271247461903j)"
     for run in (evaluate, lambda n: evaluate_with_steps(n, BIG)):
         with pytest.raises(CalculationError) as info:
@@ -333,6 +333,7 @@ def test_steps(text, steps):
 
 
 def test_steps_budget():
+    """The steps travel in one answer: a budget one byte short of them refuses them."""
     tree = parse("1 + 2 + 3")
     _, steps = evaluate_with_steps(tree, BIG)
     assert steps == ["(1 + 2) + 3", "3 + 3", "6"]
@@ -345,6 +346,7 @@ def test_steps_budget():
 
 
 def test_determinism():
+    """An answer that used rand is not cacheable: the server asks is_deterministic."""
     assert ex.is_deterministic(parse("sin(max(1, 2)) + 3"))
     assert not ex.is_deterministic(parse("1 + -max(2, rand(1, 2))"))
     assert not ex.is_deterministic(parse("rand(0, 1)"))
@@ -422,7 +424,7 @@ any_numbers = st.one_of(
 )
 
 fast = settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -431,6 +433,7 @@ fast = settings(
 @fast
 @given(trees(parser_numbers))
 def test_format_then_parse_round_trips(tree):
+    """The steps are formatted trees that clients read back: on random trees."""
     assert parse(format_node(tree)) == tree
 
 
@@ -473,6 +476,7 @@ PY_ARITIES = {**ARITIES, "max": (2, 4), "min": (2, 4)}
 @fast
 @given(trees(st.integers(0, 12) | st.sampled_from(FLOATS), PY_ARITIES, max_leaves=6))
 def test_results_equal_python_eval(tree):
+    """On random trees, value and type as Python's eval gives them for the same text."""
     text = format_node(tree)
     try:
         value = evaluate(tree)

@@ -10,7 +10,7 @@ import sys
 from unittest import mock
 
 import pytest
-from helpers import VECTORS, make_course_module, request_frame, trees
+from helpers import VECTORS, examples, make_course_module, request_frame, trees
 from hostile import Connection, course_pickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,7 +32,7 @@ from twisted_cacheproxy.calculator.parser import parse
 from twisted_cacheproxy.transport import wire
 
 fuzz = settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -166,7 +166,7 @@ def test_random_opcode_sequences(opcodes):
 # --- through the server protocol ----------------------------------------------------
 
 
-@settings(fuzz, max_examples=100)
+@settings(fuzz, max_examples=examples(100))
 @given(mutated(PICKLES, OPCODES) | mutated([t.encode() for t in TEXTS], TOKENS), st.booleans())
 def test_mutated_requests_are_answered_200_or_400(data, steps):
     conn = Connection()

@@ -350,7 +350,7 @@ def tuple_bomb(levels: int) -> bytes:
 
 
 def test_nest_of_shared_tuples_as_a_dict_key(server):
-    # Hashing the key walks all 2**60 paths: this hung the server for good.
+    """Hashing the key walks all 2**60 paths: this hung the server for good."""
     data = b"\x80\x04}" + tuple_bomb(60) + b"Ns."
     started = time.perf_counter()
     assert_refused(server, data, "unsupported payload: dictionary keys must be strings")
@@ -373,7 +373,7 @@ def test_nest_of_shared_tuples_as_an_argument(server, prefix):
 
 
 def test_nest_of_shared_tuples_in_a_named_constant(server):
-    # Its name is hashed by the lookup, and was written into the error message.
+    """Its name is hashed by the lookup, and was written into the error message."""
     w = Writer().new("NamedConstant").raw(b"(").string("name").raw(tuple_bomb(60))
     data = w.string("value").number(math.pi).raw(b"ub").stop()
     error = assert_refused(server, data)
@@ -382,13 +382,13 @@ def test_nest_of_shared_tuples_in_a_named_constant(server):
 
 
 def test_deeply_nested_list_as_a_constant(server):
-    # Its repr in the error message raised RecursionError: a 500.
+    """Its repr in the error message raised RecursionError: a 500."""
     w = Writer().new("Constant").string("value").raw(b"]" * 3000 + b"a" * 2999)
     assert_refused(server, w.raw(b"sb").stop())
 
 
 def test_huge_integer_as_a_named_constant_value(server):
-    # Its repr in the error message exceeded the int-to-string limit: a 500.
+    """Its repr in the error message exceeded the int-to-string limit: a 500."""
     w = Writer().new("NamedConstant").raw(b"(").string("name").string("PI").string("value")
     data = w.number(10**5000).raw(b"ub").stop()
     assert_refused(server, data, "unsupported payload: named constant 'PI' = <int>")
@@ -454,7 +454,7 @@ def test_persistent_ids_are_refused(server, tmp_path):
 
 
 def test_extension_registry_codes_are_refused(server, tmp_path, monkeypatch):
-    # A process that registered posix.system as extension 240 pickles it as EXT1.
+    """A process that registered posix.system as extension 240 pickles it as EXT1."""
     monkeypatch.setitem(copyreg._extension_registry, ("posix", "system"), 240)
     monkeypatch.setitem(copyreg._inverted_registry, 240, ("posix", "system"))
     marker = tmp_path / "pwned"
@@ -468,7 +468,7 @@ def test_extension_registry_codes_are_refused(server, tmp_path, monkeypatch):
 
 
 def test_huge_memo_index_is_refused_before_allocating(server):
-    # The C unpickler grows its memo array to twice the index it is given.
+    """The C unpickler grows its memo array to twice the index it is given."""
     data = b"\x80\x04N" + b"r" + (2**31).to_bytes(4, "little") + b"."
     started = time.perf_counter()
     assert_refused(server, data)
@@ -479,7 +479,7 @@ def test_huge_memo_index_is_refused_before_allocating(server):
 
 
 def test_build_cannot_rename_a_shared_function_token(server):
-    # BUILD with slot state used to set math.sin's token to anything.
+    """BUILD with slot state used to set math.sin's token to anything."""
     w = Writer().global_("math", "sin").raw(b"N}").string("qualified").string("_operator.add")
     assert_refused(server, w.raw(b"s\x86b").stop())
     assert server.ask(b"sin(0)") == (200, (0.0, []))
@@ -514,7 +514,7 @@ def test_build_cannot_change_what_find_class_hands_out(server, target, slots):
 
 
 def test_many_generators_sharing_one_state_are_refused(server):
-    # Each REDUCE + BUILD on one memoized state cost a 625-item check.
+    """Each REDUCE + BUILD on one memoized state cost a 625-item check."""
     w = Writer().global_("random", "Random").plain(GOOD_STATE).memoize("state").raw(b"0")
     for _ in range(MAX_REDUCES + 1):
         w.global_("random", "Random").raw(b")R")
@@ -586,7 +586,7 @@ def test_no_refusal_is_a_server_error(server, tmp_path):
     ids=["error argument", "a step", "the result", "the answer", "huge int", "deep JSON", "error"],
 )
 def test_hostile_answers_are_read_at_a_bounded_cost(answer):
-    # repr() or str() of these took minutes, or raised RecursionError/ValueError.
+    """repr() or str() of these took minutes, or raised RecursionError or ValueError."""
     started = time.perf_counter()
     try:
         value, steps = codec.decode_response(answer)

@@ -405,6 +405,7 @@ def test_purge_with_a_token_needs_it_from_everyone():
 
 
 def test_a_cross_site_post_is_refused():
+    """A web page the operator visits must not purge the cache by posting to the admin site."""
     h = Observed()
     purge = admin.PurgeResource(h.factory.purge, None)
     code, body = post(

@@ -88,6 +88,7 @@ def h() -> Harness:
 
 
 def test_miss_forwards_the_request_unchanged_and_relays_the_answer(h):
+    """On a miss the proxy is transparent: the server gets the client's bytes and vice versa."""
     c = h.client()
     frame = request_frame(X, ts=TS)
     c.send(frame)
@@ -339,6 +340,7 @@ def test_c0_request_answer_is_not_stored(h):
 
 
 def test_c0_requests_are_not_coalesced(h):
+    """C=0 asks for a computation of its own: two of them are two upstream requests."""
     a, b = h.client(), h.client()
     nocache = request_frame(X, cache=False, max_age=0, ts=TS)
     a.send(nocache)
@@ -380,6 +382,7 @@ def test_uncacheable_answers_are_relayed_but_not_stored(h, reply):
 
 
 def test_cacheable_400_is_stored_like_a_200(h):
+    """A calculation error is as repeatable as a result: the server marks it cacheable."""
     c = h.client()
     request_data = b"1 / 0"
     reply = error_answer("ZeroDivisionError", "division by zero", cache=True, max_age=FOREVER)
@@ -435,6 +438,7 @@ def test_answer_with_steps_does_not_serve_a_request_without(h):
 
 
 def test_text_and_legacy_requests_are_different_keys(h):
+    """A legacy client must get a pickle and a text client JSON for the same expression."""
     c = h.client()
     legacy = codec.encode_request(parse("1 + 2"), LEGACY)
     text_reply = answer(3)
@@ -563,6 +567,7 @@ def test_failed_shared_fetch_skips_a_waiter_that_disconnected():
 
 
 def test_uncacheable_shared_answer_gives_each_waiter_its_own_request():
+    """An uncacheable answer (rand) is for one request only: each waiter gets its own."""
     h = Harness(upstream_connections=1)
     clients = [h.client() for _ in range(3)]
     rand = request_frame(RAND, ts=TS)
@@ -879,6 +884,7 @@ def test_stale_if_error_is_off_by_default():
 
 
 def test_stale_if_error_does_not_serve_c0_requests():
+    """C=0 asks for a fresh computation, which a stale answer is not."""
     h = Harness(stale_if_error=30, retries=1)
     c = h.client()
     up = h.miss(c, request_frame(X, ts=TS), answer(3, max_age=10))
@@ -1240,6 +1246,7 @@ def test_a_stale_answer_is_marked_from_the_cache_and_grace():
 
 
 def test_an_upstreams_cache_mark_is_kept_and_its_l_replaced_by_ours(h):
+    """Behind another proxy, its H and G marks say how the answer was served: they stay."""
     c = h.client()
     c.send(request_frame(X, ts=TS))
     up = h.accept()

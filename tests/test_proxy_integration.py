@@ -78,6 +78,7 @@ def assert_answer(frame: bytes, payload: bytes, *, cache=True, max_age=wire.FORE
 
 @pytest_twisted.inlineCallbacks
 def test_scenario_3_1_client_to_server(calc_server):
+    """The exercise's scenario 3.1: a client asks the server directly, twice the same."""
     a, b = VECTORS[1], VECTORS[0]
     first = yield ask(calc_server.port, request_frame(a["text"], steps=True))
     second = yield ask(calc_server.port, request_frame(a["text"], steps=True))
@@ -92,6 +93,7 @@ def test_scenario_3_1_client_to_server(calc_server):
 
 @pytest_twisted.inlineCallbacks
 def test_scenario_3_2_through_the_proxy_hit_without_upstream_contact(twistd):
+    """Scenario 3.2: the same through the proxy; the second ask never reaches the server."""
     server = CountingServer()
     server_port = server.listen()
     try:
@@ -123,6 +125,7 @@ def test_scenario_3_2_through_the_proxy_hit_without_upstream_contact(twistd):
 
 @pytest_twisted.inlineCallbacks
 def test_scenario_3_2_with_the_real_server(calc_server, twistd):
+    """Scenario 3.2 with our server, stopped after the miss so that it cannot make the hit."""
     proxy = start_proxy(twistd, calc_server.port)
     a = VECTORS[1]
     (miss,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
@@ -137,6 +140,7 @@ def test_scenario_3_2_with_the_real_server(calc_server, twistd):
 
 @pytest_twisted.inlineCallbacks
 def test_scenario_3_3_server_down_then_back(calc_server, twistd):
+    """Scenario 3.3: server stopped, hits served, a miss is a 500, then the server is back."""
     proxy = start_proxy(twistd, calc_server.port)
     a, b = VECTORS[1], VECTORS[4]
     (cached,) = yield ask(proxy.port, request_frame(a["text"], steps=True))
@@ -294,6 +298,7 @@ def test_idle_connection_closed_by_the_real_server_is_replaced(twistd):
 
 @pytest_twisted.inlineCallbacks
 def test_pipelined_misses_reach_the_server_before_its_first_answer(twistd):
+    """40 misses on the proxy's one upstream connection, to a server holding its answers."""
     server = CountingServer()
     server_port = server.listen()
     n = 40

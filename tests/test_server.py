@@ -155,6 +155,7 @@ def test_timestamp_is_the_clock_at_answer_time(clock, conn):
 
 
 def test_reserved_request_bits_are_ignored(conn):
+    """Receivers pay no attention to the reserved bits 15-13, as the protocol says."""
     flags = 0xE000 | wire.make_flags(request=True, steps=True, cache=True)
     got = conn.send(wire.encode(1, flags, 65535, VALID))
     assert got == response(200, VALID_ANSWER, cache=True, steps=True, max_age=65535)
@@ -246,7 +247,7 @@ def test_unreadable_text_requests_are_400(conn, data, message, kind):
 
 
 def test_deep_nesting_within_the_limit_is_answered(conn):
-    # 199 nested calls: within MAX_DEPTH, so a result, not a crash (500).
+    """199 nested calls: within MAX_DEPTH, so a result, not a crash (500)."""
     text = ("sqrt(" * 199 + "1" + ")" * 199).encode()
     assert conn.ask(text, steps=False) == response(
         200, ok_json("1.0", []), cache=True, max_age=65535
@@ -301,6 +302,7 @@ def test_rand_results_differ(conn):
     ],
 )
 def test_cache_policy(clock, options, cache, max_age):
+    """The server's options decide cacheability; a request's cache flags do not change it."""
     c = Conn(clock, **options)
     assert c.ask(VALID) == response(200, VALID_ANSWER, cache=cache, steps=True, max_age=max_age)
     err = error_json("division by zero", "ZeroDivisionError")
@@ -484,11 +486,13 @@ def tagged(data: bytes, ext: int) -> bytes:
 
 @pytest.mark.parametrize("ext", [77 << 3, 77 << 3 | 0b111], ids=["tag", "tag+unknown-bits"])
 def test_the_request_tag_is_echoed_with_l(conn, ext):
+    """A pipelining proxy matches each answer to its request by the tag it echoes, with L set."""
     got = conn.send(tagged(VALID, ext))
     assert got == response(200, VALID_ANSWER, cache=True, steps=True, max_age=65535, tag=77)
 
 
 def test_even_a_400_to_a_message_that_is_not_a_request_echoes_the_tag(conn):
+    """The proxy waiting on that tag must get an answer even when the message was refused."""
     got = conn.send(tagged(VALID, 9 << 3)[:6] + b"\x10\x00" + tagged(VALID, 9 << 3)[8:])
     assert wire.decode_header(got).ext == wire.EXT_FRAMED | 9 << 3
     assert wire.decode_header(got).status == 400
@@ -504,6 +508,7 @@ def test_a_half_closed_connection_gets_every_answer_then_a_close(conn):
 
 
 def test_a_half_closed_connection_is_answered_across_fairness_turns(clock):
+    """A client that sends its requests then shuts its side gets every answer, over many turns."""
     c = Conn(clock)
     c.protocol.turnBudget = 0.0
     c.transport.clear()
@@ -517,6 +522,7 @@ def test_a_half_closed_connection_is_answered_across_fairness_turns(clock):
 
 
 def test_a_pipelining_client_is_not_read_while_its_backlog_is_above_the_bound(clock):
+    """A client pipelining faster than it is answered is paused at about 64 KiB waiting."""
     c = Conn(clock)
     c.protocol.turnBudget = 0.0
     batch = req(b"1 + 1") * 1000  # 25 KB

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from unittest import mock
 
-from helpers import trees
+from helpers import examples, trees
 from hostile import Connection, Writer, course_pickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -198,7 +198,7 @@ def test_each_server_factory_remembers_its_own_shapes():
 # --- against the full reading, on random trees and numbers -----------------------------
 
 fuzz = settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

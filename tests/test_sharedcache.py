@@ -137,6 +137,7 @@ def test_a_value_that_is_not_a_whole_entry_for_this_key_is_refused(value):
 
 
 def test_expiry_is_never_longer_than_the_lifetime_left():
+    """memcached drops an entry when its lifetime ends; for ever is 0, memcached's never."""
     assert expiry(Entry(STORED, T0, 60), T0) == 60
     assert expiry(Entry(STORED, T0, 60), T0 + 10.5) == 49
     assert expiry(Entry(STORED, T0, 60), T0 + 59.5) is None
@@ -267,6 +268,7 @@ def test_a_node_is_up_once_it_answers_and_creates_the_generation(clock, proxy_lo
 
 
 def test_miss_store_and_hit_under_a_fixed_length_key(clock):
+    """memcached keys are short and spaceless: the key is the request's SHA-256."""
     mc = FakeMemcached()
     shared = tier(clock)
     mc.connect(shared.nodes[0])
@@ -290,6 +292,7 @@ def test_miss_store_and_hit_under_a_fixed_length_key(clock):
 
 
 def test_prefix_keeps_sites_apart(clock):
+    """Sites sharing one memcached keep apart by --memcached-prefix."""
     mc = FakeMemcached()
     a, b = tier(clock), tier(clock, prefix="site-b:")
     mc.connect(a.nodes[0])
@@ -324,6 +327,7 @@ def test_a_value_that_is_not_ours_is_a_miss(clock, value):
 
 
 def test_a_value_with_other_flags_is_a_miss(clock):
+    """Another program's value under our key carries its own flags: never read as an answer."""
     mc = FakeMemcached()
     shared = tier(clock)
     node = shared.nodes[0]
@@ -353,6 +357,7 @@ def test_a_stalled_node_is_a_miss_after_the_timeout_and_its_late_answer_is_dropp
 
 
 def test_a_stalled_node_gets_no_more_than_a_bounded_number_of_commands(clock):
+    """Past MAX_OUTSTANDING lookups on a stalled node, a lookup is a miss at once."""
     mc = FakeMemcached()
     shared = tier(clock, timeout=0.05)
     node = shared.nodes[0]
@@ -457,6 +462,7 @@ def test_a_purge_by_hand_with_incr_is_noticed(clock):
 
 
 def test_a_lost_generation_is_recreated_newer(clock):
+    """The generation is wall-clock seconds: a new one never brings an older one's entries back."""
     mc = FakeMemcached()
     shared = tier(clock)
     mc.connect(shared.nodes[0])

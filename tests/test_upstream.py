@@ -69,6 +69,7 @@ def p() -> Pool:
 
 
 def test_fetch_sends_the_frame_and_fires_with_the_answer_and_the_send_time(p):
+    """The send time is what the proxy measures an answer's age from."""
     r = p.fetch(request_frame(b"1 + 2", ts=TS))
     assert p.attempts == 1
     p.advance(2)  # the connection opens 2 s later: that is when the request leaves
@@ -224,6 +225,7 @@ def test_idle_connection_already_closing_is_skipped(p):
 
 
 def test_unrequested_bytes_on_an_idle_connection_drop_it(p):
+    """Bytes nobody asked for put the connection out of step with its requests."""
     p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.reply(answer(1, max_age=60))
@@ -273,6 +275,7 @@ def test_every_broken_idle_connection_is_tried_then_a_fresh_one(p):
 
 
 def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry(p):
+    """Only a reused connection can be closed idle as a request leaves; a new one is a failure."""
     r = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.close()
@@ -416,8 +419,7 @@ def test_each_fetch_times_out_at_its_own_deadline_on_one_timer():
 
 
 def test_a_fetch_made_while_one_times_out_keeps_the_others_on_time():
-    # The proxy fetches again from a timed-out request's errback (a waiter,
-    # or a client whose input it held): the next deadline must still hold.
+    """A fetch made from a timed-out request's errback must not put the next deadline off."""
     p = Pool(timeout=10)
     first = p.pool.fetch(request_frame(b"1", ts=TS))
     p.accept()
@@ -455,6 +457,7 @@ def test_requests_answered_behind_a_slow_one_are_not_kept_for_its_timeout():
 
 
 def test_cancelling_a_sent_request_closes_its_connection(p):
+    """Its answer would still come on that connection, and be read as the next request's."""
     d = p.pool.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     d.cancel()
@@ -602,6 +605,7 @@ def test_pipelined_requests_share_one_connection_and_fire_in_order():
 
 
 def test_a_new_connection_takes_one_request_until_it_has_answered_with_l():
+    """Only a server that sets L (ours) can be pipelined to; a course server reads one recv."""
     p = Pool(pipeline=3)
     r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
@@ -860,6 +864,7 @@ def test_a_request_whose_connection_we_aborted_for_another_is_sent_again():
 
 
 def test_every_request_carries_a_tag_of_its_own(p):
+    """The tag is how an answer is matched to its request on a pipelined connection."""
     c1 = framed(p)
     for n in (1, 2):
         p.fetch(request_frame(b"%d" % n, ts=TS))
@@ -911,6 +916,7 @@ def test_a_duplicated_answer_never_answers_the_next_request():
 
 
 def test_a_server_without_l_answering_twice_never_answers_another_request(p):
+    """A course server's duplicated answer must not be read as the next request's answer."""
     r1 = p.fetch(request_frame(b"1", ts=TS))
     c1 = p.accept()
     c1.reply(answer(1, max_age=60), framed=False)

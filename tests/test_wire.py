@@ -70,6 +70,7 @@ def test_reserved_bits_and_padding_are_ignored_on_receipt():
 
 
 def test_encode_length_and_timestamp_wrap():
+    """The time stamp field is 32 bits: a later clock wraps rather than failing the answer."""
     frame = wire.encode(2**32 + 5, 0, 0, b"a" * 100)
     h = wire.decode_header(frame)
     assert (h.timestamp, h.length) == (5, 112)
@@ -124,6 +125,7 @@ def datas(proto):
 
 
 def test_connection_registers_the_protocol_as_a_streaming_producer():
+    """So that a peer that stops reading pauses the protocol instead of answers piling up."""
     p = Recorder()
     t = connect(p)
     assert t.producer is p
@@ -258,6 +260,7 @@ def test_idle_timeout_closes_a_silent_connection_in_order(clock):
 
 
 def test_idle_timeout_aborts_a_connection_whose_peer_stopped_reading(clock):
+    """A clean close would wait for ever for the unread answers to leave."""
     p, t = timed(clock)
     p.pauseProducing()  # the transport's buffer is full of unread answers
     clock.advance(10)
@@ -265,6 +268,7 @@ def test_idle_timeout_aborts_a_connection_whose_peer_stopped_reading(clock):
 
 
 def test_messages_do_not_move_the_idle_timer_they_are_noted(clock):
+    """Moving the timer per message costs; it notes the last one and reschedules itself once."""
     p, t = timed(clock)
     (timer,) = clock.getDelayedCalls()
     for _ in range(3):
@@ -426,6 +430,7 @@ def test_request_message_from_the_peer_fails_every_pending_request(client):
 
 
 def test_unsolicited_answer_aborts(client):
+    """An answer nobody asked for puts the peer out of step: later answers could go astray."""
     d = client.sendRequest(request_frame(b"1", cache=False, max_age=65535, ts=1))
     client.dataReceived(answer(b"one") + answer(b"extra") + answer(b"more"))
     assert success_of(d)[1] == b"one"
@@ -537,6 +542,7 @@ class Echo(BatchedWrites, FrameReceiver):
 
 
 def test_messages_sent_for_frames_of_one_read_leave_in_one_write():
+    """With writes sent at once, answers to one read must be joined or each costs a system call."""
     p, t = Echo(), Writes()
     p.makeConnection(t)
     p.dataReceived(
@@ -694,6 +700,7 @@ def test_input_waiting_for_a_turn_stops_reading_past_the_bound(clock):
 
 
 def test_a_frame_sent_a_byte_at_a_time_is_joined_once():
+    """Joining the pieces on every read would cost time quadratic in the message's length."""
     p = Recorder()
     connect(p)
     frame = request_frame(b"y" * 5000, cache=False, max_age=65535, ts=1)
@@ -736,6 +743,7 @@ def test_end_of_file_while_paused_waits_for_the_frames_to_be_handled():
 
 
 def test_the_services_protocols_are_half_closeable():
+    """A client may shut its sending side after its requests and still read every answer."""
     from twisted.internet.interfaces import IHalfCloseableProtocol
 
     from twisted_cacheproxy.calculator.server import CalculatorServerProtocol
@@ -743,3 +751,19 @@ def test_the_services_protocols_are_half_closeable():
 
     assert IHalfCloseableProtocol.implementedBy(CalculatorServerProtocol)
     assert IHalfCloseableProtocol.implementedBy(CacheProxyProtocol)
+
+
+# --- the send-at-once endpoint's string ------------------------------------------------
+
+
+def test_the_sendatonce_endpoint_string_names_our_endpoint():
+    """Any program that takes endpoint strings can listen the way the
+    services do (the plugin is installed with the package)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from twisted_cacheproxy.transport.endpoint import TCPServerEndpoint, description
+
+    endpoint = serverFromString(reactor, description(9999, "::1", 77))
+    assert isinstance(endpoint, TCPServerEndpoint)
+    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (9999, "::1", 77)
