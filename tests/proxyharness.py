@@ -15,6 +15,7 @@ from twisted_cacheproxy.operations.metrics import ProxyMetrics
 from twisted_cacheproxy.proxy.balancer import Balancer
 from twisted_cacheproxy.proxy.cache import MemoryCache
 from twisted_cacheproxy.proxy.factory import CacheProxyFactory, CacheProxyProtocol
+from twisted_cacheproxy.proxy.interfaces import IFetcher
 from twisted_cacheproxy.proxy.upstream import UpstreamPool
 from twisted_cacheproxy.transport import wire
 
@@ -60,8 +61,15 @@ class Harness:
     """A proxy factory on a fake reactor, its clients and its upstream connections."""
 
     def __init__(
-        self, *, cache_size: int = 64 << 20, stale_if_error: float = 0.0, **options
+        self,
+        *,
+        cache_size: int = 64 << 20,
+        stale_if_error: float = 0.0,
+        balanced: bool = False,
+        **options,
     ) -> None:
+        """``balanced``: the proxy reaches its one server through a `Balancer`
+        (as with several ``--server``s) instead of the pool alone."""
         self.reactor = task.Clock()
         self.reactor.advance(T0)
         self.connector = FakeConnector(self.reactor)
@@ -78,9 +86,19 @@ class Harness:
             pool_options["max_connections"] = options.pop("upstream_connections")
         if "upstream_pipeline" in options:
             pool_options["pipeline"] = options.pop("upstream_pipeline")
-        pool = UpstreamPool(self.connector, self.reactor, **pool_options)
+        if balanced:
+            # As the composition root builds several servers: one attempt per
+            # fetch on the pool, the balancer doing the rounds.
+            rounds = pool_options.pop("retries", 5)
+            pool = UpstreamPool(self.connector, self.reactor, retries=1, **pool_options)
+            balancer = {"rounds": rounds, **pool_options}
+            balancer.pop("max_connections", None)
+            balancer.pop("pipeline", None)
+            fetcher: IFetcher = Balancer([pool], self.reactor, **balancer)
+        else:
+            fetcher = UpstreamPool(self.connector, self.reactor, **pool_options)
         options.setdefault("idle_timeout", None)
-        self.factory = CacheProxyFactory(cache, pool, clock=self.reactor, **options)
+        self.factory = CacheProxyFactory(cache, fetcher, clock=self.reactor, **options)
         self.metrics = ProxyMetrics(self.factory)
         self.factory.observer = self.metrics
         self._clients = 0

@@ -79,9 +79,17 @@ def counters(**values) -> dict[str, int]:
 # --- the harness ------------------------------------------------------------------
 
 
-@pytest.fixture
-def h() -> Harness:
-    return Harness()
+@pytest.fixture(params=["pool", "balancer"])
+def h(request) -> Harness:
+    """The cache rules hold whatever the way to the server: the behaviour
+    tests run once over one server's pool, once through a balancer (the
+    proxy's two setups, as memcache.py's tests run one suite twice)."""
+    return Harness(balanced=request.param == "balancer")
+
+
+#: For the tests of how the pool itself retries and times out, as a client
+#: sees it (the balancer's own are in test_balancer.py).
+pool_only = pytest.mark.parametrize("h", ["pool"], indirect=True)
 
 
 # --- 1. a fresh stored answer is served without contacting the server -----------
@@ -635,6 +643,7 @@ def test_waiter_that_left_gets_no_upstream_request_of_its_own():
 # --- retries -------------------------------------------------------------------------
 
 
+@pool_only
 @pytest.mark.parametrize("encoding", [TEXT, LEGACY])
 def test_unreachable_server_is_retried_with_backoff_then_500(h, encoding, proxy_log):
     data = X if encoding == TEXT else codec.encode_request(parse("1 + 2"), LEGACY)
@@ -695,6 +704,7 @@ def test_a_later_attempt_that_connects_is_answered():
 # --- the upstream timeout --------------------------------------------------------------
 
 
+@pool_only
 def test_timeout_bounds_a_silent_server_and_it_is_not_asked_again(h):
     c = h.client()
     c.send(request_frame(X, ts=TS))
@@ -742,6 +752,7 @@ def test_timeout_includes_the_connection_retries():
     h.assert_quiet()
 
 
+@pool_only
 def test_late_answer_after_the_timeout_is_not_stored(h):
     c = h.client()
     c.send(request_frame(X, ts=TS))
@@ -778,6 +789,7 @@ def test_a_slow_miss_does_not_time_out_waiters_of_other_keys():
 # --- server down, recovery, stale-if-error -----------------------------------------------
 
 
+@pool_only
 def test_server_down_fresh_answers_still_served_then_recovery(h):
     c = h.client()
     cached = answer(3)
