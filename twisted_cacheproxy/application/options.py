@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any, cast
 
+from twisted import __version__ as twisted_version
 from twisted.python import usage
 
 from .. import __version__
@@ -146,8 +147,6 @@ class CommonOptions(usage.Options):
 
     def opt_version(self) -> None:
         """Display the version of twisted-cacheproxy and exit."""
-        from twisted import __version__ as twisted_version
-
         print(f"{self.tapname} (twisted-cacheproxy) {__version__}, Twisted {twisted_version}")
         sys.exit(0)
 
