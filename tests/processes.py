@@ -416,8 +416,21 @@ class Memcached:
             proc.wait(5)
 
     def pause(self) -> None:
+        """SIGSTOP, and wait until every thread has stopped: until then, on a
+        busy machine, memcached may still answer what reaches it."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT
+        while not self.stopped():
+            assert time.monotonic() < deadline, "memcached did not stop"
+            time.sleep(0.005)
+
+    def stopped(self) -> bool:
+        """Whether every thread of memcached is stopped (state T in /proc)."""
+        assert self.proc is not None
+        tasks = pathlib.Path(f"/proc/{self.proc.pid}/task")
+        states = [(t / "stat").read_text().rpartition(")")[2].split()[0] for t in tasks.iterdir()]
+        return all(state == "T" for state in states)
 
     def resume(self) -> None:
         assert self.proc is not None
