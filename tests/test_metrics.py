@@ -521,7 +521,15 @@ class _SharedTier:
 
     def counters(self) -> dict[str, int]:
         return dict.fromkeys(
-            ("l2_lookups", "l2_hits", "l2_timeouts", "l2_rejected", "l2_unavailable", "l2_stores"),
+            (
+                "l2_lookups",
+                "l2_hits",
+                "l2_timeouts",
+                "l2_rejected",
+                "l2_unverified",
+                "l2_unavailable",
+                "l2_stores",
+            ),
             0,
         )
 

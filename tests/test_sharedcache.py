@@ -6,31 +6,34 @@ two-level rules of the proxy (L1, then L2, then the server) with `task.Clock`.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import re
 
 import pytest
 from helpers import T0, TS, answer, request_frame, scrape, with_max_age
 from proxyharness import Harness, X, Y
+from twisted.application.internet import ClientService
 from twisted.internet import error
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from twisted_cacheproxy.proxy.cache import Entry
 from twisted_cacheproxy.proxy.ring import Ring
-from twisted_cacheproxy.proxy.sharedcache import (
+from twisted_cacheproxy.proxy.sharedcache import GENERATION_POLL, SharedCache
+from twisted_cacheproxy.proxy.sharedentry import (
     ENTRY_HEADER,
     FLAGS,
-    GENERATION_POLL,
-    MAX_OUTSTANDING,
-    SharedCache,
-    decode_entry,
-    encode_entry,
+    MAC_SIZE,
+    BadEntryError,
+    EntryCodec,
+    UnverifiedEntryError,
     expiry,
-    parse_address,
 )
+from twisted_cacheproxy.proxy.sharednode import MAX_OUTSTANDING
 from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.addresses import parse_address
 from twisted_cacheproxy.transport.wire import FOREVER
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
@@ -83,23 +86,39 @@ def test_ring_refuses_no_nodes_and_twice_the_same():
 
 KEY = b"\x01" + X
 STORED = wire.rewrite(answer(3, max_age=60), ext=HIT)
+SECRET = b"a site's secret, 32 bytes long.."
+OLD_SECRET = b"the secret before, also 32 bytes"
+#: Entries as a proxy without a secret writes them (an unkeyed MAC).
+UNSIGNED = EntryCodec()
+SIGNED = EntryCodec([SECRET])
+
+
+def encode_entry(key: bytes, entry: Entry) -> bytes:
+    return UNSIGNED.encode(key, entry)
+
+
+def decode_entry(key: bytes, value: bytes) -> Entry:
+    return UNSIGNED.decode(key, value)
 
 
 def test_entry_round_trip():
     entry = Entry(STORED, T0 + 0.25, 60)
-    value = encode_entry(KEY, entry)
-    assert value[:4] == b"TCPX"
-    assert len(value) == ENTRY_HEADER.size + len(KEY) + len(STORED)
-    back = decode_entry(KEY, value)
-    assert back is not None
+    value = SIGNED.encode(KEY, entry)
+    assert value[:5] == b"TCPX\x02"
+    assert len(value) == ENTRY_HEADER.size + len(KEY) + len(STORED) + MAC_SIZE
+    mac = hmac.digest(SECRET, value[:-MAC_SIZE], "sha256")
+    assert value[-MAC_SIZE:] == mac
+    back = SIGNED.decode(KEY, value)
     assert (back.answer, back.stored, back.lifetime) == (STORED, T0 + 0.25, 60)
 
 
 def _field(value: bytes, **fields) -> bytes:
+    """``value`` with header fields changed, signed again (unkeyed) over its new bytes."""
     names = ("magic", "version", "reserved", "lifetime", "stored", "key_length", "answer_length")
     parts = dict(zip(names, ENTRY_HEADER.unpack_from(value), strict=True))
     parts.update(fields)
-    return ENTRY_HEADER.pack(*parts.values()) + value[ENTRY_HEADER.size :]
+    changed = ENTRY_HEADER.pack(*parts.values()) + value[ENTRY_HEADER.size : -MAC_SIZE]
+    return changed + hmac.digest(b"", changed, "sha256")
 
 
 GOOD = encode_entry(KEY, Entry(STORED, T0, 60))
@@ -118,7 +137,8 @@ GOOD = encode_entry(KEY, Entry(STORED, T0, 60))
         _field(GOOD, answer_length=len(STORED) - 1),
         _field(GOOD, key_length=len(KEY) - 1),
         _field(GOOD, magic=b"XXXX"),
-        _field(GOOD, version=2),
+        _field(GOOD, version=1),  # the unsigned format
+        GOOD[:-MAC_SIZE],  # no MAC
         _field(GOOD, stored=math.nan),
         _field(GOOD, lifetime=61),  # disagrees with the answer's own
         # Another key of the same length (a colliding digest).
@@ -133,7 +153,47 @@ GOOD = encode_entry(KEY, Entry(STORED, T0, 60))
     ],
 )
 def test_a_value_that_is_not_a_whole_entry_for_this_key_is_refused(value):
-    assert decode_entry(KEY, value) is None
+    with pytest.raises(BadEntryError) as info:
+        decode_entry(KEY, value)
+    assert not isinstance(info.value, UnverifiedEntryError)
+
+
+def test_a_version_1_entry_as_the_format_was_before_signing_is_refused():
+    header = ENTRY_HEADER.pack(b"TCPX", 1, 0, 60, T0, len(KEY), len(STORED))
+    with pytest.raises(BadEntryError):
+        SIGNED.decode(KEY, header + KEY + STORED)
+
+
+def tampered(value: bytes, at: int) -> bytes:
+    return value[:at] + bytes([value[at] ^ 1]) + value[at + 1 :]
+
+
+def test_any_byte_changed_fails_the_mac():
+    value = SIGNED.encode(KEY, Entry(STORED, T0, 60))
+    size = ENTRY_HEADER.size
+    # The lifetime, the stored time, the key, the answer's result, the MAC itself.
+    for at in (7, 8, 15, size, size + len(KEY) + len(STORED) - 2, len(value) - 1):
+        with pytest.raises(UnverifiedEntryError):
+            SIGNED.decode(KEY, tampered(value, at))
+
+
+def test_an_entry_signed_with_another_secret_or_none_fails_the_mac():
+    entry = Entry(STORED, T0, 60)
+    for other in (UNSIGNED, EntryCodec([OLD_SECRET])):
+        with pytest.raises(UnverifiedEntryError):
+            SIGNED.decode(KEY, other.encode(KEY, entry))
+    with pytest.raises(UnverifiedEntryError):
+        UNSIGNED.decode(KEY, SIGNED.encode(KEY, entry))
+
+
+def test_during_a_rotation_the_first_secret_signs_and_every_one_verifies():
+    rotating = EntryCodec([SECRET, OLD_SECRET])
+    entry = Entry(STORED, T0, 60)
+    assert rotating.encode(KEY, entry) == SIGNED.encode(KEY, entry)
+    old = EntryCodec([OLD_SECRET]).encode(KEY, entry)
+    assert rotating.decode(KEY, old).answer == STORED
+    with pytest.raises(UnverifiedEntryError):
+        SIGNED.decode(KEY, old)  # once the old secret is dropped
 
 
 def test_expiry_is_never_longer_than_the_lifetime_left():
@@ -148,7 +208,7 @@ def test_expiry_is_never_longer_than_the_lifetime_left():
     ("text", "parsed"),
     [("127.0.0.1:11211", ("127.0.0.1", 11211)), ("[::1]:7", ("::1", 7)), ("mc:1", ("mc", 1))],
 )
-def test_parse_address(text, parsed):
+def test_parse_address(text, parsed):  # the one parser, which --memcached uses
     assert parse_address(text) == parsed
 
 
@@ -162,17 +222,36 @@ def test_parse_address_refuses(text):
 
 
 class FakeMemcached:
-    """A memcached's store and its connections: `pump` reads what the
-    clients wrote and answers (unless `stalled`)."""
+    """A memcached's store and its connections: the nodes connect through
+    `reactor` (a `MemoryReactor`), `connect` accepts a node's attempt, and
+    `pump` reads what the clients wrote and answers (unless `stalled`)."""
 
     def __init__(self) -> None:
         self.store: dict[bytes, tuple[int, int, bytes]] = {}  # key: flags, expiry, value
         self.commands: list[bytes] = []
         self.conns: list[tuple[object, StringTransport]] = []
         self.stalled = False
+        self.reactor = MemoryReactor()
+        self._taken: set[int] = set()  # the attempts accepted or refused
+
+    def attempt(self, node):
+        """The factory of ``node``'s connection attempt, starting the node
+        if it is not yet (a test of the tier alone starts no poll)."""
+        if node.service is None:
+            node.start(self.reactor)
+        pending = [
+            i
+            for i, (host, port, *_) in enumerate(self.reactor.tcpClients)
+            if (host, port) == (node.host, node.port) and i not in self._taken
+        ]
+        assert pending, "no connection attempt is waiting"
+        self._taken.add(pending[-1])
+        return self.reactor.tcpClients[pending[-1]][2]
 
     def connect(self, node, *, answer_version: bool = True):
-        proto = node.factory.buildProtocol(None)
+        """Accept ``node``'s connection attempt; the connection (as the
+        reactor would give it) and its transport."""
+        proto = self.attempt(node).buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.conns.append((proto, transport))
@@ -180,14 +259,18 @@ class FakeMemcached:
             self.pump()
         return proto, transport
 
+    def refuse(self, node) -> None:
+        """Refuse ``node``'s connection attempt."""
+        self.attempt(node).clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+
     def pump(self) -> None:
-        """Answer until no connection has anything more to say."""
+        """Answer until no open connection has anything more to say."""
         busy = True
         while busy and not self.stalled:
             busy = False
             for proto, transport in self.conns:
                 written = transport.value()
-                if written:
+                if written and not transport.disconnecting:
                     transport.clear()
                     busy = True
                     proto.dataReceived(self._answer(written))
@@ -387,39 +470,67 @@ def test_a_connection_silent_too_long_is_closed_and_the_node_is_down(clock, prox
     assert "lost" in downs[0]["log_format"]
 
 
-class FakeConnector:
-    def __init__(self) -> None:
-        self.attempts = 0
+#: The longest first wait before reconnecting: 0.2 s and up to 0.1 s of jitter.
+FIRST_RETRY = 0.3
 
-    def connect(self) -> None:
-        self.attempts += 1
+
+def warnings(log: list[dict]) -> list[str]:
+    return [e["log_format"] for e in log if e.get("log_level") == LogLevel.warn]
+
+
+def ups(log: list[dict]) -> int:
+    return sum("connected: shared cache tier on" in e.get("log_format", "") for e in log)
 
 
 def test_unreachable_node_is_logged_once_and_retried_with_backoff(clock, proxy_log):
+    mc = FakeMemcached()
     shared = tier(clock)
     node = shared.nodes[0]
-    connector = FakeConnector()
-    refused = Failure(error.ConnectionRefusedError())
     waits = []
-    for _ in range(6):
-        node.factory.clientConnectionFailed(connector, refused)
+    for _ in range(8):
+        mc.refuse(node)
         (call,) = clock.getDelayedCalls()
         waits.append(call.getTime() - clock.seconds())
         clock.advance(waits[-1])
-    assert connector.attempts == 6
-    assert waits[0] < 0.5 and waits[-1] > 2 * waits[0]
-    # Twisted spreads each wait by a normal jitter around the capped delay.
-    assert max(waits) <= node.factory.maxDelay * (1 + 5 * node.factory.jitter)
-    warnings = [e for e in proxy_log if e.get("log_level") == LogLevel.warn]
-    assert len(warnings) == 1
-    assert "unreachable" in warnings[0]["log_format"]
-    # It comes back: one line says so, and the backoff starts again from the beginning.
-    mc = FakeMemcached()
+    assert isinstance(node.service, ClientService)
+    assert len(mc.reactor.tcpClients) == 9  # the first attempt and eight retries
+    # 0.2 s, doubling up to 5 s, each plus up to 0.1 s of jitter.
+    for wait, least in zip(waits, [0.2, 0.4, 0.8, 1.6, 3.2, 5, 5, 5], strict=True):
+        assert least <= wait < least + 0.1
+    (warning,) = warnings(proxy_log)
+    assert "unreachable" in warning
+    assert node.state == "down"
+    # It comes back: one line says so.
+    proto, _ = mc.connect(node)
+    assert node.protocol is not None and node.state == "up"
+    assert ups(proxy_log) == 1
+    # Lost: one line, and the backoff starts again from the beginning.
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    assert node.protocol is None and node.state == "down"
+    (call,) = clock.getDelayedCalls()
+    assert 0.2 <= call.getTime() - clock.seconds() < FIRST_RETRY
+    assert ["lost" in w for w in warnings(proxy_log)] == [False, True]
+    clock.advance(FIRST_RETRY)
     mc.connect(node)
-    assert node.protocol is not None
-    assert node.factory.delay == node.factory.initialDelay
-    infos = [e for e in proxy_log if "connected" in e.get("log_format", "")]
-    assert len(infos) == 1
+    assert node.state == "up" and ups(proxy_log) == 2
+
+
+def test_a_node_is_up_only_once_it_answers_version_on_the_new_connection(clock, proxy_log):
+    mc = FakeMemcached()
+    shared = tier(clock)
+    node = shared.nodes[0]
+    _, transport = mc.connect(node, answer_version=False)
+    assert transport.value() == b"version\r\n"
+    assert (node.protocol, node.state, ups(proxy_log)) == (None, "starting", 0)
+    assert fired(shared.get(KEY)) == [None]  # not up: a miss at once
+    # Never answered: the connection is closed after the command timeout, and retried.
+    clock.advance(node.command_timeout)
+    assert transport.disconnecting
+    mc.conns[0][0].connectionLost(Failure(error.ConnectionDone()))
+    assert node.state == "down" and ups(proxy_log) == 0
+    clock.advance(FIRST_RETRY)
+    mc.connect(node)
+    assert node.state == "up" and ups(proxy_log) == 1
 
 
 def test_purge_hides_every_entry_and_other_proxies_notice(clock):
@@ -501,28 +612,28 @@ def test_one_node_down_its_keys_miss_and_the_others_still_hit(clock):
 class Site:
     """Proxies sharing one fake memcached, each with its own L1 and server."""
 
-    def __init__(self, **options) -> None:
+    def __init__(self, *, secrets: tuple[bytes, ...] = (), **options) -> None:
         self.mc = FakeMemcached()
+        self.secrets = secrets
         self.options = options
 
     def proxy(self, *, poll: bool = False, **options) -> Harness:
         """A proxy of the site; with ``poll``, reading the generation every
         `GENERATION_POLL` as a started tier does."""
         h = Harness(**{**self.options, **options})
-        h.shared = SharedCache([("127.0.0.1", 11211)], h.reactor, timeout=0.05, reactor=NoConnect())
+        h.shared = SharedCache(
+            [("127.0.0.1", 11211)],
+            h.reactor,
+            timeout=0.05,
+            reactor=self.mc.reactor,
+            secrets=self.secrets,
+        )
         h.factory.shared = h.shared
         h.shared.purged = h.factory._purgedElsewhere
         if poll:
             h.shared.start()
         self.mc.connect(h.shared.nodes[0])
         return h
-
-
-class NoConnect:
-    """A reactor for `SharedCache.start` whose connections the test makes itself."""
-
-    def connectTCP(self, *args, **kwargs) -> None:
-        return None
 
 
 def upstream_miss(h: Harness, c, frame: bytes, reply: bytes, site: Site):
@@ -656,7 +767,7 @@ def test_reload_skips_the_l2_lookup_and_replaces_the_shared_entry():
     assert c.take() == newer
     assert site.mc.commands.count(b"get") == before
     (mkey,) = site.mc.data_keys()
-    assert site.mc.store[mkey][2].endswith(wire.rewrite(newer, ext=HIT))
+    assert site.mc.store[mkey][2][:-MAC_SIZE].endswith(wire.rewrite(newer, ext=HIT))
 
 
 def test_c0_requests_never_touch_the_shared_tier():
@@ -854,15 +965,197 @@ def test_without_lock_wait_a_miss_takes_no_lock(clock):
     assert b"add" not in mc.commands[4:]
 
 
+# --- one lookup's state, whichever way it ends -------------------------------------------
+
+
+def two_tiers(clock, **options) -> tuple[FakeMemcached, SharedCache, SharedCache]:
+    mc = FakeMemcached()
+    a, b = tier(clock, **options), tier(clock, **options)
+    mc.connect(a.nodes[0])
+    mc.connect(b.nodes[0])
+    return mc, a, b
+
+
+def lookup_ending(clock, how: str):
+    """What a lookup of KEY fires with when it ends ``how``; every timer it
+    set is gone afterwards."""
+    mc, a, b = two_tiers(clock, lock_wait=0.2)
+    proto, transport = mc.conns[1]
+    if how == "hit":
+        a.put(KEY, Entry(STORED, T0, 60))
+        mc.pump()
+    elif how == "waited for the lock holder":
+        fired(a.get(KEY))  # a takes the lock
+        mc.pump()
+    elif how == "gave up waiting for the lock holder":
+        fired(a.get(KEY))
+        mc.pump()
+    d = fired(b.get(KEY))
+    if how == "timed out":
+        clock.advance(b.timeout)
+    elif how == "connection lost":
+        mc.conns.remove((proto, transport))
+        proto.connectionLost(Failure(error.ConnectionLost()))
+    mc.pump()
+    if how == "waited for the lock holder":
+        clock.advance(0.05)
+        mc.pump()
+        a.put(KEY, Entry(STORED, T0, 60))
+        mc.pump()
+        clock.advance(0.005)
+        mc.pump()
+    elif how == "gave up waiting for the lock holder":
+        for _ in range(40):
+            clock.advance(0.005)
+            mc.pump()
+    retrying = 1 if how == "connection lost" else 0  # the node's reconnection
+    assert len(clock.getDelayedCalls()) == retrying
+    late = len(d)
+    mc.pump()  # anything answered late changes nothing
+    assert len(d) == late
+    return d, b.counters()
+
+
+@pytest.mark.parametrize(
+    ("how", "result", "counted"),
+    [
+        ("hit", STORED, {"l2_hits": 1}),
+        ("took the lock", None, {"l2_locks": 1}),
+        ("timed out", None, {"l2_timeouts": 1}),
+        ("connection lost", None, {"l2_unavailable": 1}),
+        ("waited for the lock holder", STORED, {"l2_lock_waits": 1, "l2_hits": 1}),
+        ("gave up waiting for the lock holder", None, {"l2_lock_waits": 1}),
+    ],
+)
+def test_a_lookup_fires_once_counted_once_and_leaves_no_timer(clock, how, result, counted):
+    d, counters = lookup_ending(clock, how)
+    assert len(d) == 1
+    assert (d[0] if d[0] is None else d[0].answer) == result
+    if how == "waited for the lock holder":
+        counted["l2_lock_hits"] = 1
+    assert {k: v for k, v in counters.items() if v and k not in ("l2_lookups", "l2_stores")} == (
+        counted
+    )
+
+
+# --- signed entries ---------------------------------------------------------------------------
+
+
+def stored_under(shared: SharedCache, mc: FakeMemcached, value: bytes) -> None:
+    mc.put_raw(shared.memcached_key(shared.nodes[0], KEY), value)
+
+
+def unverified_lines(log: list[dict]) -> list[dict]:
+    return [e for e in log if "signature does not verify" in e.get("log_format", "")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        UNSIGNED.encode(KEY, Entry(STORED, T0, 60)),  # forged: the format is no secret
+        tampered(SIGNED.encode(KEY, Entry(STORED, T0, 60)), -MAC_SIZE - 2),  # the result changed
+        EntryCodec([OLD_SECRET]).encode(KEY, Entry(STORED, T0, 60)),  # another site's, or stale
+    ],
+    ids=["forged", "tampered", "another-secret"],
+)
+def test_an_entry_that_is_not_signed_by_the_site_is_a_miss_counted_and_logged(
+    clock, proxy_log, value
+):
+    mc = FakeMemcached()
+    shared = tier(clock, secrets=[SECRET])
+    mc.connect(shared.nodes[0])
+    stored_under(shared, mc, value)
+    d = fired(shared.get(KEY))
+    mc.pump()
+    assert d == [None]
+    counters = shared.counters()
+    assert (counters["l2_unverified"], counters["l2_rejected"], counters["l2_hits"]) == (1, 0, 0)
+    (line,) = unverified_lines(proxy_log)
+    assert line["node"] == "memcached 127.0.0.1:11211" and line["count"] == 1
+    assert line["log_level"] == LogLevel.warn
+
+
+def test_unverified_entries_are_logged_at_most_once_a_minute(clock, proxy_log):
+    mc = FakeMemcached()
+    shared = tier(clock, secrets=[SECRET])
+    mc.connect(shared.nodes[0])
+    stored_under(shared, mc, UNSIGNED.encode(KEY, Entry(STORED, T0, 60)))
+    for _ in range(5):
+        fired(shared.get(KEY))
+        mc.pump()
+        clock.advance(10)
+    assert [e["count"] for e in unverified_lines(proxy_log)] == [1]
+    clock.advance(10)  # a minute after the first line
+    fired(shared.get(KEY))
+    mc.pump()
+    assert [e["count"] for e in unverified_lines(proxy_log)] == [1, 6]
+    assert shared.counters()["l2_unverified"] == 6
+
+
+def test_a_signed_entry_is_shared_and_a_proxy_with_another_secret_cannot_read_it(clock):
+    mc = FakeMemcached()
+    a, b = tier(clock, secrets=[SECRET]), tier(clock, secrets=[SECRET])
+    stranger = tier(clock, secrets=[OLD_SECRET])
+    for shared in (a, b, stranger):
+        mc.connect(shared.nodes[0])
+    a.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    (mkey,) = mc.data_keys()
+    assert SIGNED.decode(KEY, mc.store[mkey][2]).answer == STORED
+    d, other = fired(b.get(KEY)), fired(stranger.get(KEY))
+    mc.pump()
+    assert d[0].answer == STORED
+    assert other == [None] and stranger.counters()["l2_unverified"] == 1
+
+
+def test_a_rotation_reads_old_entries_and_writes_new_ones(clock):
+    mc = FakeMemcached()
+    old = tier(clock, secrets=[OLD_SECRET])  # not yet given the new secret
+    rotating = tier(clock, secrets=[SECRET, OLD_SECRET])
+    new = tier(clock, secrets=[SECRET])  # the old secret dropped
+    for shared in (old, rotating, new):
+        mc.connect(shared.nodes[0])
+    old.put(KEY, Entry(STORED, T0, 60))
+    mc.pump()
+    d = fired(rotating.get(KEY))
+    mc.pump()
+    assert d[0].answer == STORED
+    rotating.put(KEY, Entry(STORED, T0 + 1, 60))
+    mc.pump()
+    (mkey,) = mc.data_keys()
+    assert SIGNED.decode(KEY, mc.store[mkey][2]).stored == T0 + 1  # signed with the first
+    d = fired(new.get(KEY))
+    mc.pump()
+    assert d[0].stored == T0 + 1
+
+
+def test_a_lock_waiter_never_takes_a_forged_entry_for_the_holders_answer(clock):
+    mc, a, b = two_tiers(clock, lock_wait=0.1, secrets=[SECRET])
+    fired(a.get(KEY))
+    mc.pump()
+    d = fired(b.get(KEY))
+    mc.pump()
+    stored_under(b, mc, UNSIGNED.encode(KEY, Entry(STORED, T0, 60)))
+    for _ in range(20):
+        clock.advance(0.005)
+        mc.pump()
+    assert d == [None]
+    assert b.counters()["l2_unverified"] >= 1 and b.counters()["l2_lock_hits"] == 0
+
+
 def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log):
     mc = FakeMemcached()
-    shared = tier(clock)
-    proto, _ = mc.connect(shared.nodes[0])
+    shared = tier(clock, n=2)
+    up, down = shared.nodes
+    proto, transport = mc.connect(up)
+    mc.refuse(down)  # waiting to retry
+    warned = len(warnings(proxy_log))
     shared.stop()
+    assert transport.disconnecting
     proto.connectionLost(Failure(error.ConnectionDone()))
-    shared.nodes[0].factory.clientConnectionLost(FakeConnector(), Failure(error.ConnectionDone()))
-    assert clock.getDelayedCalls() == []
-    assert [e for e in proxy_log if e.get("log_level") == LogLevel.warn] == []
+    assert clock.getDelayedCalls() == []  # no retry for either
+    assert len(warnings(proxy_log)) == warned
+    assert len(mc.reactor.tcpClients) == 2
 
 
 def test_the_tier_is_in_the_metrics_stats_and_status_page():
@@ -897,6 +1190,32 @@ def test_the_tier_is_in_the_metrics_stats_and_status_page():
     assert ProxyMetrics(Harness().factory).figures()["shared"] is None
 
 
+def test_a_forged_entry_is_never_an_answer_and_is_counted_in_the_metrics():
+    from twisted_cacheproxy.operations.metrics import ProxyMetrics
+
+    site = Site(secrets=(SECRET,))
+    h = site.proxy()
+    metrics = ProxyMetrics(h.factory)
+    h.factory.observer = metrics
+    key = b"\x00" + X
+    lie = answer(42, max_age=60)
+    site.mc.put_raw(
+        h.shared.memcached_key(h.shared.nodes[0], key), UNSIGNED.encode(key, Entry(lie, T0, 60))
+    )
+    c = h.client()
+    upstream_miss(h, c, request_frame(X, ts=TS), answer(3), site)
+    assert c.take() == answer(3)
+    m = scrape(metrics)
+    assert (m["cacheproxy_shared_unverified_total", ()], m["cacheproxy_shared_hits_total", ()]) == (
+        1,
+        0,
+    )
+    assert metrics.figures()["shared"]["unverified"] == 1
+    # The server's answer replaced it, signed.
+    (mkey,) = site.mc.data_keys()
+    assert SIGNED.decode(key, site.mc.store[mkey][2]).answer == wire.rewrite(answer(3), ext=HIT)
+
+
 def test_a_lookup_answered_before_the_purge_does_not_bring_a_purged_answer_back():
     site = Site()
     a, b = site.proxy(poll=True), site.proxy(poll=True)
@@ -922,6 +1241,7 @@ def test_a_purge_made_while_a_proxy_was_cut_off_is_noticed_once_it_is_back():
     proto.connectionLost(Failure(error.ConnectionLost()))
     fired(a.factory.purge())
     site.mc.pump()
+    b.advance(FIRST_RETRY)
     site.mc.connect(b.shared.nodes[0])  # b is back: it reads the generation at once
     site.mc.pump()
     assert b.counters()["entries"] == 0
@@ -940,6 +1260,7 @@ def test_a_node_down_at_the_purge_is_purged_once_it_is_back(proxy_log):
     purged = fired(a.factory.purge())
     assert purged == [{"purged": 1, "shared": 0}]
     assert any("purged once it is back" in e.get("log_format", "") for e in proxy_log)
+    a.advance(FIRST_RETRY)
     site.mc.connect(a.shared.nodes[0])
     site.mc.pump()
     # b, which never saw the purge, finds X gone from the shared tier.

@@ -551,6 +551,7 @@ _SHARED_COUNTERS = [
     ("l2_hits", "hits", "Lookups that found a usable answer."),
     ("l2_timeouts", "timeouts", "Lookups that took longer than --memcached-timeout."),
     ("l2_rejected", "rejected", "Values found that were not a whole entry of ours for the key."),
+    ("l2_unverified", "unverified", "Entries whose signature did not verify: forged or altered."),
     (
         "l2_unavailable",
         "unavailable",
