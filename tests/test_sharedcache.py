@@ -887,7 +887,7 @@ def test_settings_line_mentions_the_tier():
     line = settings.proxy_settings(config)
     assert re.search(
         r"cache 64M, stale-if-error off, shared tier on memcached 127.0.0.1:11211, "
-        r"\[::1\]:11212 \(prefix 'cacheproxy:', lookup timeout 50 ms\);",
+        r"\[::1\]:11212 \(prefix 'cacheproxy:', lookup timeout 50 ms, unsigned entries\);",
         line,
     ), line
     factory = built(config).factory
@@ -912,6 +912,136 @@ def test_memcached_options_are_checked(argv, message):
     with pytest.raises(usage.UsageError) as info:
         options.ProxyOptions().parseOptions(argv)
     assert str(info.value).startswith(message)
+
+
+# --- the secret files, and the tier without one ---------------------------------------------
+
+
+def secret_file(directory, name: str = "secret", secret: bytes = SECRET, mode: int = 0o600) -> str:
+    path = directory / name
+    path.write_bytes(secret + b"\n")  # as `openssl rand -hex 32 > file` leaves it
+    path.chmod(mode)
+    return str(path)
+
+
+def proxy_options(*argv: str):
+    from twisted_cacheproxy.application import options
+
+    config = options.ProxyOptions()
+    config.parseOptions(list(argv))
+    return config
+
+
+def build(config):
+    from helpers import built
+
+    return built(config)
+
+
+def start_up_warnings(log: list[dict]) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in log if e.get("log_namespace") == "cacheproxy"]
+
+
+def test_the_secret_files_sign_the_tier_the_first_one_signing(tmp_path, proxy_log):
+    from twisted_cacheproxy.application import settings
+
+    new, old = secret_file(tmp_path, "new"), secret_file(tmp_path, "old", OLD_SECRET)
+    config = proxy_options(
+        "--memcached", "192.0.2.7:11211",
+        "--memcached-secret-file", new,
+        "--memcached-secret-file", old,
+    )  # fmt: skip
+    shared = build(config).factory.shared
+    assert (shared.codec.keys, shared.codec.signed) == ([SECRET, OLD_SECRET], True)
+    assert start_up_warnings(proxy_log) == []
+    assert "lookup timeout 50 ms, signed entries)" in settings.proxy_settings(config)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644, 0o660])
+def test_a_secret_file_other_users_may_open_is_refused_with_one_line(tmp_path, mode):
+    path = secret_file(tmp_path, mode=mode)
+    config = proxy_options("--memcached", "127.0.0.1:11211", "--memcached-secret-file", path)
+    with pytest.raises(SystemExit) as info:
+        build(config)
+    assert str(info.value) == (
+        f"cacheproxy: --memcached-secret-file {path} is open to other users (mode {mode:04o}): "
+        f"make it readable by its owner only (chmod 600 {path})"
+    )
+
+
+def test_a_missing_or_short_secret_file_is_refused_with_one_line(tmp_path):
+    short = secret_file(tmp_path, secret=b"15 bytes secret")
+    for path, why in [
+        (str(tmp_path / "nothing"), f"cannot read --memcached-secret-file {tmp_path}/nothing: "
+         "no such file or directory"),
+        (short, f"--memcached-secret-file {short} holds fewer than 16 bytes"),
+    ]:  # fmt: skip
+        config = proxy_options("--memcached", "127.0.0.1:11211", "--memcached-secret-file", path)
+        with pytest.raises(SystemExit) as info:
+            build(config)
+        assert str(info.value) == f"cacheproxy: {why}"
+
+
+def test_a_secret_file_needs_memcached():
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError, match="--memcached-secret-file needs --memcached"):
+        proxy_options("--memcached-secret-file", "/etc/passwd")
+
+
+def test_without_a_secret_a_node_beyond_loopback_is_refused_with_one_line(proxy_log):
+    config = proxy_options(
+        "--memcached", "127.0.0.1:11211", "--memcached", "[2001:db8::5]:11211",
+        "--memcached", "mc.example:11211",
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        build(config)
+    assert str(info.value) == (
+        "cacheproxy: memcached [2001:db8::5]:11211, mc.example:11211 is beyond this host's "
+        "loopback: give --memcached-secret-file so that its entries are signed "
+        "(or --memcached-insecure to run without, trusting everyone who can reach it)"
+    )
+
+
+def test_memcached_insecure_runs_unsigned_beyond_loopback_and_says_so_once(proxy_log):
+    config = proxy_options("--memcached", "192.0.2.7:11211", "--memcached-insecure")
+    assert build(config).factory.shared.codec.signed is False
+    assert start_up_warnings(proxy_log) == [
+        "shared-tier entries are not signed (no --memcached-secret-file): anyone who can "
+        "reach it can make every proxy of the site serve wrong answers by writing to "
+        "memcached 192.0.2.7:11211"
+    ]
+
+
+@pytest.mark.parametrize("node", ["127.0.0.1:11211", "127.0.0.2:11211", "[::1]:1", "localhost:1"])
+def test_without_a_secret_loopback_nodes_run_unsigned_with_one_warning(proxy_log, node):
+    config = proxy_options("--memcached", node)
+    assert build(config).factory.shared.codec.signed is False
+    (warning,) = start_up_warnings(proxy_log)
+    assert "not signed (no --memcached-secret-file): any local user can make" in warning
+
+
+def test_a_worker_is_handed_the_secret_files_path_and_reads_it_itself(tmp_path, proxy_log):
+    import json
+
+    from twisted_cacheproxy.application import options
+
+    path = secret_file(tmp_path)
+    config = proxy_options(
+        "--workers", "2", "--memcached", "127.0.0.1:11211", "--memcached-secret-file", path
+    )
+    parent = build(config)  # the parent checks the file, and keeps no secret
+    (handed,) = [a for a in parent.arguments if a.startswith("{")]
+    assert json.loads(handed)["memcached-secret-file"] == [path]
+    assert SECRET.decode() not in "".join(parent.arguments)
+    worker = options.ProxyOptions.restore(json.loads(handed), 1)
+    assert build(worker).factory.shared.codec.keys == [SECRET]
+    # Without a secret, the parent warns, not each worker again.
+    del proxy_log[:]
+    build(options.ProxyOptions.restore({**json.loads(handed), "memcached-secret-file": []}, 1))
+    assert start_up_warnings(proxy_log) == []
 
 
 # --- the lock across proxies (--memcached-lock-wait) ---------------------------------------

@@ -9,12 +9,19 @@ Without memcached installed the tests are skipped; with ``CI`` set they fail.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import pathlib
+import socket
+import struct
+import subprocess
 import time
 
 import pytest
 import pytest_twisted
 from helpers import request_frame
-from processes import HOST, Memcached, deferLater, exchange, raw, start_proxy
+from processes import HOST, Memcached, deferLater, exchange, free_port, raw, script, start_proxy
 from standins import CountingServer
 from twisted.internet import defer
 
@@ -324,3 +331,225 @@ def test_twistd_proxy_without_its_memcached_answers_and_says_so_once(memcached, 
         assert header.from_cache  # from L1 meanwhile
     finally:
         yield server.close()
+
+
+# --- signed entries ------------------------------------------------------------------------------
+
+#: The entry header as docs/shared-tier.md documents it (what anyone may write).
+DOCUMENTED = struct.Struct("!4sBBHdHI")
+#: A cacheable answer with the L and H marks, as proxies store them.
+HIT = wire.EXT_FRAMED | wire.EXT_FROM_CACHE
+
+
+def secret_file(directory: pathlib.Path, name: str) -> tuple[str, bytes]:
+    """A new secret in a file readable by its owner only: its path and the secret."""
+    secret = os.urandom(32).hex().encode()
+    path = directory / name
+    path.write_bytes(secret + b"\n")
+    path.chmod(0o600)
+    return str(path), secret
+
+
+def value_of(node: Memcached, key: bytes) -> bytes | None:
+    """What memcached holds under ``key`` (None: nothing)."""
+    with socket.create_connection((HOST, node.port), timeout=WAIT) as s:
+        s.sendall(b"get " + key + b"\r\n")
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += s.recv(65536)
+        if reply == b"END\r\n":
+            return None
+        first, _, rest = reply.partition(b"\r\n")  # VALUE <key> <flags> <bytes>
+        size = int(first.split()[3])
+        while len(rest) < size + len(b"\r\nEND\r\n"):
+            chunk = s.recv(65536)
+            assert chunk, "memcached closed the connection"
+            rest += chunk
+        return rest[:size]
+
+
+def store(node: Memcached, key: bytes, value: bytes) -> None:
+    """Write ``value`` under ``key`` with our flags word, as anyone may."""
+    line = b"set %s %d 0 %d\r\n%s\r\n" % (key, 0x7443, len(value), value)
+    assert node.command(line) == b"STORED\r\n"
+
+
+def entry_key(node: Memcached, text: str) -> bytes:
+    """The memcached key of the plain request ``text`` (default prefix)."""
+    generation = value_of(node, b"cacheproxy:gen")
+    assert generation is not None
+    digest = hashlib.sha256(b"\x00" + text.encode()).hexdigest().encode()
+    return b"cacheproxy:" + generation + b":" + digest
+
+
+def forged(text: str, payload: bytes, version: int) -> bytes:
+    """An entry claiming ``payload`` answers ``text``, written from the
+    documented format: version 1 unsigned, version 2 with an unkeyed MAC."""
+    key = b"\x00" + text.encode()
+    flags = wire.make_flags(request=False, status=wire.OK, cache=True)
+    answer = wire.encode(int(time.time()), flags, wire.FOREVER, payload, HIT)
+    fields = DOCUMENTED.pack(b"TCPX", version, 0, wire.FOREVER, time.time(), len(key), len(answer))
+    entry = fields + key + answer
+    return entry if version == 1 else entry + hmac.digest(b"", entry, "sha256")
+
+
+def signed_with(secret: bytes, value: bytes) -> bool:
+    return hmac.compare_digest(hmac.digest(secret, value[:-32], "sha256"), value[-32:])
+
+
+@defer.inlineCallbacks
+def signed_proxies(twistd, server_port: int, node: Memcached, *secret_files: tuple[str, ...]):
+    """A ``twistd cacheproxy`` on ``node`` per tuple of secret files, once all have connected."""
+    proxies = []
+    for files in secret_files:
+        signed = [arg for path in files for arg in ("--memcached-secret-file", path)]
+        # A generous lookup timeout: a busy machine must not turn a hit into a miss.
+        options = ("--memcached", node.address, "--memcached-timeout", "2000", *signed)
+        proxies.append(start_proxy(twistd, server_port, *options))
+    for p in proxies:
+        yield until(lambda p=p: "connected" in p.text(), "the proxies to connect")
+    return proxies
+
+
+@pytest_twisted.inlineCallbacks
+def test_forged_and_tampered_entries_are_misses_while_a_genuine_one_is_shared(
+    memcached, twistd, tmp_path
+):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached()
+    path, secret = secret_file(tmp_path, "secret")
+    try:
+        a, b = yield signed_proxies(twistd, server_port, node, (path,), (path,))
+        # Through a: a genuine entry, and one the test then alters.
+        for text in ("2 + 2", "3 + 3"):
+            yield ask_one(a.port, plain(text))
+        yield until(lambda: node.keys_stored() == 3, "the entries in memcached")
+        assert signed_with(secret, value_of(node, entry_key(node, "2 + 2")))
+        six = value_of(node, entry_key(node, "3 + 3"))
+        assert b'{"result": 6,' in six
+        store(node, entry_key(node, "3 + 3"), six.replace(b'"result": 6', b'"result": 7'))
+        # Forged by someone who read the format: unsigned, and with a MAC keyed by nothing.
+        store(node, entry_key(node, "6 * 9"), forged("6 * 9", b'{"result": 42, "steps": []}', 1))
+        store(node, entry_key(node, "5 * 9"), forged("5 * 9", b'{"result": 42, "steps": []}', 2))
+        asked = len(server.requests)
+        header, data = yield ask_one(b.port, plain("2 + 2"))
+        assert (header.from_cache, data) == (True, b'{"result": 4, "steps": []}')
+        assert len(server.requests) == asked  # shared: b never asked the server
+        for text, result in [("3 + 3", 6), ("6 * 9", 54), ("5 * 9", 45)]:
+            header, data = yield ask_one(b.port, plain(text))
+            assert (header.status, header.from_cache) == (wire.OK, False)
+            assert data == b'{"result": %d, "steps": []}' % result
+        assert len(server.requests) == asked + 3
+        # The altered entry and the one with an unkeyed MAC failed their MAC: said once.
+        assert b.text().count("signature does not verify") == 1
+        assert "signature does not verify" not in a.text()
+        # b's answer replaced the altered entry, signed.
+        yield until(
+            lambda: b'"result": 6' in (value_of(node, entry_key(node, "3 + 3")) or b""),
+            "the altered entry to be replaced",
+        )
+        assert signed_with(secret, value_of(node, entry_key(node, "3 + 3")))
+    finally:
+        yield server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_secret_rotation_reads_old_entries_and_signs_new_ones_with_the_first(
+    memcached, twistd, tmp_path
+):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached()
+    old, old_secret = secret_file(tmp_path, "old")
+    new, new_secret = secret_file(tmp_path, "new")
+    try:
+        before, rotating = yield signed_proxies(twistd, server_port, node, (old,), (new, old))
+        yield ask_one(before.port, plain("4 + 4"))
+        yield until(lambda: node.keys_stored() == 2, "the old-secret entry")
+        assert signed_with(old_secret, value_of(node, entry_key(node, "4 + 4")))
+        asked = len(server.requests)
+        header, _ = yield ask_one(rotating.port, plain("4 + 4"))
+        assert header.from_cache and len(server.requests) == asked  # verified with the old one
+        yield ask_one(rotating.port, plain("5 + 5"))
+        yield until(lambda: node.keys_stored() == 3, "the new-secret entry")
+        value = value_of(node, entry_key(node, "5 + 5"))
+        assert signed_with(new_secret, value) and not signed_with(old_secret, value)
+        # A proxy still on the old secret alone cannot read it: a miss, never a wrong answer.
+        header, data = yield ask_one(before.port, plain("5 + 5"))
+        assert (header.from_cache, data) == (False, b'{"result": 10, "steps": []}')
+        assert len(server.requests) == asked + 2
+        assert before.text().count("signature does not verify") == 1
+    finally:
+        yield server.close()
+
+
+def command_lines(pid: int) -> dict[int, bytes]:
+    """The command lines of ``pid`` and of its children, by PID."""
+    lines = {pid: pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                child = int(stat.parent.name)
+                lines[child] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # a process that ended meanwhile
+    return lines
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest_twisted.inlineCallbacks
+def test_workers_read_the_secret_file_themselves_and_no_command_line_holds_it(
+    memcached, twistd, tmp_path, signed
+):
+    server = CountingServer()
+    server_port = server.listen()
+    node = memcached()
+    path, secret = secret_file(tmp_path, "secret")
+    try:
+        extra = ("--memcached-secret-file", path) if signed else ()
+        p = start_proxy(twistd, server_port, "--workers", "2", "--memcached", node.address, *extra)
+        yield until(lambda: p.text().count("connected: shared") == 2, "both workers to connect")
+        lines = command_lines(p.pid)
+        assert len(lines) == 3  # the parent and its two workers
+        assert not any(secret in line for line in lines.values())
+        handed = [line for line in lines.values() if b"application.worker" in line]
+        assert len(handed) == 2 and all((path.encode() in line) == signed for line in handed)
+        yield ask_one(p.port, plain("6 + 6"))
+        yield until(lambda: node.keys_stored() == 2, "the entry")
+        assert signed_with(secret, value_of(node, entry_key(node, "6 + 6"))) == signed
+        # Without a secret: one warning, from the parent, not one per worker.
+        assert p.text().count("entries are not signed") == (0 if signed else 1)
+    finally:
+        yield server.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["--memcached", "192.0.2.9:11211"],
+            "memcached 192.0.2.9:11211 is beyond this host's loopback: give "
+            "--memcached-secret-file so that its entries are signed (or --memcached-insecure "
+            "to run without, trusting everyone who can reach it)",
+        ),
+        (
+            ["--memcached", "127.0.0.1:11211", "--memcached-secret-file", "{open}"],
+            "--memcached-secret-file {open} is open to other users (mode 0644): make it "
+            "readable by its owner only (chmod 600 {open})",
+        ),
+    ],
+    ids=["unsigned-beyond-loopback", "open-secret-file"],
+)
+def test_twistd_refuses_with_one_line(tmp_path, argv, line):
+    open_file = tmp_path / "open"
+    open_file.write_bytes(os.urandom(32).hex().encode())
+    open_file.chmod(0o644)
+    argv = [a.replace("{open}", str(open_file)) for a in argv]
+    command = [script("twistd"), "-n", "--pidfile=", "cacheproxy", "--port", str(free_port())]
+    proc = subprocess.run(
+        command + argv, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT
+    )
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == "cacheproxy: " + line.replace("{open}", str(open_file)) + "\n"

@@ -28,13 +28,19 @@ from ..proxy.factory import CacheProxyFactory
 from ..proxy.interfaces import IFetcher
 from ..proxy.sharedcache import SharedCache
 from ..proxy.upstream import TCPConnector, UpstreamPool
-from ..transport.addresses import address
+from ..transport.addresses import address, is_loopback_host
 from ..transport.endpoint import description
 from ..transport.service import ServiceFactory
 from .options import CommonOptions, ProxyOptions, ServerOptions
 from .parent import WorkersService
 from .settings import proxy_settings, server_settings
-from .startup import ListeningService, cannot_listen, check_access_log, check_bindable
+from .startup import (
+    ListeningService,
+    cannot_listen,
+    check_access_log,
+    check_bindable,
+    read_secret,
+)
 
 #: Makes the service that listens for ``factory`` and logs ``settings`` once it does.
 Listen = Callable[[CommonOptions, ServiceFactory, str], service.IService]
@@ -74,6 +80,7 @@ def makeProxyService(config: ProxyOptions, reactor: Any, listen: Listen) -> serv
     cache, its way to the servers (one pool, or a balancer over several),
     the shared tier when ``--memcached`` names nodes."""
     settings = proxy_settings(config)
+    secrets = _memcached_secrets(config)
     if config["workers"] > 1:
         return _workers(config, reactor, settings)
     cache = MemoryCache(config["cache-size"], reactor, grace=config["stale-if-error"])
@@ -86,6 +93,7 @@ def makeProxyService(config: ProxyOptions, reactor: Any, listen: Listen) -> serv
             prefix=config["memcached-prefix"],
             timeout=config["memcached-timeout"] / 1000,
             lock_wait=config["memcached-lock-wait"] / 1000,
+            secrets=secrets,
         )
     factory = CacheProxyFactory(
         cache,
@@ -102,6 +110,34 @@ def makeProxyService(config: ProxyOptions, reactor: Any, listen: Listen) -> serv
     if config["verbose"]:
         metrics.request_logs.append(VerboseLog())
     return _operations(config, reactor, main, metrics, factory.purge)
+
+
+def _memcached_secrets(config: ProxyOptions) -> list[bytes]:
+    """The secrets of ``--memcached-secret-file`` (the first signs), read by
+    each process itself: a worker is handed the paths, never a secret.
+    Without one, nodes beyond loopback stop twistd with one line unless
+    ``--memcached-insecure``; otherwise one warning says what is at risk."""
+    name, option = config.tapname, "--memcached-secret-file"
+    secrets = [read_secret(name, option, path) for path in config["memcached-secret-file"]]
+    nodes = config["memcached"]
+    if secrets or not nodes:
+        return secrets
+    beyond = [address(*node) for node in nodes if not is_loopback_host(node[0])]
+    if beyond and not config["memcached-insecure"]:
+        raise SystemExit(
+            f"{name}: memcached {', '.join(beyond)} is beyond this host's loopback: give "
+            f"{option} so that its entries are signed (or --memcached-insecure to run "
+            f"without, trusting everyone who can reach it)"
+        )
+    if config.worker is None:  # once, not once per worker
+        Logger(namespace=name).warn(
+            "shared-tier entries are not signed (no {option}): {who} can make every "
+            "proxy of the site serve wrong answers by writing to memcached {nodes}",
+            option=option,
+            who="anyone who can reach it" if beyond else "any local user",
+            nodes=", ".join(address(*node) for node in nodes),
+        )
+    return secrets
 
 
 def _upstream(config: ProxyOptions, reactor: Any) -> IFetcher:

@@ -344,6 +344,12 @@ class ProxyOptions(CommonOptions):
             "With several --server: send a miss that timed out on one server to another "
             "(each then has half of --timeout).",
         ],
+        [
+            "memcached-insecure",
+            None,
+            "Allow memcached nodes beyond loopback without --memcached-secret-file "
+            "(whoever can write to them can then make every proxy serve wrong answers).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -351,6 +357,7 @@ class ProxyOptions(CommonOptions):
         #: The ``--server`` addresses, in order, as (host, port).
         self.servers: list[tuple[str, int]] = []
         self["memcached"] = []
+        self["memcached-secret-file"] = []
 
     def opt_server(self, value: str) -> None:
         """A calculator server as HOST:PORT ([::1]:9999 for IPv6); repeat for
@@ -362,6 +369,12 @@ class ProxyOptions(CommonOptions):
         """A memcached node HOST:PORT for the shared cache tier; repeat it
         for several nodes (every proxy of a site lists the same ones)."""
         self["memcached"].append(_address("memcached", value))
+
+    def opt_memcached_secret_file(self, path: str) -> None:
+        """A file holding the secret that signs shared-tier entries, readable
+        by its owner only, the same on every proxy of a site. Repeat it with
+        the older secret during a rotation: the first signs, all verify."""
+        self["memcached-secret-file"].append(path)
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -386,6 +399,8 @@ class ProxyOptions(CommonOptions):
             raise usage.UsageError("--memcached-lock-wait cannot be negative")
         if self["memcached-timeout"] < 1:
             raise usage.UsageError("--memcached-timeout must be at least 1 (ms)")
+        if self["memcached-secret-file"] and not self["memcached"]:
+            raise usage.UsageError("--memcached-secret-file needs --memcached")
         if len(set(self["memcached"])) != len(self["memcached"]):
             raise usage.UsageError("--memcached: the same node is given twice")
         if self["workers"] > 1 and not self["memcached"]:

@@ -57,7 +57,8 @@ def proxy_settings(config: ProxyOptions) -> str:
         nodes = ", ".join(address(host, port) for host, port in config["memcached"])
         cache += (
             f", shared tier on memcached {nodes} (prefix {config['memcached-prefix']!r}, "
-            f"lookup timeout {config['memcached-timeout']} ms"
+            f"lookup timeout {config['memcached-timeout']} ms, "
+            f"{'signed' if config['memcached-secret-file'] else 'unsigned'} entries"
         )
         wait = config["memcached-lock-wait"]
         cache += f", lock wait {wait} ms)" if wait else ")"

@@ -9,7 +9,9 @@ to the listening itself, the same error is a traceback in the log.
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 
 from twisted.application import service
 from twisted.internet import defer
@@ -68,6 +70,32 @@ def check_access_log(name: str, path: str) -> None:
         open(path, "ab").close()
     except OSError as e:
         raise SystemExit(f"{name}: cannot open --access-log {path}: {e.strerror}") from None
+
+
+#: The least a secret read from a file may hold, in bytes.
+MIN_SECRET = 16
+
+
+def read_secret(name: str, option: str, path: str) -> bytes:
+    """The secret in the file at ``path`` (given with ``option``), without
+    surrounding white space; stops twistd with one line when it cannot be
+    read, holds fewer than `MIN_SECRET` bytes, or when its group or others
+    may read or write it (as ssh refuses such a private key)."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise SystemExit(
+                    f"{name}: {option} {path} is open to other users "
+                    f"(mode {stat.S_IMODE(mode):04o}): make it readable by its owner "
+                    f"only (chmod 600 {path})"
+                )
+            secret = f.read().strip()
+    except OSError as e:
+        raise SystemExit(f"{name}: cannot read {option} {path}: {_reason(e)}") from None
+    if len(secret) < MIN_SECRET:
+        raise SystemExit(f"{name}: {option} {path} holds fewer than {MIN_SECRET} bytes")
+    return secret
 
 
 class ListeningService(service.Service):

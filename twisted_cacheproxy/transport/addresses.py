@@ -4,6 +4,8 @@ every message."""
 
 from __future__ import annotations
 
+import ipaddress
+
 
 def address(host: str, port: int) -> str:
     """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
@@ -26,3 +28,14 @@ def parse_address(text: str) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise ValueError(f"port must be 1..65535, not {number}")
     return host, number
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address, or the name ``localhost``) is this
+    host's loopback; any other name may resolve anywhere, so it is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
