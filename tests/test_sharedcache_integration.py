@@ -293,7 +293,10 @@ def test_identical_misses_at_two_proxies_reach_the_server_once_with_the_lock(
     server_port = server.listen()
     node = memcached()
     try:
+        # A lookup that times out goes to the server without the lock: on a
+        # busy machine the default 50 ms would let a sixth request through.
         options = ("--memcached", node.address, "--memcached-lock-wait", str(lock_wait))
+        options += ("--memcached-timeout", "2000")
         a = start_proxy(twistd, server_port, *options)
         b = start_proxy(twistd, server_port, *options)
         for p in (a, b):
