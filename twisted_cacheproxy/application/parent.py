@@ -75,6 +75,7 @@ class _Worker(protocol.ProcessProtocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.pid = transport.pid
+        transport.write(self.parent.handover)
         transport.closeStdin()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -118,6 +119,7 @@ class WorkersService(service.Service):
         count: int,
         arguments: list[str],
         *,
+        handover: bytes = b"",
         grace: float = 5.0,
         on_listening: Callable[[tuple[str, int]], None] | None = None,
         cannot_listen: Callable[[OSError], str] = str,
@@ -131,6 +133,9 @@ class WorkersService(service.Service):
         self.count = count
         #: What a worker is told after its number: the subcommand and its options.
         self.arguments = arguments
+        #: What a worker reads on its standard input: what its command line,
+        #: which every user of the host can read, must not carry.
+        self.handover = handover
         self.log = Logger(namespace=arguments[0])
         self.grace = grace
         #: Called with the bound socket's (host, port) once it listens.
