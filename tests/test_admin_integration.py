@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -441,3 +442,21 @@ def test_a_taken_admin_port_is_one_line_naming_the_derived_port(tmp_path, worker
     assert proc.stderr == (
         f"cacheserver: cannot listen on 127.0.0.1:{taken} ({role}): address already in use\n"
     )
+
+
+def test_the_status_picture_of_the_docs_is_made_by_its_script(tmp_path):
+    """docs/status_image.py makes docs/status.png from real processes."""
+    from processes import ROOT
+
+    require_tool("chromium", "chromium", "the status page's picture")
+    out = tmp_path / "status.png"
+    script = ROOT / "docs" / "status_image.py"
+    subprocess.run(
+        [sys.executable, str(script), "--seconds", "1", "--out", str(out)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    head = out.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (1000, 800)
