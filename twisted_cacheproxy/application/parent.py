@@ -19,7 +19,8 @@ one of them):
 
 Each worker is the whole service of one process (``twistd cacheproxy`` or
 ``cacheserver`` with the same options), built by tap.py, whose listener adopts
-the socket; worker N's admin site, if any, is on ``--admin-port`` + N - 1.
+the socket; worker N's admin site, if any, is on ``--admin-port`` + N - 1 or
+on ``--admin-listen`` with N for ``{worker}``.
 The parent supervises: a worker that exits is started again, at once if it
 had run for `STABLE` seconds, else after a wait that doubles from
 `RESTART_FIRST` up to `RESTART_MAX`. On SIGTERM the parent asks each worker
