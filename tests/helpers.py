@@ -30,7 +30,7 @@ from zope.interface import implementer
 from twisted_cacheproxy.application import options as opts
 from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator import expression as ex
-from twisted_cacheproxy.operations import admin
+from twisted_cacheproxy.operations import site
 from twisted_cacheproxy.proxy.interfaces import IConnector
 from twisted_cacheproxy.transport import wire
 
@@ -468,7 +468,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 def scrape(metrics) -> dict[tuple[str, tuple], float]:
     """``/metrics`` rendered and read back by prometheus_client's own parser."""
     request = DummyRequest([b""])
-    body = admin.MetricsResource(metrics).render_GET(request)
+    body = site.MetricsResource(metrics).render_GET(request)
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
     return samples(body.decode())
 

@@ -14,7 +14,10 @@ import os
 import pathlib
 import signal
 import socket
+import struct
 import subprocess
+import sys
+import time
 
 import pytest
 from helpers import request_frame as frame
@@ -221,3 +224,203 @@ def test_status_page_in_headless_chromium(twistd, tmp_path):
         check=True,
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- who may use the admin site, health, process metrics -------------------------------
+
+
+def admin_request(port: int, method: str, path: str, *headers: str) -> tuple[int, bytes]:
+    """(status, body) of one request sent with exactly these extra headers
+    (a ``Host:`` among them replaces the one the address gives)."""
+    from http.client import HTTPConnection
+
+    connection = HTTPConnection(HOST, port, timeout=WAIT)
+    try:
+        fields = dict(h.split(": ", 1) for h in headers)
+        connection.request(method, path, body=b"" if method == "POST" else None, headers=fields)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_a_rebinding_page_is_refused_while_a_local_curl_purges(twistd):
+    """What a browser sends for a page at evil.example whose name now leads
+    to 127.0.0.1 (DNS rebinding): refused for GET and POST, the cache kept;
+    ``curl -X POST http://127.0.0.1:PORT/purge`` on the host still purges."""
+    curl = require_tool("curl", "curl", "the admin site's plain purge")
+    server, _ = start(twistd, "cacheserver")
+    proxy, admin = start(twistd, "cacheproxy", "--server-port", str(server.port))
+    assert ask(proxy.port, frame("1 + 2"))[0][:2] == (200, 0x1)  # MISS: one entry
+    evil = [f"Host: evil.example:{admin}", f"Origin: http://evil.example:{admin}"]
+    status, body = admin_request(admin, "POST", "/purge", *evil)
+    assert (status, json.loads(body)) == (
+        421,
+        {"error": "not a name of this admin site (see --admin-host)"},
+    )
+    assert admin_request(admin, "GET", "/stats.json", *evil)[0] == 421
+    assert admin_request(admin, "GET", "/status", f"Host: evil.example:{admin}")[0] == 421
+    assert json.loads(http(admin, "/stats.json")[1])["cache"]["entries"] == 1
+
+    purged = subprocess.run(
+        [curl, "-s", "-X", "POST", f"http://127.0.0.1:{admin}/purge"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    assert json.loads(purged.stdout) == {"purged": 1, "shared": 0}
+    assert ask(proxy.port, frame("1 + 2"))[0][:2] == (200, 0x1)  # a MISS again
+    # One line says where the site is; Twisted's own "starting on" line is not repeated.
+    log = proxy.text()
+    assert log.count("admin site") == 1
+    assert f"admin site on http://127.0.0.1:{admin}/\n" in log
+
+
+def test_healthz_and_the_process_metrics_of_a_real_process(twistd):
+    _, admin = start(twistd, "cacheserver")
+    assert http(admin, "/healthz") == (200, b"ok\n")
+    m = metrics(admin)
+    assert m["process_resident_memory_bytes", ()] > 1 << 20
+    assert m["process_open_fds", ()] >= 4  # stdin..stderr, the log, two listeners
+    assert m["process_cpu_seconds_total", ()] > 0
+    assert m["process_start_time_seconds", ()] <= time.time()
+    (python,) = [labels for name, labels in m if name == "python_info"]
+    assert dict(python)["implementation"] == "CPython"
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def start_workers(twistd, kind: str, *args: str):
+    """``--workers 2`` of ``kind`` with admin sites; (parent, first admin port)."""
+    from processes import free_ports_in_a_row
+
+    port, first = free_port(), free_ports_in_a_row(2)
+    while port in (first, first + 1):
+        port = free_port()
+    argv = ["--port", str(port), "--workers", "2", "--admin-port", str(first), *args]
+    parent = twistd(kind, *argv, port=port)
+    wait_for(lambda: parent.text().count("accepting connections") == 2, "both workers")
+    return parent, first
+
+
+@pytest.mark.parametrize("how", ["file", "command line"])
+def test_the_admin_token_is_on_no_workers_command_line(twistd, tmp_path, how):
+    """Read from a file, the token is on no command line at all; given on the
+    parent's (which ``ps`` shows: the file is the safer way), it reaches the
+    workers on their standard input, never on theirs."""
+    token = "w0rker-T0ken"
+    if how == "file":
+        path = tmp_path / "admin.token"
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        given = ["--admin-token-file", str(path)]
+    else:
+        given = ["--admin-token", token]
+    parent, first = start_workers(twistd, "cacheserver", *given, "--admin-token-for-reads")
+    workers = children_of(parent.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        assert token.encode() not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    on_parent = token.encode() in pathlib.Path(f"/proc/{parent.pid}/cmdline").read_bytes()
+    assert on_parent is (how == "command line")
+    for admin in (first, first + 1):
+        assert http(admin, "/stats.json")[0] == 401
+        assert http(admin, "/stats.json", token="wrong")[0] == 401
+        assert http(admin, "/stats.json", token=token)[0] == 200
+        assert http(admin, "/healthz") == (200, b"ok\n")
+
+
+def test_healthz_of_a_draining_worker_is_503(twistd):
+    """A worker told to stop (SIGTERM, as the parent does) drains: it answers
+    the misses it holds (here held by a server that never answers) and its
+    /healthz says 503 meanwhile, while the other worker's says 200. Once it
+    has exited, the parent starts it again and its /healthz is 200."""
+    import re
+
+    with socket.socket() as silent:
+        silent.bind((HOST, 0))
+        silent.listen(64)  # accepts into its queue, never answers
+        parent, first = start_workers(
+            twistd,
+            "cacheproxy",
+            "--server-port",
+            str(silent.getsockname()[1]),
+            "--memcached",
+            f"{HOST}:{free_port()}",  # down: every lookup a miss, as without one
+            "--retries",
+            "1",
+            "--timeout",
+            "60",
+            "--shutdown-grace",
+            "60",
+        )
+
+        def holding(admin: int) -> int:
+            return json.loads(http(admin, "/stats.json")[1])["client_connections"]
+
+        clients: list[socket.socket] = []
+        try:
+            while not (holding(first) and holding(first + 1)):
+                assert len(clients) < 40, "the connections all went to one worker"
+                clients.append(socket.create_connection((HOST, parent.port), timeout=WAIT))
+                clients[-1].sendall(frame(f"{len(clients)} + 1"))
+                wait_for(
+                    lambda: holding(first) + holding(first + 1) == len(clients),
+                    "the workers to take the connection",
+                )
+            (pid,) = re.findall(r"worker 1 started \(pid (\d+)\)", parent.text())
+            os.kill(int(pid), signal.SIGTERM)
+            wait_for(lambda: http(first, "/healthz") == (503, b"draining\n"), "worker 1 to drain")
+            assert http(first + 1, "/healthz") == (200, b"ok\n")
+            assert holding(first) > 0  # its misses are still held: it has not stopped
+        finally:
+            silent.close()  # the misses fail: worker 1 answers them and exits
+            for client in clients:
+                client.close()
+        wait_for(lambda: parent.text().count("worker 1 started") == 2, "worker 1 again")
+        wait_for(lambda: accepting(first) and http(first, "/healthz")[0] == 200, "its health")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_taken_admin_port_is_one_line_naming_the_derived_port(tmp_path, workers):
+    from processes import free_ports_in_a_row, script
+
+    port, first = free_port(), free_ports_in_a_row(2)
+    taken = first + workers - 1
+    with socket.socket() as busy:
+        busy.bind((HOST, taken))
+        busy.listen()
+        argv = ["--port", str(port), "--workers", str(workers), "--admin-port", str(first)]
+        proc = subprocess.run(
+            [script("twistd"), "-n", "--pidfile=", "cacheserver", *argv],
+            capture_output=True,
+            text=True,
+            timeout=WAIT * 3,
+            cwd=tmp_path,
+        )
+    role = "admin site" if workers == 1 else f"admin site of worker 2, --admin-port {first} + 1"
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (
+        f"cacheserver: cannot listen on 127.0.0.1:{taken} ({role}): address already in use\n"
+    )
+
+
+def test_the_status_picture_of_the_docs_is_made_by_its_script(tmp_path):
+    """docs/status_image.py makes docs/status.png from real processes."""
+    from processes import ROOT
+
+    require_tool("chromium", "chromium", "the status page's picture")
+    out = tmp_path / "status.png"
+    script = ROOT / "docs" / "status_image.py"
+    subprocess.run(
+        [sys.executable, str(script), "--seconds", "1", "--out", str(out)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    head = out.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (1000, 800)

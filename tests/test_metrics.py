@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import TS, answer, error_answer, request_frame, scrape
+from helpers import TS, answer, error_answer, request_frame, scrape, success_of
 from proxyharness import REQUEST, Fleet, Harness, X, Y, Z
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import server
+from twisted.web.template import flattenString
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_cacheproxy.calculator.server import CalculatorServerFactory
-from twisted_cacheproxy.operations import accesslog, admin
+from twisted_cacheproxy.operations import accesslog, site, statuspage
 from twisted_cacheproxy.operations.accesslog import AccessLog
 from twisted_cacheproxy.operations.metrics import ProxyMetrics, ServerMetrics
 from twisted_cacheproxy.transport import wire
@@ -42,6 +43,11 @@ class Observed(Harness):
         self.log.close()
         with open(self.log.path) as f:
             return f.read().splitlines()
+
+
+def status_html(page) -> str:
+    """A status page element flattened, as ``/status`` sends it."""
+    return success_of(flattenString(None, page)).decode()
 
 
 def cache_counts(samples) -> dict[str, float]:
@@ -338,7 +344,7 @@ def test_purge_everything_then_the_next_request_reaches_the_server():
     c = h.client()
     up = h.miss(c, request_frame(X, ts=TS), answer(3))
     h.miss(c, request_frame(Y, ts=TS), answer(6), up)
-    purge = admin.PurgeResource(h.factory.purge, None)
+    purge = site.PurgeResource(h.factory.purge, site.Access())
     assert post(purge) == (200, {"purged": 2, "shared": 0})
     assert h.factory.cache.entries == 0 and h.metrics.purged_answers == 2
     c.send(request_frame(X, ts=TS))
@@ -352,7 +358,7 @@ def test_purge_one_expression_with_and_without_steps():
     up = h.miss(c, request_frame(X, ts=TS), answer(3))
     h.miss(c, request_frame(X, steps=True, ts=TS), answer(3, steps=["1 + 2", "3"]), up)
     h.miss(c, request_frame(Y, ts=TS), answer(6), up)
-    purge = admin.PurgeResource(h.factory.purge, None)
+    purge = site.PurgeResource(h.factory.purge, site.Access())
     assert post(purge, {b"expr": [X]}) == (200, {"purged": 2, "shared": 0})
     assert post(purge, {b"expr": [X]}) == (200, {"purged": 0, "shared": 0})
     assert h.factory.cache.entries == 1
@@ -367,7 +373,7 @@ def test_purge_from_another_host_is_refused_without_a_token(client):
     h = Observed()
     c = h.client()
     h.miss(c, request_frame(X, ts=TS), answer(3))
-    purge = admin.PurgeResource(h.factory.purge, None)
+    purge = site.PurgeResource(h.factory.purge, site.Access())
     code, body = post(purge, client=client)
     assert code == 403 and "loopback" in body["error"]
     assert h.factory.cache.entries == 1
@@ -387,14 +393,14 @@ def test_purge_from_another_host_is_refused_without_a_token(client):
 )
 def test_loopback_addresses(host, loopback):
     address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, 1)
-    assert admin.is_loopback(address) is loopback
+    assert site.is_loopback(address) is loopback
 
 
 def test_purge_with_a_token_needs_it_from_everyone():
     h = Observed()
     c = h.client()
     h.miss(c, request_frame(X, ts=TS), answer(3))
-    purge = admin.PurgeResource(h.factory.purge, b"s3cret")
+    purge = site.PurgeResource(h.factory.purge, site.Access(b"s3cret"))
     code, _ = post(purge)  # loopback is not enough
     assert code == 401
     code, _ = post(purge, headers=[(b"Authorization", b"Bearer wrong")])
@@ -407,7 +413,7 @@ def test_purge_with_a_token_needs_it_from_everyone():
 def test_a_cross_site_post_is_refused():
     """A web page the operator visits must not purge the cache by posting to the admin site."""
     h = Observed()
-    purge = admin.PurgeResource(h.factory.purge, None)
+    purge = site.PurgeResource(h.factory.purge, site.Access())
     code, body = post(
         purge, headers=[(b"Origin", b"http://evil.example"), (b"Host", b"127.0.0.1:9100")]
     )
@@ -421,13 +427,13 @@ def test_status_page_and_stats_json_show_the_figures():
     c = h.client()
     h.miss(c, request_frame(X, ts=TS), answer(3))
     c.send(request_frame(X, ts=TS), request_frame(X, ts=TS), request_frame(X, ts=TS))
-    page = admin.status_page(h.metrics, "cacheproxy 127.0.0.1:9998")
+    page = status_html(statuspage.ProxyStatus(h.metrics, "cacheproxy 127.0.0.1:9998"))
     assert '<td class="n" id="requests-hit">3</td>' in page
     assert '<div class="big" id="hit-ratio">75.0%</div>' in page
     assert '<meta http-equiv="refresh"' in page and "<svg" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     request_ = DummyRequest([b""])
-    figures = json.loads(admin.StatsResource(h.metrics).render_GET(request_))
+    figures = json.loads(site.StatsResource(h.metrics).render_GET(request_))
     assert figures["requests"]["hit"] == 3 and figures["hit_ratio"] == 0.75
     assert figures["cache"]["entries"] == 1
 
@@ -592,7 +598,7 @@ def test_several_servers_each_have_their_health_and_totals():
     assert upstream["failures"]["unreachable"] == MAX_FAILS
     assert upstream["state"] == "up" and upstream["requests"] == 2 * MAX_FAILS
     assert m["cacheproxy_upstream_failures_total", (("reason", "unreachable"),)] == MAX_FAILS
-    page = admin.status_page(metrics, "t")
+    page = status_html(statuspage.ProxyStatus(metrics, "t"))
     assert f"taken out</span>, 0 outstanding, 0 answers, {MAX_FAILS} failures, 1 times" in page
     fleet.clock.advance(EJECT_FIRST)
     fleet.answer(0)  # the probe
@@ -622,7 +628,7 @@ def test_a_purge_that_fails_is_a_500_and_a_logged_failure(proxy_log):
 
     h = Observed()
     h.factory.purge = lambda expressions: defer.fail(RuntimeError("boom"))
-    purge = admin.PurgeResource(h.factory.purge, None)
+    purge = site.PurgeResource(h.factory.purge, site.Access())
     assert post(purge) == (500, {"error": "the purge failed; see the log"})
     (event,) = [e for e in proxy_log if "log_failure" in e]
     assert event["log_failure"].check(RuntimeError)

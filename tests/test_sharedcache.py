@@ -1289,8 +1289,11 @@ def test_stopping_the_tier_logs_nothing_and_stops_reconnecting(clock, proxy_log)
 
 
 def test_the_tier_is_in_the_metrics_stats_and_status_page():
-    from twisted_cacheproxy.operations import admin
+    from helpers import scrape, success_of
+    from twisted.web.template import flattenString
+
     from twisted_cacheproxy.operations.metrics import ProxyMetrics
+    from twisted_cacheproxy.operations.statuspage import ProxyStatus
 
     site = Site()
     a, b = site.proxy(), site.proxy()
@@ -1314,7 +1317,7 @@ def test_the_tier_is_in_the_metrics_stats_and_status_page():
     assert (metrics.requests["shared"], metrics.requests["miss"]) == (1, 1)
     shared = metrics.figures()["shared"]
     assert (shared["lookups"], shared["hits"], shared["nodes"]) == (2, 1, {"127.0.0.1:11211": "up"})
-    page = admin.status_page(metrics, "t")
+    page = success_of(flattenString(None, ProxyStatus(metrics, "t"))).decode()
     assert '<td class="n" id="shared-hit-ratio">50.0%</td>' in page
     assert Harness().factory.shared is None
     assert ProxyMetrics(Harness().factory).figures()["shared"] is None

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from ..calculator.server import CalculatorServerFactory
 from ..operations.accesslog import AccessLog, VerboseLog
-from ..operations.admin import AccessLogService, AdminService, Purge, StatsService, site
-from ..operations.metrics import ProxyMetrics, ServerMetrics
+from ..operations.metrics import SAMPLE_EVERY, ProxyMetrics, ServerMetrics
+from ..operations.services import AccessLogService, AdminService, Periodic, StatsService
+from ..operations.site import Access, Purge, site
+from ..operations.statuspage import ProxyStatus, ServerStatus, StatusPage
 from ..proxy.balancer import Balancer
 from ..proxy.cache import MemoryCache
 from ..proxy.factory import CacheProxyFactory
@@ -37,6 +41,7 @@ from .settings import proxy_settings, server_settings
 from .startup import (
     ListeningService,
     cannot_listen,
+    cannot_listen_at,
     check_access_log,
     check_bindable,
     read_secret,
@@ -72,7 +77,7 @@ def makeServerService(config: ServerOptions, reactor: Any, listen: Listen) -> se
         return main
     metrics = ServerMetrics(factory)
     factory.observer = metrics
-    return _operations(config, reactor, main, metrics)
+    return _operations(config, reactor, main, metrics, _Admin(ServerStatus, factory))
 
 
 def makeProxyService(config: ProxyOptions, reactor: Any, listen: Listen) -> service.IService:
@@ -109,7 +114,7 @@ def makeProxyService(config: ProxyOptions, reactor: Any, listen: Listen) -> serv
     factory.observer = metrics
     if config["verbose"]:
         metrics.request_logs.append(VerboseLog())
-    return _operations(config, reactor, main, metrics, factory.purge)
+    return _operations(config, reactor, main, metrics, _Admin(ProxyStatus, factory, factory.purge))
 
 
 def _memcached_secrets(config: ProxyOptions) -> list[bytes]:
@@ -173,7 +178,11 @@ def _upstream(config: ProxyOptions, reactor: Any) -> IFetcher:
 def _operated(config: CommonOptions) -> bool:
     """Whether the options ask for any of the operations (the factory then
     has metrics observing it; without, its observer costs nothing)."""
-    return bool(config["admin-port"] or config["access-log"] or config["stats-interval"])
+    return bool(_has_admin(config) or config["access-log"] or config["stats-interval"])
+
+
+def _has_admin(config: CommonOptions) -> bool:
+    return bool(config["admin-port"] or config["admin-listen"])
 
 
 class OperatedService(service.MultiService):
@@ -191,19 +200,30 @@ class OperatedService(service.MultiService):
         return factory
 
 
+class _Admin:
+    """What the admin site of a service shows besides its metrics: the
+    status page of its kind, the factory whose draining ``/healthz`` reports,
+    and the proxy's purge."""
+
+    def __init__(
+        self, page: type[StatusPage], factory: ServiceFactory, purge: Purge | None = None
+    ) -> None:
+        self.page = page
+        self.factory = factory
+        self.purge = purge
+
+
 def _operations(
     config: CommonOptions,
     reactor: Any,
     main: service.IService,
     metrics: ProxyMetrics | ServerMetrics,
-    purge: Purge | None = None,
+    admin: _Admin,
 ) -> OperatedService:
-    """``main`` with what ``--admin-port``, ``--access-log`` and
-    ``--stats-interval`` ask for beside it."""
+    """``main`` with what ``--admin-port`` (or ``--admin-listen``),
+    ``--access-log`` and ``--stats-interval`` ask for beside it."""
     name = config.tapname
-    admin_port = config["admin-port"]
-    if admin_port:
-        check_bindable(name, config["admin-interface"], admin_port, "admin")
+    web = _admin_site(config, reactor, metrics, admin) if _has_admin(config) else None
     top = OperatedService(main)
     access = config["access-log"]
     if access:
@@ -217,31 +237,77 @@ def _operations(
     main.setServiceParent(top)
     if config["stats-interval"]:
         StatsService(metrics, config["stats-interval"], f"{name}.stats").setServiceParent(top)
-    if admin_port:
-        title = f"{name} {address(config['interface'], config['port'])}"
-        if config.worker is not None:
-            title += f", worker {config.worker}"
-        token = config["admin-token"]
-        web = site(metrics, title, token.encode() if token else None, purge)
-        AdminService(web, admin_port, config["admin-interface"], metrics).setServiceParent(top)
+    if web is not None:
+        web.setServiceParent(top)
+        Periodic(SAMPLE_EVERY, metrics.sample, metrics.clock).setServiceParent(top)
     return top
+
+
+def _admin_site(
+    config: CommonOptions, reactor: Any, metrics: ProxyMetrics | ServerMetrics, admin: _Admin
+) -> AdminService:
+    """The admin site's listener, on ``--admin-listen`` or, through the same
+    endpoint as the service's own, ``--admin-port`` on ``--admin-interface``
+    (checked now: a port taken is one line before twistd goes on)."""
+    name = config.tapname
+    role = _admin_role(config["admin-port"] - (config.worker or 1) + 1, config.worker)
+    listen = config["admin-listen"]
+    if listen:
+        endpoint, where = _described(name, listen, reactor), listen
+    else:
+        port, interface = config["admin-port"], config["admin-interface"]
+        check_bindable(name, interface, port, role)
+        endpoint = serverFromString(reactor, description(port, interface))
+        where = address(interface, port)
+    title = f"{name} {address(config['interface'], config['port'])}"
+    if config.worker is not None:
+        title += f", worker {config.worker}"
+    access = Access(
+        config.adminToken, bool(config["admin-token-for-reads"]), frozenset(config["admin-host"])
+    )
+    web = site(metrics, partial(admin.page, metrics, title), admin.factory, access, admin.purge)
+    return AdminService(endpoint, web, lambda e: cannot_listen_at(name, where, e, role))
+
+
+def _described(name: str, listen: str, reactor: Any) -> IStreamServerEndpoint:
+    """The endpoint of ``--admin-listen``; one line if Twisted cannot read it."""
+    try:
+        return serverFromString(reactor, listen)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise SystemExit(f"{name}: --admin-listen {listen}: {e}") from None
+
+
+def _admin_role(first_port: int, worker: int | None) -> str:
+    """What listens on an admin site's address, for a message: "admin site",
+    or with ``--workers`` which worker's and how its port was derived."""
+    if worker is None:
+        return "admin site"
+    if not first_port:
+        return f"admin site of worker {worker}"
+    offset = f" + {worker - 1}" if worker > 1 else ""
+    return f"admin site of worker {worker}, --admin-port {first_port}{offset}"
 
 
 def _workers(config: CommonOptions, reactor: Any, settings: str) -> service.IService:
     """The parent of ``--workers`` processes sharing one listening socket
     (`parent` says why), logging the same start-up line as one process.
-    Worker N has its own admin site, on ``--admin-port`` + N - 1."""
+    Worker N has its own admin site, on ``--admin-port`` + N - 1 or on
+    ``--admin-listen`` with N for ``{worker}``. The workers are handed the
+    options on their command line, the secret ones on their standard input."""
     name = config.tapname
     logger = Logger(namespace=name)
     settings = f"{config['workers']} workers; {settings}"
     if config["access-log"]:
         check_access_log(name, config["access-log"])
-    if config["admin-port"]:
-        first = config["admin-port"]
-        for port in range(first, first + config["workers"]):
-            check_bindable(name, config["admin-interface"], port, "admin")
-        last = first + config["workers"] - 1
-        settings += f"; admin sites on ports {first}..{last}, one per worker"
+    first, count = config["admin-port"], config["workers"]
+    if first:
+        for worker in range(1, count + 1):
+            role = _admin_role(first, worker)
+            check_bindable(name, config["admin-interface"], first + worker - 1, role)
+        settings += f"; admin sites on ports {first}..{first + count - 1}, one per worker"
+    if config["admin-listen"]:
+        _described(name, config["admin-listen"].replace("{worker}", "1"), reactor)
+        settings += f"; admin sites on {config['admin-listen']}, one per worker"
 
     def listening(where: tuple[str, int]) -> None:
         logger.info(
@@ -255,6 +321,7 @@ def _workers(config: CommonOptions, reactor: Any, settings: str) -> service.ISer
         config["backlog"],
         config["workers"],
         [name, json.dumps(config.portable())],
+        handover=json.dumps(config.secrets()).encode(),
         grace=config["shutdown-grace"],
         on_listening=listening,
         cannot_listen=lambda e: cannot_listen(name, config["interface"], config["port"], e),

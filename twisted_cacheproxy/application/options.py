@@ -4,6 +4,7 @@ their hand-over to a worker process of ``--workers``."""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, cast
 
@@ -15,6 +16,7 @@ from ..operations.units import parse_size
 from ..proxy.sharedcache import check_prefix
 from ..transport import wire
 from ..transport.addresses import parse_address
+from .secretfile import read_secret_file
 
 
 def _integer(text: str) -> int:
@@ -53,11 +55,32 @@ _OPERATING_OPTIONS: list[list[Any]] = [
         "admin-port",
         None,
         0,
-        "Serve /status, /metrics, /stats.json (and /purge on the proxy) on this port (0: off).",
+        "Serve the admin site (/status, /metrics, /stats.json, /healthz, and /purge on the "
+        "proxy) on this TCP port (0: off).",
         _integer,
     ],
     ["admin-interface", None, "127.0.0.1", "The interface the admin site listens on."],
-    ["admin-token", None, None, "POSTs to the admin site need 'Authorization: Bearer TOKEN'."],
+    [
+        "admin-listen",
+        None,
+        None,
+        "Serve the admin site on this Twisted endpoint description instead of --admin-port "
+        "(unix:/run/cacheproxy/admin.sock, tcp6:9100:interface=\\:\\:1); with --workers, "
+        "{worker} in it stands for each worker's number.",
+    ],
+    [
+        "admin-token",
+        None,
+        None,
+        "POSTs to the admin site need 'Authorization: Bearer TOKEN' (every user sees a "
+        "command line: prefer --admin-token-file).",
+    ],
+    [
+        "admin-token-file",
+        None,
+        None,
+        "Read the admin token from this file, which only its owner may read.",
+    ],
     ["access-log", None, None, "Write one line per answered request to this file ('-': stdout)."],
     [
         "stats-interval",
@@ -67,6 +90,9 @@ _OPERATING_OPTIONS: list[list[Any]] = [
         _number,
     ],
 ]
+
+#: A token travels in an HTTP header: printable ASCII, no spaces.
+_TOKEN = re.compile(rb"[\x21-\x7e]+")
 
 
 class CommonOptions(usage.Options):
@@ -80,6 +106,19 @@ class CommonOptions(usage.Options):
     tapname = ""
     #: The worker's number (from 1) in a worker process of ``--workers``.
     worker: int | None = None
+    #: The admin site's token, from ``--admin-token`` or ``--admin-token-file``.
+    adminToken: bytes | None = None
+    #: Options never put on a worker's command line, which every user of the
+    #: host can read (``ps``): the worker reads them on its standard input.
+    SECRET = ("admin-token",)
+
+    optFlags: list[list[Any]] = [
+        [
+            "admin-token-for-reads",
+            None,
+            "Every admin page but /healthz needs the token too, not only POSTs.",
+        ]
+    ]
 
     optParameters: list[list[Any]] = [
         ["interface", "i", "127.0.0.1", "The interface to listen on."],
@@ -134,6 +173,11 @@ class CommonOptions(usage.Options):
         for name, handler in self._dispatch.items():
             if type(handler) is usage.CoerceParameter:
                 self._dispatch[name] = _NamedCoerce(self, handler.coerce)
+        self["admin-host"] = []
+
+    def opt_admin_host(self, name: str) -> None:
+        """A name the admin site answers for, besides IP addresses and localhost; repeatable."""
+        self["admin-host"].append(name.lower())
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
@@ -161,8 +205,7 @@ class CommonOptions(usage.Options):
             raise usage.UsageError("--max-connections must be at least 1")
         if self["backlog"] < 1:
             raise usage.UsageError("--backlog must be at least 1")
-        if self["admin-port"]:
-            self.checkPort("admin-port")
+        self.checkAdmin()
         if self["stats-interval"] < 0:
             raise usage.UsageError("--stats-interval cannot be negative")
         if self["workers"] < 1:
@@ -171,6 +214,41 @@ class CommonOptions(usage.Options):
             raise usage.UsageError("--shutdown-grace cannot be negative")
         if self["workers"] > 1:
             self.checkWorkers()
+
+    def checkAdmin(self) -> None:
+        """The admin site's options: one place to listen, of its own; one token."""
+        if self["admin-port"] and self["admin-listen"]:
+            raise usage.UsageError("give --admin-port or --admin-listen, not both")
+        if self["admin-port"]:
+            self.checkPort("admin-port")
+            if self["workers"] == 1 and self["admin-port"] == self["port"]:
+                raise usage.UsageError(
+                    f"--admin-port {self['admin-port']} is --port too: "
+                    "the admin site needs a port of its own"
+                )
+        if self["admin-token"] is not None and self["admin-token-file"] is not None:
+            raise usage.UsageError("give --admin-token or --admin-token-file, not both")
+        self.loadToken()
+        if self["admin-token-for-reads"] and self.adminToken is None:
+            raise usage.UsageError(
+                "--admin-token-for-reads needs --admin-token-file (or --admin-token)"
+            )
+
+    def loadToken(self) -> None:
+        """Set `adminToken` from ``--admin-token`` or the file ``--admin-token-file`` names."""
+        option, path = "admin-token", self["admin-token-file"]
+        if path is not None:
+            option = "admin-token-file"
+            try:
+                token: bytes | None = read_secret_file(path)
+            except ValueError as e:
+                raise usage.UsageError(f"--admin-token-file: {e}") from None
+        else:
+            given = self["admin-token"]
+            token = None if given is None else given.encode("utf-8", "surrogateescape")
+        if token is not None and not _TOKEN.fullmatch(token):
+            raise usage.UsageError(f"--{option}: a token is printable ASCII without spaces")
+        self.adminToken = token
 
     def checkWorkers(self) -> None:
         """What ``--workers`` cannot go with: admin ports past 65535 or on
@@ -188,24 +266,38 @@ class CommonOptions(usage.Options):
                 f"--admin-port {first} with --workers {count}: the workers' admin "
                 f"sites take ports {first}..{last}, which include --port {self['port']}"
             )
+        if self["admin-listen"] and "{worker}" not in self["admin-listen"]:
+            raise usage.UsageError(
+                f"--admin-listen with --workers {count}: each worker needs an admin site "
+                "of its own: put {worker} in it (unix:/run/cacheproxy/admin-{worker}.sock)"
+            )
         if self["access-log"] == "-":
             raise usage.UsageError("--access-log - cannot go with --workers: give a file")
 
     def portable(self) -> dict[str, Any]:
-        """The parsed options, as JSON takes them (for a worker process)."""
-        return dict(self)
+        """The parsed options, as JSON takes them (for a worker's command
+        line), except the `SECRET` ones (`secrets`)."""
+        return {k: v for k, v in self.items() if k not in self.SECRET}
+
+    def secrets(self) -> dict[str, Any]:
+        """The `SECRET` options given, as JSON takes them (for a worker's standard input)."""
+        return {k: self[k] for k in self.SECRET if self[k] is not None}
 
     @classmethod
     def restore(cls, values: dict[str, Any], worker: int) -> CommonOptions:
         """The options of worker number ``worker`` (from 1) of a parent whose
-        options were ``values``: one process, with the admin site on the
-        worker's own port (``--admin-port`` + worker - 1)."""
+        options were ``values`` (`portable` and `secrets`): one process, with
+        the admin site on the worker's own port (``--admin-port`` + worker -
+        1) or its own ``--admin-listen`` (``{worker}``: its number)."""
         config = cls()
         config.update(values)
         config.worker = worker
         config["workers"] = 1
         if config["admin-port"]:
             config["admin-port"] += worker - 1
+        if config["admin-listen"]:
+            config["admin-listen"] = config["admin-listen"].replace("{worker}", str(worker))
+        config.loadToken()
         return config
 
     def checkPort(self, name: str) -> None:

@@ -19,7 +19,8 @@ one of them):
 
 Each worker is the whole service of one process (``twistd cacheproxy`` or
 ``cacheserver`` with the same options), built by tap.py, whose listener adopts
-the socket; worker N's admin site, if any, is on ``--admin-port`` + N - 1.
+the socket; worker N's admin site, if any, is on ``--admin-port`` + N - 1 or
+on ``--admin-listen`` with N for ``{worker}``.
 The parent supervises: a worker that exits is started again, at once if it
 had run for `STABLE` seconds, else after a wait that doubles from
 `RESTART_FIRST` up to `RESTART_MAX`. On SIGTERM the parent asks each worker
@@ -75,6 +76,7 @@ class _Worker(protocol.ProcessProtocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.pid = transport.pid
+        transport.write(self.parent.handover)
         transport.closeStdin()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -118,6 +120,7 @@ class WorkersService(service.Service):
         count: int,
         arguments: list[str],
         *,
+        handover: bytes = b"",
         grace: float = 5.0,
         on_listening: Callable[[tuple[str, int]], None] | None = None,
         cannot_listen: Callable[[OSError], str] = str,
@@ -131,6 +134,9 @@ class WorkersService(service.Service):
         self.count = count
         #: What a worker is told after its number: the subcommand and its options.
         self.arguments = arguments
+        #: What a worker reads on its standard input: what its command line,
+        #: which every user of the host can read, must not carry.
+        self.handover = handover
         self.log = Logger(namespace=arguments[0])
         self.grace = grace
         #: Called with the bound socket's (host, port) once it listens.

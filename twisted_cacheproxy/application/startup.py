@@ -34,8 +34,13 @@ def _reason(e: OSError) -> str:
 
 def cannot_listen(name: str, interface: str, port: int, e: OSError, role: str = "") -> str:
     """The one line a service that cannot listen ends with (``role``: what
-    listens there besides the service itself, such as "admin")."""
-    where = address(interface, port) + (f" ({role})" if role else "")
+    listens there besides the service itself, such as "admin site")."""
+    return cannot_listen_at(name, address(interface, port), e, role)
+
+
+def cannot_listen_at(name: str, where: str, e: OSError, role: str = "") -> str:
+    """`cannot_listen` for an address in words (an endpoint description)."""
+    where += f" ({role})" if role else ""
     return f"{name}: cannot listen on {where}: {_reason(e)}"
 
 

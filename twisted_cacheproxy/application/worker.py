@@ -85,7 +85,8 @@ def _print(event: dict[str, Any]) -> None:
 def worker_main(argv: list[str]) -> None:
     """Serve on the inherited socket until SIGTERM (or the parent is gone).
     ``argv``: the address family, the worker's number, the parent's pid, the
-    subcommand and its options as JSON (`tap._CommonOptions.portable`)."""
+    subcommand and its options as JSON (`options.CommonOptions.portable`);
+    standard input: the secret ones, as JSON (`options.CommonOptions.secrets`)."""
     from twisted.internet import reactor as installed  # the default one, installed now
 
     reactor: Any = installed  # typed loosely: its interfaces are zope's
@@ -98,7 +99,9 @@ def worker_main(argv: list[str]) -> None:
 
     family = socket.AF_INET6 if argv[0] == "6" else socket.AF_INET
     number, parent, entry = int(argv[1]), int(argv[2]), ENTRIES[argv[3]]
-    config = entry.Options.restore(json.loads(argv[4]), number)
+    # The secret options come on standard input, never on the command line.
+    values = {**json.loads(argv[4]), **json.loads(sys.stdin.buffer.read() or b"{}")}
+    config = entry.Options.restore(values, number)
     grace = config["shutdown-grace"]
     globalLogBeginner.beginLoggingTo([cast(Any, _print)], redirectStandardIO=False)
     listeners: list[AdoptedListening] = []

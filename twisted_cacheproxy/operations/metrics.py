@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from typing import Any, Protocol
 
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -172,9 +173,12 @@ class _Metrics:
         return out
 
     def registry(self) -> CollectorRegistry:
-        """A registry holding only this service's metrics (for ``/metrics``)."""
+        """A registry holding this service's metrics and its process's (memory,
+        open files, CPU time, the Python version), for ``/metrics``."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
         return registry
 
     def collect(self) -> Iterator[Metric]:

@@ -53,6 +53,8 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
         self.connectionLimit = max_connections
         #: Open connections, kept by the protocols.
         self.connections: set[ServiceProtocol] = set()
+        #: True once `drain` was called: the service is stopping (``/healthz`` says 503).
+        self.draining = False
 
     @property
     def connectionCount(self) -> int:
@@ -62,6 +64,7 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
     def drain(self) -> None:
         """Read no more on any connection: each answers what it has read, as
         after an end-of-file from its client, then closes (a graceful stop)."""
+        self.draining = True
         for p in list(self.connections):
             p.transport.pauseProducing()
             p.readConnectionLost()
