@@ -4,7 +4,7 @@
 flat); and the RSS growth against ``--cache-size`` (16M and 64M) after
 300,000 distinct tiny answers (``N + 0``), the cache's worst case.
 
-    python3 benchmarks/memory.py                          # all three, ~5 min
+    python3 benchmarks/memory.py                          # all three, ~10 min
     python3 benchmarks/memory.py --connections 2000 --requests 100000
     python3 benchmarks/memory.py --only bound --tiny 300000
 

@@ -445,3 +445,13 @@ def test_the_process_grows_by_no_more_than_the_bound_after_eviction_churn():
     ratio, entries, evictions = out.stdout.split()
     assert int(evictions) == 300_000 - int(entries) > 250_000
     assert float(ratio) < 1.2, out.stdout
+
+
+def test_the_c_allocator_is_told_to_give_large_blocks_back():
+    """On glibc (Linux), the threshold above which a block is mapped on its
+    own is fixed, so a freed table is given back to the system."""
+    from twisted_cacheproxy.proxy import allocator
+
+    MemoryCache(1 << 20, Clock())
+    assert allocator.unmap_large_blocks() is True
+    assert allocator.MMAP_THRESHOLD == 128 << 10

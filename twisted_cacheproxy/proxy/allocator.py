@@ -13,6 +13,7 @@ with tiny answers). A fixed threshold gives each copy back when it is freed.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 #: ``M_MMAP_THRESHOLD``, glibc's ``mallopt`` parameter (malloc.h).
 _M_MMAP_THRESHOLD = -3
@@ -20,10 +21,12 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 128 << 10
 
 
+@functools.cache
 def unmap_large_blocks() -> bool:
     """Have the C allocator map every block of `MMAP_THRESHOLD` bytes or
     more on its own, so that freeing it gives it back to the system; False
-    where the C library has no such setting (it is glibc's)."""
+    where the C library has no such setting (it is glibc's). Once a process
+    is enough."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
