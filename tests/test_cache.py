@@ -3,6 +3,9 @@ expiry with the stale-if-error grace, all on an injected `task.Clock`."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 from helpers import T0, examples
 from hypothesis import given, settings
@@ -350,3 +353,105 @@ def test_the_byte_bound_holds_for_the_memory_really_used(clock):
         tracemalloc.stop()
     assert cache.evictions > 0
     assert 0.6 * bound < held < 1.2 * bound, (held, cache.entries)
+
+
+def tiny(i: int) -> tuple[bytes, bytes]:
+    """The key and stored answer of the text request ``i + 0`` with steps:
+    the smallest answers a proxy stores, so the entries' overhead is most
+    of what they take."""
+    body = b'{"result": %d, "steps": ["%d + 0", "%d"]}' % (i, i, i)
+    header = b"\x65\x53\xf1\x00" + (12 + len(body)).to_bytes(2, "big") + b"\x18\xc8\xff\xff\x00\x03"
+    return b"\x01%d + 0" % i, header + body
+
+
+def fill(cache: MemoryCache, first: int, count: int) -> None:
+    """Store ``count`` distinct tiny answers, from ``tiny(first)`` on, with
+    lifetimes of their own (not the one shared ``FOREVER``)."""
+    for i in range(first, first + count):
+        key, answer = tiny(i)
+        cache.put(key, Entry(answer, T0 + i, 65534 - i % 2))
+
+
+def allocated(size: int) -> int:
+    """What an allocation of ``size`` bytes takes: a block of a multiple of
+    16 from CPython's small-object allocator up to 512 bytes, past that a
+    C allocator's chunk (an 8-byte header, rounded up to 16)."""
+    return -(-size // 16) * 16 if size <= 512 else -(-(size + 8) // 16) * 16
+
+
+@pytest.mark.parametrize("slots_per_entry", [6, 3], ids=["table-just-grown", "table-full"])
+def test_the_byte_bound_holds_for_the_blocks_really_allocated(clock, slots_per_entry):
+    """Tiny answers, each allocation counted as the block the allocator
+    hands out (tracemalloc's sizes, rounded as the allocators round them),
+    with the ``OrderedDict``'s table at its emptiest (about 6 slots an
+    entry: the cache holds just over a sixth of a power of two) and at its
+    fullest (3 slots an entry), after churn has rebuilt it: what the cache
+    holds stays within its bound, and uses most of it."""
+    import tracemalloc
+
+    slots = 1 << 13
+    count = slots // 6 + 10 if slots_per_entry == 6 else slots // 3 - 10
+    key, answer = tiny(100_000)
+    bound = count * (len(key) + len(answer) + ENTRY_OVERHEAD)
+    tracemalloc.start()
+    try:
+        cache = MemoryCache(bound, clock)
+        fill(cache, 100_000, 4 * count + slots)
+        held = sum(allocated(t.size) for t in tracemalloc.take_snapshot().traces)
+    finally:
+        tracemalloc.stop()
+    assert cache.entries == count
+    # The premise: the table (with the nodes of its linked list) is as full as meant.
+    table = sys.getsizeof(cache._entries) / count
+    assert 26 * (slots_per_entry - 0.1) + 32 < table < 28 * slots_per_entry + 33
+    assert 0.75 * bound < held <= bound, (held / bound, cache.entries)
+
+
+def print_growth(bound: int, count: int) -> None:
+    """Fill a cache of ``bound`` bytes with ``count`` tiny answers; print
+    the growth of this process's RSS over the bound, the entries and the
+    evictions."""
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    cache = MemoryCache(bound, Clock())
+    before = rss()
+    fill(cache, 0, count)
+    print((rss() - before) / bound, cache.entries, cache.evictions)
+
+
+def test_the_process_grows_by_no_more_than_the_bound_after_eviction_churn():
+    """The real allocators, in a fresh interpreter (its RSS, from /proc):
+    300,000 distinct tiny answers through ``--cache-size 16M`` grow the
+    process by less than 1.2 times the bound once the cache's table has
+    been rebuilt many times as entries came and went (with the C allocator
+    keeping each old copy in its heap, it grew by 1.3 times)."""
+    import subprocess
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import test_cache; test_cache.print_growth(16 << 20, 300_000)",
+        ],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    ratio, entries, evictions = out.stdout.split()
+    assert int(evictions) == 300_000 - int(entries) > 250_000
+    assert float(ratio) < 1.2, out.stdout
+
+
+def test_the_c_allocator_is_told_to_give_large_blocks_back():
+    """On glibc (Linux), the threshold above which a block is mapped on its
+    own is fixed, so a freed table is given back to the system."""
+    from twisted_cacheproxy.proxy import allocator
+
+    MemoryCache(1 << 20, Clock())
+    assert allocator.unmap_large_blocks() is True
+    assert allocator.MMAP_THRESHOLD == 128 << 10

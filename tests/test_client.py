@@ -631,9 +631,12 @@ def test_console_reader_reads_lines_then_none(monkeypatch):
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("0", "argument --port: must be 1..65535, not 0"),
-        ("65536", "argument --port: must be 1..65535, not 65536"),
-        ("http", "argument --port: not a number: 'http'"),
+        ("0", "argument --port: port must be 1..65535, not 0"),
+        ("65536", "argument --port: port must be 1..65535, not 65536"),
+        ("http", "argument --port: not a port number: 'http'"),
+        ("٩٩٩٨", "argument --port: not a port number: '٩٩٩٨'"),
+        (" 9998", "argument --port: not a port number: ' 9998'"),
+        ("9_998", "argument --port: not a port number: '9_998'"),
     ],
 )
 def test_parse_args_refuses_a_port_out_of_range(value, message, capsys):
@@ -658,7 +661,7 @@ def test_help_shows_every_default_and_what_the_calculator_knows(capsys):
         "(default: 9999)",
         "(default: True)",
         "(default: 65535)",
-        "(default: 10.0)",
+        "(default: 15.0)",
     ):
         assert default in text, default
     from twisted_cacheproxy.calculator.expression import CONSTANTS, FUNCTIONS
@@ -706,7 +709,7 @@ def serve(frame: bytes) -> bytes:
 
 def test_run_one_shot_result(capsys):
     reactor, d, where, factory = start(["--port", "4321", "max(2, 3) + 3"])
-    assert where == ("127.0.0.1", 4321, 10.0)
+    assert where == ("127.0.0.1", 4321, 15.0)
     proto, transport = connected(reactor, factory)
     request = transport.value()
     assert request[6:] == b"\x1c\x00\xff\xff\x00\x00max(2, 3) + 3"
@@ -790,7 +793,7 @@ def test_parse_args_defaults():
         True,
         False,
     )
-    assert (args.max_age, args.legacy, args.timeout) == (65535, False, 10.0)
+    assert (args.max_age, args.legacy, args.timeout) == (65535, False, 15.0)
 
 
 def test_render_describes_integers_too_long_to_print():
@@ -802,3 +805,215 @@ def test_render_describes_integers_too_long_to_print():
         "Result: <an integer of 20001 bits, too long to print>  "
         "(computed by the server, cacheable for ever)"
     )
+
+
+# --- numbers in ASCII digits only ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("choice", ["\uff13", "٣", " 3x"])
+def test_menu_choices_are_ascii_digits(menu, choice):
+    """A fullwidth or Arabic-Indic 3 is not menu entry 3: it goes to the
+    server as typed, which says what is wrong with it."""
+    menu.screen.take()
+    menu.keys.type(choice)
+    assert menu.calc.texts == [choice.strip()]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-age", "٣٠"], "argument --max-age: not a number: '٣٠'"),
+        (["--max-age", "3_0"], "argument --max-age: not a number: '3_0'"),
+        (["--timeout", "nan"], "argument --timeout: not a number: 'nan'"),
+        (["--timeout", "inf"], "argument --timeout: not a number: 'inf'"),
+        (["--timeout", "\uff15"], "argument --timeout: not a number: '\uff15'"),
+        (["--timeout", "0"], "--timeout must be positive"),
+        (["--timeout", "-1"], "--timeout must be positive"),
+    ],
+)
+def test_parse_args_takes_numbers_in_ascii_digits_only(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        client.parse_args([*argv, "1"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"calc-client: error: {message}\n")
+
+
+def test_parse_args_takes_plain_numbers():
+    args = client.parse_args(["--max-age", "30", "--timeout", "0.5", "--port", "9998"])
+    assert (args.max_age, args.timeout, args.port) == (30, 0.5, 9998)
+
+
+# --- giving up: --timeout bounds connecting and each answer; Ctrl-C --------------------------
+
+
+def test_run_gives_up_on_a_peer_that_never_answers(capsys):
+    """A listener that accepts and never answers (or an HTTP port by
+    mistake): after --timeout seconds one line saying how long and for
+    what, exit 2, and the connection closed."""
+    reactor, d, _, factory = start(["--port", "9998", "1 + 1"])
+    _, transport = connected(reactor, factory)
+    assert transport.value().endswith(b"1 + 1")
+    reactor.advance(client.TIMEOUT - 0.1)
+    assert not d.called
+    reactor.advance(0.1)
+    assert success_of(d) == 2
+    assert capsys.readouterr().err == "Error: no answer from 127.0.0.1:9998 within 15 s\n"
+    assert transport.disconnecting
+    assert reactor.getDelayedCalls() == []
+
+
+def test_run_timeout_option_bounds_the_answer(capsys):
+    reactor, d, where, factory = start(["--timeout", "0.5", "1 + 1"])
+    assert where[2] == 0.5
+    connected(reactor, factory)
+    reactor.advance(0.5)
+    assert success_of(d) == 2
+    assert capsys.readouterr().err == "Error: no answer from 127.0.0.1:9999 within 0.5 s\n"
+
+
+def test_run_an_answer_in_time_cancels_the_timeout(capsys):
+    reactor, d, _, factory = start(["--timeout", "1", "max(2, 3) + 3"])
+    proto, transport = connected(reactor, factory)
+    reactor.advance(0.9)
+    proto.dataReceived(serve(transport.value()))
+    assert success_of(d) == 0
+    assert reactor.getDelayedCalls() == []
+    assert capsys.readouterr().out == render("max(2, 3) + 3", SIX)
+
+
+def test_run_says_how_long_connecting_was_given(capsys):
+    reactor, d, where, factory = start(["--timeout", "2", "1"])
+    assert where[2] == 2.0  # the connector's own timeout
+    factory.clientConnectionFailed(None, Failure(error.TimeoutError()))
+    reactor.advance(0)
+    assert success_of(d) == 2
+    assert capsys.readouterr().err == "Error: cannot connect to 127.0.0.1:9999 within 2 s\n"
+
+
+def test_each_answer_has_the_whole_timeout_and_a_new_connection_follows_one_that_gave_up():
+    far = Far()
+    far.calculator.timeout = 3.0
+    d = far.calculator.calculate("1 + 1")
+    proto, transport = far.accept()
+    far.reactor.advance(2)
+    far.answer(proto, transport)
+    assert success_of(d).value == 2
+    d = far.calculator.calculate("2 + 2")
+    far.reactor.advance(2.9)
+    assert not d.called  # 4.9 s since the first request: each answer has its own 3 s
+    far.reactor.advance(0.1)
+    f = failure_of(d, client.GaveUpError)
+    assert (f.value.seconds, f.value.connecting) == (3.0, False)
+    assert transport.disconnecting  # a late answer would be taken for the next one
+    assert proto.pending == 0
+    d = far.calculator.calculate("3 + 3")
+    assert len(far.reactor.tcpClients) == 2
+    proto2, transport2 = far.accept()
+    far.answer(proto2, transport2)
+    assert success_of(d).value == 6
+    assert far.notes == []  # we closed it: no "closed by h:1" note
+
+
+def test_menu_says_no_answer_came_and_goes_on():
+    far = Far()
+    keyboard = Keyboard()
+    screen = Screen()
+    done = client.Menu(far.calculator, keyboard, screen.append).run()
+    screen.take()
+    keyboard.type("1 + 1")
+    far.accept()
+    far.reactor.advance(client.TIMEOUT)
+    assert screen.take() == "Error: no answer from h:1 within 15 s\n\n"
+    assert keyboard.prompts == ["choice> ", "choice> "]
+    assert not done.called
+
+
+def test_describe_failure_gave_up():
+    assert client.describe_failure(client.GaveUpError(15.0), "h:1") == (
+        "Error: no answer from h:1 within 15 s\n"
+    )
+    assert client.describe_failure(client.GaveUpError(0.5, connecting=True), "[::1]:9") == (
+        "Error: cannot connect to [::1]:9 within 0.5 s\n"
+    )
+
+
+def test_the_default_timeout_outlasts_the_proxys_own():
+    """A miss through a proxy with its default options ends in the proxy's
+    500 (its --timeout covers the server's answer and its retries) before
+    calc-client gives up."""
+    from twisted_cacheproxy.application.options import ProxyOptions
+
+    proxy = ProxyOptions()
+    proxy.parseOptions([])
+    assert client.parse_args([]).timeout == client.TIMEOUT > proxy["timeout"] + 1
+
+
+class SignalledReactor(MemoryReactorClock):
+    """A memory reactor that runs what a signal handler hands it at once."""
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+
+@pytest.fixture
+def ctrl_c():
+    """Runs a reactor's when-running hooks (which install the client's
+    SIGINT handler) and gives a function that presses Ctrl-C; the test
+    process's own handler is put back afterwards."""
+    import signal
+
+    saved = signal.getsignal(signal.SIGINT)
+
+    def press(reactor):
+        for f, args, kwargs in reactor.whenRunningHooks:
+            f(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+
+    yield press
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_ctrl_c_while_waiting_says_the_user_stopped_it(ctrl_c, capsys):
+    reactor = SignalledReactor()
+    d = client.run(reactor, ["1 + 1"])
+    _, _, factory, _, _ = reactor.tcpClients[0]
+    _, transport = connected(reactor, factory)
+    reactor.advance(3)
+    ctrl_c(reactor)
+    assert success_of(d) == client.INTERRUPTED == 130
+    assert capsys.readouterr().err == "Stopped by Ctrl-C.\n"  # not "closed the connection"
+    assert transport.disconnecting
+    assert reactor.getDelayedCalls() == []
+
+
+def test_ctrl_c_while_connecting(ctrl_c, capsys):
+    reactor = SignalledReactor()
+    d = client.run(reactor, ["1 + 1"])
+    ctrl_c(reactor)
+    assert success_of(d) == 130
+    assert capsys.readouterr().err == "Stopped by Ctrl-C.\n"
+
+
+def test_ctrl_c_in_the_menu_while_waiting_for_an_answer(ctrl_c, capsys):
+    reactor = SignalledReactor()
+    calculator = Calculator(reactor, "h", 1, Settings())
+    keyboard = Keyboard()
+    screen = Screen()
+    session = client.Menu(calculator, keyboard, screen.append).run()
+    client.cancel_on_ctrl_c(reactor, session)
+    keyboard.type("1 + 1")
+    _, _, factory, _, _ = reactor.tcpClients[0]
+    connected(reactor, factory)
+    ctrl_c(reactor)
+    failure_of(session, defer.CancelledError)
+    assert "Error" not in "".join(screen)
+    assert keyboard.prompts == ["choice> "]  # the menu ends: no prompt again
+
+
+def test_ctrl_c_at_the_menu_prompt(ctrl_c):
+    reactor = SignalledReactor()
+    keyboard = Keyboard()
+    session = client.Menu(FakeCalculator(), keyboard, Screen().append).run()
+    client.cancel_on_ctrl_c(reactor, session)
+    ctrl_c(reactor)
+    failure_of(session, defer.CancelledError)

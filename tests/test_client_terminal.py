@@ -237,3 +237,69 @@ def test_menu_reconnects_after_the_server_closed_the_idle_connection(twistd, ses
     assert shown.count("Error") == 1
     t.type("q\n")
     assert t.finish() == 0
+
+
+# --- giving up, and Ctrl-C ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent():
+    """A listener that accepts connections and never answers (what a
+    stuck server, or an HTTP port given by mistake, looks like)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(WAIT)
+        yield listener
+
+
+def test_calc_client_gives_up_on_a_listener_that_never_answers(silent, session):
+    port = silent.getsockname()[1]
+    started = time.monotonic()
+    t = session("--port", str(port), "--timeout", "1", "1 + 1", tty=False)
+    conn, _ = silent.accept()
+    with conn:
+        assert t.finish() == 2
+        assert time.monotonic() - started >= 1
+        assert t.screen == f"Error: no answer from 127.0.0.1:{port} within 1 s\n"
+        assert conn.recv(100).endswith(b"1 + 1")  # it was asked
+        assert conn.recv(100) == b""  # and the client closed the connection
+
+
+def test_calc_client_menu_gives_up_and_asks_again(silent, session):
+    port = silent.getsockname()[1]
+    t = session("--port", str(port), "--timeout", "1", tty=False)
+    conn, _ = silent.accept()
+    with conn:
+        t.expect("choice> ")
+        t.type("2\n")
+        shown = t.expect("choice> ")
+        assert f"Error: no answer from 127.0.0.1:{port} within 1 s\n" in shown
+        t.type("2\n")
+        conn2, _ = silent.accept()  # the next request opens a new connection
+        conn2.close()
+        shown = t.expect("choice> ")
+        assert "reconnected" not in shown  # the client closed the first one itself
+        assert f"Error: 127.0.0.1:{port} closed the connection before the answer came" in shown
+        t.type("q\n")
+        assert t.finish() == 0
+
+
+def test_ctrl_c_while_waiting_says_the_user_stopped_it(silent, session):
+    port = silent.getsockname()[1]
+    t = session("--port", str(port), "1 + 1")
+    conn, _ = silent.accept()
+    with conn:
+        t.expect(f"\rwaiting for an answer from 127.0.0.1:{port}... 1 s")
+        t.type("\x03")
+        assert t.finish() == 130
+    assert t.screen.endswith("\r\nStopped by Ctrl-C.\r\n"), t.screen
+    assert "closed the connection" not in t.screen and "Traceback" not in t.screen
+
+
+def test_ctrl_c_at_the_menu_says_the_user_stopped_it(server, session):
+    t = session("--port", str(server.port))
+    t.expect("choice> ")
+    t.type("\x03")
+    assert t.finish() == 130
+    assert t.screen.endswith("choice> \r\nStopped by Ctrl-C.\r\n"), t.screen

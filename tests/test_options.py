@@ -135,6 +135,48 @@ def test_server_options_refuse_bad_values(argv, message):
 # --- the proxy's options -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "٩٩٩٨"], "--port: not a number: '٩٩٩٨'"),
+        (
+            ["--server-port", "\uff19\uff19\uff19\uff19"],
+            "--server-port: not a number: '\uff19\uff19\uff19\uff19'",
+        ),
+        (["--retries", " 5"], "--retries: not a number: ' 5'"),
+        (["--upstream-pipeline", "1_6"], "--upstream-pipeline: not a number: '1_6'"),
+        (["--timeout", "nan"], "--timeout: not a number: 'nan'"),
+        (["--idle-timeout", "inf"], "--idle-timeout: not a number: 'inf'"),
+        (["--stats-interval", "1e999"], "--stats-interval: number out of range: '1e999'"),
+        (["--stale-if-error", "٣٠"], "--stale-if-error: not a number: '٣٠'"),
+        (
+            ["--cache-size", "\uff16\uff14M"],
+            "--cache-size: not a size: '\uff16\uff14M' (use e.g. 512K, 64M, 1G)",
+        ),
+        (["--cache-size", "inf"], "--cache-size: not a size: 'inf' (use e.g. 512K, 64M, 1G)"),
+        (["--cache-size", "1e308G"], "--cache-size: not a size: '1e308G' (use e.g. 512K, 64M, 1G)"),
+        (["--server", "localhost:٩٩٩٩"], "--server: not a port number: '٩٩٩٩'"),
+        (["--memcached", "localhost:1_1211"], "--memcached: not a port number: '1_1211'"),
+    ],
+)
+def test_proxy_options_take_numbers_in_ascii_digits_only(argv, message):
+    """What ``int()`` or ``float()`` would take but Python's grammar would
+    not (other scripts' digits, blanks, underscores, ``inf``, ``nan``) is
+    refused in words, never taken nor a traceback."""
+    with pytest.raises(usage.UsageError) as info:
+        opts.ProxyOptions().parseOptions(argv)
+    assert str(info.value) == message
+
+
+def test_proxy_options_take_plain_numbers():
+    config = opts.ProxyOptions()
+    config.parseOptions(["--retries", "+3", "--timeout", "2.5", "--retry-delay", ".25"])
+    assert (config["retries"], config["timeout"], config["retry-delay"]) == (3, 2.5, 0.25)
+    config = opts.ProxyOptions()
+    config.parseOptions(["--cache-size", "1.5M", "--stale-if-error", "1e2"])
+    assert (config["cache-size"], config["stale-if-error"]) == (1536 << 10, 100.0)
+
+
 @pytest.mark.parametrize("value", ["0", "65536"])
 def test_proxy_options_refuse_a_server_port_out_of_range(value):
     with pytest.raises(usage.UsageError) as info:

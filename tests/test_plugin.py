@@ -239,7 +239,7 @@ def test_calc_client_port_out_of_range_is_a_usage_error():
     proc = run([script("calc-client"), "--port", "70000", "1"])
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr.endswith(
-        "calc-client: error: argument --port: must be 1..65535, not 70000\n"
+        "calc-client: error: argument --port: port must be 1..65535, not 70000\n"
     )
 
 

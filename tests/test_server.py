@@ -246,6 +246,37 @@ def test_unreadable_text_requests_are_400(conn, data, message, kind):
     assert conn.ask(VALID) == response(200, VALID_ANSWER, cache=True, steps=True, max_age=65535)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "١٢ + 1",
+            "unexpected character '\u0661' (U+0661) at position 0: "
+            "numbers are written with the digits 0-9",
+        ),
+        (
+            "\uff11\uff12\uff13 + 1",
+            "unexpected character '\uff11' (U+FF11) at position 0: "
+            "numbers are written with the digits 0-9",
+        ),
+        (
+            "1 + 2\u0663",
+            "unexpected character '\u0663' (U+0663) at position 5: "
+            "numbers are written with the digits 0-9",
+        ),
+        ("1\u00a0+ 1", "unexpected character '\\xa0' (U+00A0) at position 1"),
+        ("1 + 1\u00a0", "unexpected character '\\xa0' (U+00A0) at position 5"),
+    ],
+)
+def test_digits_and_blanks_outside_ascii_are_400s(conn, text, message):
+    """Python's grammar reads ASCII digits only; so does ours, where ``int()``
+    would read ``١٢`` as 12 and fullwidth ``123`` as 123."""
+    got = conn.ask(text.encode())
+    body = json.dumps({"error": message, "type": "SyntaxError"}, ensure_ascii=False).encode()
+    assert got == response(400, body, cache=True, max_age=65535)
+    assert conn.ask(VALID) == response(200, VALID_ANSWER, cache=True, steps=True, max_age=65535)
+
+
 def test_deep_nesting_within_the_limit_is_answered(conn):
     """199 nested calls: within MAX_DEPTH, so a result, not a crash (500)."""
     text = ("sqrt(" * 199 + "1" + ")" * 199).encode()

@@ -18,7 +18,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReactorTime
@@ -28,8 +28,9 @@ from . import __version__
 from .calculator import codec
 from .calculator.expression import BINARY, CONSTANTS, FUNCTIONS, CalculationError, Real
 from .calculator.parser import parse
-from .transport import wire
-from .transport.addresses import address
+from .operations.units import seconds
+from .transport import numerals, wire
+from .transport.addresses import address, parse_port
 from .transport.frameclient import FrameClient
 
 #: The exercise's six standard example expressions.
@@ -44,6 +45,23 @@ EXAMPLES = (
 
 #: Seconds without an answer before `WaitingLine` shows itself.
 WAIT_NOTICE = 1.0
+#: Seconds ``--timeout`` gives connecting and each answer by default: longer
+#: than a proxy with its default options takes to give up on a miss (its
+#: ``--timeout 10`` covers the server's answer and every retry), so a slow
+#: miss through the proxy still ends in the proxy's own 500 rather than here.
+TIMEOUT = 15.0
+#: The exit status after a Ctrl-C, as shells give a program that SIGINT ended.
+INTERRUPTED = 128 + signal.SIGINT
+
+
+class GaveUpError(Exception):
+    """Nothing came from the peer within ``seconds``: no connection
+    (``connecting``) or no answer to a request sent."""
+
+    def __init__(self, seconds: float, connecting: bool = False) -> None:
+        super().__init__(seconds, connecting)
+        self.seconds = seconds
+        self.connecting = connecting
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,9 @@ class Calculator:
     and `notify` says so. A request lost with a connection opened before it
     (closed by the far end just as it was sent) is sent once more on a new
     connection: a calculation has no side effects, so sending it again is
-    safe.
+    safe. Connecting and each answer may take ``timeout`` seconds; then the
+    request fails with `GaveUpError`, and a connection that did not answer is
+    closed (a late answer would be taken for the next request's).
     """
 
     def __init__(
@@ -92,7 +112,7 @@ class Calculator:
         port: int,
         settings: Settings,
         *,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT,
         connection: FrameClient | None = None,
         notify: Callable[[str], None] | None = None,
     ) -> None:
@@ -117,7 +137,11 @@ class Calculator:
             self.connection = connection
             return connection
 
-        return d.addCallback(connected)
+        def failed(failure: Failure) -> Failure:
+            failure.trap(error.TimeoutError)
+            raise GaveUpError(self.timeout, connecting=True)
+
+        return d.addCallbacks(connected, failed)
 
     def close(self) -> None:
         """Close the connection, if one is open."""
@@ -162,7 +186,17 @@ class Calculator:
         s = self.settings
         flags = wire.make_flags(request=True, cache=s.cache, steps=s.steps)
         frame = wire.encode(int(self.reactor.seconds()), flags, s.max_age if s.cache else 0, data)
-        return connection.sendRequest(frame)
+
+        def gave_up(result: Any, timeout: float) -> Any:
+            # Cancelling the request closed the connection: the next request
+            # opens a new one without a note that the far end closed it.
+            self.connection = None
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                return Failure(GaveUpError(timeout))
+            return result
+
+        d = connection.sendRequest(frame)
+        return d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=gave_up)
 
 
 def _answer(message: tuple[wire.Header, bytes], no_cache: bool = False) -> Answer:
@@ -232,6 +266,9 @@ def describe_failure(e: BaseException | None, peer: str = "the server") -> str:
     (``host:port``)."""
     if isinstance(e, CalculationError):
         return f"Error (local, {e.kind}): {e}\n"
+    if isinstance(e, GaveUpError):
+        what = "cannot connect to" if e.connecting else "no answer from"
+        return f"Error: {what} {peer} within {seconds(e.seconds)}\n"
     if isinstance(e, error.ConnectError):
         return f"Error: cannot connect to {peer}: {str(e).rstrip('.')}\n"
     if isinstance(e, error.ConnectionDone | error.ConnectionLost):
@@ -275,6 +312,8 @@ class WaitingLine:
 
 MENU_HELP = ("m", "?", "help", "menu")
 MENU_QUIT = ("q", "quit", "exit")
+#: The example a menu choice ``1`` to ``6`` (in ASCII digits) stands for.
+_EXAMPLE_CHOICES = {str(i): text for i, text in enumerate(EXAMPLES, 1)}
 
 
 def menu_text() -> str:
@@ -332,8 +371,8 @@ class Menu:
         if choice.lower() in MENU_HELP:
             self.write(menu_text())
             return None
-        if choice.isdigit() and 1 <= int(choice) <= len(EXAMPLES):
-            return EXAMPLES[int(choice) - 1]
+        if choice in _EXAMPLE_CHOICES:
+            return _EXAMPLE_CHOICES[choice]
         if choice == str(len(EXAMPLES) + 1):
             text = yield self.read("expression> ")
             if text is None:  # Ctrl-D: back to the menu prompt
@@ -352,8 +391,11 @@ class Menu:
         d.addErrback(self._failed)
         return d
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure) -> Failure | None:
+        if failure.check(defer.CancelledError):  # a Ctrl-C: the menu ends
+            return failure
         self.write(describe_failure(failure.value, self.calculator.where) + "\n")
+        return None
 
 
 class ConsoleReader:
@@ -391,15 +433,19 @@ class ConsoleReader:
         return d
 
 
-def port_number(text: str) -> int:
-    """A TCP port for argparse: 1..65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"must be 1..65535, not {port}")
-    return port
+_T = TypeVar("_T")
+
+
+def _argument(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``parse`` as an argparse type, its ValueError shown as it words it."""
+
+    def checked(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return checked
 
 
 def calculator_help() -> str:
@@ -441,7 +487,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--host", default="127.0.0.1", help="server or proxy host")
     p.add_argument(
-        "--port", type=port_number, default=9999, help="9999 for the server, 9998 for the proxy"
+        "--port",
+        type=_argument(parse_port),
+        default=9999,
+        help="9999 for the server, 9998 for the proxy",
     )
     p.add_argument(
         "--steps", action=argparse.BooleanOptionalAction, default=True, help="ask for the steps"
@@ -449,18 +498,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="C=0: no cache may serve or store it")
     p.add_argument(
         "--max-age",
-        type=int,
+        type=_argument(numerals.integer),
         default=wire.FOREVER,
         metavar="N",
         help="oldest cached answer accepted, seconds (65535: any; 0: reload)",
     )
     p.add_argument("--legacy", action="store_true", help="send pickles, as the course client does")
-    p.add_argument("--timeout", type=float, default=10.0, help="connect timeout in seconds")
+    p.add_argument(
+        "--timeout",
+        type=_argument(numerals.decimal),
+        default=TIMEOUT,
+        metavar="S",
+        help="seconds to wait for the connection, and then for each answer, before giving up; "
+        "the default outlasts a proxy's own 10 s for a miss with its retries, "
+        "so that the proxy's 500 comes first",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
     args.expression = " ".join(getattr(args, "expression", [])).strip() or None
     if not 0 <= args.max_age <= wire.FOREVER:
         p.error("--max-age must be 0..65535")
+    if args.timeout <= 0:
+        p.error("--timeout must be positive")
     return args
 
 
@@ -479,34 +538,71 @@ def run(reactor: Any, argv: list[str]) -> Generator[defer.Deferred[Any], Any, in
     calculator = Calculator(
         reactor, args.host, args.port, settings, timeout=args.timeout, notify=_write
     )
-    peer = calculator.where
-    waiting = WaitingLine(reactor, _write, peer) if sys.stdout.isatty() else None
+    terminal = sys.stdout.isatty()
+    waiting = WaitingLine(reactor, _write, calculator.where) if terminal else None
+    if args.expression is not None:
+        session = _one_shot(calculator, args.expression, waiting)
+    else:
+        session = _menu(reactor, calculator, waiting)
+    cancel_on_ctrl_c(reactor, session)
     try:
-        if args.expression is not None:
-            d = defer.maybeDeferred(calculator.calculate, args.expression)
-            try:
-                answer = yield (waiting.watch(d) if waiting else d)
-            except Exception as e:
-                sys.stderr.write(describe_failure(e, peer))
-                return 2
-            (sys.stdout if answer.error is None else sys.stderr).write(
-                render(args.expression, answer)
-            )
-            return 0 if answer.error is None else 1
-        try:
-            yield calculator.open()
-        except Exception as e:
-            sys.stderr.write(describe_failure(e, peer))
-            return 2
-        _write(f"Connected to {peer}.\n")
-        if sys.stdin.isatty():
-            with contextlib.suppress(ImportError):
-                import readline  # noqa: F401  (input() edits lines and keeps history)
-        reader = ConsoleReader(reactor, echo=not sys.stdin.isatty())
-        yield Menu(calculator, reader, _write, waiting).run()
-        return 0
+        return (yield session)
+    except defer.CancelledError:
+        # On a terminal the cursor is after the echoed ^C or a prompt.
+        sys.stderr.write(("\n" if terminal else "") + "Stopped by Ctrl-C.\n")
+        return INTERRUPTED
     finally:
         calculator.close()
+
+
+@defer.inlineCallbacks
+def _one_shot(
+    calculator: Calculator, text: str, waiting: WaitingLine | None
+) -> Generator[defer.Deferred[Any], Any, int]:
+    """Calculate ``text`` and print its answer; the exit code."""
+    d = defer.maybeDeferred(calculator.calculate, text)
+    try:
+        answer = yield (waiting.watch(d) if waiting else d)
+    except defer.CancelledError:
+        raise
+    except Exception as e:
+        sys.stderr.write(describe_failure(e, calculator.where))
+        return 2
+    (sys.stdout if answer.error is None else sys.stderr).write(render(text, answer))
+    return 0 if answer.error is None else 1
+
+
+@defer.inlineCallbacks
+def _menu(
+    reactor: Any, calculator: Calculator, waiting: WaitingLine | None
+) -> Generator[defer.Deferred[Any], Any, int]:
+    """Connect, then run the menu until the user quits; the exit code."""
+    try:
+        yield calculator.open()
+    except defer.CancelledError:
+        raise
+    except Exception as e:
+        sys.stderr.write(describe_failure(e, calculator.where))
+        return 2
+    _write(f"Connected to {calculator.where}.\n")
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() edits lines and keeps history)
+    reader = ConsoleReader(reactor, echo=not sys.stdin.isatty())
+    yield Menu(calculator, reader, _write, waiting).run()
+    return 0
+
+
+def cancel_on_ctrl_c(reactor: Any, d: defer.Deferred) -> None:
+    """Cancel ``d`` at a Ctrl-C (SIGINT). Installed once the reactor runs, in
+    place of the reactor's own handler, which would stop the reactor and
+    close the connection under a request still waiting: the user, not the
+    peer, ended it."""
+
+    def interrupted(number: int, frame: Any) -> None:
+        reactor.callFromThread(d.cancel)
+
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, interrupted)
 
 
 def _exit(code: int) -> None:
@@ -516,7 +612,7 @@ def _exit(code: int) -> None:
 
 def main() -> None:
     """Console-script entry point; exits 1 on an error answer, 2 when no
-    answer could be had. The terminal's settings are put back on the way
+    answer could be had, 130 after a Ctrl-C. The terminal's settings are put back on the way
     out, even after a Ctrl-C that interrupted ``readline``."""
     saved = None
     try:

@@ -14,25 +14,20 @@ from twisted.python import usage
 from .. import __version__
 from ..operations.units import parse_size
 from ..proxy.sharedcache import check_prefix
-from ..transport import wire
+from ..transport import numerals, wire
 from ..transport.addresses import parse_address
 from .secretfile import read_secret_file
 
 
 def _integer(text: str) -> int:
-    """A whole number, refused in words that a user reads."""
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"not a number: {text!r}") from None
+    """A whole number in ASCII digits, refused in words that a user reads."""
+    return numerals.integer(text)
 
 
 def _number(text: str) -> float:
-    """A number of seconds (a decimal point allowed)."""
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"not a number: {text!r}") from None
+    """A number of seconds in ASCII digits (a decimal point allowed; never
+    ``inf`` or ``nan``)."""
+    return numerals.decimal(text)
 
 
 class _NamedCoerce(usage.CoerceParameter):

@@ -30,14 +30,19 @@ from .expression import (
     check_call,
 )
 
-#: One token per match, as (number, name, operator, stray character).
+#: One token per match, as (number, name, operator, stray character). ASCII
+#: only, as in Python's grammar: digits of other scripts (``١٢``, fullwidth
+#: ones) or blanks (a no-break space) are stray characters.
 _TOKEN = re.compile(
     r"\s*(?:"
     r"((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
     r"|([A-Za-z_][A-Za-z0-9_]*)"
     r"|(\*\*|[-+*/%(),])"
-    r"|(\S))"
+    r"|(\S))",
+    re.ASCII,
 )
+#: What ``\s`` matches in `_TOKEN`.
+_BLANKS = " \t\n\r\f\v"
 #: Most tokens in one expression (room for brackets and commas around the
 #: largest tree); the tokenizer stops reading there.
 MAX_TOKENS = 4 * MAX_NODES
@@ -51,6 +56,16 @@ _OPERAND_HINT = "expected a number, a name or '('"
 
 def _syntax(message: str) -> CalculationError:
     return CalculationError(message, "SyntaxError")
+
+
+def _stray(char: str, position: int) -> CalculationError:
+    """A character no token starts with, named with its code point when it
+    is not ASCII (it may look like a digit or a blank)."""
+    if char.isascii():
+        return _syntax(f"unexpected character {char!r} at position {position}")
+    name = f"{char!r} (U+{ord(char):04X})"
+    hint = ": numbers are written with the digits 0-9" if char.isdecimal() else ""
+    return _syntax(f"unexpected character {name} at position {position}{hint}")
 
 
 def _too_deep() -> CalculationError:
@@ -203,14 +218,14 @@ def parse(text: str) -> Node:
     """Parse one text-encoded expression, refusing what breaks the limits."""
     # Without trailing blanks every position starts a match, so the scan is
     # linear (a blank tail would be retried from each of its positions).
-    matches = list(islice(_TOKEN.finditer(text.rstrip()), MAX_TOKENS + 1))
+    matches = list(islice(_TOKEN.finditer(text.rstrip(_BLANKS)), MAX_TOKENS + 1))
     if not matches:
         raise _syntax("empty expression")
     parser = _Parser(matches)
     tokens = [m.groups("") for m in matches]  # number, name, operator, other
     for i, token in enumerate(tokens):
         if token[3]:
-            raise _syntax(f"unexpected character {token[3]!r} at position {parser.position(i)}")
+            raise _stray(token[3], parser.position(i))
     if sum(1 for t in tokens if t[0] or t[1]) > MAX_NODES:  # each is a node
         raise CalculationError(f"expression has more than {MAX_NODES} terms")
     if len(tokens) > MAX_TOKENS:

@@ -3,6 +3,8 @@ line and the status page: byte sizes (``64M``), durations and counts."""
 
 from __future__ import annotations
 
+from ..transport.numerals import decimal
+
 #: The suffixes a size takes, in powers of 1024 (``--cache-size 64M``).
 _SCALES = (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
 
@@ -12,10 +14,8 @@ def parse_size(text: str) -> int:
     scale = dict(_SCALES).get(text[-1:].upper(), 1)
     number = text[:-1] if scale > 1 else text
     try:
-        if not number.isascii():
-            raise ValueError
-        value = int(float(number) * scale)
-    except ValueError:
+        value = int(decimal(number) * scale)
+    except (ValueError, OverflowError):  # OverflowError: 1e308G is past a float
         raise ValueError(f"not a size: {text!r} (use e.g. 512K, 64M, 1G)") from None
     if value < 0:
         raise ValueError("a size cannot be negative")

@@ -2,11 +2,14 @@
 
 Nothing here knows about sockets or payloads: keys (the S flag byte and the
 request data) and answers are bytes, time is whatever clock the owner passes
-in (tests use ``task.Clock``).
+in (tests use ``task.Clock``). What an entry is charged is what it really
+takes (`ENTRY_OVERHEAD`), so that the process grows by no more than the
+bound (docs/limits.md).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -14,19 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from ..transport.wire import FOREVER
+from .allocator import unmap_large_blocks
 from .interfaces import ICache
-
-#: What one entry costs in memory beyond the lengths of its key and answer,
-#: in bytes, as ``tracemalloc`` measures it on CPython 3.11 (64-bit): the two
-#: bytes objects' headers (2 x 33), the `Entry` (64) and its time stamp (24),
-#: and the ``OrderedDict``'s slot, index and linked-list node, which vary
-#: with the table's fill (90 to 160). Counted at the top of that range.
-ENTRY_OVERHEAD = 320
-
-
-def cost(key: bytes, answer: bytes) -> int:
-    """What storing ``answer`` under ``key`` costs against the byte bound."""
-    return len(key) + len(answer) + ENTRY_OVERHEAD
 
 
 class Entry:
@@ -48,12 +40,47 @@ class Entry:
         return self.lifetime == FOREVER or now - self.stored < self.lifetime + grace
 
 
+def _block(size: int) -> int:
+    """The block CPython's small-object allocator hands out for ``size``
+    bytes: a multiple of 16."""
+    return -(-size // 16) * 16
+
+
+#: What one entry takes in memory beyond the lengths of its key and answer,
+#: in bytes (424 on 64-bit CPython 3.11), each object counted as the block
+#: the allocator gives it: the two bytes objects' headers, each rounded up by
+#: as much as 15 bytes; the `Entry`, its time stamp and its lifetime; and
+#: the ``OrderedDict``'s linked-list node (32) and table. The table has
+#: 28 bytes a slot (an entry of hash, key and value in two slots of three,
+#: a 4-byte index and the linked list's pointer to the node) and from 3 to
+#: 6 slots an entry, as many as 6 just after it has grown: counted at 6.
+ENTRY_OVERHEAD = (
+    2 * (sys.getsizeof(b"") + 15)
+    + _block(sys.getsizeof(Entry(b"", 0.0, 0)))
+    + _block(sys.getsizeof(0.0))
+    + _block(sys.getsizeof(FOREVER))
+    + 32
+    + 6 * 28
+)
+
+
+def cost(key: bytes, answer: bytes) -> int:
+    """What storing ``answer`` under ``key`` costs against the byte bound."""
+    return len(key) + len(answer) + ENTRY_OVERHEAD
+
+
 @implementer(ICache)
 class MemoryCache:
     """An in-memory LRU bounded by bytes, dropping entries once they are past
-    their lifetime plus ``grace`` (the stale-if-error window)."""
+    their lifetime plus ``grace`` (the stale-if-error window).
+
+    Its table is rebuilt every few ten thousand stores as entries come and
+    go; the C allocator is asked to give each old copy back to the system
+    (`allocator.unmap_large_blocks`) rather than keep it in its heap.
+    """
 
     def __init__(self, max_bytes: int, clock: IReactorTime, grace: float = 0.0) -> None:
+        unmap_large_blocks()
         self.max_bytes = max_bytes
         self.clock = clock
         self.grace = grace

@@ -6,5 +6,6 @@ flow control, idle timeout, half-close), `frameclient` (the requesting
 side: one Deferred per request), `service` (what the answering services
 share), `endpoint` (the TCP endpoint whose connections send at once),
 `payload` (the two encodings as far as a service words its own errors),
-`answers` (those errors), `addresses` (HOST:PORT).
+`answers` (those errors), `addresses` (HOST:PORT), `numerals` (numbers as
+users write them: ASCII digits only).
 """

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from .numerals import integer
+
 
 def address(host: str, port: int) -> str:
     """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
@@ -22,12 +24,19 @@ def parse_address(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port}")
-    if not port.isascii() or not port.isdigit():
-        raise ValueError(f"not a port number: {port!r}")
-    number = int(port)
+    return host, parse_port(port)
+
+
+def parse_port(text: str) -> int:
+    """A TCP port number, 1..65535 in ASCII digits; ValueError saying what is
+    wrong otherwise."""
+    try:
+        number = integer(text)
+    except ValueError:
+        raise ValueError(f"not a port number: {text!r}") from None
     if not 0 < number < 65536:
         raise ValueError(f"port must be 1..65535, not {number}")
-    return host, number
+    return number
 
 
 def is_loopback_host(host: str) -> bool:

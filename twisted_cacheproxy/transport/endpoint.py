@@ -31,6 +31,8 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .numerals import integer
+
 
 class BatchedWrites:
     """Mixed into a framing protocol (before `framing.FrameReceiver`): the
@@ -226,7 +228,7 @@ class SendAtOnceParser:
     ) -> TCPServerEndpoint:
         """The endpoint for the string's arguments (the interface's name and
         the backlog are keyword arguments, as with ``tcp:``)."""
-        return TCPServerEndpoint(reactor, int(port), interface, int(backlog))
+        return TCPServerEndpoint(reactor, integer(port), interface, integer(backlog))
 
 
 def description(port: int, interface: str = "", backlog: int = 511) -> str:
