@@ -966,17 +966,17 @@ def test_a_secret_file_other_users_may_open_is_refused_with_one_line(tmp_path, m
     with pytest.raises(SystemExit) as info:
         build(config)
     assert str(info.value) == (
-        f"cacheproxy: --memcached-secret-file {path} is open to other users (mode {mode:04o}): "
-        f"make it readable by its owner only (chmod 600 {path})"
+        f"cacheproxy: --memcached-secret-file: {path} is open to others (mode {mode:04o}): "
+        f"make it the owner's alone (chmod 600 {path})"
     )
 
 
 def test_a_missing_or_short_secret_file_is_refused_with_one_line(tmp_path):
     short = secret_file(tmp_path, secret=b"15 bytes secret")
     for path, why in [
-        (str(tmp_path / "nothing"), f"cannot read --memcached-secret-file {tmp_path}/nothing: "
-         "no such file or directory"),
-        (short, f"--memcached-secret-file {short} holds fewer than 16 bytes"),
+        (str(tmp_path / "nothing"), f"--memcached-secret-file: cannot read {tmp_path}/nothing: "
+         "No such file or directory"),
+        (short, f"--memcached-secret-file: {short} holds fewer than 16 bytes"),
     ]:  # fmt: skip
         config = proxy_options("--memcached", "127.0.0.1:11211", "--memcached-secret-file", path)
         with pytest.raises(SystemExit) as info:

@@ -539,8 +539,8 @@ def test_workers_read_the_secret_file_themselves_and_no_command_line_holds_it(
         ),
         (
             ["--memcached", "127.0.0.1:11211", "--memcached-secret-file", "{open}"],
-            "--memcached-secret-file {open} is open to other users (mode 0644): make it "
-            "readable by its owner only (chmod 600 {open})",
+            "--memcached-secret-file: {open} is open to others (mode 0644): make it "
+            "the owner's alone (chmod 600 {open})",
         ),
     ],
     ids=["unsigned-beyond-loopback", "open-secret-file"],

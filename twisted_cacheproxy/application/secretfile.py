@@ -1,5 +1,6 @@
-"""Secrets read from files (``--admin-token-file``): a command line is
-readable by every user of the host (``ps``), a file can be the owner's alone.
+"""Secrets read from files (``--admin-token-file``, ``--memcached-secret-file``):
+a command line is readable by every user of the host (``ps``), a file can be
+the owner's alone.
 As ssh refuses a private key that others may read, a secret file that its
 group or others may read, or write, is refused."""
 
@@ -9,10 +10,10 @@ import os
 import stat
 
 
-def read_secret_file(path: str) -> bytes:
-    """The secret in the file at ``path``, without the line end; ValueError
-    saying what is wrong when the file cannot be read, is open to others, or
-    holds no secret."""
+def read_secret_file(path: str, minimum: int = 1) -> bytes:
+    """The secret in the file at ``path``, without surrounding white space;
+    ValueError saying what is wrong when the file cannot be read, is open to
+    others, or holds fewer than ``minimum`` bytes."""
     try:
         # O_NONBLOCK: a named pipe is refused below instead of waiting for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
@@ -33,4 +34,6 @@ def read_secret_file(path: str) -> bytes:
         os.close(fd)
     if not secret:
         raise ValueError(f"{path} is empty")
+    if len(secret) < minimum:
+        raise ValueError(f"{path} holds fewer than {minimum} bytes")
     return secret

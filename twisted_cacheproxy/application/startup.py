@@ -9,9 +9,7 @@ to the listening itself, the same error is a traceback in the log.
 
 from __future__ import annotations
 
-import os
 import socket
-import stat
 
 from twisted.application import service
 from twisted.internet import defer
@@ -24,6 +22,7 @@ from twisted.python.failure import Failure
 
 from ..transport.addresses import address
 from ..transport.service import ServiceFactory
+from .secretfile import read_secret_file
 
 
 def _reason(e: OSError) -> str:
@@ -82,25 +81,13 @@ MIN_SECRET = 16
 
 
 def read_secret(name: str, option: str, path: str) -> bytes:
-    """The secret in the file at ``path`` (given with ``option``), without
-    surrounding white space; stops twistd with one line when it cannot be
-    read, holds fewer than `MIN_SECRET` bytes, or when its group or others
-    may read or write it (as ssh refuses such a private key)."""
+    """The secret in the file at ``path`` (given with ``option``); stops
+    twistd with one line when `secretfile.read_secret_file` refuses it or it
+    holds fewer than `MIN_SECRET` bytes."""
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise SystemExit(
-                    f"{name}: {option} {path} is open to other users "
-                    f"(mode {stat.S_IMODE(mode):04o}): make it readable by its owner "
-                    f"only (chmod 600 {path})"
-                )
-            secret = f.read().strip()
-    except OSError as e:
-        raise SystemExit(f"{name}: cannot read {option} {path}: {_reason(e)}") from None
-    if len(secret) < MIN_SECRET:
-        raise SystemExit(f"{name}: {option} {path} holds fewer than {MIN_SECRET} bytes")
-    return secret
+        return read_secret_file(path, MIN_SECRET)
+    except ValueError as e:
+        raise SystemExit(f"{name}: {option}: {e}") from None
 
 
 class ListeningService(service.Service):
