@@ -331,3 +331,16 @@ def test_proxy_workers_make_a_parent_that_hands_its_options_on():
     assert isinstance(parent, WorkersService)
     assert parent.count == 2 and parent.arguments[0] == "cacheproxy"
     assert json.loads(parent.arguments[1]) == json.loads(json.dumps(config.portable()))
+
+
+@pytest.mark.parametrize("Options", [opts.ServerOptions, opts.ProxyOptions])
+def test_help_has_no_runs_of_spaces_nor_defaults_in_bytes(Options):
+    """--help reads as written: an opt_ method's docstring on one line,
+    --cache-size's default as the option takes it."""
+    config = Options()
+    for name, doc in config.docs.items():
+        assert "  " not in doc, name
+    text = str(config)
+    assert "[default: 67108864]" not in text
+    if Options is opts.ProxyOptions:
+        assert "[default: 64M]" in " ".join(text.split())

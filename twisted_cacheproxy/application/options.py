@@ -12,7 +12,7 @@ from twisted import __version__ as twisted_version
 from twisted.python import usage
 
 from .. import __version__
-from ..operations.units import parse_size
+from ..operations.units import format_size, parse_size
 from ..proxy.sharedcache import check_prefix
 from ..transport import numerals, wire
 from ..transport.addresses import parse_address
@@ -168,6 +168,8 @@ class CommonOptions(usage.Options):
         for name, handler in self._dispatch.items():
             if type(handler) is usage.CoerceParameter:
                 self._dispatch[name] = _NamedCoerce(self, handler.coerce)
+        # --help shows an opt_ method's docstring as written: one line each.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items() if doc}
         self["admin-host"] = []
 
     def opt_admin_host(self, name: str) -> None:
@@ -354,7 +356,7 @@ class ProxyOptions(CommonOptions):
             "cache-size",
             None,
             64 << 20,
-            "Most bytes the cache may hold, with K, M, G suffixes (default 64M).",
+            "Most bytes the cache may hold, with a K, M or G suffix.",
             parse_size,
         ],
         ["retries", None, 5, "Connection attempts per miss before answering 500.", _integer],
@@ -445,6 +447,8 @@ class ProxyOptions(CommonOptions):
         self.servers: list[tuple[str, int]] = []
         self["memcached"] = []
         self["memcached-secret-file"] = []
+        # --help shows the default as it is written, not in bytes.
+        self.defaults["cache-size"] = format_size(self["cache-size"])
 
     def opt_server(self, value: str) -> None:
         """A calculator server as HOST:PORT ([::1]:9999 for IPv6); repeat for
