@@ -73,7 +73,7 @@ class Context:
         """A new connection to the target."""
         name = str(len(self.probes) + 1)
         creator = protocol.ClientCreator(self.reactor, Probe, self.transcript, name)
-        d = creator.connectTCP(self.session.host, self.session.port, timeout=30)
+        d = creator.connectTCP(self.session.host, self.session.port, timeout=10)
         return d.addCallback(self._opened)
 
     def _opened(self, probe: Probe) -> Probe:

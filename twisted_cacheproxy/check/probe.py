@@ -86,6 +86,11 @@ def split_frames(stream: bytes) -> tuple[list[Frame], bytes]:
     return frames, stream[offset:]
 
 
+#: Most bytes a probe keeps unread: far more than any answer it waits for,
+#: and a bound on what a target that floods us can cost.
+MAX_UNREAD = 1 << 20
+
+
 class Closed(Failed):
     """The target closed the connection before what we waited for came."""
 
@@ -108,16 +113,23 @@ class Probe(protocol.Protocol):
         self.ended = False
         self.lost = False
         self.answers = 0
+        #: The target sent more than `MAX_UNREAD` bytes nobody could read.
+        self.flooded = False
         self._aborted = False
-        self._waiters: list[tuple[defer.Deferred[Any], Callable[[], Any], str]] = []
+        self._waiters: list[tuple[defer.Deferred[Any], Callable[[], Any], Callable[[], str]]] = []
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
         self.transcript.record(self.name, CONNECTED)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.flooded:
+            return
         self.transcript.record(self.name, RECEIVED, data)
         self.buffer += data
+        if len(self.buffer) > MAX_UNREAD:
+            self.flooded = True
+            self.abort()
         self._poll()
 
     def readConnectionLost(self) -> None:
@@ -163,7 +175,7 @@ class Probe(protocol.Protocol):
     def waiting(self) -> list[str]:
         """What this connection's waits are waiting for, in words, with what
         has come of it."""
-        return [f"{what} ({self._progress()})" for _, _, what in self._waiters]
+        return [what() for _, _, what in self._waiters]
 
     def _progress(self) -> str:
         size = len(self.buffer)
@@ -177,15 +189,24 @@ class Probe(protocol.Protocol):
     def answer(self, what: str = "an answer") -> defer.Deferred[Frame]:
         """The next whole message from the target; `Closed` if the target
         closes first, `Failed` if what comes cannot be a message."""
-        return self._wait(self._next_frame, f"{what} on connection {self.name}")
+        return self._wait(
+            self._next_frame, lambda: f"{what} on connection {self.name} ({self._progress()})"
+        )
 
     def closed(self) -> defer.Deferred[bytes]:
         """Fires when the target has closed (end-of-file or reset), with
         what it sent after the last answer taken."""
-        return self._wait(self._end, f"the target to close connection {self.name}")
+        return self._wait(
+            self._end, lambda: f"the target to close connection {self.name} after its answer"
+        )
 
     def _next_frame(self) -> Frame | None:
         buf = self.buffer
+        if self.flooded:
+            raise Failed(
+                f"the target sent over {MAX_UNREAD} bytes on connection {self.name} that are no "
+                f"whole answer; calc-check closed it"
+            )
         if len(buf) >= wire.HEADER_SIZE:
             header = wire.decode_header(buf)
             if header.length < wire.HEADER_SIZE:
@@ -208,8 +229,10 @@ class Probe(protocol.Protocol):
     def _end(self) -> bytes | None:
         return self.buffer if self.ended else None
 
-    def _wait(self, poll: Callable[[], Any], what: str) -> defer.Deferred[Any]:
-        entry: tuple[defer.Deferred[Any], Callable[[], Any], str]
+    def _wait(self, poll: Callable[[], Any], what: Callable[[], str]) -> defer.Deferred[Any]:
+        """A Deferred for what ``poll`` returns once it is not None (or
+        raises); ``what`` describes the wait, with its progress so far."""
+        entry: tuple[defer.Deferred[Any], Callable[[], Any], Callable[[], str]]
 
         def cancel(d: defer.Deferred[Any]) -> None:
             if entry in self._waiters:

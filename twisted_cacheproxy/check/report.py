@@ -91,13 +91,15 @@ def _indented(text: str) -> str:
 
 
 def listing(cases: Iterable[Case]) -> str:
-    """The catalogue as a table: ID, level, kinds of target, section, title."""
-    rows = [("ID", "LEVEL", "FOR", "SECTION", "TITLE")]
+    """The catalogue as a table: ID, level, kinds of target, section, time
+    limit and title."""
+    rows = [("ID", "LEVEL", "FOR", "SECTION", "LIMIT", "TITLE")]
     for c in cases:
-        rows.append((c.id, c.level, ",".join(sorted(c.kinds, reverse=True)), c.section, c.title))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        kinds = ",".join(sorted(c.kinds, reverse=True))
+        rows.append((c.id, c.level, kinds, c.section, f"{c.limit:g}s", c.title))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + f"  {row[4]}\n"
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + f"  {row[5]}\n"
         for row in rows
     )
 

@@ -43,17 +43,24 @@ def run_case(case: Case, session: Session, limit: float) -> Generator[Any, Any, 
     upstream = session.upstream
     if upstream is not None:
         upstream.transcript = ctx.transcript
-    outcome, detail, timed_out = PASS, "", False
+    outcome, detail = PASS, ""
+    running = case.run(ctx)
+    stalled: list[str] = []  # what it waited for when its time ran out
+
+    def expire() -> None:
+        stalled.append(ctx.stalled())
+        running.cancel()
+
+    timer = session.reactor.callLater(limit, expire)
     try:
-        note = yield case.run(ctx).addTimeout(limit, session.reactor)
-        detail = note or ""
+        detail = (yield running) or ""
     except Failed as e:
         outcome, detail = FAIL, str(e)
     except Skipped as e:
         outcome, detail = SKIP, str(e)
-    except defer.TimeoutError:
-        outcome, timed_out = FAIL, True
-        detail = f"no progress within the case's limit of {limit:g} s: waiting for {ctx.stalled()}"
+    except defer.CancelledError:
+        outcome = FAIL
+        detail = f"no progress within the case's limit of {limit:g} s: waiting for {stalled[0]}"
         if limit < case.limit:
             detail += f" (limit cut from {case.limit:g} s: the target had been silent before)"
     except error.ConnectError as e:
@@ -61,12 +68,14 @@ def run_case(case: Case, session: Session, limit: float) -> Generator[Any, Any, 
     except Exception as e:
         log.failure("case {id} stopped on an error of the checker", id=case.id)
         outcome, detail = FAIL, f"the checker itself stopped on {type(e).__name__}: {e}"
+    if timer.active():
+        timer.cancel()
     ctx.close()
     if upstream is not None:
         upstream.case_over()
         yield upstream.start()  # after the server-down cases
     seconds = session.reactor.seconds() - ctx.transcript.started
-    silent = timed_out and not ctx.transcript.heard_from_target()
+    silent = bool(stalled) and not ctx.transcript.heard_from_target()
     return Result(case, outcome, detail, seconds, ctx.transcript, silent)
 
 

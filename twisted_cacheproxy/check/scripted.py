@@ -37,9 +37,10 @@ _ERRORS = {400: ("ZeroDivisionError", "division by zero"), 500: ("RuntimeError",
 class Reply:
     """What the upstream does with one arrival of a request: answer (after
     ``delay`` seconds) with ``value`` (None: the exact result) or an error
-    of ``status``, marked with ``cache``/``max_age``, time-stamped ``age``
-    seconds ago, with or without ``L`` (``framed``); or ``close`` the
-    connection without answering; or stay ``silent``."""
+    of ``status``, marked with ``cache`` and ``max_age`` as they are (the
+    exact result of an error or of ``rand`` is marked C=0 and 0),
+    time-stamped ``age`` seconds ago, with or without ``L`` (``framed``);
+    or ``close`` the connection without answering; or stay ``silent``."""
 
     value: Any = None
     status: int = wire.OK
@@ -229,9 +230,10 @@ class ScriptedUpstream(protocol.Factory[UpstreamConnection]):
         else:
             status, payload, exact = _computed(data, encoding, steps)
             steps = steps and status == wire.OK
-            cache = cache and exact
+            if not exact:
+                cache, max_age = False, 0
         flags = wire.make_flags(request=False, status=status, cache=cache, steps=steps)
-        return wire.encode(now, flags, max_age if cache else 0, payload, ext)
+        return wire.encode(now, flags, max_age, payload, ext)
 
 
 def _computed(data: bytes, encoding: str, steps: bool) -> tuple[int, bytes, bool]:

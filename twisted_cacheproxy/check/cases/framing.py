@@ -83,7 +83,7 @@ def largest_message(ctx: Context) -> Generator[Any, Any, None]:
     probe = yield ctx.connect()
     frame = yield ctx.ask(req, probe)
     expect_result(frame, req)
-    yield ctx.still_usable(probe, f"a {size}-byte request")
+    yield ctx.still_usable(probe, f"a request of {size} bytes")
 
 
 def _impossible(length: int, data: bytes) -> bytes:
