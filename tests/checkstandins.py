@@ -170,6 +170,15 @@ class AlwaysStepsServer(Server):
         return super().answer(header._replace(flags=header.flags | wire.FLAG_STEPS), data)
 
 
+class PickleOnlyServer(Server):
+    """payload: reads only pickles, the course client's encoding (text is a 400)."""
+
+    def answer(self, header, data):
+        if codec.encoding_of(data) == codec.TEXT:
+            return self.error(header, codec.TEXT, "ValueError", "unsupported payload")
+        return super().answer(header, data)
+
+
 class ErrorsAre200Server(Server):
     """errors: answers errors with status 200."""
 

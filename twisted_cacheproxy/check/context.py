@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 
 class Session:
     """One run against one target: its address and kind, the largest message
-    it was configured for, the scripted upstream (proxy mode), and a source
-    of numbers no other case of the run uses, so that no case can be served
-    an answer another case left in a proxy's cache."""
+    it was configured for, the scripted upstream (proxy mode), the encoding
+    of the requests of cases that judge no encoding, and a source of numbers
+    no other case of the run uses, so that no case can be served an answer
+    another case left in a proxy's cache."""
 
     def __init__(
         self,
@@ -42,6 +43,8 @@ class Session:
         self.port = port
         self.max_message_size = max_message_size
         self.upstream = upstream
+        #: Send pickles where no encoding is judged (`readable_encoding`).
+        self.legacy = False
         # Eight digits: every unique expression of a run has the same length.
         self._next = random.randrange(10_000_000, 90_000_000)
 
@@ -98,7 +101,9 @@ class Context:
         return f"{self.session.unique()} + 1"
 
     def fresh(self, **options: Any) -> Request:
-        """A request for a fresh `expression` (options as `messages.request`)."""
+        """A request for a fresh `expression` (options as `messages.request`),
+        in the session's encoding unless told."""
+        options.setdefault("legacy", self.session.legacy)
         return request(self.expression(), **options)
 
     @defer.inlineCallbacks
@@ -123,3 +128,27 @@ class Context:
                 f"after {after}, the connection must still carry requests and answers "
                 f"(PROTOCOL.md 1); a new request {req.label} on it failed: {e}"
             ) from None
+
+
+#: Seconds the target may take to answer the request that picks the encoding.
+PREFLIGHT = 3.0
+
+
+@defer.inlineCallbacks
+def readable_encoding(session: Session) -> Generator[Any, Any, bool]:
+    """Whether the cases that judge no encoding must send pickles: only when
+    the target answers a pickled request correctly and a text one not (a
+    course-style server), so that those cases judge what they are about;
+    the payload cases judge both encodings in any case."""
+    for legacy in (False, True):
+        ctx = Context(session)
+        req = ctx.fresh(legacy=legacy)
+        try:
+            frame = yield ctx.ask(req).addTimeout(PREFLIGHT, session.reactor)
+            expect_result(frame, req)
+        except Exception:
+            continue
+        finally:
+            ctx.close()
+        return legacy
+    return False

@@ -28,7 +28,7 @@ from ..transport import wire
 from ..transport.addresses import parse_address
 from .case import PROXY, SERVER
 from .catalogue import CATALOGUE, GROUPS, select
-from .context import Session
+from .context import Session, readable_encoding
 from .report import Terminal, as_html, as_json, listing, must_failures
 from .runner import run_cases
 from .scripted import ScriptedUpstream
@@ -143,8 +143,14 @@ def run(reactor: Any, argv: list[str]) -> Generator[Any, Any, int]:
     except error.ConnectError as e:
         sys.stderr.write(f"calc-check: cannot reach {session.target}: {e}\n")
         return 2
+    session.legacy = yield readable_encoding(session)
     where = f", its upstream at {upstream.address}" if upstream else ""
     _write(f"calc-check {args.kind} {session.target}{where}: {len(args.cases)} cases\n")
+    if session.legacy:
+        _write(
+            "It answered a pickled request but not a text one: the cases that judge no "
+            "encoding send pickles.\n"
+        )
     terminal = Terminal(_write)
     try:
         results = yield run_cases(args.cases, session, terminal)

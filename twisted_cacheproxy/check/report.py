@@ -190,7 +190,7 @@ def _section(r: Result) -> Tag:
     if r.detail:
         parts.append(tags.p(r.detail, class_="detail" if r.outcome == FAIL else ""))
     parts.append(tags.p(c.hint, class_="hint"))
-    if r.outcome == FAIL:
+    if r.transcript is not None:
         parts.append(_transcript(r.transcript))
     return tags.section(*parts, id=c.id)
 

@@ -25,13 +25,13 @@ PASS, FAIL, SKIP = "pass", "fail", "skip"
 
 @dataclass(frozen=True)
 class Result:
-    """How one case went, with everything it sent and received."""
+    """How one case went, with everything it sent and received when it failed."""
 
     case: Case
     outcome: str
     detail: str
     seconds: float
-    transcript: Transcript
+    transcript: Transcript | None
     #: It ran out of time without a byte from the target.
     silent: bool = False
 
@@ -73,10 +73,16 @@ def run_case(case: Case, session: Session, limit: float) -> Generator[Any, Any, 
     ctx.close()
     if upstream is not None:
         upstream.case_over()
-        yield upstream.start()  # after the server-down cases
-    seconds = session.reactor.seconds() - ctx.transcript.started
-    silent = bool(stalled) and not ctx.transcript.heard_from_target()
-    return Result(case, outcome, detail, seconds, ctx.transcript, silent)
+        try:
+            yield upstream.start()  # after the server-down cases
+        except error.CannotListenError as e:
+            outcome = FAIL
+            detail += f" (then the scripted upstream could not listen again: {e})"
+    transcript = ctx.transcript
+    seconds = session.reactor.seconds() - transcript.started
+    silent = bool(stalled) and not transcript.heard_from_target()
+    kept = transcript if outcome == FAIL else None
+    return Result(case, outcome, detail, seconds, kept, silent)
 
 
 @defer.inlineCallbacks

@@ -26,9 +26,8 @@ def length_framed(ctx: Context) -> Generator[Any, Any, None]:
     if ctx.session.upstream is not None:
         for req in (ok, bad):
             ctx.upstream.script(req.data, Reply(framed=False))
-    probe = yield ctx.connect()
     for req in (ok, bad):
-        frame = yield ctx.ask(req, probe)
+        frame = yield ctx.ask(req)
         if not frame.header.ext & wire.EXT_FRAMED:
             raise Failed(f"the answer to {req.label} has bytes 10-11 {frame.header.ext:#06x}: no L")
 

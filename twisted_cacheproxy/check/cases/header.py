@@ -35,9 +35,8 @@ def reserved_zero(ctx: Context) -> Generator[Any, Any, None]:
     """Bits 15-13 of the flags word are reserved: send 0 (the course programs
     warn when they are not). Build the flags word from the C, S, T bits and
     the status alone."""
-    probe = yield ctx.connect()
     for req in (ctx.fresh(), request(f"{ctx.session.unique()} +", known=False)):
-        frame = yield ctx.ask(req, probe)
+        frame = yield ctx.ask(req)
         bits = frame.header.flags & wire.RESERVED_MASK
         if bits:
             raise Failed(
