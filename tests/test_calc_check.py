@@ -195,7 +195,10 @@ def test_probe_reports_a_close_before_the_answer_and_an_impossible_length():
     d = probe.answer()
     probe.dataReceived(frame(b"x")[:4])
     probe.readConnectionLost()
-    with pytest.raises(Closed, match="closed connection 1 before a whole answer came \\(4 bytes"):
+    with pytest.raises(
+        Closed,
+        match=r"closed connection 1 after 4 bytes of an answer instead of answering \(0 whole",
+    ):
         d.result.raiseException()
     d.addErrback(lambda f: None)
     closed = probe.closed()

@@ -3,8 +3,9 @@ target it applies to, and how a case says it failed or does not apply."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,15 @@ DEFAULT_LIMIT = 3.0
 class Failed(Exception):  # noqa: N818 (a verdict on the target, not an error)
     """The target broke the rule the case checks; the message tells the
     student what was expected and what came instead."""
+
+
+@contextlib.contextmanager
+def situation(what: str) -> Iterator[None]:
+    """A `Failed` raised within says ``what`` the case had done first."""
+    try:
+        yield
+    except Failed as e:
+        raise Failed(f"{what}: {e}") from None
 
 
 class Skipped(Exception):  # noqa: N818 (a verdict, not an error)

@@ -12,7 +12,7 @@ from twisted.internet import defer, protocol, task
 
 from ..transport import wire
 from ..transport.addresses import address
-from .case import Failed
+from .case import situation
 from .messages import Request, expect_result, request
 from .probe import Frame, Probe, Transcript
 
@@ -120,14 +120,12 @@ class Context:
         """The connection must still answer a new request correctly ``after``
         what the case did (no stray answer left in the stream, not closed)."""
         req = self.fresh()
-        try:
+        with situation(
+            f"after {after}, the connection must still carry requests and answers "
+            f"(PROTOCOL.md 1); a new request {req.label} on it failed"
+        ):
             frame = yield self.ask(req, probe)
             expect_result(frame, req)
-        except Failed as e:
-            raise Failed(
-                f"after {after}, the connection must still carry requests and answers "
-                f"(PROTOCOL.md 1); a new request {req.label} on it failed: {e}"
-            ) from None
 
 
 #: Seconds the target may take to answer the request that picks the encoding.

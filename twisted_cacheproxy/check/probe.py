@@ -219,10 +219,10 @@ class Probe(protocol.Protocol):
                 self.answers += 1
                 return Frame(header, buf[wire.HEADER_SIZE : header.length])
         if self.ended:
-            got = f"{len(buf)} bytes of an unfinished message" if buf else "nothing"
+            partial = f" after {len(buf)} bytes of an answer" if buf else ""
             raise Closed(
-                f"the target closed connection {self.name} before a whole answer came "
-                f"({got} after the {self.answers} answer(s) taken before)"
+                f"the target closed connection {self.name}{partial} instead of answering "
+                f"({self.answers} whole answer(s) had come on it before)"
             )
         return None
 

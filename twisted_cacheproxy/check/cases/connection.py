@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from ..case import SHOULD, Failed, case
+from ..case import SHOULD, Failed, case, situation
 from ..context import Context
 from ..messages import expect_result
 
@@ -18,11 +18,9 @@ def persistent(ctx: Context) -> Generator[Any, Any, None]:
     probe = yield ctx.connect()
     for n in range(1, 6):
         req = ctx.fresh(steps=n == 3)
-        try:
+        with situation(f"exchange {n} of 5 on one connection"):
             frame = yield ctx.ask(req, probe)
             expect_result(frame, req)
-        except Failed as e:
-            raise Failed(f"exchange {n} of 5 on one connection: {e}") from None
 
 
 @case(
@@ -60,10 +58,8 @@ def concurrent(ctx: Context) -> Generator[Any, Any, None]:
     first.send(slow.frame[:7])
     second = yield ctx.connect()
     frame = yield ctx.ask(other, second)
-    try:
+    with situation("while connection 1 had sent 7 bytes of a request"):
         expect_result(frame, other)
-    except Failed as e:
-        raise Failed(f"while connection 1 had sent 7 bytes of a request: {e}") from None
     first.send(slow.frame[7:])
     frame = yield first.answer(f"the answer to {slow.label}, completed")
     expect_result(frame, slow)
@@ -85,8 +81,6 @@ def survives_abort(ctx: Context) -> Generator[Any, Any, None]:
     first.abort()
     yield ctx.sleep(0.2)
     other = ctx.fresh()
-    try:
+    with situation("after a client reset its connection with 9 bytes sent"):
         frame = yield ctx.ask(other)
         expect_result(frame, other)
-    except Failed as e:
-        raise Failed(f"after a client reset its connection with 9 bytes sent: {e}") from None

@@ -9,7 +9,7 @@ from collections.abc import Generator
 from typing import Any
 
 from ...transport import wire
-from ..case import PROXY, Failed, Skipped, case
+from ..case import PROXY, Failed, Skipped, case, situation
 from ..context import Context
 from ..messages import expect_error, expect_result, raw, request
 from ..scripted import Reply
@@ -42,9 +42,10 @@ def two_in_one(ctx: Context) -> Generator[Any, Any, None]:
     probe = yield ctx.connect()
     first, second = ctx.fresh(), ctx.fresh()
     probe.send(first.frame + second.frame)
-    for req in (first, second):
-        frame = yield probe.answer(f"the answer to {req.label} (both sent in one write)")
-        expect_result(frame, req)
+    for n, req in enumerate((first, second), 1):
+        with situation(f"answer {n} of 2, both requests sent in one write"):
+            frame = yield probe.answer(f"the answer to {req.label} (both sent in one write)")
+            expect_result(frame, req)
 
 
 @case("framing.pipelined", "Eight pipelined requests are answered in request order", section="1")
@@ -56,11 +57,9 @@ def pipelined(ctx: Context) -> Generator[Any, Any, None]:
     for req in reqs:
         probe.send(req.frame)
     for n, req in enumerate(reqs, 1):
-        frame = yield probe.answer(f"answer {n} of 8, to {req.label}")
-        try:
+        with situation(f"answer {n} of 8 pipelined"):
+            frame = yield probe.answer(f"answer {n} of 8, to {req.label}")
             expect_result(frame, req)
-        except Failed as e:
-            raise Failed(f"answer {n} of 8 is not the answer to request {n}: {e}") from None
 
 
 @case(
@@ -157,12 +156,10 @@ def hit_in_order(ctx: Context) -> Generator[Any, Any, None]:
     probe = yield ctx.connect()
     probe.send(slow.frame + cached.frame)
     for n, req in enumerate((slow, cached), 1):
-        frame = yield probe.answer(f"answer {n} of 2, to {req.label}")
-        try:
+        with situation(
+            f"the upstream answers {slow.label} after 1 s and {cached.label} is in the "
+            f"proxy's cache; pipelined in that order, answer {n} must be the answer to "
+            f"request {n}"
+        ):
+            frame = yield probe.answer(f"answer {n} of 2, to {req.label}")
             expect_result(frame, req)
-        except Failed as e:
-            raise Failed(
-                f"the upstream answers {slow.label} after 1 s and {cached.label} is in the "
-                f"proxy's cache; pipelined in that order, answer {n} must be the answer to "
-                f"request {n}: {e}"
-            ) from None
