@@ -65,11 +65,7 @@ class Frame(NamedTuple):
 
     @property
     def raw(self) -> bytes:
-        return self.header_bytes + self.data
-
-    @property
-    def header_bytes(self) -> bytes:
-        return wire.HEADER.pack(*self.header)
+        return wire.HEADER.pack(*self.header) + self.data
 
 
 def split_frames(stream: bytes) -> tuple[list[Frame], bytes]:

@@ -19,7 +19,7 @@ from ..calculator.codec.base import brief
 from ..calculator.expression import CalculationError, format_node
 from ..transport import wire
 from .case import LEVELS, MUST, Case
-from .probe import RECEIVED, SENT, Frame, Transcript, split_frames
+from .probe import RECEIVED, SENT, UPSTREAM, Frame, Transcript, split_frames
 from .runner import FAIL, PASS, SKIP, Result
 
 WIDTH = 100
@@ -202,7 +202,7 @@ def _transcript(transcript: Transcript) -> list[Tag]:
         timeline = "; ".join(
             f"{e.at:.3f} s {e.what}" + (f" {len(e.data)} bytes" if e.data else "") for e in events
         )
-        ours = name.startswith("upstream")
+        ours = name.startswith(UPSTREAM)
         parts.append(tags.h3(f"connection {name}" if not ours else f"{name} (scripted upstream)"))
         parts.append(tags.p(timeline))
         for what in (SENT, RECEIVED):
