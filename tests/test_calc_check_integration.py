@@ -220,29 +220,32 @@ class Sections(HTMLParser):
 
 def test_reports_name_every_case_and_show_the_bytes_of_each_failure(tmp_path):
     page = tmp_path / "report.html"
-    with standins.OneRecvServer() as server:
+    with standins.ZeroStampServer() as server:
         target = f"{HOST}:{server.port}"
         status, output, document = check(
-            tmp_path, SERVER, target, "--only", "framing", "--html", str(page)
+            tmp_path, SERVER, target, "--only", "header", "--html", str(page)
         )
     assert status == 1
-    framing = [c.id for c in catalogue.select(SERVER, ["framing"])]
+    header = catalogue.select(SERVER, ["header"])
     assert document["target"] == target and document["kind"] == SERVER
-    assert [c["id"] for c in document["cases"]] == framing
-    for c in document["cases"]:
-        assert c["level"] == MUST and c["title"] == catalogue.select(SERVER, [c["id"]])[0].title
-        assert c["outcome"] == "fail" and c["detail"]
-    for case_id in framing:
-        assert f"  FAIL  MUST    {case_id} " in output
-    assert output.rstrip().endswith("(" + ", ".join(framing) + ")")
+    assert [(c["id"], c["title"], c["level"]) for c in document["cases"]] == [
+        (c.id, c.title, c.level) for c in header
+    ]
+    outcomes = {c["id"]: (c["outcome"], c["detail"]) for c in document["cases"]}
+    outcome, detail = outcomes.pop("header.timestamp")
+    assert outcome == "fail" and detail.startswith("the answer to ") and " is stamped 0 (" in detail
+    assert set(outcomes.values()) == {("pass", "")}
+    assert "  FAIL  MUST    header.timestamp " in output
+    assert "  pass  MUST    header.length " in output
     sections = Sections()
     sections.feed(page.read_text())
-    assert list(sections.text) == framing
+    assert list(sections.text) == [c.id for c in header]
     assert all(link.startswith("#") for link in sections.links)
-    split = "".join(sections.text["framing.split-request"])
-    # What was sent (in three pieces, one request) and the answers that came back.
-    assert "sent: " in split and "received: " in split and "message 1: time " in split
-    assert "ValueError" in split and "0000  " in split
+    stamp = "".join(sections.text.pop("header.timestamp"))
+    # What was sent and what came back, decoded and in hex.
+    assert "sent: " in stamp and "received: " in stamp
+    assert "message 1: time 0, length " in stamp and "0000  00 00 00 00 " in stamp
+    assert not any("sent: " in "".join(text) for text in sections.text.values())
 
 
 # --- a silent target, and no target --------------------------------------------------
