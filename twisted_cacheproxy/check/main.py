@@ -96,7 +96,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not wire.HEADER_SIZE < args.max_message_size <= wire.LENGTH_LIMIT:
         p.error(f"--max-message-size must be 13..{wire.LENGTH_LIMIT}")
     try:
-        args.cases = select(args.kind, args.only.split(",") if args.only else None)
+        only = [name.strip() for name in args.only.split(",")] if args.only else None
+        args.cases = select(args.kind, only)
     except ValueError as e:
         p.error(str(e))
     return args
