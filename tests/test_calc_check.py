@@ -10,7 +10,6 @@ from html.parser import HTMLParser
 
 import pytest
 from helpers import HERE
-from processes import ROOT
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
@@ -33,6 +32,7 @@ from twisted_cacheproxy.check.runner import FAIL, PASS, SKIP, Result, run_case, 
 from twisted_cacheproxy.check.scripted import CLOSE, SILENT, Reply, ScriptedUpstream
 from twisted_cacheproxy.transport import wire
 
+ROOT = HERE.resolve().parent
 CASES = catalogue.CATALOGUE
 IDS = [c.id for c in CASES]
 
