@@ -1,0 +1,95 @@
+"""The vocabulary of the catalogue: a `Case`, its levels and the kinds of
+target it applies to, and how a case says it failed or does not apply."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+if TYPE_CHECKING:
+    from .context import Context
+
+#: What PROTOCOL.md sections 1-5 require: a failure makes the exit status 1.
+MUST = "MUST"
+#: What a good implementation does although the protocol does not demand it.
+SHOULD = "SHOULD"
+#: The extension word of PROTOCOL.md section 6, which the course programs ignore.
+EXT = "EXT"
+LEVELS = (MUST, SHOULD, EXT)
+
+SERVER = "server"
+PROXY = "proxy"
+BOTH = frozenset({SERVER, PROXY})
+
+#: Seconds a case may take unless it says otherwise (an answer on a
+#: healthy target takes milliseconds; a busy machine gets ample room).
+DEFAULT_LIMIT = 3.0
+
+
+class Failed(Exception):  # noqa: N818 (a verdict on the target, not an error)
+    """The target broke the rule the case checks; the message tells the
+    student what was expected and what came instead."""
+
+
+@contextlib.contextmanager
+def situation(what: str) -> Iterator[None]:
+    """A `Failed` raised within says ``what`` the case had done first."""
+    try:
+        yield
+    except Failed as e:
+        raise Failed(f"{what}: {e}") from None
+
+
+class Skipped(Exception):  # noqa: N818 (a verdict, not an error)
+    """The case cannot judge this target (the message says why)."""
+
+
+Run = Callable[["Context"], Generator[defer.Deferred[Any], Any, "str | None"]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One check: a stable ID (``group.name``), what it checks in a line,
+    the PROTOCOL.md section it comes from, its level, the kinds of target it
+    applies to, the seconds it may take in all, and the hint a failure
+    shows (what the protocol asks, and the usual mistake)."""
+
+    id: str
+    title: str
+    section: str
+    level: str
+    kinds: frozenset[str]
+    limit: float
+    hint: str
+    run: Callable[[Context], defer.Deferred[str | None]]
+
+    @property
+    def group(self) -> str:
+        return self.id.partition(".")[0]
+
+
+def case(
+    id: str,
+    title: str,
+    *,
+    section: str,
+    level: str = MUST,
+    kinds: frozenset[str] = BOTH,
+    limit: float = DEFAULT_LIMIT,
+) -> Callable[[Run], Case]:
+    """Declare a case: the decorated generator (``inlineCallbacks`` style)
+    runs it against a `Context`; it returns an optional note on success and
+    raises `Failed` or `Skipped` otherwise. Its docstring is the hint."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}")
+
+    def declare(run: Run) -> Case:
+        hint = " ".join((inspect.getdoc(run) or "").split())
+        return Case(id, title, section, level, kinds, limit, hint, defer.inlineCallbacks(run))
+
+    return declare
