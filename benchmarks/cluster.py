@@ -976,60 +976,39 @@ def requirements() -> str | None:
     return None
 
 
+def _names(text: str) -> list[str]:
+    return text.split(",")
+
+
+#: The options of a run: (group, option, type, default, what it sets).
+OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
+    ("the site", "--proxies", int, 2, "proxy hosts"),
+    ("the site", "--servers", int, 3, "calculator server hosts"),
+    ("the site", "--memcached", int, 2, "memcached hosts"),
+    ("the site", "--clients", int, 1, "load client hosts"),
+    ("the site", "--connections", int, 16, "connections per client host"),
+    ("the proxies", "--timeout", float, 2.0, "seconds a miss may take"),
+    ("the proxies", "--health-interval", float, 1.0, "seconds between server probes"),
+    ("the load", "--duration", float, 40.0, "seconds of phases, in all"),
+    ("the load", "--phases", _names, ",".join(PHASES), "comma-separated, run in this order"),
+    ("the load", "--fault-share", float, 0.5, "share of its phase a fault lasts"),
+    ("the load", "--warmup", float, 3.0, "seconds of load before the phases"),
+    ("the load", "--key-rate", float, 300.0, "new expressions a second"),
+    ("the load", "--key-life", float, 3.0, "seconds each expression is asked for"),
+    ("the load", "--client-timeout", float, 5.0, "seconds until a request is unanswered"),
+]
+
+
 def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    site = parser.add_argument_group("the site")
-    site.add_argument("--proxies", type=int, default=2, help="proxy hosts (%(default)s)")
-    site.add_argument(
-        "--servers", type=int, default=3, help="calculator server hosts (%(default)s)"
-    )
-    site.add_argument("--memcached", type=int, default=2, help="memcached hosts (%(default)s)")
-    site.add_argument("--clients", type=int, default=1, help="load client hosts (%(default)s)")
-    site.add_argument("--connections", type=int, default=16, help="per client host (%(default)s)")
-    proxy = parser.add_argument_group("the proxies' options (the others are their defaults)")
-    proxy.add_argument(
-        "--timeout", type=float, default=2.0, help="seconds a miss may take (%(default)s)"
-    )
-    proxy.add_argument(
-        "--health-interval",
-        type=float,
-        default=1.0,
-        help="seconds between server probes (%(default)s)",
-    )
-    load = parser.add_argument_group("the load")
-    load.add_argument(
-        "--duration", type=float, default=40.0, help="seconds of phases, in all (%(default)s)"
-    )
-    load.add_argument(
-        "--phases",
-        type=lambda text: text.split(","),
-        default=",".join(PHASES),
-        help="comma-separated phase names, run in the order given (%(default)s)",
-    )
-    load.add_argument(
-        "--fault-share",
-        type=float,
-        default=0.5,
-        help="share of its phase a fault lasts (%(default)s)",
-    )
-    load.add_argument(
-        "--warmup", type=float, default=3.0, help="seconds of load before the phases (%(default)s)"
-    )
-    load.add_argument(
-        "--key-rate", type=float, default=300.0, help="new expressions a second (%(default)s)"
-    )
-    load.add_argument(
-        "--key-life", type=float, default=3.0, help="seconds each one is asked for (%(default)s)"
-    )
-    load.add_argument(
-        "--client-timeout",
-        type=float,
-        default=5.0,
-        help="seconds after which a request counts as unanswered (%(default)s)",
-    )
+    groups: dict[str, Any] = {}
+    for group, option, kind, default, what in OPTIONS:
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(option, type=kind, default=default, help=f"{what} (%(default)s)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=pathlib.Path, help="write the figures here too")
     out.add_argument("--logs", type=pathlib.Path, help="keep the logs in a folder here")
