@@ -482,6 +482,40 @@ def ups(log: list[dict]) -> int:
     return sum("connected: shared cache tier on" in e.get("log_format", "") for e in log)
 
 
+class CutOffTransport(StringTransport):
+    """A link to a node that was cut off with bytes still queued for it: a
+    clean close waits for them to leave, which never happens; an abort drops
+    them and the connection is lost at once, as TCP's does."""
+
+    def __init__(self, protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+
+    def abortConnection(self) -> None:
+        super().abortConnection()
+        self.protocol.connectionLost(Failure(error.ConnectionAborted()))
+
+
+def test_a_node_cut_off_with_bytes_queued_is_down_after_the_command_timeout(clock, proxy_log):
+    """Its lookups then miss at once instead of each waiting for the lookup
+    timeout for as long as the cut lasts."""
+    mc = FakeMemcached()
+    shared = tier(clock, timeout=0.05)
+    node = shared.nodes[0]
+    proto = mc.attempt(node).buildProtocol(None)
+    proto.makeConnection(CutOffTransport(proto))
+    mc.conns.append((proto, proto.transport))
+    mc.pump()
+    assert node.available() is not None
+    mc.stalled = True
+    shared.get(KEY)
+    clock.advance(node.command_timeout)
+    assert node.protocol is None
+    assert fired(shared.get(KEY)) == [None]
+    assert shared.counters()["l2_unavailable"] == 1
+    assert ["lost" in w for w in warnings(proxy_log)] == [True]
+
+
 def test_unreachable_node_is_logged_once_and_retried_with_backoff(clock, proxy_log):
     mc = FakeMemcached()
     shared = tier(clock)

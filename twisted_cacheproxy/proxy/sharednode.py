@@ -45,6 +45,8 @@ class _NodeProtocol(MemCacheProtocol):
     """Twisted's memcache client, telling its node when it connects and goes."""
 
     factory: _NodeFactory
+    #: A TCP transport in practice (``ITCPTransport``), typed loosely as in `FrameReceiver`.
+    transport: Any
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -54,6 +56,13 @@ class _NodeProtocol(MemCacheProtocol):
         super().connectionLost(reason)
         self.setTimeout(None)  # MemCacheProtocol leaves its command timer running
         self.factory.node._lost(self, reason)
+
+    def timeoutConnection(self) -> None:
+        """No answer in time: abort. Twisted's clean close would first wait
+        for the bytes still queued to leave, which they never do when the
+        node is cut off, and the node would stay up meanwhile."""
+        super().timeoutConnection()
+        self.transport.abortConnection()
 
 
 class _NodeFactory(protocol.Factory[_NodeProtocol]):
