@@ -34,7 +34,8 @@ The phases (``--phases``, by default all six in this order) split
 ``--duration``: steady; a server partitioned (its link down) then healed; a
 server killed (SIGKILL) then started again; the same for a memcached node;
 steady again. A fault lasts ``--fault-share`` of its phase. Every answer is
-checked against the expression's true value. Per phase and in all: requests,
+checked against the expression's true value; a request counts in the phase
+in which it ended. Per phase and in all: requests,
 wrong answers, unanswered requests (none within ``--client-timeout``), 500s,
 p50/p99/max latency, shared-tier hits, requests the proxies sent to servers,
 the seconds from healing until the fault stops showing (``recovered_s``:
@@ -740,7 +741,9 @@ _ENTRY_KEY = re.compile(r".*?\d+:([0-9a-f]{64})$")
 
 @dataclass
 class Report:
-    """What the load clients and the watcher saw, cut into phases."""
+    """What the load clients and the watcher saw, cut into phases. A request
+    belongs to the phase in which it ended: one in flight on a server when
+    its link is cut counts with the partition."""
 
     phases: list[Phase]
     records: list[tuple[float, float, int, int]]
@@ -748,15 +751,15 @@ class Report:
     nodes: list[str]
 
     def __post_init__(self) -> None:
-        self.records.sort()
-        self.starts = [r[0] for r in self.records]
+        self.records.sort(key=lambda r: r[0] + r[1])
+        self.ends = [started + took for started, took, _, _ in self.records]
         self.by_proxy: dict[int, list[dict[str, Any]]] = {}
         for sample in self.samples:
             self.by_proxy.setdefault(sample["proxy"], []).append(sample)
 
     def during(self, start: float, end: float) -> list[tuple[float, float, int, int]]:
-        """The requests sent from ``start`` until ``end``."""
-        first, last = (bisect.bisect_left(self.starts, t) for t in (start, end))
+        """The requests that ended from ``start`` until ``end``."""
+        first, last = (bisect.bisect_left(self.ends, t) for t in (start, end))
         return self.records[first:last]
 
     def phase(self, phase: Phase) -> dict[str, Any]:
