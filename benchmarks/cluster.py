@@ -665,15 +665,17 @@ def plan(names: list[str], site: Site) -> list[Phase]:
 
 class PhaseRunner:
     """Runs phases one after another, each ``length`` seconds, its fault for
-    ``fault_share`` of that."""
+    ``fault_share`` of that; each begins where the one before ended, so that
+    every request ended within the phases counts in one of them."""
 
     def __init__(self, site: Site, length: float, fault_share: float) -> None:
         self.site = site
         self.length = length
         self.fault_share = fault_share
+        self.ended: float | None = None
 
     def run(self, phase: Phase) -> None:
-        phase.start = time.monotonic()
+        phase.start = self.ended or time.monotonic()
         print(f"{phase.name} ...", file=sys.stderr, flush=True)
         if phase.target is not None:
             held = self.length * self.fault_share
@@ -684,7 +686,7 @@ class PhaseRunner:
                 phase.keys = self.others_keys(phase)
             self.heal(phase)
         _sleep_until(phase.start + self.length)
-        phase.end = time.monotonic()
+        phase.end = self.ended = time.monotonic()
 
     def cut(self, phase: Phase) -> None:
         assert phase.target is not None
