@@ -123,14 +123,11 @@ def proxy_options(args: argparse.Namespace) -> list[str]:
       of ``--timeout`` goes to another server instead of becoming a 500 (a
       cut-off server does not refuse, it is silent);
     - ``--health-interval``: every server probed this often, so one taken
-      out comes back within about as long once it answers again."""
-    return [
-        "--timeout",
-        f"{args.timeout:g}",
-        "--retry-timeouts",
-        "--health-interval",
-        f"{args.health_interval:g}",
-    ]
+      out comes back within about as long once it answers again.
+
+    ``--no-retry-timeouts`` and ``--health-interval 0`` show what each buys."""
+    options = ["--timeout", f"{args.timeout:g}", "--health-interval", f"{args.health_interval:g}"]
+    return [*options, "--retry-timeouts"] if args.retry_timeouts else options
 
 
 # --- commands, namespaces, hosts --------------------------------------------------
@@ -993,7 +990,7 @@ OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("the site", "--clients", int, 1, "load client hosts"),
     ("the site", "--connections", int, 16, "connections per client host"),
     ("the proxies", "--timeout", float, 2.0, "seconds a miss may take"),
-    ("the proxies", "--health-interval", float, 1.0, "seconds between server probes"),
+    ("the proxies", "--health-interval", float, 1.0, "seconds between server probes (0: none)"),
     ("the load", "--duration", float, 40.0, "seconds of phases, in all"),
     ("the load", "--phases", _names, ",".join(PHASES), "comma-separated, run in this order"),
     ("the load", "--fault-share", float, 0.5, "share of its phase a fault lasts"),
@@ -1014,6 +1011,12 @@ def arguments(argv: list[str]) -> argparse.Namespace:
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         groups[group].add_argument(option, type=kind, default=default, help=f"{what} (%(default)s)")
+    groups["the proxies"].add_argument(
+        "--no-retry-timeouts",
+        dest="retry_timeouts",
+        action="store_false",
+        help="leave out --retry-timeouts",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=pathlib.Path, help="write the figures here too")
     out.add_argument("--logs", type=pathlib.Path, help="keep the logs in a folder here")
