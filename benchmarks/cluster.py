@@ -438,6 +438,7 @@ class LoadConnection(threading.Thread):
         self.address = client.proxies[proxy]
         self.rng = random.Random(seed)
         self.sock: socket.socket | None = None
+        self.reader: Any = None  # the socket's buffered reader
         self.tag = 0
 
     def run(self) -> None:
@@ -451,7 +452,7 @@ class LoadConnection(threading.Thread):
                 outcome = UNANSWERED
             if outcome in (UNANSWERED, WRONG) and self.sock is not None:
                 self.sock.close()
-                self.sock = None
+                self.sock = self.reader = None
             client.records.append((started, time.monotonic() - started, outcome, self.proxy))
             if outcome == UNANSWERED:
                 client.stopping.wait(0.05)  # a proxy that refuses: no busy loop
@@ -459,6 +460,7 @@ class LoadConnection(threading.Thread):
     def ask(self, k: int, deadline: float) -> int:
         if self.sock is None:
             self.sock = socket.create_connection(self.address, timeout=self.client.timeout)
+            self.reader = self.sock.makefile("rb")
         self.tag = self.tag % wire.MAX_TAG + 1
         flags = wire.make_flags(request=True, cache=True)
         frame = wire.encode(int(time.time()), flags, wire.FOREVER, Expressions.text(k))
@@ -482,23 +484,15 @@ class LoadConnection(threading.Thread):
         return OK if right and result == Expressions.value(k) else WRONG
 
     def receive(self, size: int, deadline: float) -> bytes | None:
-        """``size`` bytes, or None if they do not all come by ``deadline``."""
+        """``size`` bytes, or None if they do not come by ``deadline`` (each
+        read waits until then; the connection is dropped after a None)."""
         assert self.sock is not None
-        parts, missing = [], size
-        while missing > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                part = self.sock.recv(missing)
-            except TimeoutError:
-                return None
-            if not part:
-                return None
-            parts.append(part)
-            missing -= len(part)
-        return b"".join(parts)
+        self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            data = self.reader.read(size)
+        except TimeoutError:
+            return None
+        return data if len(data) == size else None
 
 
 class LoadClient:
