@@ -4,7 +4,10 @@ Two kinds of captures: pcap files written here byte by byte (Ethernet, IPv4
 and TCP headers built by hand, so every odd case can be made on purpose), and
 real traffic of our own ``twistd`` services on the loopback interface,
 captured by ``tcpdump`` (which needs root). Every test asserts what tshark's
-field output says, message by message.
+field output says, message by message. The colouring rules
+``contrib/wireshark/calc.colorfilters`` are checked on both kinds: each
+packet's first matching rule by ``tshark -Y``, and the colour Wireshark's own
+colouring gives it.
 
 Without tshark (or tcpdump, or root for capturing) the tests are skipped; with
 ``CI`` set they fail instead, so CI cannot pass without running them.
