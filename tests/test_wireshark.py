@@ -4,7 +4,10 @@ Two kinds of captures: pcap files written here byte by byte (Ethernet, IPv4
 and TCP headers built by hand, so every odd case can be made on purpose), and
 real traffic of our own ``twistd`` services on the loopback interface,
 captured by ``tcpdump`` (which needs root). Every test asserts what tshark's
-field output says, message by message.
+field output says, message by message. The colouring rules
+``contrib/wireshark/calc.colorfilters`` are checked on both kinds: each
+packet's first matching rule by ``tshark -Y``, and the colour Wireshark's own
+colouring gives it.
 
 Without tshark (or tcpdump, or root for capturing) the tests are skipped; with
 ``CI`` set they fail instead, so CI cannot pass without running them.
@@ -15,12 +18,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import helpers
 import pytest
@@ -209,6 +215,21 @@ FIELDS = (
 SEP = "|"  # between the values of one field in one frame (steps hold commas)
 
 
+def dissect(
+    tshark: str, pcap: pathlib.Path, ports: Sequence[int], *args: str, config: str = ""
+) -> str:
+    """tshark's output for ``pcap`` with the dissector loaded (and Wireshark's
+    configuration folder ``config``, if given); fails on any error."""
+    command = [tshark, "-n", "-2", "-r", str(pcap), "-X", f"lua_script:{DISSECTOR}"]
+    for port in ports:
+        command += ["-d", f"tcp.port=={port},calc"]
+    env = dict(os.environ, WIRESHARK_CONFIG_DIR=config) if config else None
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Lua" not in done.stderr, done.stderr
+    return done.stdout
+
+
 def read(
     tshark: str,
     pcap: pathlib.Path,
@@ -220,18 +241,12 @@ def read(
     """tshark's field output for every frame that holds calc messages, one
     dict per frame; a field that occurs more than once has its values joined
     by `SEP`, booleans read 1 or 0."""
-    command = [tshark, "-n", "-2", "-r", str(pcap), "-X", f"lua_script:{DISSECTOR}"]
-    for port in ports:
-        command += ["-d", f"tcp.port=={port},calc"]
-    command += [*options, "-Y", display_filter, "-T", "fields"]
+    command = [*options, "-Y", display_filter, "-T", "fields"]
     command += ["-E", "separator=/t", "-E", f"aggregator={SEP}", "-E", "occurrence=a"]
     for field in FIELDS:
         command += ["-e", field]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "Lua" not in done.stderr, done.stderr
     rows = []
-    for line in done.stdout.splitlines():
+    for line in dissect(tshark, pcap, ports, *command).splitlines():
         values = line.split("\t")
         assert len(values) == len(FIELDS), line
         row = dict(zip(FIELDS, values, strict=True))
@@ -815,3 +830,135 @@ def test_server_stopped_a_hit_is_served_and_a_miss_is_a_500(live, services, capt
         "1", "1", "0",
     )  # fmt: skip
     assert fields(failed, "calc.ext.framed", "calc.ext.from_cache") == ("1", "0")
+
+
+# --- colouring rules ----------------------------------------------------------------------
+
+COLOURING = ROOT / "contrib" / "wireshark" / "calc.colorfilters"
+TUTORIAL = ROOT / "docs" / "tutorial.md"
+HANDSHAKE, REQUEST_RULE, ACK_RULE, TEARDOWN = (
+    "calc handshake", "calc request", "calc ACK", "calc teardown",
+)  # fmt: skip
+ANSWER_200, ANSWER_HIT = "calc answer 200", "calc answer from a cache (H)"
+ANSWER_400, ANSWER_500 = "calc answer 400", "calc answer 500"
+
+
+class Rule(NamedTuple):
+    name: str
+    display_filter: str
+    background: str  # "#rrggbb", as tshark's PSML output writes it
+
+
+def colouring_rules() -> list[Rule]:
+    """The rules of ``calc.colorfilters``, in order: ``@name@filter@[bg][fg]``
+    with 16-bit colour components."""
+    rules = []
+    for line in COLOURING.read_text().splitlines():
+        if line.startswith("@"):
+            _, name, display_filter, colours = line.split("@")
+            components = re.fullmatch(r"\[(\d+),(\d+),(\d+)\]\[\d+,\d+,\d+\]", colours)
+            assert components, line
+            background = "#" + "".join(f"{int(c) >> 8:02x}" for c in components.groups())
+            rules.append(Rule(name, display_filter, background))
+    return rules
+
+
+def matched_by_filters(tshark: str, pcap: pathlib.Path, ports: Sequence[int] = ()) -> list[str]:
+    """Each frame's first rule whose display filter matches it, evaluated by
+    ``tshark -Y`` (which fails on a filter that does not compile)."""
+    first: dict[int, str] = {}
+    for rule in colouring_rules():
+        out = dissect(
+            tshark, pcap, ports, "-Y", rule.display_filter, "-T", "fields", "-e", "frame.number"
+        )
+        for number in out.split():
+            first.setdefault(int(number), rule.name)
+    return [first.get(n, "") for n in range(1, max(first, default=0) + 1)]
+
+
+def coloured_by_wireshark(
+    tshark: str, pcap: pathlib.Path, config: pathlib.Path, ports: Sequence[int] = ()
+) -> list[str]:
+    """Each frame's rule as Wireshark's own colouring picks it, with the file
+    installed as the colouring rules of a profile named calc (PSML output
+    carries each packet's colours)."""
+    profile = config / "profiles" / "calc"
+    profile.mkdir(parents=True, exist_ok=True)
+    shutil.copy(COLOURING, profile / "colorfilters")
+    by_colour = {rule.background: rule.name for rule in colouring_rules()}
+    psml = dissect(tshark, pcap, ports, "-C", "calc", "--color", "-T", "psml", config=str(config))
+    packets = re.findall(r"<packet [^>]*background='(#\w{6})'>\s*<section>(\d+)</section>", psml)
+    assert [int(n) for _, n in packets] == list(range(1, len(packets) + 1)), psml[:2000]
+    return [by_colour.get(colour, colour) for colour, _ in packets]
+
+
+def test_the_colouring_rules_are_the_tutorials():
+    rules = colouring_rules()
+    legend = re.findall(r"^\| `(calc [^`]+)` \|", TUTORIAL.read_text(), re.MULTILINE)
+    names = [HANDSHAKE, REQUEST_RULE, ANSWER_500, ANSWER_400, ANSWER_HIT, ANSWER_200]
+    assert [r.name for r in rules] == [*names, TEARDOWN, ACK_RULE]
+    assert legend[: len(rules)] == [r.name for r in rules]
+    assert len({r.background for r in rules}) == len(rules)  # told apart by colour
+
+
+def test_the_colouring_rules_mark_each_kind_of_packet(tshark, tmp_path):
+    pcap = Pcap()
+    flow = TcpFlow(pcap, 40020, 9998)
+    flow.open()
+    flow.request(message(REQUEST, 65535, b"max(2, 3) + 3"))
+    flow.segment(False, TcpFlow.ACK)
+    flow.answer(json_answer(6, ["max(2, 3) + 3", "3 + 3", "6"]))
+    flow.segment(True, TcpFlow.ACK)
+    flow.request(message(REQUEST, 65535, b"max(2, 3) + 3"))
+    flow.answer(json_answer(6, ["max(2, 3) + 3", "3 + 3", "6"], L | H))
+    flow.request(message(REQUEST, 65535, b"1 / 0"))
+    zero = codec.encode_error(codec.TEXT, "ZeroDivisionError", "division by zero")
+    flow.answer(message(ANSWER_NO_STEPS | 400, 65535, zero, L | H))  # a cached 400 is a 400
+    flow.request(message(REQUEST, 65535, b"7 * 6"))
+    down = codec.encode_error(codec.TEXT, "ConnectionError", "unreachable after 5 attempts")
+    flow.answer(message(ANSWER_NO_STEPS | 500, 0, down, L))
+    flow.segment(True, TcpFlow.FIN | TcpFlow.ACK)
+    flow.segment(False, TcpFlow.FIN | TcpFlow.ACK)
+    flow.segment(True, TcpFlow.ACK)
+    refused = TcpFlow(pcap, 40021, 9999)
+    refused.segment(True, TcpFlow.SYN)
+    refused.segment(False, 0x14)  # RST, ACK
+    path = pcap.write(tmp_path / "colours.pcap")
+    expected = [HANDSHAKE] * 3 + [REQUEST_RULE, ACK_RULE, ANSWER_200, ACK_RULE]
+    expected += [REQUEST_RULE, ANSWER_HIT, REQUEST_RULE, ANSWER_400, REQUEST_RULE, ANSWER_500]
+    expected += [TEARDOWN, TEARDOWN, ACK_RULE, HANDSHAKE, TEARDOWN]
+    assert matched_by_filters(tshark, path) == expected
+    assert coloured_by_wireshark(tshark, path, tmp_path / "config") == expected
+
+
+def test_the_colouring_rules_on_a_miss_and_a_hit(live, services, capture, tmp_path):
+    server = services("cacheserver")
+    proxy = services("cacheproxy", "--server-port", str(server.port))
+    cap = capture("colours.pcap", proxy.port, server.port)
+    calc_client(proxy.port, "max(2, 3) + 3")
+    calc_client(proxy.port, "max(2, 3) + 3")
+    path = cap.stop()
+    ports = [proxy.port, server.port]
+    rules = matched_by_filters(live, path, ports)
+    assert coloured_by_wireshark(live, path, tmp_path / "config", ports) == rules
+    names = ("tcp.stream", "tcp.flags", "tcp.len")
+    out = dissect(live, path, ports, "-T", "fields", *(x for n in names for x in ("-e", n)))
+    frames = [line.split("\t") for line in out.splitlines()]
+    assert len(frames) == len(rules)
+    streams: dict[str, list[str]] = {}
+    for (stream, flags, length), rule in zip(frames, rules, strict=True):
+        # Every packet without data and with ACK alone is a pure ACK, but the
+        # one that completes the handshake (the third of its connection).
+        pure_ack = int(flags, 16) == 0x010 and length == "0"
+        third = len(streams.setdefault(stream, [])) == 2
+        assert (rule == ACK_RULE) == (pure_ack and not third), (stream, flags, length, rule)
+        streams[stream].append(rule)
+    # Without the pure ACKs (how many depends on delayed acknowledgements),
+    # each connection as the tutorial shows it: a miss (client to proxy, proxy
+    # to server, which stays open) then a hit that never reaches the server.
+    teardown = [TEARDOWN, TEARDOWN]
+    assert [[r for r in s if r != ACK_RULE] for s in streams.values()] == [
+        [HANDSHAKE] * 3 + [REQUEST_RULE, ANSWER_200] + teardown,
+        [HANDSHAKE] * 3 + [REQUEST_RULE, ANSWER_200],
+        [HANDSHAKE] * 3 + [REQUEST_RULE, ANSWER_HIT] + teardown,
+    ]
