@@ -302,7 +302,7 @@ def start_workers(twistd, kind: str, *args: str):
         port = free_port()
     argv = ["--port", str(port), "--workers", "2", "--admin-port", str(first), *args]
     parent = twistd(kind, *argv, port=port)
-    wait_for(lambda: parent.text().count("accepting connections") == 2, "both workers")
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2), "both workers"
     return parent, first
 
 
@@ -367,21 +367,23 @@ def test_healthz_of_a_draining_worker_is_503(twistd):
                 assert len(clients) < 40, "the connections all went to one worker"
                 clients.append(socket.create_connection((HOST, parent.port), timeout=WAIT))
                 clients[-1].sendall(frame(f"{len(clients)} + 1"))
-                wait_for(
-                    lambda: holding(first) + holding(first + 1) == len(clients),
-                    "the workers to take the connection",
+                assert wait_for(lambda: holding(first) + holding(first + 1) == len(clients)), (
+                    "the workers to take the connection"
                 )
             (pid,) = re.findall(r"worker 1 started \(pid (\d+)\)", parent.text())
             os.kill(int(pid), signal.SIGTERM)
-            wait_for(lambda: http(first, "/healthz") == (503, b"draining\n"), "worker 1 to drain")
+            draining = (503, b"draining\n")
+            assert wait_for(lambda: http(first, "/healthz") == draining), "worker 1 to drain"
             assert http(first + 1, "/healthz") == (200, b"ok\n")
             assert holding(first) > 0  # its misses are still held: it has not stopped
         finally:
             silent.close()  # the misses fail: worker 1 answers them and exits
             for client in clients:
                 client.close()
-        wait_for(lambda: parent.text().count("worker 1 started") == 2, "worker 1 again")
-        wait_for(lambda: accepting(first) and http(first, "/healthz")[0] == 200, "its health")
+        assert wait_for(lambda: parent.text().count("worker 1 started") == 2), "worker 1 again"
+        assert wait_for(lambda: accepting(first) and http(first, "/healthz")[0] == 200), (
+            "its health"
+        )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -410,7 +412,7 @@ def test_a_taken_admin_port_is_one_line_naming_the_derived_port(tmp_path, worker
 
 def test_the_status_picture_of_the_docs_is_made_by_its_script(tmp_path):
     """docs/status_image.py makes docs/status.png from real processes."""
-    from processes import ROOT
+    from helpers import ROOT
 
     require_tool("chromium", "chromium", "the status page's picture")
     out = tmp_path / "status.png"
