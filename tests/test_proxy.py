@@ -1109,6 +1109,8 @@ def test_verbose_logs_each_request_at_debug_level(verbose, proxy_log):
     assert c.take() == answer(3) * 2
     assert up.take() == b""
     debug = [formatEvent(e) for e in proxy_log if e.get("log_level") == LogLevel.debug]
+    namespaces = {e["log_namespace"] for e in proxy_log if e.get("log_level") == LogLevel.debug}
+    assert namespaces <= {"cacheproxy.requests"}
     if not verbose:
         assert debug == []
         return

@@ -236,14 +236,16 @@ class AccessLog:
             f.close()
 
 
+#: Where ``--verbose`` logs (a Logger on a class would take the class's name).
+_verbose = Logger(namespace="cacheproxy.requests")
+
+
 class VerboseLog:
     """``--verbose``: the access log's line of each request, without its time
     stamp (the log adds its own), logged at debug level."""
 
-    log = Logger(namespace="cacheproxy.requests")
-
     def proxyRequest(self, now: float, event: Answered) -> None:
-        self.log.debug("{line}", line=proxy_fields(now, event))
+        _verbose.debug("{line}", line=proxy_fields(now, event))
 
     def serverRequest(self, now: float, event: Served) -> None:
-        self.log.debug("{line}", line=server_fields(now, event))
+        _verbose.debug("{line}", line=server_fields(now, event))
