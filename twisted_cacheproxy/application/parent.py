@@ -133,6 +133,10 @@ class _Unused(protocol.Factory):
 
     noisy = False
 
+    def logPrefix(self) -> str:
+        """What Twisted's own lines call it (a UNIX port's ``starting on``)."""
+        return "the workers' socket"
+
 
 class WorkersService(service.Service):
     """Listens on every endpoint, runs ``count`` workers on the sockets and

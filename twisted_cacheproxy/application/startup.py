@@ -126,9 +126,12 @@ class ListeningService(service.Service):
         *,
         grace: float = 15.0,
         clock: IReactorTime | None = None,
+        announce: bool = True,
     ) -> None:
         #: Each endpoint, with where it listens in words (for a message).
         self.listeners = list(listeners)
+        #: Whether to log the start-up line (a worker's parent logs it instead).
+        self.announce = announce
         self.factory = factory
         self.tapname = name
         self.settings = settings
@@ -151,11 +154,12 @@ class ListeningService(service.Service):
                     error = error.socketError
                 raise SystemExit(cannot_listen_at(self.tapname, where, error))
             self.ports.append(result)
-            self.log.info(
-                "listening on {address}, {settings}",
-                address=listening_at(result, where),
-                settings=self.settings,
-            )
+            if self.announce:
+                self.log.info(
+                    "listening on {address}, {settings}",
+                    address=listening_at(result, where),
+                    settings=self.settings,
+                )
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()

@@ -72,6 +72,7 @@ def worker_main(argv: list[str]) -> None:
             settings,
             grace=config["shutdown-grace"],
             clock=reactor,
+            announce=False,
         )
 
     top = service.IService(entry.make(config, reactor, adopt))
