@@ -578,11 +578,12 @@ def _tls_server(text: str) -> Server:
     client endpoint; colons in HOST escaped with a backslash, or HOST in
     brackets); a usage error saying what is wrong otherwise."""
     fields = [""]
-    escaped = False
+    escaped = bracketed = False
     for c in text[len("tls:") :]:
-        if escaped or c not in "\\:":
+        if escaped or c not in "\\:" or bracketed:
             fields[-1] += c
             escaped = False
+            bracketed = bracketed != (c in "[]")
         elif c == "\\":
             escaped = True
         else:
