@@ -162,7 +162,7 @@ class Calculator:
     def close(self) -> None:
         """Close the connection, if one is open."""
         if self.connection is not None and self.connection.connected:
-            self.connection.transport.loseConnection()
+            self.connection.closeAfterSending()
 
     def request_data(self, text: str) -> bytes:
         """Request data for ``text``: the text itself, or the course client's

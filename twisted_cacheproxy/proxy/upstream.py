@@ -124,7 +124,7 @@ class UpstreamProtocol(FrameClient):
                 self._fail(OutOfStepError(f"untagged answer {why}"))
                 return
             # Its one answer is delivered; it takes no other request.
-            self.transport.loseConnection()
+            self.closeAfterSending()
         self.framed = framed
         if self.pool is not None:
             self.pool.learned(framed)
@@ -577,7 +577,7 @@ class UpstreamPool:
         """Close every idle connection (on shutdown)."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            conn.transport.loseConnection()
+            conn.closeAfterSending()
 
 
 class _Unqueue:

@@ -60,7 +60,7 @@ class BatchedWrites:
     def closeAfterSending(self) -> None:
         """Close the connection once every message sent so far has left."""
         self._flush()
-        self.transport.loseConnection()
+        super().closeAfterSending()  # type: ignore[misc]
 
     def handleBuffered(self) -> None:
         self._outgoing = []
