@@ -31,6 +31,7 @@ from processes import (
     http,
     read_message,
     script,
+    terminate,
     wait_for,
 )
 
@@ -240,12 +241,7 @@ def test_systemd_socket_activate_launches_the_service(tmp_path, workers):
         if workers > 1:
             assert wait_for(lambda: len(children(proc.pid)) == workers)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+        terminate(proc)
 
 
 def test_the_unit_files_verify(tmp_path):

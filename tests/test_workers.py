@@ -123,13 +123,19 @@ def exited(w: workers._Worker, code: int = 0) -> None:
     w.processEnded(Failure(error.ProcessTerminated(exitCode=code)))
 
 
-def test_sighup_replaces_each_worker_once_its_replacement_accepts(proxy_log):
+def replacing():
+    """Two workers serving, and SIGHUP's round started: the clock, the
+    parent, the first workers and the round's Deferred."""
     clock = Spawning()
     service = parent(reactor=clock)
     first = [service._spawn(1), service._spawn(2)]
     for w in first:
         ready(w)
-    done = service.replace()
+    return clock, service, first, service.replace()
+
+
+def test_sighup_replaces_each_worker_once_its_replacement_accepts(proxy_log):
+    clock, service, first, done = replacing()
     (new1,) = clock.spawned[2:]
     assert (new1.number, new1.replacing) == (1, True)
     assert first[0].transport.signals == []  # not before its replacement accepts
@@ -148,12 +154,7 @@ def test_sighup_replaces_each_worker_once_its_replacement_accepts(proxy_log):
 
 
 def test_a_replacement_that_never_accepts_leaves_the_old_worker_serving(proxy_log):
-    clock = Spawning()
-    service = parent(reactor=clock)
-    first = [service._spawn(1), service._spawn(2)]
-    for w in first:
-        ready(w)
-    done = service.replace()
+    clock, service, first, done = replacing()
     exited(clock.spawned[2], code=1)
     assert done.called and len(clock.spawned) == 3  # the round is over
     assert service.workers == {1: first[0], 2: first[1]}
