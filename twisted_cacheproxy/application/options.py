@@ -178,6 +178,8 @@ class CommonOptions(usage.Options):
         for name, handler in self._dispatch.items():
             if type(handler) is usage.CoerceParameter:
                 self._dispatch[name] = _NamedCoerce(self, handler.coerce)
+        # The opt_ methods' docstrings, on one line each for --help to wrap.
+        self.docs = {k: " ".join(v.split()) if v else v for k, v in self.docs.items()}
         self["admin-host"] = []
         self["listen"] = []
 
