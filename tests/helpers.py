@@ -480,7 +480,7 @@ def built(config):
 
     from twisted_cacheproxy.application import compose, tap
 
-    return tap.ENTRIES[config.tapname].make(config, reactor, compose.tcp_listener(reactor))
+    return tap.ENTRIES[config.tapname].make(config, reactor, compose.endpoint_listener(reactor))
 
 
 def options(*argv):

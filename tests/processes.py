@@ -126,20 +126,25 @@ class Twistd:
         return self.proc.pid
 
     def stop(self) -> None:
-        """SIGTERM (a clean shutdown), then SIGKILL if it does not end in time."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+        if proc is not None:
+            terminate(proc)
 
     def text(self) -> str:
         """What it logged so far."""
         return self.log.read_text() if self.log.exists() else "(no log)"
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM (a clean shutdown), then SIGKILL if it does not end in time."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(WAIT)
 
 
 def start_proxy(twistd, server_port: int, *extra: str) -> Twistd:

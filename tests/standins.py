@@ -37,7 +37,9 @@ class StandIn:
       hold exactly one whole request and every second request on a connection;
     - ``speaks_first``: as each of its first ``speaks_first`` connections
       opens, send an answer nobody asked for (L, tag 1, result `STRAY`);
-    - ``status``: send every answer with this status code instead.
+    - ``status``: send every answer with this status code instead;
+    - ``gate``: count each request as it arrives, then answer none until
+      the event is set (misses held in flight for as long as a test needs).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class StandIn:
         course: bool = False,
         speaks_first: int = 0,
         status: int | None = None,
+        gate: threading.Event | None = None,
     ) -> None:
         self.framed = framed and not course
         self.duplicate = duplicate
@@ -56,6 +59,7 @@ class StandIn:
         self.course = course
         self.speaks_first = speaks_first
         self.status = status
+        self.gate = gate
         self.violations: list[str] = []
         self.calculator = CalculatorServerFactory()
         self.requests = 0
@@ -139,6 +143,8 @@ class StandIn:
                 except OSError:
                     return
                 self.requests += 1
+                if self.gate is not None:
+                    self.gate.wait()
                 answered += 1
                 answer = self.answer(header, data)
                 if self.hold and answered > 1:
@@ -155,6 +161,8 @@ class StandIn:
 
     def close(self) -> None:
         self.stopping = True
+        if self.gate is not None:
+            self.gate.set()
         self.listener.close()
         for t in self.threads:
             t.join(2)

@@ -104,8 +104,8 @@ def test_server_options_build_the_service():
     )
     service = built(config).main
     factory = service.factory
-    assert (service.endpoint.port, service.endpoint.interface) == (4567, "0.0.0.0")
-    assert service.endpoint.backlog == 2048
+    ((endpoint, _),) = service.listeners
+    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (4567, "0.0.0.0", 2048)
     assert (factory.max_age, factory.cacheable, factory.max_message_size) == (30, False, 1000)
     assert (factory.idle_timeout, factory.connectionLimit) == (None, 5)
 
@@ -213,7 +213,7 @@ def test_repeated_server_options():
     config.parseOptions(
         ["--server", "127.0.0.1:7001", "--server", "[::1]:7002", "--health-interval", "2"]
     )
-    assert config.servers == [("127.0.0.1", 7001), ("::1", 7002)]
+    assert config.servers == [opts.Server("127.0.0.1", 7001), opts.Server("::1", 7002)]
     assert settings.proxy_settings(config).startswith(
         "in front of the servers at 127.0.0.1:7001, [::1]:7002 (32 connections each, "
         "pipelining 8 deep, 5 attempts, timeout 10 s, health checks every 2 s, "
@@ -224,7 +224,7 @@ def test_repeated_server_options():
 def test_one_server_by_host_and_port_still():
     config = opts.ProxyOptions()
     config.parseOptions(["--server-host", "10.0.0.1", "--server-port", "7000"])
-    assert config.servers == [("10.0.0.1", 7000)]
+    assert config.servers == [opts.Server("10.0.0.1", 7000)]
 
 
 @pytest.mark.parametrize("value", ["7000", "host:", "host:0", "host:70000", ":7000"])
@@ -302,9 +302,14 @@ def test_a_worker_restores_the_parents_options_with_its_own_admin_port():
     config = opts.ProxyOptions()
     argv = "--workers 3 --memcached 127.0.0.1:11211 --memcached [::1]:11212"
     argv += " --server 127.0.0.1:7001 --server [::1]:7002 --admin-port 9100"
+    argv += " --server tls:localhost:7003:trustRoots=/etc/ca.pem"
     config.parseOptions([*argv.split(), "--cache-size", "1M", "--retry-timeouts"])
     restored = opts.ProxyOptions.restore(json.loads(json.dumps(config.portable())), 3)
-    assert restored.servers == [("127.0.0.1", 7001), ("::1", 7002)]
+    assert restored.servers == [
+        opts.Server("127.0.0.1", 7001),
+        opts.Server("::1", 7002),
+        opts.Server("localhost", 7003, True, "/etc/ca.pem"),
+    ]
     assert restored["memcached"] == [("127.0.0.1", 11211), ("::1", 11212)]
     assert (restored["workers"], restored["admin-port"]) == (1, 9102)
     assert (restored["cache-size"], restored["retry-timeouts"]) == (1 << 20, 1)
@@ -344,3 +349,140 @@ def test_help_has_no_runs_of_spaces_nor_defaults_in_bytes(Options):
     assert "[default: 67108864]" not in text
     if Options is opts.ProxyOptions:
         assert "[default: 64M]" in " ".join(text.split())
+
+
+# --- --listen --------------------------------------------------------------------------------
+
+
+def test_listen_is_repeatable_and_replaces_the_port():
+    config = options("--listen", "unix:/run/c.sock", "--listen", r"tcp6:9999:interface=\:\:1")
+    assert config.listens() == ["unix:/run/c.sock", r"tcp6:9999:interface=\:\:1"]
+
+
+def test_without_listen_the_port_is_a_tcp_description():
+    config = options("--port", "4567", "--interface", "::1", "--backlog", "64")
+    assert config.listens() == [r"tcp:4567:interface=\:\:1:backlog=64"]
+    service = built(config).main
+    ((endpoint, where),) = service.listeners
+    assert (endpoint.port, endpoint.interface, endpoint.backlog) == (4567, "::1", 64)
+    assert where == "[::1]:4567"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--listen", "unix:/s", "--port", "1234"], "give --listen or --port, not both"),
+        (
+            ["--interface", "::1", "--port", "1234", "--listen", "unix:/s"],
+            "give --listen or --interface and --port, not both",
+        ),
+        (
+            ["--listen", "9998"],
+            "--listen 9998: not an endpoint description (tcp:9998 for a TCP port)",
+        ),
+        (
+            ["--workers", "2", "--listen", "ssl:9443:privateKey=k.pem"],
+            "--listen ssl:9443:privateKey=k.pem cannot go with --workers: the workers can be "
+            "handed a listening socket (tcp:, tcp6:, unix:, systemd:), not a ssl: endpoint",
+        ),
+    ],
+)
+def test_listen_refusals(argv, message):
+    with pytest.raises(usage.UsageError) as info:
+        options(*argv)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "text", ["tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock", "systemd:domain=INET:index=0"]
+)
+def test_workers_take_the_sockets_they_can_be_handed(text):
+    assert options("--workers", "2", "--listen", text)["listen"] == [text]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nonsense:1", "cacheserver: --listen nonsense:1: Unknown endpoint type: 'nonsense'"),
+        (
+            "ssl:9443:privateKey=/nowhere/k.pem",
+            "cacheserver: --listen ssl:9443:privateKey=/nowhere/k.pem: "
+            "No such file or directory: /nowhere/k.pem",
+        ),
+        (
+            "systemd:domain=INET:index=0",
+            "cacheserver: --listen systemd:domain=INET:index=0: "
+            "systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES)",
+        ),
+    ],
+)
+def test_a_description_that_cannot_work_is_one_line(text, message):
+    with pytest.raises(SystemExit) as info:
+        built(options("--listen", text))
+    assert str(info.value) == message
+
+
+def test_a_taken_tcp_port_is_one_line_before_twistd_goes_on():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            built(options("--listen", f"tcp:{port}:interface=127.0.0.1"))
+    assert str(info.value) == (
+        f"cacheserver: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
+
+
+# --- --server over TLS -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "server"),
+    [
+        ("tls:calc.example:9443", opts.Server("calc.example", 9443, True, None)),
+        ("tls:127.0.0.1:9443:trustRoots=/etc/ca", opts.Server("127.0.0.1", 9443, True, "/etc/ca")),
+        (r"tls:\:\:1:9443", opts.Server("::1", 9443, True, None)),
+        ("tls:[::1]:9443", opts.Server("::1", 9443, True, None)),
+    ],
+)
+def test_server_over_tls(value, server):
+    config = opts.ProxyOptions()
+    config.parseOptions(["--server", value])
+    assert config.servers == [server]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("tls:host", "--server tls:host: not tls:HOST:PORT[:trustRoots=PATH]"),
+        ("tls:host:0", "--server: port must be 1..65535, not 0"),
+        (
+            "tls:host:9443:certificate=c.pem",
+            "--server tls:host:9443:certificate=c.pem: "
+            "unknown argument certificate (trustRoots=PATH)",
+        ),
+    ],
+)
+def test_server_over_tls_refusals(value, message):
+    with pytest.raises(usage.UsageError) as info:
+        opts.ProxyOptions().parseOptions(["--server", value])
+    assert str(info.value) == message
+
+
+def test_a_tls_server_gets_a_connector_over_tls_named_by_its_address(tmp_path):
+    config = opts.ProxyOptions()
+    config.parseOptions(["--server", "tls:127.0.0.1:9443:trustRoots=/nowhere"])
+    with pytest.raises(SystemExit) as info:
+        built(config)
+    assert str(info.value) == (
+        "cacheproxy: --server tls:127.0.0.1:9443: cannot read /nowhere: No such file or directory"
+    )
+    config = opts.ProxyOptions()
+    config.parseOptions(["--server", "tls:127.0.0.1:9443", "--server", "127.0.0.1:9999"])
+    first, second = built(config).factory.pool.servers
+    assert (first.address, second.address) == ("127.0.0.1:9443", "127.0.0.1:9999")
+    assert first.pool.connector.tls is not None and second.pool.connector.tls is None
+    assert "servers at 127.0.0.1:9443 over TLS, 127.0.0.1:9999 (" in settings.proxy_settings(config)

@@ -333,11 +333,11 @@ def test_twistd_missing_interface_is_one_line(tmp_path):
 def test_listening_failure_after_the_check_is_one_line(monkeypatch):
     """A port taken between the check and the listening itself still ends
     twistd with the one line, not a traceback."""
+    config = options("--port", str(free_port()))
+    service = built(config)  # checked: free
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", config["port"]))
         taken.listen()
-        config = options("--port", str(taken.getsockname()[1]))
-        service = built(config)
         with pytest.raises(SystemExit) as info:
             service.privilegedStartService()
     assert str(info.value) == (
@@ -383,7 +383,7 @@ def test_startup_log_is_one_line_with_the_settings(tmp_path):
         proc.wait(timeout=WAIT)
     text = log.read_text()
     assert "starting on" not in text and "Starting factory" not in text
-    lines = [line for line in text.splitlines() if "[cacheproxy#info]" in line]
+    lines = [line for line in text.splitlines() if "[cacheproxy#info] listening" in line]
     assert len(lines) == 1
     assert lines[0].endswith(
         f"[cacheproxy#info] listening on 127.0.0.1:{port}, in front of the server at "

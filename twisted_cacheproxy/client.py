@@ -32,6 +32,7 @@ from .operations.units import seconds
 from .transport import numerals, wire
 from .transport.addresses import address, parse_port
 from .transport.frameclient import FrameClient
+from .transport.tls import AwaitsHandshake, TLSError, client_options, connect_tls
 
 #: The exercise's six standard example expressions.
 EXAMPLES = (
@@ -52,6 +53,10 @@ WAIT_NOTICE = 1.0
 TIMEOUT = 15.0
 #: The exit status after a Ctrl-C, as shells give a program that SIGINT ended.
 INTERRUPTED = 128 + signal.SIGINT
+
+
+class TLSFrameClient(AwaitsHandshake, FrameClient):
+    """A `FrameClient` over TLS, usable once its handshake is done."""
 
 
 class GaveUpError(Exception):
@@ -115,12 +120,15 @@ class Calculator:
         timeout: float = TIMEOUT,
         connection: FrameClient | None = None,
         notify: Callable[[str], None] | None = None,
+        tls: Any = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
         self.port = port
         self.settings = settings
         self.timeout = timeout
+        #: TLS client options (`transport.tls.client_options`), or None: plain TCP.
+        self.tls = tls
         self.connection = connection
         self.notify = notify or (lambda text: None)
 
@@ -129,16 +137,24 @@ class Calculator:
         return address(self.host, self.port)
 
     def open(self) -> defer.Deferred:
-        """Connect now; the Deferred fires with the new `FrameClient`."""
-        creator = protocol.ClientCreator(self.reactor, FrameClient)
-        d = creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        """Connect now; the Deferred fires with the new `FrameClient` (over
+        TLS: once its handshake has verified the certificate, within the
+        timeout too)."""
+        if self.tls is None:
+            creator = protocol.ClientCreator(self.reactor, FrameClient)
+            d = creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        else:
+            d = connect_tls(
+                self.reactor, TLSFrameClient, self.host, self.port, self.tls, self.timeout
+            )
+            d.addTimeout(self.timeout, self.reactor)
 
         def connected(connection: FrameClient) -> FrameClient:
             self.connection = connection
             return connection
 
         def failed(failure: Failure) -> Failure:
-            failure.trap(error.TimeoutError)
+            failure.trap(error.TimeoutError, defer.TimeoutError)
             raise GaveUpError(self.timeout, connecting=True)
 
         return d.addCallbacks(connected, failed)
@@ -146,7 +162,7 @@ class Calculator:
     def close(self) -> None:
         """Close the connection, if one is open."""
         if self.connection is not None and self.connection.connected:
-            self.connection.transport.loseConnection()
+            self.connection.closeAfterSending()
 
     def request_data(self, text: str) -> bytes:
         """Request data for ``text``: the text itself, or the course client's
@@ -271,6 +287,8 @@ def describe_failure(e: BaseException | None, peer: str = "the server") -> str:
         return f"Error: {what} {peer} within {seconds(e.seconds)}\n"
     if isinstance(e, error.ConnectError):
         return f"Error: cannot connect to {peer}: {str(e).rstrip('.')}\n"
+    if isinstance(e, TLSError):
+        return f"Error: {peer}: {e}\n"
     if isinstance(e, error.ConnectionDone | error.ConnectionLost):
         return f"Error: {peer} closed the connection before the answer came\n"
     return f"Error: {e}\n"
@@ -513,6 +531,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "the default outlasts a proxy's own 10 s for a miss with its retries, "
         "so that the proxy's 500 comes first",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="talk TLS, checking the certificate against this host's trusted ones "
+        "(or --cafile) and --host, which it must name",
+    )
+    p.add_argument(
+        "--cafile", metavar="FILE", help="with --tls: trust the certificates in this PEM file"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
     args.expression = " ".join(getattr(args, "expression", [])).strip() or None
@@ -520,6 +547,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--max-age must be 0..65535")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
+    if args.cafile is not None and not args.tls:
+        p.error("--cafile goes with --tls")
+    if args.tls:
+        try:
+            args.tls = client_options(args.host, args.cafile)
+        except ValueError as e:
+            p.error(f"--cafile: {e}")
+    else:
+        args.tls = None
     return args
 
 
@@ -536,7 +572,7 @@ def run(reactor: Any, argv: list[str]) -> Generator[defer.Deferred[Any], Any, in
         steps=args.steps, cache=not args.no_cache, max_age=args.max_age, legacy=args.legacy
     )
     calculator = Calculator(
-        reactor, args.host, args.port, settings, timeout=args.timeout, notify=_write
+        reactor, args.host, args.port, settings, timeout=args.timeout, notify=_write, tls=args.tls
     )
     terminal = sys.stdout.isatty()
     waiting = WaitingLine(reactor, _write, calculator.where) if terminal else None

@@ -1,5 +1,5 @@
 """Twisted plugins of twisted-cacheproxy: the twistd services and the
-``sendatonce:`` endpoint string; the code lives in the package."""
+``sendatonce:`` and ``sendatonce6:`` endpoint strings; the code lives in the package."""
 
 from twisted.application.service import ServiceMaker
 
@@ -19,3 +19,4 @@ cacheproxy = ServiceMaker(
     "cacheproxy",
 )
 sendatonce = SendAtOnceParser()
+sendatonce6 = SendAtOnceParser("sendatonce6", "::")

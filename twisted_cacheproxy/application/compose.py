@@ -1,8 +1,9 @@
 """The one composition root: every part of a running server or proxy is
 built here, from its options, and wired to the others.
 
-A service is its listener (`Listen`: TCP in one process, the parent's
-socket in a worker of ``--workers``) with its factory, and, when the
+A service is its listener (`Listen`: the endpoints of ``--listen``, or of
+``--port`` on ``--interface``, in one process; the parent's sockets in a
+worker of ``--workers``) with its factory, and, when the
 options ask for them, the operations beside it: the metrics that observe the
 factory, the access log, the stats line and the admin site. With
 ``--workers N`` the service is instead the parent that runs N copies of it.
@@ -16,6 +17,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -33,14 +35,15 @@ from ..proxy.interfaces import IFetcher
 from ..proxy.sharedcache import SharedCache
 from ..proxy.upstream import TCPConnector, UpstreamPool
 from ..transport.addresses import address, is_loopback_host
-from ..transport.endpoint import description
+from ..transport.endpoint import TCPServerEndpoint, description, kind, server_endpoint
 from ..transport.service import ServiceFactory
-from .options import CommonOptions, ProxyOptions, ServerOptions
+from ..transport.tls import client_options
+from .options import CommonOptions, ProxyOptions, Server, ServerOptions
 from .parent import WorkersService
 from .settings import proxy_settings, server_settings
 from .startup import (
     ListeningService,
-    cannot_listen,
+    PatientEndpoint,
     cannot_listen_at,
     check_access_log,
     check_bindable,
@@ -50,18 +53,43 @@ from .startup import (
 #: Makes the service that listens for ``factory`` and logs ``settings`` once it does.
 Listen = Callable[[CommonOptions, ServiceFactory, str], service.IService]
 
+#: An endpoint to listen on, with where it listens in words (for messages).
+Listener = tuple[IStreamServerEndpoint, str]
 
-def tcp_listener(reactor: Any) -> Listen:
-    """The listener of one process: ``--port`` on ``--interface``, through
-    the endpoint whose connections send at once (`transport.endpoint`)."""
+
+def endpoint_listener(reactor: Any) -> Listen:
+    """The listener of one process: the endpoints of ``--listen``, or of
+    ``--port`` on ``--interface`` (`listeners`)."""
 
     def listen(config: CommonOptions, factory: ServiceFactory, settings: str) -> service.IService:
-        where = description(config["port"], config["interface"], config["backlog"])
-        endpoint = serverFromString(reactor, where)
-        at = (config["interface"], config["port"])
-        return ListeningService(endpoint, factory, config.tapname, at, settings)
+        return ListeningService(
+            listeners(config, reactor),
+            factory,
+            config.tapname,
+            settings,
+            grace=config["shutdown-grace"],
+            clock=reactor,
+        )
 
     return listen
+
+
+def listeners(config: CommonOptions, reactor: Any) -> list[Listener]:
+    """The endpoint of each place the options say to listen
+    (`options.CommonOptions.listens`), through `endpoint.server_endpoint`: a
+    ``tcp:`` one sends at once. A description Twisted cannot read, or a TCP
+    port that cannot be bound, stops twistd with one line now, before it
+    daemonizes."""
+    found = []
+    for text in config.listens():
+        endpoint = _described(config.tapname, "--listen", text, reactor)
+        where = text if config["listen"] else address(config["interface"], config["port"])
+        if isinstance(endpoint, TCPServerEndpoint) and endpoint.port:
+            interface = endpoint.interface or "0.0.0.0"
+            check_bindable(config.tapname, interface, endpoint.port)
+            where = address(interface, endpoint.port)
+        found.append((endpoint, where))
+    return found
 
 
 def makeServerService(config: ServerOptions, reactor: Any, listen: Listen) -> service.IService:
@@ -152,7 +180,7 @@ def _upstream(config: ProxyOptions, reactor: Any) -> IFetcher:
     several = len(config.servers) > 1
     pools = [
         UpstreamPool(
-            TCPConnector(reactor, host, port, timeout=config["timeout"]),
+            _connector(config, reactor, server),
             reactor,
             max_connections=config["upstream-connections"],
             retries=1 if several else config["retries"],
@@ -160,7 +188,7 @@ def _upstream(config: ProxyOptions, reactor: Any) -> IFetcher:
             timeout=config["timeout"],
             pipeline=config["upstream-pipeline"],
         )
-        for host, port in config.servers
+        for server in config.servers
     ]
     if not several:
         return pools[0]
@@ -175,6 +203,19 @@ def _upstream(config: ProxyOptions, reactor: Any) -> IFetcher:
     )
 
 
+def _connector(config: ProxyOptions, reactor: Any, server: Server) -> TCPConnector:
+    """The way to one server, over TCP or TLS; a trust root that cannot be
+    read stops twistd with one line."""
+    tls = None
+    if server.tls:
+        try:
+            tls = client_options(server.host, server.trust)
+        except ValueError as e:
+            where = address(server.host, server.port)
+            raise SystemExit(f"{config.tapname}: --server tls:{where}: {e}") from None
+    return TCPConnector(reactor, server.host, server.port, timeout=config["timeout"], tls=tls)
+
+
 def _operated(config: CommonOptions) -> bool:
     """Whether the options ask for any of the operations (the factory then
     has metrics observing it; without, its observer costs nothing)."""
@@ -187,11 +228,17 @@ def _has_admin(config: CommonOptions) -> bool:
 
 class OperatedService(service.MultiService):
     """The listening service (`main`) with the admin site, access log and
-    stats line beside it."""
+    stats line beside it. It stops `main` first, and the others once `main`
+    has drained: the admin site says 503 meanwhile, and the access log and
+    the stats line take the last answers."""
 
     def __init__(self, main: Any) -> None:
         super().__init__()
         self.main = main
+
+    def stopService(self) -> defer.Deferred[None]:
+        d = defer.maybeDeferred(self.main.stopService)
+        return d.addBoth(lambda _: service.MultiService.stopService(self))
 
     @property
     def factory(self) -> ServiceFactory:
@@ -252,14 +299,20 @@ def _admin_site(
     name = config.tapname
     role = _admin_role(config["admin-port"] - (config.worker or 1) + 1, config.worker)
     listen = config["admin-listen"]
+    endpoint: IStreamServerEndpoint
     if listen:
-        endpoint, where = _described(name, listen, reactor), listen
+        endpoint, where = _described(name, "--admin-listen", listen, reactor), listen
     else:
         port, interface = config["admin-port"], config["admin-interface"]
-        check_bindable(name, interface, port, role)
+        if config.worker is None:  # the parent of workers checked theirs
+            check_bindable(name, interface, port, role)
         endpoint = serverFromString(reactor, description(port, interface))
         where = address(interface, port)
-    title = f"{name} {address(config['interface'], config['port'])}"
+    if config.worker is not None:
+        # The worker this one replaces (on SIGHUP) holds it until it has drained.
+        endpoint = PatientEndpoint(endpoint, reactor, config["shutdown-grace"] + 2)
+    main = config["listen"][0] if config["listen"] else address(config["interface"], config["port"])
+    title = f"{name} {main}"
     if config.worker is not None:
         title += f", worker {config.worker}"
     access = Access(
@@ -269,12 +322,21 @@ def _admin_site(
     return AdminService(endpoint, web, lambda e: cannot_listen_at(name, where, e, role))
 
 
-def _described(name: str, listen: str, reactor: Any) -> IStreamServerEndpoint:
-    """The endpoint of ``--admin-listen``; one line if Twisted cannot read it."""
+def _described(name: str, option: str, text: str, reactor: Any) -> IStreamServerEndpoint:
+    """The endpoint of a description (``--listen``, ``--admin-listen``); one
+    line if Twisted cannot read it, a file it names cannot be read (a TLS
+    key), or systemd passed no such socket."""
     try:
-        return serverFromString(reactor, listen)
-    except (ValueError, TypeError, IndexError, KeyError) as e:
-        raise SystemExit(f"{name}: --admin-listen {listen}: {e}") from None
+        return server_endpoint(reactor, text)
+    except (IndexError, KeyError) as e:
+        why = str(e)
+        if kind(text) == "systemd":
+            why = "systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES)"
+    except OSError as e:
+        why = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+    except Exception as e:  # what Twisted's parsers raise: ValueError, TypeError, SSL errors
+        why = str(e) or type(e).__name__
+    raise SystemExit(f"{name}: {option} {text}: {why}")
 
 
 def _admin_role(first_port: int, worker: int | None) -> str:
@@ -289,7 +351,7 @@ def _admin_role(first_port: int, worker: int | None) -> str:
 
 
 def _workers(config: CommonOptions, reactor: Any, settings: str) -> service.IService:
-    """The parent of ``--workers`` processes sharing one listening socket
+    """The parent of ``--workers`` processes sharing its listening sockets
     (`parent` says why), logging the same start-up line as one process.
     Worker N has its own admin site, on ``--admin-port`` + N - 1 or on
     ``--admin-listen`` with N for ``{worker}``. The workers are handed the
@@ -306,23 +368,19 @@ def _workers(config: CommonOptions, reactor: Any, settings: str) -> service.ISer
             check_bindable(name, config["admin-interface"], first + worker - 1, role)
         settings += f"; admin sites on ports {first}..{first + count - 1}, one per worker"
     if config["admin-listen"]:
-        _described(name, config["admin-listen"].replace("{worker}", "1"), reactor)
+        _described(name, "--admin-listen", config["admin-listen"].replace("{worker}", "1"), reactor)
         settings += f"; admin sites on {config['admin-listen']}, one per worker"
 
-    def listening(where: tuple[str, int]) -> None:
-        logger.info(
-            "listening on {address}, {settings}", address=address(*where), settings=settings
-        )
+    def listening(where: str) -> None:
+        logger.info("listening on {address}, {settings}", address=where, settings=settings)
 
     return WorkersService(
         reactor,
-        config["interface"],
-        config["port"],
-        config["backlog"],
+        listeners(config, reactor),
         config["workers"],
         [name, json.dumps(config.portable())],
         handover=json.dumps(config.secrets()).encode(),
         grace=config["shutdown-grace"],
         on_listening=listening,
-        cannot_listen=lambda e: cannot_listen(name, config["interface"], config["port"], e),
+        cannot_listen=lambda where, e: cannot_listen_at(name, where, e),
     )

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from twisted import __version__ as twisted_version
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
 from .. import __version__
 from ..operations.units import format_size, parse_size
 from ..proxy.sharedcache import check_prefix
 from ..transport import numerals, wire
-from ..transport.addresses import parse_address
+from ..transport.addresses import parse_address, parse_port
+from ..transport.endpoint import kind
 from .secretfile import read_secret_file
 
 
@@ -42,6 +44,7 @@ class _NamedCoerce(usage.CoerceParameter):
             self.options.opts[parameterName] = self.coerce(value)
         except ValueError as e:
             raise usage.UsageError(f"--{parameterName}: {e}") from None
+        self.options.given.add(parameterName)
 
 
 #: Watching and steering a running service (the operations layer): both services take them.
@@ -86,6 +89,10 @@ _OPERATING_OPTIONS: list[list[Any]] = [
     ],
 ]
 
+#: The kinds of ``--listen`` whose listening socket a parent can hand its
+#: ``--workers`` (`parent`): TLS would need each worker to hold the keys.
+HANDED_ON = ("tcp", "tcp6", "sendatonce", "sendatonce6", "unix", "systemd")
+
 #: A token travels in an HTTP header: printable ASCII, no spaces.
 _TOKEN = re.compile(rb"[\x21-\x7e]+")
 
@@ -116,7 +123,7 @@ class CommonOptions(usage.Options):
     ]
 
     optParameters: list[list[Any]] = [
-        ["interface", "i", "127.0.0.1", "The interface to listen on."],
+        ["interface", "i", "127.0.0.1", "The interface --port listens on."],
         [
             "max-message-size",
             None,
@@ -156,14 +163,17 @@ class CommonOptions(usage.Options):
         [
             "shutdown-grace",
             None,
-            5.0,
-            "With --workers: seconds a stopping worker may take to finish its connections.",
+            15.0,
+            "Seconds a stopping service (or worker) may take to answer the requests it "
+            "has read, waiting for the server on a miss; then it closes what is left.",
             _number,
         ],
         *_OPERATING_OPTIONS,
     ]
 
     def __init__(self) -> None:
+        #: The parameters given on the command line (not left at their defaults).
+        self.given: set[str] = set()
         super().__init__()
         for name, handler in self._dispatch.items():
             if type(handler) is usage.CoerceParameter:
@@ -171,6 +181,22 @@ class CommonOptions(usage.Options):
         # --help shows an opt_ method's docstring as written: one line each.
         self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items() if doc}
         self["admin-host"] = []
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on this Twisted endpoint description instead of --port and
+        --interface; repeatable (tcp:9998:interface=127.0.0.1,
+        tcp6:9998:interface=\\:\\:1, unix:/run/cacheproxy.sock,
+        ssl:9443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET:index=0)."""
+        self["listen"].append(description)
+
+    def listens(self) -> list[str]:
+        """Where the service listens: the ``--listen`` descriptions, else
+        ``--port`` on ``--interface`` as a ``tcp:`` description."""
+        if self["listen"]:
+            return list(self["listen"])
+        interface = quoteStringArgument(self["interface"])
+        return [f"tcp:{self['port']}:interface={interface}:backlog={self['backlog']}"]
 
     def opt_admin_host(self, name: str) -> None:
         """A name the admin site answers for, besides IP addresses and localhost; repeatable."""
@@ -193,6 +219,7 @@ class CommonOptions(usage.Options):
 
     def postOptions(self) -> None:
         self.checkPort("port")
+        self.checkListen()
         # 256: the least that still holds every error answer of ours.
         if not 256 <= self["max-message-size"] <= wire.LENGTH_LIMIT:
             raise usage.UsageError("--max-message-size must be 256..65535")
@@ -212,13 +239,26 @@ class CommonOptions(usage.Options):
         if self["workers"] > 1:
             self.checkWorkers()
 
+    def checkListen(self) -> None:
+        """``--listen`` replaces ``--port`` and ``--interface``: not both."""
+        shorthand = sorted(self.given & {"port", "interface"})
+        if self["listen"] and shorthand:
+            given = " and ".join(f"--{name}" for name in shorthand)
+            raise usage.UsageError(f"give --listen or {given}, not both")
+        for description in self["listen"]:
+            if ":" not in description:
+                raise usage.UsageError(
+                    f"--listen {description}: not an endpoint description "
+                    f"(tcp:{description} for a TCP port)"
+                )
+
     def checkAdmin(self) -> None:
         """The admin site's options: one place to listen, of its own; one token."""
         if self["admin-port"] and self["admin-listen"]:
             raise usage.UsageError("give --admin-port or --admin-listen, not both")
         if self["admin-port"]:
             self.checkPort("admin-port")
-            if self["workers"] == 1 and self["admin-port"] == self["port"]:
+            if self["workers"] == 1 and not self["listen"] and self["admin-port"] == self["port"]:
                 raise usage.UsageError(
                     f"--admin-port {self['admin-port']} is --port too: "
                     "the admin site needs a port of its own"
@@ -258,7 +298,7 @@ class CommonOptions(usage.Options):
                 f"--admin-port {first} with --workers {count}: "
                 f"the workers' admin sites would need ports up to {last}"
             )
-        if first and first <= self["port"] <= last:
+        if first and not self["listen"] and first <= self["port"] <= last:
             raise usage.UsageError(
                 f"--admin-port {first} with --workers {count}: the workers' admin "
                 f"sites take ports {first}..{last}, which include --port {self['port']}"
@@ -270,6 +310,13 @@ class CommonOptions(usage.Options):
             )
         if self["access-log"] == "-":
             raise usage.UsageError("--access-log - cannot go with --workers: give a file")
+        for description in self["listen"]:
+            if kind(description) not in HANDED_ON:
+                raise usage.UsageError(
+                    f"--listen {description} cannot go with --workers: the workers can be "
+                    "handed a listening socket (tcp:, tcp6:, unix:, systemd:), not a "
+                    f"{kind(description)}: endpoint"
+                )
 
     def portable(self) -> dict[str, Any]:
         """The parsed options, as JSON takes them (for a worker's command
@@ -443,18 +490,23 @@ class ProxyOptions(CommonOptions):
 
     def __init__(self) -> None:
         super().__init__()
-        #: The ``--server`` addresses, in order, as (host, port).
-        self.servers: list[tuple[str, int]] = []
+        #: The ``--server`` servers, in order.
+        self.servers: list[Server] = []
         self["memcached"] = []
         self["memcached-secret-file"] = []
         # --help shows the default as it is written, not in bytes.
         self.defaults["cache-size"] = format_size(self["cache-size"])
 
     def opt_server(self, value: str) -> None:
-        """A calculator server as HOST:PORT ([::1]:9999 for IPv6); repeat for
-        several (balanced, with health checks and failover). Default: the
-        one --server-host and --server-port give."""
-        self.servers.append(_address("server", value))
+        """A calculator server as HOST:PORT ([::1]:9999 for IPv6), or over TLS
+        as tls:HOST:PORT[:trustRoots=PATH] (the certificates to trust, a PEM
+        file or a folder of them; default: this host's); repeat for several
+        (balanced, with health checks and failover). Default: the one
+        --server-host and --server-port give."""
+        if value.startswith("tls:"):
+            self.servers.append(_tls_server(value))
+        else:
+            self.servers.append(Server(*_address("server", value)))
 
     def opt_memcached(self, value: str) -> None:
         """A memcached node HOST:PORT for the shared cache tier; repeat it
@@ -471,8 +523,8 @@ class ProxyOptions(CommonOptions):
         super().postOptions()
         self.checkPort("server-port")
         if not self.servers:
-            self.servers = [(self["server-host"], self["server-port"])]
-        if len(set(self.servers)) != len(self.servers):
+            self.servers = [Server(self["server-host"], self["server-port"])]
+        if len({server[:2] for server in self.servers}) != len(self.servers):
             raise usage.UsageError("--server: the same server is given twice")
         if self["health-interval"] < 0:
             raise usage.UsageError("--health-interval cannot be negative")
@@ -510,9 +562,51 @@ class ProxyOptions(CommonOptions):
     @classmethod
     def restore(cls, values: dict[str, Any], worker: int) -> ProxyOptions:
         config = cast(ProxyOptions, super().restore(values, worker))
-        config.servers = [(host, port) for host, port in config.pop("servers")]
+        config.servers = [Server(*server) for server in config.pop("servers")]
         config["memcached"] = [(host, port) for host, port in config["memcached"]]
         return config
+
+
+class Server(NamedTuple):
+    """A calculator server of ``--server``: where, and whether over TLS with
+    which certificates trusted (None: this host's)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    trust: str | None = None
+
+
+def _tls_server(text: str) -> Server:
+    """The `Server` of ``tls:HOST:PORT[:trustRoots=PATH]`` (Twisted's ``tls:``
+    client endpoint; colons in HOST escaped with a backslash, or HOST in
+    brackets); a usage error saying what is wrong otherwise."""
+    fields = [""]
+    escaped = bracketed = False
+    for c in text[len("tls:") :]:
+        if escaped or c not in "\\:" or bracketed:
+            fields[-1] += c
+            escaped = False
+            bracketed = bracketed != (c in "[]")
+        elif c == "\\":
+            escaped = True
+        else:
+            fields.append("")
+    positional = [f for f in fields if "=" not in f]
+    keywords = dict(f.split("=", 1) for f in fields if "=" in f)
+    if len(positional) != 2 or not positional[0]:
+        raise usage.UsageError(f"--server {text}: not tls:HOST:PORT[:trustRoots=PATH]")
+    host, port = positional
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    unknown = sorted(set(keywords) - {"trustRoots"})
+    if unknown:
+        raise usage.UsageError(f"--server {text}: unknown argument {unknown[0]} (trustRoots=PATH)")
+    try:
+        number = parse_port(port)
+    except ValueError as e:
+        raise usage.UsageError(f"--server: {e}") from None
+    return Server(host, number, True, keywords.get("trustRoots"))
 
 
 def _address(option: str, text: str) -> tuple[str, int]:

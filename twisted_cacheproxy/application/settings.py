@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..operations.units import format_size, plural, seconds
 from ..transport import wire
 from ..transport.addresses import address
-from .options import CommonOptions, ProxyOptions, ServerOptions
+from .options import CommonOptions, ProxyOptions, Server, ServerOptions
 
 
 def _limits(config: CommonOptions) -> str:
@@ -33,8 +33,8 @@ def proxy_settings(config: ProxyOptions) -> str:
     """The proxy's start-up line after its address."""
     stale = config["stale-if-error"]
     depth = config["upstream-pipeline"]
-    servers = config.servers or [(config["server-host"], config["server-port"])]
-    where = ", ".join(address(host, port) for host, port in servers)
+    servers = config.servers or [Server(config["server-host"], config["server-port"])]
+    where = ", ".join(address(s.host, s.port) + (" over TLS" if s.tls else "") for s in servers)
     each = " each" if len(servers) > 1 else ""
     upstream = (
         f"in front of the server{'s' if len(servers) > 1 else ''} at {where} "

@@ -9,25 +9,36 @@ to the listening itself, the same error is a traceback in the log.
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from ..operations.units import plural, seconds
 from ..transport.addresses import address
+from ..transport.endpoint import kind
 from ..transport.service import ServiceFactory
 from .secretfile import read_secret_file
 
 
-def _reason(e: OSError) -> str:
+def _reason(e: BaseException | str) -> str:
     """An OS error in lower-case words: "address already in use"."""
-    text = e.strerror or str(e)
+    text = getattr(e, "strerror", None) or str(e)
     return text[:1].lower() + text[1:]
 
 
@@ -37,7 +48,7 @@ def cannot_listen(name: str, interface: str, port: int, e: OSError, role: str = 
     return cannot_listen_at(name, address(interface, port), e, role)
 
 
-def cannot_listen_at(name: str, where: str, e: OSError, role: str = "") -> str:
+def cannot_listen_at(name: str, where: str, e: BaseException | str, role: str = "") -> str:
     """`cannot_listen` for an address in words (an endpoint description)."""
     where += f" ({role})" if role else ""
     return f"{name}: cannot listen on {where}: {_reason(e)}"
@@ -90,48 +101,151 @@ def read_secret(name: str, option: str, path: str) -> bytes:
         raise SystemExit(f"{name}: {option}: {e}") from None
 
 
+#: Seconds between two looks at whether a draining service's connections are closed.
+DRAIN_POLL = 0.05
+
+
 class ListeningService(service.Service):
-    """Listens on its endpoint when twistd starts it (a port taken since the
-    check still stops twistd with one line) and logs, once it listens, one
-    line saying where and with which settings."""
+    """Listens on each of its endpoints when twistd starts it (one that
+    cannot listen stops twistd with one line) and logs, for each, one line
+    saying where and with which settings.
+
+    Stopping it drains, the way twistd waits for a service: it accepts no
+    more connections, each connection answers what it has read and closes
+    (`ServiceFactory.drain`), and the Deferred `stopService` returns fires
+    once every connection is closed, or after ``grace`` seconds, when those
+    left are closed unanswered. The factory stays started until then (the
+    proxy's misses still reach the server)."""
 
     def __init__(
         self,
-        endpoint: IStreamServerEndpoint,
+        listeners: Sequence[tuple[IStreamServerEndpoint, str]],
         factory: ServiceFactory,
         name: str,
-        where: tuple[str, int],
         settings: str,
+        *,
+        grace: float = 15.0,
+        clock: IReactorTime | None = None,
+        announce: bool = True,
     ) -> None:
-        self.endpoint = endpoint
+        #: Each endpoint, with where it listens in words (for a message).
+        self.listeners = list(listeners)
+        #: Whether to log the start-up line (a worker's parent logs it instead).
+        self.announce = announce
         self.factory = factory
         self.tapname = name
-        self.where = where
         self.settings = settings
+        self.grace = grace
+        self.clock = clock or factory.clock
         self.log = Logger(namespace=name)
-        self.port: IListeningPort | None = None
+        self.ports: list[IListeningPort] = []
+        self._drained: defer.Deferred[None] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        outcome: list[IListeningPort | Failure] = []
-        self.endpoint.listen(self.factory).addBoth(outcome.append)
-        # Our endpoint listens at once; a failure must stop twistd now, not later.
-        (result,) = outcome
-        if isinstance(result, Failure):
-            error = result.value
-            if isinstance(error, CannotListenError):
-                raise SystemExit(cannot_listen(self.tapname, *self.where, error.socketError))
-            result.raiseException()
-        self.port = result
-        host = result.getHost()
-        assert isinstance(host, (IPv4Address, IPv6Address))
-        self.log.info(
-            "listening on {address}, {settings}",
-            address=address(host.host, host.port),
-            settings=self.settings,
-        )
+        for endpoint, where in self.listeners:
+            outcome: list[IListeningPort | Failure] = []
+            endpoint.listen(self.factory).addBoth(outcome.append)
+            # Every endpoint of ours listens at once; a failure must stop twistd now.
+            (result,) = outcome
+            if isinstance(result, Failure):
+                error: Any = result.value
+                if isinstance(error, CannotListenError):
+                    error = error.socketError
+                raise SystemExit(cannot_listen_at(self.tapname, where, error))
+            self.ports.append(result)
+            if self.announce:
+                self.log.info(
+                    "listening on {address}, {settings}",
+                    address=listening_at(result, where),
+                    settings=self.settings,
+                )
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
+        if self._drained is not None or not self.ports:
+            return None
+        factory, ports, self.ports = self.factory, self.ports, []
+        factory.numPorts += 1  # started until drained, whatever the ports do
+        stopped: list[defer.Deferred[Any]] = [
+            defer.maybeDeferred(port.stopListening) for port in ports
+        ]
+        self.log.info(
+            "stopping: no more connections accepted; {open}",
+            open=f"waiting up to {seconds(self.grace)} for the answers of "
+            f"{plural(factory.connectionCount, 'open connection')}"
+            if factory.connectionCount
+            else "none open",
+        )
+        factory.drain()
+        self._drained = defer.Deferred()
+        deadline = self.clock.seconds() + self.grace
+        loop = task.LoopingCall(self._check, deadline)
+        loop.clock = self.clock
+        loop.start(DRAIN_POLL)
+        d: defer.Deferred[Any] = defer.gatherResults([*stopped, self._drained], consumeErrors=True)
+        return d.addBoth(lambda _: factory.doStop())
+
+    def _check(self, deadline: float) -> None:
+        """Fire `_drained` once no connection is left, or at the deadline."""
+        assert self._drained is not None
+        if self._drained.called:
+            return
+        left = list(self.factory.connections)
+        if not left:
+            self.log.info("stopped: every request read was answered")
+        elif self.clock.seconds() >= deadline:
+            self.log.warn(
+                "stopped after {grace}: closing {count} still open",
+                grace=seconds(self.grace),
+                count=plural(len(left), "connection"),
+            )
+            for p in left:
+                p.transport.abortConnection()
+        else:
+            return
+        self._drained.callback(None)
+
+
+def listening_at(port: IListeningPort, where: str) -> str:
+    """Where ``port`` listens, in words: ``127.0.0.1:9998``, ``[::1]:9998``,
+    ``unix:/run/cacheproxy.sock``; ``over TLS`` or ``from systemd`` after it
+    when its description (``where``) says so."""
+    host = port.getHost()
+    if isinstance(host, (IPv4Address, IPv6Address)):
+        words = address(host.host, host.port)
+    elif isinstance(host, UNIXAddress):
+        name = host.name
+        words = "unix:" + (os.fsdecode(name) if name is not None else "?")
+    else:
+        words = where
+    how = {"ssl": " over TLS", "systemd": " (a socket from systemd)"}.get(kind(where), "")
+    return words + how
+
+
+@implementer(IStreamServerEndpoint)
+class PatientEndpoint:
+    """Listens on ``endpoint``, trying again every `RETRY` seconds for up to
+    ``patience`` seconds while it cannot: a new worker's admin site, whose
+    address the worker it replaces holds until it has drained."""
+
+    RETRY = 0.1
+
+    def __init__(self, endpoint: IStreamServerEndpoint, clock: IReactorTime, patience: float):
+        self.endpoint = endpoint
+        self.clock = clock
+        self.patience = patience
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        deadline = self.clock.seconds() + self.patience
+
+        def attempt() -> defer.Deferred[Any]:
+            return self.endpoint.listen(factory).addErrback(again)
+
+        def again(failure: Failure) -> Any:
+            failure.trap(CannotListenError)
+            if self.clock.seconds() >= deadline:
+                return failure
+            return task.deferLater(self.clock, self.RETRY, attempt)
+
+        return attempt()

@@ -10,15 +10,13 @@ from typing import Any
 
 from twisted.application import service
 
-from .compose import Listen, makeProxyService, makeServerService, tcp_listener
+from .compose import Listen, endpoint_listener, makeProxyService, makeServerService
 from .options import CommonOptions, ProxyOptions, ServerOptions
-from .startup import check_bindable
 
 
 @dataclass(frozen=True)
 class TapEntry:
-    """What a twistd ``ServiceMaker`` looks up by name: options and a maker.
-    Through it, twistd checks that the service can listen before making it."""
+    """What a twistd ``ServiceMaker`` looks up by name: options and a maker."""
 
     Options: type[CommonOptions]
     make: Callable[[Any, Any, Listen], service.IService]
@@ -28,8 +26,7 @@ class TapEntry:
         # when the plugin loads would install the default one first.
         from twisted.internet import reactor
 
-        check_bindable(config.tapname, config["interface"], config["port"])
-        return self.make(config, reactor, tcp_listener(reactor))
+        return self.make(config, reactor, endpoint_listener(reactor))
 
 
 server = TapEntry(ServerOptions, makeServerService)

@@ -2,6 +2,12 @@
 connections, opened through a `ClientCreator` Deferred chain, with retries
 for connection failures and one timeout over the whole attempt.
 
+Over TLS (``--server tls:HOST:PORT``) the chain is ``ClientCreator.connectSSL``
+with Twisted's ``optionsForClientTLS``, and a connection joins the pool only
+once its handshake has verified the server's certificate
+(`transport.tls.connect_tls`): a certificate that does not verify fails the
+miss at once, with no retry, since retrying cannot fix it.
+
 Every request is tagged (PROTOCOL.md 6). A connection whose answers carry
 ``L`` and echo our tags is kept, reused and may be pipelined; a connection
 whose answer does not (a course server, or a middlebox that drops the tags)
@@ -12,7 +18,7 @@ taken for a later request's.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
@@ -23,6 +29,7 @@ from zope.interface import implementer
 from ..transport import wire
 from ..transport.addresses import address
 from ..transport.frameclient import FrameClient, OutOfStepError, ProtocolError
+from ..transport.tls import AwaitsHandshake, TLSError, connect_tls
 from .interfaces import IConnector, IFetcher, IUpstreamServer
 
 log = Logger()
@@ -117,7 +124,7 @@ class UpstreamProtocol(FrameClient):
                 self._fail(OutOfStepError(f"untagged answer {why}"))
                 return
             # Its one answer is delivered; it takes no other request.
-            self.transport.loseConnection()
+            self.closeAfterSending()
         self.framed = framed
         if self.pool is not None:
             self.pool.learned(framed)
@@ -135,6 +142,10 @@ class UpstreamProtocol(FrameClient):
         if self.pool is not None:
             self.pool.lost(self)
         super().connectionLost(reason)
+
+
+class TLSUpstreamProtocol(AwaitsHandshake, UpstreamProtocol):
+    """One connection to the server over TLS, usable once its handshake is done."""
 
 
 class _Cancellable(Protocol):
@@ -179,17 +190,27 @@ class _Fetch:
 @implementer(IConnector)
 class TCPConnector:
     """Opens connections to a server over TCP through a `ClientCreator`
-    Deferred chain, each attempt bounded by ``timeout``."""
+    Deferred chain, each attempt bounded by ``timeout``; over TLS when given
+    ``tls``, the client options of `transport.tls.client_options`."""
 
-    def __init__(self, reactor: IReactorTCP, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(
+        self, reactor: IReactorTCP, host: str, port: int, timeout: float = 10.0, tls: Any = None
+    ) -> None:
+        self.reactor = reactor
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.tls = tls
+        #: How every figure names the server, over TCP or TLS alike.
         self.address = address(host, port)
         self._creator = protocol.ClientCreator(reactor, UpstreamProtocol)
 
     def connect(self) -> defer.Deferred[UpstreamProtocol]:
-        return self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        if self.tls is None:
+            return self._creator.connectTCP(self.host, self.port, timeout=self.timeout)
+        return connect_tls(
+            self.reactor, TLSUpstreamProtocol, self.host, self.port, self.tls, self.timeout
+        )
 
 
 @implementer(IFetcher, IUpstreamServer)
@@ -451,7 +472,7 @@ class UpstreamPool:
         if reason.check(defer.CancelledError):
             return
         fetch.why = _reason(reason.value)
-        if fetch.attempt >= self.attempts:
+        if fetch.attempt >= self.attempts or reason.check(TLSError):
             fetch.pending = None
             fetch.settle(
                 UpstreamError(
@@ -556,7 +577,7 @@ class UpstreamPool:
         """Close every idle connection (on shutdown)."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            conn.transport.loseConnection()
+            conn.closeAfterSending()
 
 
 class _Unqueue:

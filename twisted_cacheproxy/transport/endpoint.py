@@ -16,8 +16,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import defer, tcp
-from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet import defer, tcp, unix
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -60,7 +60,7 @@ class BatchedWrites:
     def closeAfterSending(self) -> None:
         """Close the connection once every message sent so far has left."""
         self._flush()
-        self.transport.loseConnection()
+        super().closeAfterSending()  # type: ignore[misc]
 
     def handleBuffered(self) -> None:
         self._outgoing = []
@@ -162,12 +162,12 @@ class _Port(tcp.Port):
         self.startReading()
 
 
-class AdoptedPort(_Port):
-    """A listening socket handed in by the parent: accepted from, never
-    bound, and never shut down on stopping (the other workers still use it).
-    It accepts one connection each time the socket is readable, as nginx does
-    with ``multi_accept off``: every worker is woken, and the one that is
-    free takes the connection, instead of the first one awake taking a
+class _Adopted(tcp.Port):
+    """A listening socket handed in by a parent process (`adopted`): accepted
+    from, never bound, and never shut down on stopping (other workers still
+    use it). It accepts one connection each time the socket is readable, as
+    nginx does with ``multi_accept off``: every worker is woken, and the one
+    that is free takes the connection, instead of the first one awake taking a
     whole burst (Twisted's port accepts up to ``numberAccepts`` at once)."""
 
     @property
@@ -179,19 +179,60 @@ class AdoptedPort(_Port):
         """Twisted raises its accept batch after a full one; ours stays 1."""
 
     def startListening(self) -> None:
+        """Accept from the socket as it is (its backlog is the parent's),
+        without Twisted's ``starting on`` line."""
         tcp._reservedFD.reserve()
         skt = self._preexistingSocket
         if skt is None:
             raise CannotListenError(self.interface, self.port, OSError("no socket"))
         self._preexistingSocket = None
         self._shouldShutdown = False
-        self._realPortNumber = skt.getsockname()[1]
+        if skt.family != socket.AF_UNIX:
+            self._realPortNumber = skt.getsockname()[1]
         factory: Any = self.factory
         factory.doStart()
         self.connected = True
         self.socket = skt
         self.fileno = skt.fileno  # type: ignore[method-assign]
         self.startReading()
+
+
+class AdoptedPort(_Adopted, _Port):
+    """An adopted TCP socket, with `SendAtOnceServer` connections."""
+
+
+class AdoptedUNIXPort(_Adopted, unix.Port):
+    """An adopted UNIX socket (Twisted's connections: no TCP to tune)."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Close it, but leave its path: the parent that bound it removes it."""
+        tcp.Port.connectionLost(self, reason)
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """Listens on a listening socket that a parent process bound and handed
+    in (TCP over IPv4 or IPv6, with `SendAtOnceServer` connections, or UNIX):
+    `_Adopted` says how it shares it."""
+
+    def __init__(self, reactor: Any, skt: socket.socket) -> None:
+        self.reactor = reactor
+        self.socket = skt
+
+    def listen(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        return defer.execute(self._listen, protocolFactory)
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        skt = self.socket
+        skt.setblocking(False)
+        port: tcp.Port
+        if skt.family == socket.AF_UNIX:
+            port = AdoptedUNIXPort(skt.getsockname(), factory, reactor=self.reactor)
+        else:
+            port = AdoptedPort(0, factory, 0, skt.getsockname()[0], self.reactor)
+        port._preexistingSocket = skt
+        port.startListening()
+        return port
 
 
 @implementer(IStreamServerEndpoint)
@@ -219,19 +260,45 @@ class TCPServerEndpoint:
 class SendAtOnceParser:
     """The ``sendatonce:`` endpoint string, for `serverFromString` and every
     Twisted program that takes endpoint strings (``twistd web --listen``...):
-    ``sendatonce:PORT[:interface=ADDRESS][:backlog=N]``, a `TCPServerEndpoint`."""
+    ``sendatonce:PORT[:interface=ADDRESS][:backlog=N]``, a `TCPServerEndpoint`;
+    ``sendatonce6:`` is the same on ``::`` unless told otherwise (as ``tcp6:``)."""
 
-    prefix = "sendatonce"
+    def __init__(self, prefix: str = "sendatonce", interface: str = "") -> None:
+        self.prefix = prefix
+        self.interface = interface
 
     def parseStreamServer(  # type: ignore[override]
-        self, reactor: IReactorTCP, port: str, interface: str = "", backlog: str = "511"
+        self, reactor: IReactorTCP, port: str, interface: str | None = None, backlog: str = "511"
     ) -> TCPServerEndpoint:
         """The endpoint for the string's arguments (the interface's name and
         the backlog are keyword arguments, as with ``tcp:``)."""
-        return TCPServerEndpoint(reactor, integer(port), interface, integer(backlog))
+        where = self.interface if interface is None else interface
+        return TCPServerEndpoint(reactor, integer(port), where, integer(backlog))
 
 
 def description(port: int, interface: str = "", backlog: int = 511) -> str:
     """The endpoint string of a `TCPServerEndpoint` (interface quoted: an IPv6
     address has colons)."""
     return f"sendatonce:{port}:interface={quoteStringArgument(interface)}:backlog={backlog}"
+
+
+#: Twisted's TCP endpoint strings, and ours that take the same arguments.
+SEND_AT_ONCE = {"tcp": "sendatonce", "tcp6": "sendatonce6"}
+
+
+def kind(text: str) -> str:
+    """The type of an endpoint string: what comes before its first colon."""
+    return text.partition(":")[0]
+
+
+def server_endpoint(reactor: Any, text: str) -> IStreamServerEndpoint:
+    """Twisted's `serverFromString`, except that ``tcp:`` and ``tcp6:`` get
+    the send-at-once endpoint with the same arguments (``sendatonce:``,
+    ``sendatonce6:``). Every other kind (``unix:``, ``ssl:``, ``systemd:``...)
+    is Twisted's own: its connections write through Twisted's queue, and TLS
+    through its own layer. ValueError, TypeError, KeyError or IndexError when
+    Twisted cannot read the string."""
+    prefix, colon, rest = text.partition(":")
+    if prefix in SEND_AT_ONCE and colon:
+        text = f"{SEND_AT_ONCE[prefix]}:{rest}"
+    return serverFromString(reactor, text)

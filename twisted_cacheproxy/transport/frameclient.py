@@ -97,7 +97,7 @@ class FrameClient(FrameReceiver):
     def endOfInput(self) -> None:
         """The peer will send nothing more: what still waits fails."""
         self._discardInput()
-        self.transport.loseConnection()
+        self.closeAfterSending()
 
     def idle(self) -> None:
         self._abort()

@@ -45,6 +45,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     #: How many bytes must be buffered before a whole frame can be there.
     _need = HEADER_SIZE
     _paused = False
+    #: Registered as the transport's producer (from `connectionMade` to the close).
+    _producing = False
     _held = False
     _full = False
     _broken = False
@@ -78,6 +80,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.setTimeout(self.idleTimeout)
         # We produce responses; the transport tells us when its buffer is full.
         self.transport.registerProducer(self, True)
+        self._producing = True
 
     def dataReceived(self, data: bytes) -> None:
         if self._broken:
@@ -106,7 +109,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         self.transport.write(message)
 
     def closeAfterSending(self) -> None:
-        """Close the connection once every message sent so far has left."""
+        """Close the connection once every message sent so far has left (no
+        longer its producer: a TLS transport closes only once it has none)."""
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _process(self) -> None:

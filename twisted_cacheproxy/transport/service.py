@@ -3,8 +3,10 @@ server's and the proxy's protocols and factories share."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import protocol
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IHalfCloseableDescriptor, IReactorTime
 from twisted.python.failure import Failure
 
 from .endpoint import BatchedWrites
@@ -18,10 +20,48 @@ class ServiceProtocol(BatchedWrites, FrameReceiver):
     into one write (`endpoint.BatchedWrites`)."""
 
     factory: ServiceFactory
+    #: Draining: the close that follows the last answer is a half-close.
+    _draining = False
+    #: Our end-of-file is sent: whatever comes now is read and dropped.
+    _halfClosed = False
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
         super().connectionMade()
+
+    def drain(self) -> None:
+        """Read no more requests: answer those already read, as after an
+        end-of-file from the client, then close."""
+        self._draining = True
+        self.transport.pauseProducing()
+        self.readConnectionLost()
+
+    def closeAfterSending(self) -> None:
+        """Close; while draining, over TCP or a UNIX socket, send an
+        end-of-file after the answers instead and close once the client
+        does: a request it sent meanwhile then meets an end-of-file (never
+        a reset, which the kernel sends when unread bytes meet a close), and
+        the client knows to send it again elsewhere."""
+        if not (self._draining and IHalfCloseableDescriptor.providedBy(self.transport)):
+            super().closeAfterSending()
+            return
+        if self._halfClosed:
+            return
+        self._halfClosed = True
+        self._flush()
+        transport: Any = self.transport
+        transport.loseWriteConnection()
+        transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:
+        if self._halfClosed:
+            self.transport.loseConnection()
+        else:
+            super().readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        if not self._halfClosed:  # our own half-close: wait for the client's
+            super().writeConnectionLost()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.factory.connections.discard(self)
@@ -62,12 +102,11 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
         return len(self.connections)
 
     def drain(self) -> None:
-        """Read no more on any connection: each answers what it has read, as
-        after an end-of-file from its client, then closes (a graceful stop)."""
+        """Read no more requests on any connection: each answers what it has
+        read, then closes (`ServiceProtocol.drain`: a graceful stop)."""
         self.draining = True
         for p in list(self.connections):
-            p.transport.pauseProducing()
-            p.readConnectionLost()
+            p.drain()
 
     def buildProtocol(self, addr: IAddress | None) -> ServiceProtocol | None:
         """A protocol for a new connection, or None (the connection is closed
