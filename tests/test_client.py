@@ -77,6 +77,16 @@ def test_render_error_is_one_line():
     assert render("x", answer) == "Error 500 (RuntimeError): internal server error\n"
 
 
+def test_render_says_when_an_error_answer_came_from_the_proxys_cache():
+    """A cacheable 400 served by the proxy is marked H: the user learns it
+    was not computed again."""
+    error = codec.RemoteError("ZeroDivisionError", "division by zero")
+    answer = Answer(400, True, 65535, error=error, from_cache=True)
+    assert render("1 / 0", answer) == (
+        "Error 400 (ZeroDivisionError): division by zero  (from the proxy's cache)\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("exc", "text"),
     [
@@ -667,7 +677,10 @@ def test_help_shows_every_default_and_what_the_calculator_knows(capsys):
     from twisted_cacheproxy.calculator.expression import CONSTANTS, FUNCTIONS
 
     for name in [*FUNCTIONS, *(c.lower() for c in CONSTANTS)]:
-        assert f" {name}," in text or f" {name} " in text, name
+        assert f" {name}," in text or f" {name} " in text or f" {name}(" in text, name
+    # How each function is called, the number of its arguments included.
+    assert "rand(a, b) (a uniform random number between a and b)" in text
+    assert "log(x[, base])" in text and "max(x, ...)" in text and "pow(x, y[, mod])" in text
 
 
 def test_version_is_ours(capsys):

@@ -269,7 +269,8 @@ def render(text: str, answer: Answer) -> str:
     line for an error."""
     if answer.error is not None:
         e = answer.error
-        return f"Error {answer.status} ({e.kind}): {e.message}\n"
+        where = "  (from the proxy's cache)" if answer.from_cache else ""
+        return f"Error {answer.status} ({e.kind}): {e.message}{where}\n"
     label = "Expression: "
     lines = [f"{label}{text}"]
     lines += [f"{' ' * (len(label) - 2)}= {step}" for step in answer.steps[1:]]
@@ -466,20 +467,37 @@ def _argument(parse: Callable[[str], _T]) -> Callable[[str], _T]:
     return checked
 
 
+def _signature(name: str, low: int, high: int) -> str:
+    """How a function is called: ``sin(x)``, ``log(x[, base])``,
+    ``max(x, ...)``, ``rand(a, b)``."""
+    names = {"log": ("x", "base"), "pow": ("x", "y", "mod"), "rand": ("a", "b")}.get(name, ("x",))
+    args = ", ".join(names[:low])
+    if high > len(names):
+        return f"{name}({args}, ...)"
+    extra = "".join(f"[, {n}]" for n in names[low:high])
+    return f"{name}({args}{extra})"
+
+
 def calculator_help() -> str:
     """What the calculator knows, from the evaluator's own tables."""
-    functions = ", ".join(FUNCTIONS)
     constants = ", ".join(name.lower() for name in CONSTANTS)
     operators = " ".join(BINARY)
-    return "\n\n".join(
-        textwrap.fill(paragraph, 79)
-        for paragraph in (
-            f"Expressions: numbers (42, 3.25, 1.5e-3), the operators {operators}, unary - "
-            f"and +, parentheses, the functions {functions}, and the constants "
-            f"{constants} (in any case).",
-            'Several words are joined into one expression: calc-client sin "(pi/2)".',
-        )
+    calls = [_signature(name, low, high) for name, (_, low, high) in FUNCTIONS.items()]
+    calls[-1] += " (a uniform random number between a and b)"
+    lines = ["  "]
+    for n, call in enumerate(calls):
+        item = call + (", " if n < len(calls) - 1 else ".")
+        if len(lines[-1]) + len(item.rstrip()) > 79:
+            lines[-1] = lines[-1].rstrip()
+            lines.append("  ")
+        lines[-1] += item
+    intro = textwrap.fill(
+        f"Expressions: numbers (42, 3.25, 1.5e-3), the operators {operators}, unary - "
+        f"and +, parentheses, the constants {constants} (in any case), and the functions:",
+        79,
     )
+    example = 'Several words are joined into one expression: calc-client sin "(pi/2)".'
+    return f"{intro}\n" + "\n".join(lines) + f"\n\n{example}"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
