@@ -7,6 +7,17 @@ set -eu
 server_port=${SERVER_PORT:-9999}
 proxy_port=${PROXY_PORT:-9998}
 
+# twistd and calc-client come with the package, in the virtualenv it was
+# installed into: without them on PATH nothing below can work.
+for program in twistd calc-client; do
+    if ! command -v "$program" >/dev/null 2>&1; then
+        echo "demo.sh: $program is not on PATH: activate the virtualenv the package was" \
+            "installed into (. .venv/bin/activate), or install it with:" \
+            "python3 -m venv .venv && . .venv/bin/activate && pip install ." >&2
+        exit 1
+    fi
+done
+
 # Both ports must be free: otherwise the client would talk to whatever
 # already listens there instead of the services started here.
 python3 - "$server_port" "$proxy_port" <<'PY'
@@ -29,6 +40,7 @@ if busy:
 PY
 
 mkdir -p demo-logs
+rm -f demo-logs/server.log demo-logs/proxy.log # each run's logs, not the sum of all
 twistd -n --pidfile= --logfile=demo-logs/server.log cacheserver --port "$server_port" &
 server=$!
 twistd -n --pidfile= --logfile=demo-logs/proxy.log \

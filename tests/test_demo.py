@@ -56,3 +56,22 @@ def test_demo_runs_one_calculation_through_its_own_services(tmp_path):
     for port in (server_port, proxy_port):  # both stopped on the way out
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_demo_says_to_activate_the_virtualenv_when_twistd_is_not_on_path(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        ["sh", str(DEMO), "1 + 1"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("demo.sh: twistd is not on PATH: activate the virtualenv")
+    assert ". .venv/bin/activate" in proc.stderr
+
+
+def test_demo_logs_start_fresh_each_run(tmp_path):
+    logs = tmp_path / "demo-logs"
+    logs.mkdir()
+    (logs / "proxy.log").write_text("an earlier run's line\n")
+    proc = demo(tmp_path, free_port(), free_port(), "6 * 7")
+    assert proc.returncode == 0, proc.stderr
+    assert "an earlier run's line" not in (logs / "proxy.log").read_text()
