@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
 """Benchmark the installed ``twistd cacheserver`` and ``twistd cacheproxy``
-with this repository's load kit (``benchmarks/kit``).
+against peers, and against the load kit's C yardstick.
 
-Builds the kit with the system C compiler (``make``), then runs its matrix
-(``kit/bench.py``): every target started fresh for each run and pinned to
-core 0, the load generator pinned to core 1, the 16-connection runs repeated.
-Prints, for each workload, our figure as median [min..max] of the repeated
-runs and as a ratio to the kit's C yardstick server measured in the same run,
-beside the course's threaded proxy and server from the kit's recorded
-baseline on a machine of the same kind.
+Builds the load kit (``benchmarks/kit``) with the system C compiler, then
+prints two tables. Every run starts its services afresh, pinned to core 0,
+with the kit's load generator pinned to core 1.
 
-    python3 benchmarks/run.py                                 # ~4 min
-    python3 benchmarks/run.py --duration 10 --reps 5          # steadier figures
-    python3 benchmarks/run.py --targets limit,proxy-hit       # a part of the matrix
-    python3 benchmarks/run.py --table benchmarks/out/results.jsonl   # table only
+1. **Peers**, measured in the same run in interleaved pairs (ours, the peer,
+   ours, the peer, ...): a naive threaded server and proxy in the style of
+   the exercise's programs (``peers/naive_server.py``,
+   ``peers/naive_proxy.py``) and the simplest Twisted server, which answers
+   canned bytes (``peers/canned_twisted.py``). Each row gives the median of
+   the pairs' ratios with their range, and the CPU time per request of the
+   services' processes (user + system, from ``/proc``).
+2. **The C yardstick**: the kit's matrix (``kit/bench.py``), our figures as
+   ratios to ``kit/limit_server.c`` measured in the same run.
 
-Any other option goes to ``kit/bench.py`` (for example ``--server-port N``).
+    python3 benchmarks/run.py                         # both tables, ~8 min
+    python3 benchmarks/run.py --quick                 # the peer table from 1-second runs, ~1 min
+    python3 benchmarks/run.py --tables peers --pairs 5 --duration 10   # steadier peer figures
+    python3 benchmarks/run.py --workloads hits,server --tables peers   # some peer rows
+    python3 benchmarks/run.py --table benchmarks/out/peers.jsonl       # a table again
+
+Any other option goes to ``kit/bench.py`` (for example ``--miss-n N``).
 Needs ``twistd`` on the PATH (``pip install .``), ``taskset``, ``make`` and a
 C compiler. Loopback only (127.0.0.1). Not part of the test suite.
 """
@@ -27,19 +34,240 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import time
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 #: The load kit: loadgen.c, limit_server.c, mkframes.py, bench.py, Makefile.
 KIT = os.path.join(HERE, "kit")
-#: Frames, results and the printed table (ignored by git).
+#: The peers' programs.
+PEERS = os.path.join(HERE, "peers")
+#: Frames, results and the printed tables (ignored by git).
 OUT = os.path.join(HERE, "out")
 SERVER = "twistd -n --pidfile= cacheserver --port {port}"
 PROXY = "twistd -n --pidfile= cacheproxy --port {port} --server-port {server_port}"
+
+sys.path.insert(0, KIT)
+import bench  # noqa: E402  (the kit's runner: one fresh, pinned, measured run)
+
+
+def peer_command(script: str, arguments: str) -> str:
+    """The command template that runs one of the peers with this Python."""
+    path = os.path.join(PEERS, script)
+    return f"{shlex.quote(sys.executable)} {shlex.quote(path)} {arguments}"
+
+
+NAIVE_SERVER = peer_command("naive_server.py", "--port {port}")
+NAIVE_PROXY = peer_command("naive_proxy.py", "--port {port} --server-port {server_port}")
+CANNED = peer_command("canned_twisted.py", "--port {port}")
+CANNED_AT_ONCE = peer_command("canned_twisted.py", "--port {port} --send-at-once")
+
+
+class Contender(NamedTuple):
+    """What serves one side of a pair: a name, the kit's target (which
+    frames, whether through a proxy) and the commands that start it."""
+
+    name: str
+    target: str
+    server: str
+    proxy: str | None = None
+
+
+class Row(NamedTuple):
+    """One line of the peer table: ours against ``peer`` by ``measure``
+    (``req/s``: higher is better; ``p99``: lower is better)."""
+
+    workload: str
+    peer: Contender
+    measure: str = "req/s"
+
+
+class Group(NamedTuple):
+    """Runs measured together: ours and each peer in turn, ``pairs`` times."""
+
+    key: str
+    connections: int
+    reconnect: bool
+    ours: Contender
+    rows: tuple[Row, ...]
+
+
+OUR_HITS = Contender("ours", "proxy-hit", SERVER, PROXY)
+NAIVE_HITS = Contender("naive proxy", "proxy-hit", NAIVE_SERVER, NAIVE_PROXY)
+CANNED_SERVER = Contender("canned Twisted", "server", CANNED)
+CANNED_AT_ONCE_SERVER = Contender("canned, at once", "server", CANNED_AT_ONCE)
+GROUPS = (
+    Group(
+        "hits",
+        16,
+        False,
+        OUR_HITS,
+        (
+            Row("cache hits vs the naive threaded proxy", NAIVE_HITS),
+            Row("cache hits vs the canned Twisted server", CANNED_SERVER),
+            Row("cache hits vs the canned server, sendatonce:", CANNED_AT_ONCE_SERVER),
+        ),
+    ),
+    Group(
+        "hits-p99",
+        128,
+        False,
+        OUR_HITS,
+        (
+            Row("hit p99 latency vs the canned Twisted server", CANNED_SERVER, "p99"),
+            Row("hit p99 latency vs the canned server, sendatonce:", CANNED_AT_ONCE_SERVER, "p99"),
+        ),
+    ),
+    Group(
+        "allmiss",
+        16,
+        False,
+        Contender("ours", "proxy-allmiss", SERVER, PROXY),
+        (
+            Row(
+                "every request a miss vs the naive proxy + server",
+                Contender("naive proxy", "proxy-allmiss", NAIVE_SERVER, NAIVE_PROXY),
+            ),
+        ),
+    ),
+    Group(
+        "server",
+        16,
+        False,
+        Contender("ours", "server", SERVER),
+        (Row("our server alone vs the naive server", Contender("naive", "server", NAIVE_SERVER)),),
+    ),
+    Group(
+        "reconnect",
+        16,
+        True,
+        OUR_HITS,
+        (Row("a new connection per request vs the naive proxy", NAIVE_HITS),),
+    ),
+)
+
+
+def run_pairs(group: Group, a: argparse.Namespace, frames_for: dict, sink) -> list[dict]:
+    """Measure ``group``: ours, then each peer, ``a.pairs`` times over. One
+    JSON line per run goes to ``sink``."""
+    rows = []
+    contenders = [group.ours, *(row.peer for row in group.rows)]
+    for pair in range(a.pairs):
+        for c in contenders:
+            settings = argparse.Namespace(
+                label=c.name,
+                server_cmd=c.server,
+                proxy_cmd=c.proxy,
+                server_port=a.server_port,
+                proxy_port=a.proxy_port,
+                limit_port=a.limit_port,
+                duration=a.duration,
+                cwd=None,
+            )
+            r = bench.run_one(
+                settings, c.target, group.connections, group.reconnect, pair, frames_for
+            )
+            r.update(group=group.key, contender=c.name)
+            rows.append(r)
+            sink.write(json.dumps(r) + "\n")
+            sink.flush()
+            print(
+                f"{group.key:<10} pair {pair + 1}/{a.pairs} {c.name:<15} "
+                f"req/s={r['req_per_s']:>9,.0f} p99={r['p99_us']}us "
+                f"errors={r['errors']} status={r['status']} "
+                f"cpu us/request={cpu_per_request(r, SERVICES) or 0:.1f}",
+                flush=True,
+            )
+            time.sleep(a.pause)
+    return rows
+
+
+#: The processes whose CPU time a request costs: the services, not the load.
+SERVICES = ("limit", "server", "proxy")
+
+
+def pair_ratios(ours: list[dict], peer: list[dict], measure: str) -> list[float]:
+    """Our figure over the peer's, for each pair measured (runs matched by
+    their ``rep``): requests per second, or the p99 latency."""
+    field = "req_per_s" if measure == "req/s" else "p99_us"
+    theirs = {r["rep"]: r[field] for r in peer}
+    return [r[field] / theirs[r["rep"]] for r in ours if theirs.get(r["rep"])]
+
+
+def cpu_ratios(ours: list[dict], peer: list[dict]) -> list[float]:
+    """The peer's CPU time per request over ours, for each pair: above 1, a
+    request costs us less of a core."""
+    theirs = {r["rep"]: cpu_per_request(r, SERVICES) for r in peer}
+    out = []
+    for r in ours:
+        mine, other = cpu_per_request(r, SERVICES), theirs.get(r["rep"])
+        if mine and other:
+            out.append(other / mine)
+    return out
+
+
+def ratio_text(values: list[float]) -> str:
+    """``median x [min..max]``, or ``-`` without values."""
+    if not values:
+        return "-"
+    med, lo, hi = spread(values)
+    return f"{med:.2f}x [{lo:.2f}..{hi:.2f}]" if len(values) > 1 else f"{med:.2f}x"
+
+
+def figure_text(runs: list[dict], measure: str) -> str:
+    """The median figure of ``runs``: requests per second or p99 latency."""
+    if measure == "req/s":
+        return f"{statistics.median(r['req_per_s'] for r in runs):,.0f} req/s"
+    return f"{statistics.median(r['p99_us'] for r in runs):,.0f} us p99"
+
+
+def cpu_text(runs: list[dict]) -> str:
+    """The median CPU time per request of ``runs``' services, in us."""
+    values = [v for r in runs if (v := cpu_per_request(r, SERVICES)) is not None]
+    return f"{statistics.median(values):.1f}" if values else "-"
+
+
+def peer_table(rows: list[dict]) -> str:
+    """The peer rows as a Markdown table; warns on stderr of runs with
+    errors, with answers other than 200, or all-miss runs that were not."""
+    for r in rows:
+        if r["errors"] or set(r["status"]) != {"200"}:
+            print(
+                f"warning: {r['group']} / {r['contender']} pair {r['rep'] + 1}: "
+                f"errors {r['errors']}, status {r['status']}",
+                file=sys.stderr,
+            )
+        if r.get("est_miss_pct", 100) < 99.5:
+            print(f"warning: {r['group']} / {r['contender']} was not all misses", file=sys.stderr)
+    lines = [
+        "| workload | connections | ours / peer: median [min..max] of pairs | ours | peer "
+        "| CPU us per request: ours / peer | by CPU: peer's / ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for group in GROUPS:
+        runs = [r for r in rows if r.get("group") == group.key]
+        ours = [r for r in runs if r["contender"] == group.ours.name]
+        for row in group.rows:
+            peer = [r for r in runs if r["contender"] == row.peer.name]
+            if not ours or not peer:
+                continue
+            lower = " (lower is better)" if row.measure == "p99" else ""
+            conns = f"{group.connections}{', reconnect' if group.reconnect else ''}"
+            lines.append(
+                f"| {row.workload}{lower} | {conns} "
+                f"| {ratio_text(pair_ratios(ours, peer, row.measure))} "
+                f"| {figure_text(ours, row.measure)} | {figure_text(peer, row.measure)} "
+                f"| {cpu_text(ours)} / {cpu_text(peer)} "
+                f"| {'-' if row.measure == 'p99' else ratio_text(cpu_ratios(ours, peer))} |"
+            )
+    return "\n".join(lines)
+
 
 # (workload, kit target, connections, mode, what is compared, the course's
 # programs' ratios to the yardstick in the kit's recorded baseline: by
@@ -97,11 +325,12 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def cpu_per_request(run: dict, processes: tuple[str, ...]) -> float | None:
-    """The CPU time ``processes`` together spent per answered request in one
-    run, in us: steadier than throughput on a busy machine, since it leaves
-    out the time a process waited for a core."""
-    fields = [run.get(f"{p}_cpu_pct") for p in processes]
-    if any(f is None for f in fields) or not run["requests"]:
+    """The CPU time (user + system) that those of ``processes`` a run had
+    spent together per answered request, in us; None if it had none of them.
+    Steadier than throughput on a busy machine, since it leaves out the time
+    a process waited for a core."""
+    fields = [f for p in processes if (f := run.get(f"{p}_cpu_pct")) is not None]
+    if not fields or not run["requests"]:
         return None
     return sum(fields) / 100 * run["wall_s"] / run["requests"] * 1e6
 
@@ -117,15 +346,13 @@ def cpu_ratio(runs: list[dict], limit: list[dict]) -> str:
     together): the ratio of requests per second if each had one core to
     itself, which a busy machine disturbs less than throughput."""
     ours = [v for x in runs if (v := cpu_per_request(x, ("server", "proxy"))) is not None]
-    if not ours:
-        ours = [v for x in runs if (v := cpu_per_request(x, ("server",))) is not None]
     base = [v for x in limit if (v := cpu_per_request(x, ("limit",))) is not None]
     if not ours or not base:
         return "-"
     return f"{statistics.median(base) / statistics.median(ours):.3f}x"
 
 
-def table(rows: list[dict]) -> str:
+def yardstick_table(rows: list[dict]) -> str:
     """The workloads' figures and ratios to the yardstick of the same run, as
     a Markdown table; warns on stderr when an all-miss run was not all misses."""
     by = groups(rows)
@@ -167,17 +394,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in limits)
 
 
+def processor() -> str:
+    """The processor's model name, as ``/proc/cpuinfo`` gives it: ratios to
+    the C yardstick depend on it, ratios to the peers much less."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1] for line in f if line.startswith("model name"))
+            return next(names).strip()
+    except (OSError, StopIteration):
+        return "unknown processor"
+
+
 def context() -> str:
     """The machine and software the figures were measured on."""
     commit = subprocess.run(
         ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     try:
         import twisted
 
@@ -186,10 +418,24 @@ def context() -> str:
         twisted_version = "unknown"
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"{today}, commit {commit or 'unknown'}, {os.cpu_count()} cores ({cpu}), "
+        f"{today}, commit {commit or 'unknown'}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, Twisted {twisted_version}, "
         f"{platform.system()} {platform.release()}"
     )
+
+
+def tables(rows: list[dict]) -> str:
+    """The peer table and the yardstick table of ``rows``, each under a
+    heading that names the processor it was measured on."""
+    cpu = processor()
+    peers = [r for r in rows if "group" in r]
+    rest = [r for r in rows if "group" not in r]
+    out = []
+    if peers:
+        out.append(f"Ours against peers, on {cpu}:\n\n{peer_table(peers)}")
+    if rest:
+        out.append(f"Ours against the C yardstick, on {cpu}:\n\n{yardstick_table(rest)}")
+    return "\n\n".join(out)
 
 
 def prepare_kit() -> None:
@@ -197,33 +443,73 @@ def prepare_kit() -> None:
     subprocess.run(["make", "-s", "-C", KIT], check=True)
 
 
+def measure_peers(a: argparse.Namespace, path: str) -> list[dict]:
+    """Run the peer groups ``a.workloads`` names; their rows, also in ``path``."""
+    chosen = [g for g in GROUPS if g.key in a.workloads.split(",")]
+    targets = {c.target for g in chosen for c in (g.ours, *(r.peer for r in g.rows))}
+    for port in (a.server_port, a.proxy_port):
+        if not bench.port_free(port):
+            sys.exit(f"port {port} is in use; pick others with --server-port and --proxy-port")
+    frames_for = bench.make_frames(a.work, targets, a.duration)
+    rows = []
+    with open(path, "w") as sink:
+        for group in chosen:
+            rows += run_pairs(group, a, frames_for, sink)
+    if "proxy-allmiss" in frames_for:
+        os.remove(frames_for["proxy-allmiss"])  # ~38 MB, made again from its seed
+    return rows
+
+
+def measure_yardstick(a: argparse.Namespace, extra: list[str], path: str) -> list[dict]:
+    """Run the kit's matrix (``kit/bench.py``); its rows, also in ``path``."""
+    if os.path.exists(path):
+        os.remove(path)
+    command = [sys.executable, os.path.join(KIT, "bench.py"), "--label", "twisted-cacheproxy"]
+    command += ["--server-cmd", SERVER, "--proxy-cmd", PROXY, "--targets", a.targets]
+    command += ["--duration", str(a.duration), "--reps", str(a.reps)]
+    command += ["--server-port", str(a.server_port), "--proxy-port", str(a.proxy_port)]
+    command += ["--limit-port", str(a.limit_port)]
+    command += ["--work", a.work, "--out", path, *extra]
+    subprocess.run(command, check=True)
+    return load(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--tables", default="peers,yardstick", help="which tables to measure")
+    ap.add_argument("--quick", action="store_true", help="the peer table only, 1-s runs, 2 pairs")
     ap.add_argument("--duration", type=float, default=3, help="seconds per run")
-    ap.add_argument("--reps", type=int, default=3, help="runs of each 16-connection workload")
-    ap.add_argument("--targets", default="limit,server,proxy-hit,proxy-allmiss")
-    ap.add_argument("--table", metavar="JSONL", help="only print the table of an earlier run")
+    ap.add_argument("--pairs", type=int, default=3, help="pairs of runs per peer workload")
+    ap.add_argument("--workloads", default=",".join(g.key for g in GROUPS), help="peer rows")
+    ap.add_argument("--pause", type=float, default=1.0, help="seconds between peer runs")
+    ap.add_argument("--reps", type=int, default=3, help="yardstick: runs of each 16-connection one")
+    ap.add_argument("--targets", default="limit,server,proxy-hit,proxy-allmiss", help="yardstick")
+    ap.add_argument("--server-port", type=int, default=29999)
+    ap.add_argument("--proxy-port", type=int, default=29998)
+    ap.add_argument("--limit-port", type=int, default=29997)
+    ap.add_argument("--work", default=OUT, help="where frames, results and tables go")
+    ap.add_argument("--table", metavar="JSONL", nargs="+", help="only print tables of a run")
     a, extra = ap.parse_known_args()
+    if a.quick:
+        ap.set_defaults(tables="peers", duration=1.0, pairs=2)
+        a, extra = ap.parse_known_args()
     if a.table:
-        print(table(load(a.table)))
+        print(tables([row for path in a.table for row in load(path)]))
         return 0
     for tool in ("twistd", "taskset", "make"):
         if not shutil.which(tool):
             sys.exit(f"needs {tool} on the PATH (twistd: pip install .; taskset: util-linux)")
     prepare_kit()
-    os.makedirs(OUT, exist_ok=True)
-    results = os.path.join(OUT, "results.jsonl")
-    if os.path.exists(results):
-        os.remove(results)
-    command = [sys.executable, os.path.join(KIT, "bench.py"), "--label", "twisted-cacheproxy"]
-    command += ["--server-cmd", SERVER, "--proxy-cmd", PROXY, "--targets", a.targets]
-    command += ["--duration", str(a.duration), "--reps", str(a.reps)]
-    command += ["--work", OUT, "--out", results, *extra]
-    subprocess.run(command, check=True)
-    report = f"Run: {context()}\n\n{table(load(results))}\n"
-    with open(os.path.join(OUT, "table.md"), "w") as f:
+    os.makedirs(a.work, exist_ok=True)
+    rows = []
+    if "peers" in a.tables:
+        rows += measure_peers(a, os.path.join(a.work, "peers.jsonl"))
+    if "yardstick" in a.tables:
+        rows += measure_yardstick(a, extra, os.path.join(a.work, "results.jsonl"))
+    report = f"Run: {context()}\nProcessor: {processor()}\n\n{tables(rows)}\n"
+    with open(os.path.join(a.work, "table.md"), "w") as f:
         f.write(report)
     print("\n" + report)
     return 0

@@ -219,6 +219,29 @@ def run_one(a, target, conns, reconnect, rep, frames_for):
         procs.stop()
 
 
+def make_frames(work, targets, duration, miss_n=5000, allmiss_n=None):
+    """Write the frame files ``targets`` need under ``work/frames``; the file
+    of each target. The proxy-allmiss one has ``allmiss_n`` frames, by
+    default more than a run of ``duration`` seconds sends."""
+    fdir = os.path.join(work, "frames")
+    os.makedirs(fdir, exist_ok=True)
+    hit = os.path.join(fdir, "max_s1_c1.bin")
+    miss = os.path.join(fdir, f"random{miss_n}_s1_c1.bin")
+    mk = [sys.executable, os.path.join(HERE, "mkframes.py")]
+    subprocess.run([*mk, "-o", hit, "--expr", "ex2", "--cache-control", "65535"], check=True)
+    frames_for = {"limit": hit, "server": hit, "proxy-hit": hit}
+    if "proxy-miss" in targets:
+        subprocess.run([*mk, "-o", miss, "--random", str(miss_n), "--seed", "1"], check=True)
+        frames_for["proxy-miss"] = miss
+    if "proxy-allmiss" in targets:
+        if allmiss_n is None:
+            allmiss_n = max(ALLMISS_MIN, int(ALLMISS_PER_S * duration))
+        allmiss = os.path.join(fdir, f"random{allmiss_n}_s1_c1.bin")
+        subprocess.run([*mk, "-o", allmiss, "--random", str(allmiss_n), "--seed", "2"], check=True)
+        frames_for["proxy-allmiss"] = allmiss
+    return frames_for
+
+
 def plan(reps):
     """(conns, reconnect) per run, the 16-connection runs repeated and interleaved."""
     runs = [(1, False, 0), (16, False, 0), (16, True, 0), (128, False, 0)]
@@ -320,23 +343,8 @@ def main():
         if not port_free(p):
             sys.exit(f"port {p} is in use; pick others with --*-port")
     a.out = a.out or os.path.join(a.work, "results.jsonl")
-    fdir = os.path.join(a.work, "frames")
-    os.makedirs(fdir, exist_ok=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    hit = os.path.join(fdir, "max_s1_c1.bin")
-    miss = os.path.join(fdir, f"random{a.miss_n}_s1_c1.bin")
-    mk = [sys.executable, os.path.join(HERE, "mkframes.py")]
-    subprocess.run([*mk, "-o", hit, "--expr", "ex2", "--cache-control", "65535"], check=True)
-    subprocess.run([*mk, "-o", miss, "--random", str(a.miss_n), "--seed", "1"], check=True)
-    frames_for = {"limit": hit, "server": hit, "proxy-hit": hit, "proxy-miss": miss}
-    if "proxy-allmiss" in a.targets:
-        if a.allmiss_n is None:
-            a.allmiss_n = max(ALLMISS_MIN, int(ALLMISS_PER_S * a.duration))
-        allmiss = os.path.join(fdir, f"random{a.allmiss_n}_s1_c1.bin")
-        subprocess.run(
-            [*mk, "-o", allmiss, "--random", str(a.allmiss_n), "--seed", "2"], check=True
-        )
-        frames_for["proxy-allmiss"] = allmiss
+    frames_for = make_frames(a.work, a.targets.split(","), a.duration, a.miss_n, a.allmiss_n)
 
     rows = []
     with open(a.out, "a") as out:
