@@ -17,7 +17,7 @@ with the kit's load generator pinned to core 1.
    ratios to ``kit/limit_server.c`` measured in the same run.
 
     python3 benchmarks/run.py                         # both tables, ~8 min
-    python3 benchmarks/run.py --quick                 # the peer table from 1-second runs, ~1 min
+    python3 benchmarks/run.py --quick                 # the peer table from 1-second runs, ~2 min
     python3 benchmarks/run.py --tables peers --pairs 5 --duration 10   # steadier peer figures
     python3 benchmarks/run.py --workloads hits,server --tables peers   # some peer rows
     python3 benchmarks/run.py --table benchmarks/out/peers.jsonl       # a table again
