@@ -10,18 +10,18 @@ import importlib.util
 import json
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 from helpers import request_frame
-from processes import HOST, ROOT, WAIT, accepting, free_port, wait_for
+from processes import HOST, WAIT, accepting, free_port, read_message, terminate, wait_for
 
 from twisted_cacheproxy.calculator import codec, parser
 from twisted_cacheproxy.transport import wire
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 KIT = ROOT / "benchmarks" / "kit"
 PEERS = ROOT / "benchmarks" / "peers"
 STEPS = ["max(2, 3) + 3", "3 + 3", "6"]
@@ -87,28 +87,16 @@ def peer():
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(WAIT)
+        terminate(proc)
 
 
-def exchange(port: int, *chunks: bytes, answers: int = 1) -> list[tuple[wire.Header, bytes]]:
+def send_and_read(port: int, *chunks: bytes, answers: int = 1) -> list[tuple[wire.Header, bytes]]:
     """Send ``chunks`` (each one ``send``) on one connection to ``port`` and
-    read ``answers`` whole answers, framed by their length."""
-    out, buffer = [], b""
+    read ``answers`` whole answers."""
     with socket.create_connection((HOST, port), timeout=WAIT) as s:
         for chunk in chunks:
             s.sendall(chunk)
-        while len(out) < answers:
-            while len(buffer) >= 12 and len(buffer) >= wire.decode_header(buffer).length:
-                header = wire.decode_header(buffer)
-                out.append((header, buffer[12 : header.length]))
-                buffer = buffer[header.length :]
-            if len(out) < answers:
-                chunk = s.recv(65536)
-                assert chunk, f"closed after {len(out)} answers"
-                buffer += chunk
-    return out[:answers]
+        return [read_message(s) for _ in range(answers)]
 
 
 def legacy(text: str) -> bytes:
@@ -125,7 +113,7 @@ def test_the_naive_server_answers_by_length_in_both_encodings(peer):
     pickled = request_frame(legacy("max(2, 3) + 3"), steps=True)
     text = request_frame("1 / 0")
     split = request_frame("2 ** 10")
-    answers = exchange(port, pickled + text + split[:7], split[7:], answers=3)
+    answers = send_and_read(port, pickled + text + split[:7], split[7:], answers=3)
     (h1, d1), (h2, d2), (h3, d3) = answers
     assert (h1.status, h1.cache, h1.steps, h1.max_age) == (200, True, True, wire.FOREVER)
     assert codec.decode_response(d1) == (6, STEPS)
@@ -145,13 +133,12 @@ def test_the_naive_proxy_serves_hits_from_its_cache_and_never_c0(peer):
     args = ("--port", str(proxy_port), "--server-port", str(server_port))
     peer("naive_proxy.py", *args, port=proxy_port)
     request = request_frame(legacy("max(2, 3) + 3"), steps=True)
-    [(first, data)] = exchange(proxy_port, request)
+    [(first, data)] = send_and_read(proxy_port, request)
     assert (first.status, codec.decode_response(data)) == (200, (6, STEPS))
-    [(c0, _)] = exchange(proxy_port, request_frame(legacy("1 + 1"), cache=False))
+    [(c0, _)] = send_and_read(proxy_port, request_frame(legacy("1 + 1"), cache=False))
     assert c0.status == 200
-    server.send_signal(signal.SIGTERM)
-    server.wait(WAIT)
-    assert exchange(proxy_port, request, request, answers=2) == [(first, data)] * 2
+    terminate(server)
+    assert send_and_read(proxy_port, request, request, answers=2) == [(first, data)] * 2
     refused = [
         request_frame(legacy("1 + 1")),
         request_frame(legacy("max(2, 3) + 3"), steps=True, cache=False, max_age=wire.FOREVER),
@@ -159,7 +146,7 @@ def test_the_naive_proxy_serves_hits_from_its_cache_and_never_c0(peer):
         request_frame(legacy("max(2, 3) + 3"), steps=False),
     ]
     for frame in refused:
-        [(header, data)] = exchange(proxy_port, frame)
+        [(header, data)] = send_and_read(proxy_port, frame)
         assert header.status == 500, frame
         with pytest.raises(codec.RemoteError, match="ConnectionError"):
             codec.decode_response(data)
@@ -175,7 +162,7 @@ def test_the_canned_server_answers_every_whole_request_with_the_yardsticks_bytes
     port = free_port()
     peer("canned_twisted.py", "--port", str(port), *["--send-at-once"] * send_at_once, port=port)
     frame = request_frame(legacy("max(2, 3) + 3"), steps=True)
-    answers = exchange(port, frame * 3 + frame[:5], frame[5:], answers=4)
+    answers = send_and_read(port, frame * 3 + frame[:5], frame[5:], answers=4)
     pickled = bytes.fromhex(
         "80049525000000000000004b065d94288c0d6d617828322c203329202b2033"
         "948c0533202b2033948c0136946586942e"
