@@ -490,12 +490,16 @@ def options(*argv):
     return config
 
 
-def readme_commands(prefix: str) -> list[str]:
-    """The README's example command lines that start with ``prefix``."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    found = []
-    for line in lines:
-        command = line.strip().removeprefix("$ ").split("  #")[0].strip()
-        if line.startswith("    ") and command.startswith(prefix + " "):
+def doc_commands(page: str, prefix: str) -> list[str]:
+    """The command lines of a page's ``sh`` code blocks (``page`` relative
+    to the top of the project: ``docs/running.md``) that start with
+    ``prefix``, without a trailing comment."""
+    found, shell = [], False
+    for line in (ROOT / page).read_text().splitlines():
+        if line.startswith("```"):
+            shell = line == "```sh"
+            continue
+        command = line.split("  #")[0].strip()
+        if shell and command.startswith(prefix + " "):
             found.append(command)
     return found

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import VECTORS, built, options, readme_commands, request_frame, vector_value
+from helpers import VECTORS, built, doc_commands, options, request_frame, vector_value
 from processes import free_port, read_message, script
 
 from twisted_cacheproxy.calculator.parser import parse
@@ -393,13 +393,14 @@ def test_startup_log_is_one_line_with_the_settings(tmp_path):
     )
 
 
-# --- the README's commands, as written --------------------------------------------------------
+# --- docs/running.md's commands, as written ------------------------------------------------
 
 
-def test_readme_daemon_commands_work_one_after_another(tmp_path):
-    """The README's daemon example, from one directory, on ports of our own."""
+def test_running_page_daemon_commands_work_one_after_another(tmp_path):
+    """docs/running.md's daemon example, from one directory, on ports of our own."""
     server_port, proxy_port = free_port(), free_port()
-    daemons = list(dict.fromkeys(c for c in readme_commands("twistd") if "-n" not in c.split()))
+    commands = doc_commands("docs/running.md", "twistd")
+    daemons = list(dict.fromkeys(c for c in commands if "-n" not in c.split() and "--pidfile" in c))
     assert [c.split()[-1] for c in daemons] == ["cacheserver", "cacheproxy"]
     extra = {
         "cacheserver": ["--port", str(server_port)],

@@ -1,6 +1,6 @@
 """The project's files agree with the package and with each other: the
 version in the package, setup.cfg and the changelog, the licence, and the
-README's twistd examples; and the tests' own rules: a missing tool skips a
+twistd examples of docs/running.md; and the tests' own rules: a missing tool skips a
 test on a developer's machine but fails it in CI, and the hypothesis
 profile runs the full example counts in CI and a fifth of them elsewhere."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers import ROOT, examples, hypothesis_profile, readme_commands, require_tool
+from helpers import ROOT, doc_commands, examples, hypothesis_profile, require_tool
 from hypothesis import settings
 
 
@@ -36,14 +36,16 @@ def test_license_and_changelog_match_the_release():
     )
 
 
-def test_readme_twistd_examples_never_share_a_pid_file():
-    """Two twistd started from one directory must not both write twistd.pid."""
-    commands = readme_commands("twistd")
-    assert len(commands) >= 6
-    pidfiles = [c.split("--pidfile")[1].split()[0].lstrip("=") for c in commands]
-    assert all("--pidfile" in c for c in commands)
-    daemon_files = [f for f in pidfiles if f]
-    assert len(set(daemon_files)) == 2  # server.pid and proxy.pid
+def test_running_page_twistd_examples_never_share_a_pid_file():
+    """Two twistd started from one directory must not both write twistd.pid:
+    every example of docs/running.md that starts a service names its pid
+    file (``--pidfile=`` for none), and the daemons' are server.pid and proxy.pid."""
+    commands = doc_commands("docs/running.md", "twistd")
+    services = [c for c in commands if not {"--help", "--version"} & set(c.split())]
+    assert len(services) >= 10
+    assert [c for c in services if "--pidfile" not in c] == []
+    pidfiles = {c.split("--pidfile")[1].split()[0].lstrip("=") for c in services}
+    assert pidfiles - {""} == {"server.pid", "proxy.pid"}
 
 
 def test_require_tool_skips_but_fails_in_ci(monkeypatch):
