@@ -503,3 +503,15 @@ def doc_commands(page: str, prefix: str) -> list[str]:
         if shell and command.startswith(prefix + " "):
             found.append(command)
     return found
+
+
+def status_image():
+    """``docs/status_image.py``, the script that takes the status page's
+    picture, as a module (the browser test starts Chromium as it does)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("status_image", ROOT / "docs" / "status_image.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

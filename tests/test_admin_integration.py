@@ -21,7 +21,7 @@ import time
 
 import pytest
 from helpers import request_frame as frame
-from helpers import require_tool, samples
+from helpers import require_tool, samples, status_image
 from processes import HOST, accepting, free_port, http, read_message, wait_for
 
 pytestmark = pytest.mark.integration
@@ -163,18 +163,8 @@ def test_status_page_in_headless_chromium(twistd, tmp_path):
     ask(proxy.port, frame("1 + 2"), frame("1 + 2"), frame("1 + 2"))
     ask(proxy.port, frame("2 * 3", cache=False))
     url = f"http://{HOST}:{admin}/status"
-    browser = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
+    # Started as the script that takes docs/status.png starts it.
+    browser = [chromium, *status_image().CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(
         [*browser, "--dump-dom", url], capture_output=True, text=True, timeout=60, check=True
     ).stdout
