@@ -422,15 +422,23 @@ def test_a_description_that_cannot_work_is_one_line(text, message):
     assert str(info.value) == message
 
 
-def test_a_taken_tcp_port_is_one_line_before_twistd_goes_on():
+@pytest.mark.parametrize("kind", ["tcp", "ssl"])
+def test_a_taken_tcp_port_is_one_line_before_twistd_goes_on(kind):
+    """Before twistd daemonizes: afterwards, a daemon's waiting parent would
+    never hear of it. TLS listens on TCP too."""
+    import os
     import socket
 
+    import twisted.test
+
+    pem = os.path.join(os.path.dirname(twisted.test.__file__), "server.pem")
+    keys = f":privateKey={pem}:certKey={pem}" if kind == "ssl" else ""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit) as info:
-            built(options("--listen", f"tcp:{port}:interface=127.0.0.1"))
+            built(options("--listen", f"{kind}:{port}:interface=127.0.0.1{keys}"))
     assert str(info.value) == (
         f"cacheserver: cannot listen on 127.0.0.1:{port}: address already in use"
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
@@ -84,12 +84,26 @@ def listeners(config: CommonOptions, reactor: Any) -> list[Listener]:
     for text in config.listens():
         endpoint = _described(config.tapname, "--listen", text, reactor)
         where = text if config["listen"] else address(config["interface"], config["port"])
-        if isinstance(endpoint, TCPServerEndpoint) and endpoint.port:
-            interface = endpoint.interface or "0.0.0.0"
-            check_bindable(config.tapname, interface, endpoint.port)
-            where = address(interface, endpoint.port)
+        bound = _tcp_address(endpoint)
+        if bound is not None:
+            check_bindable(config.tapname, *bound)
+            if isinstance(endpoint, TCPServerEndpoint):
+                where = address(*bound)
         found.append((endpoint, where))
     return found
+
+
+def _tcp_address(endpoint: IStreamServerEndpoint) -> tuple[str, int] | None:
+    """The interface and port a TCP listener (ours, or Twisted's ``ssl:``)
+    will bind, to be checked before twistd daemonizes; None for others and
+    for port 0. Twisted's SSL endpoint keeps them as ``_interface`` and ``_port``."""
+    if isinstance(endpoint, TCPServerEndpoint):
+        interface, port = endpoint.interface, endpoint.port
+    elif isinstance(endpoint, SSL4ServerEndpoint):
+        interface, port = endpoint._interface, endpoint._port
+    else:
+        return None
+    return (interface or "0.0.0.0", port) if port else None
 
 
 def makeServerService(config: ServerOptions, reactor: Any, listen: Listen) -> service.IService:
