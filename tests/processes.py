@@ -103,6 +103,10 @@ class Twistd:
 
     def start(self, wait: float = WAIT) -> Twistd:
         command = [script("twistd"), "-n", "--pidfile=", f"--logfile={self.log}", *self.args]
+        if "--shutdown-grace" not in self.args:
+            # The test's own connections may be left open, and nobody reads
+            # them once it ends: the stop waits a second for them, not 15.
+            command += ["--shutdown-grace", "1"]
         self.proc = subprocess.Popen(
             command,
             cwd=self.cwd,
