@@ -634,3 +634,30 @@ def test_a_purge_that_fails_is_a_500_and_a_logged_failure(proxy_log):
     assert event["log_failure"].check(RuntimeError)
     assert event["log_format"] == "purge of {what} failed"
     proxy_log.remove(event)  # expected: the fixture fails a test on any other
+
+
+def test_two_servers_that_never_answer_count_their_timeouts_as_timeouts():
+    """The balancer's own timeout is a timeout on /metrics, not a bad answer."""
+    from twisted_cacheproxy.proxy.cache import MemoryCache
+    from twisted_cacheproxy.proxy.factory import CacheProxyFactory
+
+    fleet = Fleet(2, timeout=10.0)
+    cache = MemoryCache(1 << 20, fleet.clock)
+    factory = CacheProxyFactory(cache, fleet.balancer, clock=fleet.clock)
+    metrics = ProxyMetrics(factory)
+    factory.observer = metrics
+    d = fleet.balancer.fetch(REQUEST)
+    for connector in fleet.connectors:  # they accept, and never answer
+        for i, attempt in enumerate(connector.attempts):
+            if not attempt.called:
+                connector.accept(i)
+    fleet.clock.advance(10.0)
+    assert d.called
+    d.addErrback(lambda f: None)
+    failures = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in scrape(metrics).items()
+        if name == "cacheproxy_upstream_failures_total"
+    }
+    assert failures["timeout"] == 1 and failures["invalid"] == 0
+    assert sum(failures.values()) == 1
