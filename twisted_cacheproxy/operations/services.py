@@ -109,10 +109,8 @@ class AccessLogService(service.Service):
         self._previous = signal.signal(signal.SIGUSR1, self._signalled)
 
     def _signalled(self, signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
-
-        threads: Any = reactor
-        threads.callFromThread(self.access_log.reopen)
+        # A signal handler: the reopen is queued for the reactor's thread.
+        self.access_log.reactor.callFromThread(self.access_log.reopen)
         # twistd rotates its own log file on SIGUSR1: keep doing that too.
         if callable(self._previous):
             self._previous(signum, frame)
