@@ -327,7 +327,9 @@ class Load:
 
 def test_sighup_under_load_replaces_every_worker_and_loses_nothing(twistd):
     port = free_port()
-    parent = twistd("cacheserver", "--port", str(port), "--workers", "2", port=port)
+    parent = twistd(
+        "cacheserver", "--port", str(port), "--workers", "2", "--shutdown-grace", "15", port=port
+    )
     assert wait_for(lambda: parent.text().count("accepting connections") == 2)
     before = set(children(parent.pid))
     load = Load(port)
@@ -364,6 +366,8 @@ def test_sigterm_answers_the_misses_in_flight_and_healthz_says_503(twistd, stand
         str(server.port),
         "--admin-port",
         str(admin),
+        "--shutdown-grace",
+        "15",
         port=port,
     )
     assert http(admin, "/healthz") == (200, b"ok\n")
