@@ -5,6 +5,7 @@ a close with nothing queued happens at once."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from unittest import mock
 
@@ -108,6 +109,24 @@ def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
     server.transport.write(BIG)
     server.transport.write(b"tail")
     assert (yield received_meanwhile(client, len(BIG) + 4)) == BIG + b"tail"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_the_socket_fails_loses_the_connection_through_twisted(pair):
+    """The at-once send goes straight to the socket: when the peer has reset
+    the connection, the write is queued and Twisted's own write finds the loss."""
+    from twisted.internet import reactor
+
+    client, server = pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset, not an end-of-file
+    server.transport.stopReading()  # so that only the write can find out
+    for _ in range(500):
+        server.transport.write(b"answer")
+        if server.lost is not None:
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    assert server.lost is not None and server.lost.check(error.ConnectionLost)
 
 
 def test_accepted_connections_do_not_wait_for_nagle(pair):

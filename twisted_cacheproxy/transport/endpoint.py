@@ -63,12 +63,15 @@ class BatchedWrites:
         super().closeAfterSending()  # type: ignore[misc]
 
     def handleBuffered(self) -> None:
-        self._outgoing = []
+        outgoing: list[bytes] = []
+        self._outgoing = outgoing
         try:
             super().handleBuffered()  # type: ignore[misc]
         finally:
-            self._flush()
             self._outgoing = None
+            if outgoing:
+                self._outgoingSize = 0
+                self.transport.write(b"".join(outgoing))
 
     def _flush(self) -> None:
         if self._outgoing:
@@ -104,12 +107,17 @@ class SendAtOnceServer(tcp.Server):
 
     def write(self, data: bytes) -> None:
         if data and self._nothingQueued():
-            sent = self.writeSomeData(data)
+            # Straight to the socket: ``writeSomeData`` would add a memoryview
+            # and ``untilConcludes``, a retry on EINTR that Python makes itself.
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                # Would block, or the connection is lost: the queued write
+                # tries again once the socket is writable, and finds out.
+                sent = 0
             if sent == len(data):
                 return
-            if type(sent) is int:
-                data = data[sent:]
-            # Otherwise the connection is lost; the queued write finds out.
+            data = data[sent:]
         super().write(data)
 
     def loseConnection(self) -> None:
