@@ -16,7 +16,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .wire import HEADER, HEADER_SIZE, MAX_MESSAGE_SIZE, Header
+from .wire import HEADER, HEADER_SIZE, MAX_MESSAGE_SIZE, Header, make_header
 
 
 @implementer(IHalfCloseableProtocol)
@@ -129,9 +129,6 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     def handleBuffered(self) -> None:
         """Hand the whole frames buffered to `frameReceived` (within the turn
         budget): what a subclass wraps to act once per read or turn."""
-        self._handleFrames()
-
-    def _handleFrames(self) -> None:
         pieces = self._pieces
         if not pieces:
             return
@@ -145,7 +142,7 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
                 # Other connections get their turn before the rest of ours.
                 self._nextTurn = self.callLater(0, self._resumeTurn)
                 break
-            header = Header._make(HEADER.unpack_from(buf, offset))
+            header = make_header(HEADER.unpack_from(buf, offset))
             length = header.length
             if length < HEADER_SIZE or length > self.maxMessageSize:
                 self._discardInput()
@@ -167,11 +164,14 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
             if self._broken or self.transport is None or self.transport.disconnecting:
                 self._discardInput()
                 return
-        rest = buf[offset:] if offset else buf
         pieces.clear()
+        if offset == end:  # the usual read: whole frames, nothing left over
+            self._size = 0
+            self._need = HEADER_SIZE
+            return
+        rest = buf[offset:] if offset else buf
         self._size = len(rest)
-        if rest:
-            pieces.append(rest)
+        pieces.append(rest)
         self._need = _length_at(rest) if len(rest) >= HEADER_SIZE else HEADER_SIZE
 
     def _discardInput(self) -> None:
