@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol, task, tcp
 
 from twisted_cacheproxy.transport.endpoint import SendAtOnceServer, TCPServerEndpoint
 
@@ -127,6 +127,17 @@ def test_a_write_the_socket_fails_loses_the_connection_through_twisted(pair):
             break
         yield task.deferLater(reactor, 0.01, lambda: None)
     assert server.lost is not None and server.lost.check(error.ConnectionLost)
+
+
+def test_a_connection_holds_twisteds_defaults_itself(pair):
+    """What each write and read looks at is set on the connection, with the
+    values Twisted's classes give: a release that renamed one or changed its
+    default would show here."""
+    _client, server = pair
+    names = ("TLS", "disconnecting", "_aborting", "_writeDisconnected", "dataBuffer", "offset")
+    for name in (*names, "bufferSize"):
+        assert name in vars(server.transport)
+        assert getattr(server.transport, name) == getattr(tcp.Server, name)
 
 
 def test_accepted_connections_do_not_wait_for_nagle(pair):

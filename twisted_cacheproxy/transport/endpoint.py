@@ -91,6 +91,10 @@ class SendAtOnceServer(tcp.Server):
         super().__init__(*args, **kwargs)
         # Answers are whole messages: never hold one back for Nagle.
         self.setTcpNoDelay(True)
+        # Twisted's class-level defaults of what each write and read looks
+        # at, set on the connection itself: found quicker there.
+        self.TLS = self.disconnecting = self._aborting = self._writeDisconnected = False
+        self.dataBuffer, self.offset, self.bufferSize = b"", 0, self.bufferSize
 
     def _nothingQueued(self) -> bool:
         """Nothing waits to be written, so a write or a close may go at once

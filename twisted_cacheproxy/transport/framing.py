@@ -39,27 +39,34 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
     idleTimeout: float | None = None
     #: Where the turn budget reads the time (the reactor unless a factory says).
     clock: IReactorTime | None = None
-    #: Received bytes not yet handled, and how many there are.
-    _pieces: list[bytes]
-    _size = 0
-    #: How many bytes must be buffered before a whole frame can be there.
-    _need = HEADER_SIZE
-    _paused = False
-    #: Registered as the transport's producer (from `connectionMade` to the close).
-    _producing = False
-    _held = False
-    _full = False
-    _broken = False
-    _eof = False
-    #: When the last complete message came (or the connection opened).
-    _activeAt = 0.0
-    _nextTurn: IDelayedCall | None = None
     #: Seconds one connection may spend on frames it has buffered before the
     #: reactor serves others: a pipelined batch of heavy requests must not
     #: stall every other client.
     turnBudget = 0.005
+
+    # The state of one connection, set by `makeConnection` on the protocol
+    # itself (every message reads it: an instance's own attribute is found
+    # quicker than a class's default).
+    #: Received bytes not yet handled, and how many there are.
+    _pieces: list[bytes]
+    _size: int
+    #: How many bytes must be buffered before a whole frame can be there.
+    _need: int
+    #: Output backpressure, a hold (`holdInput`), a full input buffer.
+    _paused: bool
+    _held: bool
+    _full: bool
+    #: Registered as the transport's producer (from `connectionMade` to the close).
+    _producing: bool
+    #: Nothing more is read (`_discardInput`); the peer sent end-of-file.
+    _broken: bool
+    _eof: bool
+    #: When the last complete message came (or the connection opened).
+    _activeAt: float
+    #: The fairness turn that will handle the rest of what is buffered.
+    _nextTurn: IDelayedCall | None
     #: Bytes already received after the message being handled.
-    bufferedAfter = 0
+    bufferedAfter: int
 
     @property
     def inputLimit(self) -> int:
@@ -73,6 +80,11 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
 
     def makeConnection(self, transport: Any) -> None:
         self._pieces = []
+        self._size = self.bufferedAfter = 0
+        self._need = HEADER_SIZE
+        self._paused = self._held = self._full = self._producing = self._broken = self._eof = False
+        self._activeAt = 0.0
+        self._nextTurn = None
         super().makeConnection(transport)
 
     def connectionMade(self) -> None:
