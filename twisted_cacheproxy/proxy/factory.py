@@ -275,7 +275,7 @@ class CacheProxyFactory(ServiceFactory):
         age = (
             None if entry is None else entry.servable(self.clock.seconds(), request.header.max_age)
         )
-        if age is None:
+        if entry is None or age is None:
             self._fetch(request, key)
             return
         request.status = SHARED
