@@ -13,6 +13,8 @@ driven in this one process:
 - ``hit``, ``allmiss``, ``server``: over loopback TCP with the real reactor
   (the read path, the send-at-once transport, the pool to the server), one
   client connection sending its next request once the answer is in;
+- ``canned``: the same client against the peers' canned Twisted server on
+  the ``sendatonce:`` endpoint, the floor for ``hit``;
 - add ``--operated`` for the proxy with its metrics and an access log
   (``--access-log``), as an operated proxy runs.
 
@@ -39,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "kit"))
 import mkframes  # noqa: E402  (the kit's request frames, as the course client pickles them)
 
-WORKLOADS = ("hit-data", "hit", "allmiss", "server")
+WORKLOADS = ("hit-data", "hit", "canned", "allmiss", "server")
 #: Where the services listen: a free port on loopback.
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -147,6 +149,20 @@ def run_hit_data(n: int, operated: bool) -> None:
         sys.exit(f"expected {n} answers of {len(answer)} bytes, got {transport.written} bytes")
 
 
+def listen_canned() -> int:
+    """The canned Twisted server of the peers, on the ``sendatonce:`` endpoint
+    as ours listen: what a hit costs a Twisted service that does nothing."""
+    from twisted.internet import endpoints, protocol, reactor
+
+    sys.path.insert(0, os.path.join(HERE, "peers"))
+    from canned_twisted import Canned
+
+    endpoint = endpoints.serverFromString(reactor, "sendatonce:0:interface=127.0.0.1")
+    ports: list = []
+    endpoint.listen(protocol.Factory.forProtocol(Canned)).addCallback(ports.append)
+    return ports[0].getHost().port
+
+
 def run_tcp(workload: str, n: int, operated: bool) -> None:
     """One client connection over loopback TCP, a request at a time."""
     from twisted.application import service
@@ -168,7 +184,9 @@ def run_tcp(workload: str, n: int, operated: bool) -> None:
     top.privilegedStartService()
     top.startService()
     target = getattr(server, "main", server).ports[0].getHost().port
-    if workload != "server":
+    if workload == "canned":
+        target = listen_canned()
+    elif workload != "server":
         config = proxy_options(target, operated)
         proxy = makeProxyService(config, reactor, endpoint_listener(reactor))
         proxy.setServiceParent(top)
