@@ -79,6 +79,8 @@ class FrameReceiver(protocol.Protocol, TimeoutMixin):
         return (self.clock or default_reactor()).callLater(period, func, *args)
 
     def makeConnection(self, transport: Any) -> None:
+        if self.clock is None:  # looked up once, not at every read
+            self.clock = default_reactor()
         self._pieces = []
         self._size = self.bufferedAfter = 0
         self._need = HEADER_SIZE
