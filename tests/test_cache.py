@@ -50,6 +50,18 @@ def test_entry_age_and_freshness():
     assert not e.fresh(500.0)
 
 
+def test_an_entry_is_servable_when_fresh_and_young_enough():
+    e = Entry(b"x", 100.0, 10)
+    assert e.servable(104.5, FOREVER) == 4.5
+    assert e.servable(104.5, 5) == 4.5
+    assert e.servable(104.5, 4) is None  # older than the request accepts
+    assert e.servable(110.0, FOREVER) is None  # past its lifetime
+    assert e.servable(90.0, 1) == 0.0  # never a negative age
+    forever = Entry(b"x", 100.0, FOREVER)
+    assert forever.servable(100.0 + 10 * 365 * 86400, FOREVER) == 10 * 365 * 86400
+    assert forever.servable(130.0, 30) is None
+
+
 def test_forever_entry_is_always_fresh():
     e = Entry(b"x", 100.0, FOREVER)
     assert e.fresh(100.0 + 10 * 365 * 86400)

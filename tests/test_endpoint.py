@@ -5,12 +5,13 @@ a close with nothing queued happens at once."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from unittest import mock
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol, task, tcp
 
 from twisted_cacheproxy.transport.endpoint import SendAtOnceServer, TCPServerEndpoint
 
@@ -108,6 +109,35 @@ def test_what_the_socket_refuses_is_queued_and_follows_in_order(pair):
     server.transport.write(BIG)
     server.transport.write(b"tail")
     assert (yield received_meanwhile(client, len(BIG) + 4)) == BIG + b"tail"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_the_socket_fails_loses_the_connection_through_twisted(pair):
+    """The at-once send goes straight to the socket: when the peer has reset
+    the connection, the write is queued and Twisted's own write finds the loss."""
+    from twisted.internet import reactor
+
+    client, server = pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset, not an end-of-file
+    server.transport.stopReading()  # so that only the write can find out
+    for _ in range(500):
+        server.transport.write(b"answer")
+        if server.lost is not None:
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    assert server.lost is not None and server.lost.check(error.ConnectionLost)
+
+
+def test_a_connection_holds_twisteds_defaults_itself(pair):
+    """What each write and read looks at is set on the connection, with the
+    values Twisted's classes give: a release that renamed one or changed its
+    default would show here."""
+    _client, server = pair
+    names = ("TLS", "disconnecting", "_aborting", "_writeDisconnected", "dataBuffer", "offset")
+    for name in (*names, "bufferSize"):
+        assert name in vars(server.transport)
+        assert getattr(server.transport, name) == getattr(tcp.Server, name)
 
 
 def test_accepted_connections_do_not_wait_for_nagle(pair):

@@ -186,6 +186,20 @@ def test_access_log_line_fields(tmp_path):
     assert miss.split(" ")[5] == "MISS"
 
 
+def test_access_log_asks_a_connection_for_its_peer_once(tmp_path):
+    """An address object per request is costly: each connection's is worked out once."""
+    h = Observed(tmp_path / "access.log")
+    c = h.client()
+    asked = []
+    peer = c.transport.getPeer
+    c.transport.getPeer = lambda: asked.append(1) or peer()
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    c.send(request_frame(X, ts=TS), request_frame(X, ts=TS))
+    lines = h.lines()
+    assert [line.split(" ")[1] for line in lines] == ["192.168.1.1:54321"] * 3
+    assert asked == [1]
+
+
 def test_access_log_quotes_what_could_split_or_forge_a_line(tmp_path):
     h = Observed(tmp_path / "access.log")
     c = h.client()

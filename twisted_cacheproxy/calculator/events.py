@@ -31,7 +31,7 @@ class Served:
         self.started = started
         self.header = header
         self.data = data
-        #: The client's protocol (its transport knows the peer's address).
+        #: The client's protocol (`ServiceProtocol.peer` is its address).
         self.client = client
         self.answer = answer
 

@@ -32,7 +32,6 @@ from twisted.logger import Logger
 from ..calculator.events import Served
 from ..proxy.events import Answered
 from ..transport import payload, wire
-from ..transport.addresses import address
 
 log = Logger()
 
@@ -55,16 +54,6 @@ def quote(data: bytes) -> str:
     if len(text) > MAX_EXPRESSION:
         text = text[:MAX_EXPRESSION] + "..."
     return json.dumps(text, ensure_ascii=True)
-
-
-def peer_of(client: Any) -> str:
-    """``host:port`` of a client protocol's peer (``-`` when unknown)."""
-    try:
-        peer = client.transport.getPeer()
-        host = peer.host
-    except AttributeError:
-        return "-"
-    return address(host, peer.port)
 
 
 class _Stamp:
@@ -99,7 +88,7 @@ def proxy_fields(now: float, event: Answered) -> str:
     encoding = payload.encoding_of(data)
     upstream = "-" if up is None else f"{up * 1000:.3f}"
     return (
-        f"{peer_of(event.client)} {encoding} {_flags(header)} {header.max_age} "
+        f"{event.client.peer} {encoding} {_flags(header)} {header.max_age} "
         f"{event.status.upper()} {wire.status_of(answer)} {len(answer)} "
         f"{(now - event.started) * 1000:.3f} {upstream} {_expression(encoding, data)}"
     )
@@ -110,7 +99,7 @@ def server_fields(now: float, event: Served) -> str:
     cache status and the upstream time."""
     header, answer, encoding = event.header, event.answer, event.encoding
     return (
-        f"{peer_of(event.client)} {encoding} {_flags(header)} {header.max_age} "
+        f"{event.client.peer} {encoding} {_flags(header)} {header.max_age} "
         f"- {wire.status_of(answer)} {len(answer)} {(now - event.started) * 1000:.3f} - "
         f"{_expression(encoding, event.data)}"
     )

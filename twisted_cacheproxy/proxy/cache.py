@@ -39,6 +39,16 @@ class Entry:
         """Whether the answer is within its freshness lifetime (plus ``grace``)."""
         return self.lifetime == FOREVER or now - self.stored < self.lifetime + grace
 
+    def servable(self, now: float, max_age: int) -> float | None:
+        """Its `age` when it is fresh and a request's ``max_age`` (`FOREVER`:
+        any age) accepts it, else None: what a hit checks, in one call."""
+        age = max(0.0, now - self.stored)
+        if (self.lifetime == FOREVER or age < self.lifetime) and (
+            max_age == FOREVER or age < max_age
+        ):
+            return age
+        return None
+
 
 def _block(size: int) -> int:
     """The block CPython's small-object allocator hands out for ``size``

@@ -240,8 +240,8 @@ class CacheProxyFactory(ServiceFactory):
         if accept:
             entry = self.cache.get(key)
             if entry is not None:
-                age = entry.age(started)
-                if entry.fresh(started) and _accepts(accept, age):
+                age = entry.servable(started, accept)
+                if age is not None:
                     answer = _restamp(entry, age, header)
                     if self.observer is not None:
                         self.observer.answered(Answered(HIT, started, header, data, client, answer))
@@ -272,12 +272,10 @@ class CacheProxyFactory(ServiceFactory):
     def _sharedAnswered(self, entry: Entry | None, request: _Request, key: bytes) -> None:
         """After the shared tier's lookup of a miss: its entry if the request
         accepts it (copied into memory), else the server's answer."""
-        now = self.clock.seconds()
-        if entry is None or not entry.fresh(now):
-            self._fetch(request, key)
-            return
-        age = entry.age(now)
-        if not _accepts(request.header.max_age, age):
+        age = (
+            None if entry is None else entry.servable(self.clock.seconds(), request.header.max_age)
+        )
+        if entry is None or age is None:
             self._fetch(request, key)
             return
         request.status = SHARED

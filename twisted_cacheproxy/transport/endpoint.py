@@ -63,12 +63,15 @@ class BatchedWrites:
         super().closeAfterSending()  # type: ignore[misc]
 
     def handleBuffered(self) -> None:
-        self._outgoing = []
+        outgoing: list[bytes] = []
+        self._outgoing = outgoing
         try:
             super().handleBuffered()  # type: ignore[misc]
         finally:
-            self._flush()
             self._outgoing = None
+            if outgoing:
+                self._outgoingSize = 0
+                self.transport.write(b"".join(outgoing))
 
     def _flush(self) -> None:
         if self._outgoing:
@@ -88,6 +91,10 @@ class SendAtOnceServer(tcp.Server):
         super().__init__(*args, **kwargs)
         # Answers are whole messages: never hold one back for Nagle.
         self.setTcpNoDelay(True)
+        # Twisted's class-level defaults of what each write and read looks
+        # at, set on the connection itself: found quicker there.
+        self.TLS = self.disconnecting = self._aborting = self._writeDisconnected = False
+        self.dataBuffer, self.offset, self.bufferSize = b"", 0, self.bufferSize
 
     def _nothingQueued(self) -> bool:
         """Nothing waits to be written, so a write or a close may go at once
@@ -104,12 +111,17 @@ class SendAtOnceServer(tcp.Server):
 
     def write(self, data: bytes) -> None:
         if data and self._nothingQueued():
-            sent = self.writeSomeData(data)
+            # Straight to the socket: ``writeSomeData`` would add a memoryview
+            # and ``untilConcludes``, a retry on EINTR that Python makes itself.
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                # Would block, or the connection is lost: the queued write
+                # tries again once the socket is writable, and finds out.
+                sent = 0
             if sent == len(data):
                 return
-            if type(sent) is int:
-                data = data[sent:]
-            # Otherwise the connection is lost; the queued write finds out.
+            data = data[sent:]
         super().write(data)
 
     def loseConnection(self) -> None:

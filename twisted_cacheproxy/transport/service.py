@@ -9,6 +9,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IAddress, IHalfCloseableDescriptor, IReactorTime
 from twisted.python.failure import Failure
 
+from .addresses import address
 from .endpoint import BatchedWrites
 from .framing import FrameReceiver, default_reactor
 from .wire import MAX_MESSAGE_SIZE
@@ -26,8 +27,24 @@ class ServiceProtocol(BatchedWrites, FrameReceiver):
     _halfClosed = False
 
     def connectionMade(self) -> None:
+        self._peer: str | None = None
         self.factory.connections.add(self)
         super().connectionMade()
+
+    @property
+    def peer(self) -> str:
+        """The client's ``host:port`` (``-`` when its address has none, as a
+        UNIX socket's), as the logs show it: worked out once, not for every
+        request (each ``getPeer`` makes an address object). Kept as a plain
+        attribute (``cached_property`` would make every other attribute of
+        the protocol slower to read, by writing to its ``__dict__``)."""
+        if self._peer is None:
+            try:
+                found = self.transport.getPeer()
+                self._peer = address(found.host, found.port)
+            except AttributeError:
+                self._peer = "-"
+        return self._peer
 
     def drain(self) -> None:
         """Read no more requests: answer those already read, as after an
