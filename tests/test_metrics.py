@@ -10,7 +10,7 @@ import json
 import pytest
 from helpers import TS, answer, error_answer, request_frame, scrape, success_of
 from proxyharness import REQUEST, Fleet, Harness, X, Y, Z
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import server
@@ -198,6 +198,15 @@ def test_access_log_asks_a_connection_for_its_peer_once(tmp_path):
     lines = h.lines()
     assert [line.split(" ")[1] for line in lines] == ["192.168.1.1:54321"] * 3
     assert asked == [1]
+
+
+def test_access_log_shows_a_dash_for_a_peer_without_host_and_port(tmp_path):
+    """A client on a UNIX socket has no host and port: its lines say ``-``."""
+    h = Observed(tmp_path / "access.log")
+    c = h.client()
+    c.transport.getPeer = lambda: UNIXAddress(None)
+    h.miss(c, request_frame(X, ts=TS), answer(3))
+    assert [line.split(" ")[1] for line in h.lines()] == ["-"]
 
 
 def test_access_log_quotes_what_could_split_or_forge_a_line(tmp_path):
