@@ -962,3 +962,42 @@ def test_the_colouring_rules_on_a_miss_and_a_hit(live, services, capture, tmp_pa
         [HANDSHAKE] * 3 + [REQUEST_RULE, ANSWER_200],
         [HANDSHAKE] * 3 + [REQUEST_RULE, ANSWER_HIT] + teardown,
     ]
+
+
+# --- the picture of docs/wireshark.md -----------------------------------------------------
+
+
+def test_the_wireshark_picture_of_the_docs_is_made_by_its_script(live, tmp_path):
+    """docs/wireshark_image.py captures the walkthrough's miss, hit and miss
+    and makes docs/wireshark.png of the hit in the real Wireshark."""
+    for name, package in [
+        ("wireshark", "wireshark-qt"),
+        ("Xvfb", "xvfb"),
+        ("xdotool", "xdotool"),
+        ("import", "imagemagick"),
+    ]:
+        helpers.require_tool(name, package, "the Wireshark picture's script")
+    out, pcap = tmp_path / "wireshark.png", tmp_path / "proxy.pcap"
+    command = [sys.executable, str(ROOT / "docs" / "wireshark_image.py")]
+    done = subprocess.run(
+        [*command, "--out", str(out), "--pcap", str(pcap)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    head = out.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (1280, 860)
+    # The ports the script's services listened on: those the SYNs went to.
+    syns = dissect(live, pcap, (), "-Y", "tcp.flags == 0x002", "-T", "fields", "-e", "tcp.dstport")
+    rows = read(live, pcap, ports=sorted({int(p) for p in syns.split()}))
+    hits = [r for r in rows if r["calc.ext.from_cache"] == "1"]
+    assert len(hits) == 1
+    (hit,) = hits
+    request = {r["frame.number"]: r for r in rows}[hit["calc.request_in"]]
+    assert fields(hit, "calc.status", "calc.ext.framed", "calc.result", "calc.steps") == (
+        "200", "1", "6", "max(2, 3) + 3|3 + 3|6",
+    )  # fmt: skip
+    assert fields(request, "calc.flags.request", "calc.expression") == ("1", "max(2, 3) + 3")
+    assert request["calc.response_in"] == hit["frame.number"]
