@@ -115,7 +115,7 @@ class Twistd:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + wait
-        while not accepting(self.port):
+        while not all(map(accepting, self._ports())):
             if self.proc.poll() is not None:
                 raise AssertionError(f"twistd {self.args} exited:\n{self.text()}")
             if time.monotonic() > deadline:
@@ -123,6 +123,16 @@ class Twistd:
                 raise AssertionError(f"twistd {self.args} did not listen:\n{self.text()}")
             time.sleep(0.05)
         return self
+
+    def _ports(self) -> list[int]:
+        """The TCP ports it is started once it accepts on: its service's, and
+        its admin site's (a single process's; each worker's is its own)."""
+        ports = [self.port]
+        if "--admin-port" in self.args and "--workers" not in self.args:
+            admin = int(self.args[self.args.index("--admin-port") + 1])
+            if admin:
+                ports.append(admin)
+        return ports
 
     @property
     def pid(self) -> int:

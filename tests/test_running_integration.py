@@ -78,13 +78,16 @@ def test_a_request_over_a_unix_socket_and_over_ipv6(twistd, tmp_path):
         rf"tcp6:{port6}:interface=\:\:1",
         port=port,
     )
+    # The fixture waits for the first listener; the other two may come a moment later.
+    listening = re.compile(r"listening on (\S+), ")
+    assert wait_for(lambda: len(listening.findall(server.text())) == 3)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(WAIT)
         sock.connect(str(path))
         ask(sock, 1)
     with socket.create_connection(("::1", port6), timeout=WAIT) as sock:
         ask(sock, 2)
-    lines = re.findall(r"listening on (\S+), ", server.text())
+    lines = listening.findall(server.text())
     assert lines == [f"127.0.0.1:{port}", f"unix:{path}", f"[::1]:{port6}"]
     proxy_port = free_port()
     twistd(
