@@ -405,6 +405,20 @@ def test_a_taken_admin_listen_port_is_one_line():
     )
 
 
+def test_an_admin_socket_in_a_missing_folder_is_one_line(tmp_path):
+    """A UNIX socket's listen fails with a plain OSError (its lock file), not
+    Twisted's CannotListenError: the same one line."""
+    path = tmp_path / "missing" / "admin.sock"
+    config = opts.ServerOptions()
+    config.parseOptions(["--admin-listen", f"unix:{path}"])
+    (listener,) = [s for s in built(config) if isinstance(s, services.AdminService)]
+    with pytest.raises(SystemExit) as info:
+        listener.privilegedStartService()
+    assert str(info.value) == (
+        f"cacheserver: cannot listen on unix:{path} (admin site): no such file or directory"
+    )
+
+
 def test_a_workers_derived_admin_port_taken_is_named():
     """With --workers 2 --admin-port P, worker 2's site is on P + 1: the
     message says so, since the user never typed that port."""

@@ -150,6 +150,24 @@ def calc_client(port: int, *argv: str) -> subprocess.CompletedProcess:
     return run([script("calc-client"), "--port", str(port), "--timeout", "10", *argv])
 
 
+@pytest.mark.parametrize("option", ["--listen", "--admin-listen"])
+def test_a_daemon_that_cannot_listen_reports_it_and_exits(tmp_path, option):
+    """Daemonized (no -n), a listener that fails only once twistd has forked
+    still ends the start with an error, never a wait for ever, and the log
+    has the one line."""
+    where, log = f"unix:{tmp_path / 'missing' / 'calc.sock'}", tmp_path / "twistd.log"
+    argv = [script("twistd"), f"--pidfile={tmp_path / 'twistd.pid'}", f"--logfile={log}"]
+    port = ["--port", str(free_port())] if option == "--admin-listen" else []
+    argv += ["cacheserver", *port, option, where]
+    done = run(argv, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "An error has occurred" in done.stderr and "StartupError" in done.stderr
+    role = " (admin site)" if option == "--admin-listen" else ""
+    assert (
+        f"cacheserver: cannot listen on {where}{role}: no such file or directory" in log.read_text()
+    )
+
+
 def test_tls_from_the_client_through_the_proxy_to_the_server(twistd, pki):
     ours, _ = pki
     server = tls_service(twistd, "cacheserver", ours)

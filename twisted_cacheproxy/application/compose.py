@@ -44,6 +44,7 @@ from .settings import proxy_settings, server_settings
 from .startup import (
     ListeningService,
     PatientEndpoint,
+    StartupError,
     cannot_listen_at,
     check_access_log,
     check_bindable,
@@ -333,7 +334,9 @@ def _admin_site(
         config.adminToken, bool(config["admin-token-for-reads"]), frozenset(config["admin-host"])
     )
     web = site(metrics, partial(admin.page, metrics, title), admin.factory, access, admin.purge)
-    return AdminService(endpoint, web, lambda e: cannot_listen_at(name, where, e, role))
+    return AdminService(
+        endpoint, web, lambda e: StartupError(cannot_listen_at(name, where, e, role))
+    )
 
 
 def _described(name: str, option: str, text: str, reactor: Any) -> IStreamServerEndpoint:

@@ -50,13 +50,12 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ..operations.units import plural
-from .startup import listening_at
+from .startup import StartupError, listening_at
 
 #: The first listening socket's descriptor in a worker (the others follow).
 LISTEN_FD = 3
@@ -152,7 +151,7 @@ class WorkersService(service.Service):
         handover: bytes = b"",
         grace: float = 15.0,
         on_listening: Callable[[str], None] | None = None,
-        cannot_listen: Callable[[str, BaseException | str], str] = lambda where, e: str(e),
+        cannot_listen: Callable[[str, object], str] = lambda where, e: str(e),
     ) -> None:
         #: Spawns the workers and times their restarts (typed loosely: the
         #: reactor's interfaces are zope's, and it is several of them).
@@ -191,10 +190,7 @@ class WorkersService(service.Service):
             endpoint.listen(_Unused()).addBoth(outcome.append)
             (result,) = outcome  # every endpoint of ours listens at once
             if isinstance(result, Failure):
-                error: Any = result.value
-                if isinstance(error, CannotListenError):
-                    error = error.socketError
-                raise SystemExit(self.cannot_listen(where, error))
+                raise StartupError(self.cannot_listen(where, result.value))
             result.stopReading()  # the workers accept, never the parent
             self.ports.append((result, where))
         super().privilegedStartService()

@@ -36,8 +36,20 @@ from ..transport.service import ServiceFactory
 from .secretfile import read_secret_file
 
 
-def _reason(e: BaseException | str) -> str:
-    """An OS error in lower-case words: "address already in use"."""
+class StartupError(SystemExit, Exception):
+    """A service that cannot start, in one line, once twistd has daemonized.
+
+    A SystemExit, so that ``twistd -n`` ends with just the line; an Exception
+    too, so that a daemonizing twistd reports it to the parent process that
+    waits for the start (one that is only a SystemExit never reaches it, and
+    that parent waits for ever)."""
+
+
+def _reason(e: object) -> str:
+    """An OS error in lower-case words: "address already in use" (a
+    `CannotListenError` by the socket error inside it)."""
+    if isinstance(e, CannotListenError) and e.socketError is not None:
+        e = e.socketError
     text = getattr(e, "strerror", None) or str(e)
     return text[:1].lower() + text[1:]
 
@@ -48,7 +60,7 @@ def cannot_listen(name: str, interface: str, port: int, e: OSError, role: str = 
     return cannot_listen_at(name, address(interface, port), e, role)
 
 
-def cannot_listen_at(name: str, where: str, e: BaseException | str, role: str = "") -> str:
+def cannot_listen_at(name: str, where: str, e: object, role: str = "") -> str:
     """`cannot_listen` for an address in words (an endpoint description)."""
     where += f" ({role})" if role else ""
     return f"{name}: cannot listen on {where}: {_reason(e)}"
@@ -149,10 +161,7 @@ class ListeningService(service.Service):
             # Every endpoint of ours listens at once; a failure must stop twistd now.
             (result,) = outcome
             if isinstance(result, Failure):
-                error: Any = result.value
-                if isinstance(error, CannotListenError):
-                    error = error.socketError
-                raise SystemExit(cannot_listen_at(self.tapname, where, error))
+                raise StartupError(cannot_listen_at(self.tapname, where, result.value))
             self.ports.append(result)
             if self.announce:
                 self.log.info(

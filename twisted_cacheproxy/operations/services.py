@@ -28,8 +28,8 @@ log = Logger()
 class AdminService(StreamServerEndpointService):
     """Serves the admin site on its endpoint (any Twisted server endpoint).
 
-    A port that cannot be bound stops twistd with the one line that
-    ``cannot_listen`` makes of the error; once it listens, one line says
+    A port that cannot be bound stops twistd with the exception that
+    ``cannot_listen`` makes of the error (one line); once it listens, one line says
     where, and a warning says so when it listens beyond this host's
     loopback without a token."""
 
@@ -41,7 +41,7 @@ class AdminService(StreamServerEndpointService):
         self,
         endpoint: IStreamServerEndpoint,
         site: AdminSite,
-        cannot_listen: Callable[[OSError], str],
+        cannot_listen: Callable[[BaseException], BaseException],
     ) -> None:
         super().__init__(endpoint, site)
         self.site = site
@@ -50,8 +50,8 @@ class AdminService(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
-            raise SystemExit(self.cannot_listen(e.socketError)) from None
+        except (CannotListenError, OSError) as e:  # a UNIX socket's lock: an OSError
+            raise self.cannot_listen(e) from None
         assert self._waitingForPort is not None
         self._waitingForPort.addCallback(self._listening)
 
