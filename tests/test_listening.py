@@ -22,7 +22,12 @@ from zope.interface import implementer
 from twisted_cacheproxy.application.startup import ListeningService, listening_at
 from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 from twisted_cacheproxy.transport import wire
-from twisted_cacheproxy.transport.endpoint import TCPServerEndpoint, kind, server_endpoint
+from twisted_cacheproxy.transport.endpoint import (
+    TCPServerEndpoint,
+    adopted_endpoint,
+    kind,
+    server_endpoint,
+)
 
 pytestmark = pytest.mark.usefixtures("proxy_log")
 
@@ -78,6 +83,48 @@ def test_a_systemd_description_adopts_the_socket_systemd_passed(monkeypatch):
     endpoint = server_endpoint(reactor, "systemd:domain=INET:index=0")
     assert isinstance(endpoint, AdoptedStreamServerEndpoint)
     assert endpoint.fileno == 3
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_worker_adopts_a_tcp_socket_over_tls_when_its_description_says_ssl(tmp_path, tls):
+    """The parent bound a plain TCP socket; the worker's port accepts from it,
+    each connection in TLS made from the description's own files."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    cert = tmp_path / "cert.pem"
+    _self_signed(cert)
+    skt = socket.socket()
+    skt.bind(("127.0.0.1", 0))
+    skt.listen()
+    number = skt.getsockname()[1]
+    keys = f":privateKey={cert}:certKey={cert}" if tls else ""
+    text = f"{'ssl' if tls else 'tcp'}:{number}:interface=127.0.0.1{keys}"
+    factory = CalculatorServerFactory()
+    port = adopted_endpoint(reactor, text, skt).listen(factory).result
+    try:
+        assert port.getHost().port == number
+        if tls:
+            assert isinstance(port.factory, TLSMemoryBIOFactory)
+            assert port.factory.wrappedFactory is factory
+        else:
+            assert port.factory is factory
+    finally:
+        port.stopListening()
+        skt.close()
+
+
+def test_a_worker_reads_the_tls_key_itself(tmp_path):
+    """A key file gone since the parent started is the worker's error, as
+    ``server_endpoint``'s (its command line never holds a key)."""
+    import socket
+
+    from twisted.internet import reactor
+
+    with socket.socket() as skt, pytest.raises(OSError):
+        adopted_endpoint(reactor, f"ssl:0:privateKey={tmp_path}/gone.pem", skt)
 
 
 def _self_signed(path) -> None:

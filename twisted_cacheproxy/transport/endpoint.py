@@ -22,12 +22,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
+    IReactorSSL,
     IReactorTCP,
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
 from twisted.internet.main import CONNECTION_DONE
 from twisted.plugin import IPlugin
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -247,6 +249,36 @@ class AdoptedEndpoint:
         return port
 
 
+@implementer(IReactorSSL)
+class _TLSOnAdopted:
+    """What Twisted's ``ssl:`` endpoint listens through in a worker: its
+    ``listenSSL`` does what the reactor's does (the factory wrapped in TLS,
+    each connection its own TLS session) on the adopted socket instead of a
+    port of its own, so the description's key, certificate and TLS options
+    are Twisted's, read by the worker itself."""
+
+    def __init__(self, reactor: Any, skt: socket.socket) -> None:
+        self.reactor = reactor
+        self.socket = skt
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: IProtocolFactory,
+        contextFactory: Any,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> IListeningPort:
+        """Accept from the adopted socket, over TLS (the port, backlog and
+        interface are the parent's, which bound it)."""
+        tls = TLSMemoryBIOFactory(contextFactory, False, factory)
+        return AdoptedEndpoint(self.reactor, self.socket)._listen(tls)
+
+    def connectSSL(self, *args: Any, **kwargs: Any) -> Any:
+        """Never used: a listening endpoint connects nowhere."""
+        raise NotImplementedError("a worker's TLS listener connects nowhere")
+
+
 @implementer(IStreamServerEndpoint)
 class TCPServerEndpoint:
     """Listens like ``TCP4ServerEndpoint``, with `SendAtOnceServer` connections."""
@@ -314,3 +346,13 @@ def server_endpoint(reactor: Any, text: str) -> IStreamServerEndpoint:
     if prefix in SEND_AT_ONCE and colon:
         text = f"{SEND_AT_ONCE[prefix]}:{rest}"
     return serverFromString(reactor, text)
+
+
+def adopted_endpoint(reactor: Any, text: str, skt: socket.socket) -> IStreamServerEndpoint:
+    """The endpoint of a listening socket handed in by the parent that
+    listened on the description ``text``: an `AdoptedEndpoint`, over TLS for
+    an ``ssl:`` description (its files are read now: the errors are those of
+    `server_endpoint`)."""
+    if kind(text) == "ssl":
+        return serverFromString(_TLSOnAdopted(reactor, skt), text)
+    return AdoptedEndpoint(reactor, skt)
