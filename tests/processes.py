@@ -13,12 +13,14 @@ import pathlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from helpers import request_frame
 from twisted.internet import defer
@@ -347,9 +349,28 @@ def answer(sock: socket.socket, k: int) -> int:
     return header.status
 
 
-def connections_on_each(port: int, pids: list[int], burst: int = 40, bursts: int = 5):
-    """Open connections, each with one answer, in bursts until every worker
-    holds some (at most ``bursts`` bursts), by the worker holding each.
+#: A client socket as a test uses it: as connected, or wrapped in TLS (`tls_wrap`).
+Wrap = Callable[[socket.socket], socket.socket]
+
+
+def plain(sock: socket.socket) -> socket.socket:
+    """A connection as it is: plain text."""
+    return sock
+
+
+def tls_wrap(cafile: str) -> Wrap:
+    """Wraps a connection to 127.0.0.1 in TLS (the handshake done at once),
+    trusting the CA in ``cafile``."""
+    context = ssl.create_default_context(cafile=cafile)
+    return lambda sock: context.wrap_socket(sock, server_hostname=HOST)
+
+
+def connections_on_each(
+    port: int, pids: list[int], burst: int = 40, bursts: int = 5, wrap: Wrap = plain
+):
+    """Open connections (each through ``wrap``), each with one answer, in
+    bursts until every worker holds some (at most ``bursts`` bursts), by the
+    worker holding each.
 
     The kernel queues a burst and each worker takes one connection per
     wakeup, so a burst is usually shared; but connections that stay idle
@@ -357,7 +378,7 @@ def connections_on_each(port: int, pids: list[int], burst: int = 40, bursts: int
     followed by another."""
     by_worker: dict[int, list[socket.socket]] = {pid: [] for pid in pids}
     for _ in range(bursts):
-        socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(burst)]
+        socks = [wrap(socket.create_connection((HOST, port), timeout=10)) for _ in range(burst)]
         for k, sock in enumerate(socks):
             answer(sock, k)
         for sock, pid in zip(socks, owners(socks, pids), strict=True):
@@ -368,11 +389,12 @@ def connections_on_each(port: int, pids: list[int], burst: int = 40, bursts: int
     return by_worker
 
 
-def answers_across_sigterm(parent, texts: list[str]) -> list[bytes]:
-    """Pipeline ``texts`` on one connection, SIGTERM the parent after the
-    first answer, and read until the connection closes: every answer's data
-    (each a 200). The parent must exit well within the grace period."""
-    sock = socket.create_connection((HOST, parent.port), timeout=10)
+def answers_across_sigterm(parent, texts: list[str], wrap: Wrap = plain) -> list[bytes]:
+    """Pipeline ``texts`` on one connection (through ``wrap``), SIGTERM the
+    parent after the first answer, and read until the connection closes:
+    every answer's data (each a 200). The parent must exit well within the
+    grace period."""
+    sock = wrap(socket.create_connection((HOST, parent.port), timeout=10))
     with sock:
         sock.sendall(b"".join(request_frame(text) for text in texts))
         header, data = read_message(sock)

@@ -381,9 +381,9 @@ def test_without_listen_the_port_is_a_tcp_description():
             "--listen 9998: not an endpoint description (tcp:9998 for a TCP port)",
         ),
         (
-            ["--workers", "2", "--listen", "ssl:9443:privateKey=k.pem"],
-            "--listen ssl:9443:privateKey=k.pem cannot go with --workers: the workers can be "
-            "handed a listening socket (tcp:, tcp6:, unix:, systemd:), not a ssl: endpoint",
+            ["--workers", "2", "--listen", "onion:443"],
+            "--listen onion:443 cannot go with --workers: the workers can be handed a "
+            "listening socket (tcp:, tcp6:, unix:, systemd:, ssl:), not a onion: endpoint",
         ),
     ],
 )
@@ -394,7 +394,13 @@ def test_listen_refusals(argv, message):
 
 
 @pytest.mark.parametrize(
-    "text", ["tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock", "systemd:domain=INET:index=0"]
+    "text",
+    [
+        "tcp:0:interface=127.0.0.1",
+        "unix:/tmp/x.sock",
+        "systemd:domain=INET:index=0",
+        "ssl:0:privateKey=k.pem:certKey=c.pem",
+    ],
 )
 def test_workers_take_the_sockets_they_can_be_handed(text):
     assert options("--workers", "2", "--listen", text)["listen"] == [text]
@@ -420,6 +426,16 @@ def test_a_description_that_cannot_work_is_one_line(text, message):
     with pytest.raises(SystemExit) as info:
         built(options("--listen", text))
     assert str(info.value) == message
+
+
+def test_a_tls_key_that_cannot_be_read_is_one_line_with_workers_too():
+    """The parent reads the key before twistd daemonizes, as one process does."""
+    text = "ssl:9443:privateKey=/nowhere/k.pem"
+    with pytest.raises(SystemExit) as info:
+        built(options("--workers", "2", "--listen", text))
+    assert str(info.value) == (
+        f"cacheserver: --listen {text}: No such file or directory: /nowhere/k.pem"
+    )
 
 
 @pytest.mark.parametrize("kind", ["tcp", "ssl"])

@@ -26,12 +26,15 @@ from processes import (
     WAIT,
     Twistd,
     accepting,
+    answers_across_sigterm,
     children,
+    connections_on_each,
     free_port,
     http,
     read_message,
     script,
     terminate,
+    tls_wrap,
     wait_for,
 )
 
@@ -236,6 +239,66 @@ def test_a_protocol_error_inside_tls_is_one_400_then_close(twistd, pki):
         header, data = read_message(sock)
         assert header.status == 400 and b"impossible message length 5" in data
         assert sock.recv(100) == b""  # then the close
+
+
+def tls_workers(twistd, folder: pathlib.Path) -> Twistd:
+    """``cacheserver --workers 2`` on an ``ssl:`` listener, both workers accepting."""
+    parent = tls_service(twistd, "cacheserver", folder, "--workers", "2")
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    return parent
+
+
+def test_workers_on_a_tls_port_each_answer_over_tls_and_never_in_plain_text(twistd, pki):
+    ours, _ = pki
+    parent = tls_workers(twistd, ours)
+    cafile = str(ours / "ca.pem")
+    pids = children(parent.pid)
+    assert len(pids) == 2
+    by_worker = connections_on_each(parent.port, pids, wrap=tls_wrap(cafile))
+    try:
+        assert all(by_worker.values()), {p: len(s) for p, s in by_worker.items()}
+    finally:
+        for socks in by_worker.values():
+            for sock in socks:
+                sock.close()
+    done = calc_client(parent.port, "--tls", "--cafile", cafile, "--no-steps", "6 * 7")
+    assert done.returncode == 0 and "Result: 42  (" in done.stdout
+    plain = calc_client(parent.port, "1 + 1")
+    assert (plain.returncode, plain.stdout) == (2, "")
+    with socket.create_connection((HOST, parent.port), timeout=WAIT) as sock:
+        sock.sendall(request_frame("1 + 1"))
+        assert sock.recv(100) == b""  # not one byte of an answer
+    assert f"listening on 127.0.0.1:{parent.port} over TLS, 2 workers;" in parent.text()
+
+
+def test_sighup_replaces_the_workers_of_a_tls_port_with_the_files_as_they_are_now(twistd, pki):
+    """The new workers read the key and certificate again: a renewed
+    certificate (here one of another CA) is served once they replace the old."""
+    ours, other = pki
+    parent = tls_workers(twistd, ours)
+    before = set(children(parent.pid))
+    for name in ("server.key", "server.pem"):
+        (ours / name).write_bytes((other / name).read_bytes())
+    parent.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "every worker replaced" in parent.text(), WAIT * 2)
+    after = set(children(parent.pid))
+    assert len(after) == 2 and not before & after
+    done = calc_client(
+        parent.port, "--tls", "--cafile", str(other / "ca.pem"), "--no-steps", "1 + 2"
+    )
+    assert done.returncode == 0 and "Result: 3  (" in done.stdout
+    refused = calc_client(parent.port, "--tls", "--cafile", str(ours / "ca.pem"), "1 + 2")
+    assert refused.returncode == 2 and "certificate verify failed" in refused.stderr
+
+
+def test_sigterm_lets_the_workers_of_a_tls_port_finish(twistd, pki):
+    """Pipelined requests already read are all answered over TLS, then the
+    connection closes."""
+    ours, _ = pki
+    parent = tls_workers(twistd, ours)
+    texts = [f"{k} + 1" for k in range(50)]
+    answers = answers_across_sigterm(parent, texts, wrap=tls_wrap(str(ours / "ca.pem")))
+    assert answers == [f'{{"result": {k + 1}, "steps": []}}'.encode() for k in range(50)]
 
 
 # --- systemd --------------------------------------------------------------------------------

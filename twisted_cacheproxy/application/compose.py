@@ -12,6 +12,7 @@ factory, the access log, the stats line and the admin site. With
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -35,7 +36,13 @@ from ..proxy.interfaces import IFetcher
 from ..proxy.sharedcache import SharedCache
 from ..proxy.upstream import TCPConnector, UpstreamPool
 from ..transport.addresses import address, is_loopback_host
-from ..transport.endpoint import TCPServerEndpoint, description, kind, server_endpoint
+from ..transport.endpoint import (
+    TCPServerEndpoint,
+    adopted_endpoint,
+    description,
+    kind,
+    server_endpoint,
+)
 from ..transport.service import ServiceFactory
 from ..transport.tls import client_options
 from .options import CommonOptions, ProxyOptions, Server, ServerOptions
@@ -92,6 +99,29 @@ def listeners(config: CommonOptions, reactor: Any) -> list[Listener]:
                 where = address(*bound)
         found.append((endpoint, where))
     return found
+
+
+def adopted_listeners(
+    config: CommonOptions, reactor: Any, sockets: list[socket.socket]
+) -> list[Listener]:
+    """A worker's listeners: the sockets its parent listens on and handed in,
+    one for each place the options say to listen, in the order of `listeners`
+    (`endpoint.adopted_endpoint`). An ``ssl:`` one speaks TLS with the key and
+    certificate its description names, which the worker reads itself, so no
+    key travels between processes; one line if it cannot read them."""
+    found = []
+    for skt, text in zip(sockets, config.listens(), strict=True):
+        endpoint = _described(
+            config.tapname, "--listen", text, reactor, partial(adopted_endpoint, skt=skt)
+        )
+        found.append((endpoint, _socket_address(skt)))
+    return found
+
+
+def _socket_address(skt: socket.socket) -> str:
+    """A socket's address in words, for a message."""
+    name = skt.getsockname()
+    return f"unix:{name}" if skt.family == socket.AF_UNIX else address(*name[:2])
 
 
 def _tcp_address(endpoint: IStreamServerEndpoint) -> tuple[str, int] | None:
@@ -339,12 +369,18 @@ def _admin_site(
     )
 
 
-def _described(name: str, option: str, text: str, reactor: Any) -> IStreamServerEndpoint:
-    """The endpoint of a description (``--listen``, ``--admin-listen``); one
-    line if Twisted cannot read it, a file it names cannot be read (a TLS
-    key), or systemd passed no such socket."""
+def _described(
+    name: str,
+    option: str,
+    text: str,
+    reactor: Any,
+    parse: Callable[[Any, str], IStreamServerEndpoint] = server_endpoint,
+) -> IStreamServerEndpoint:
+    """The endpoint of a description (``--listen``, ``--admin-listen``) made
+    by ``parse``; one line if Twisted cannot read it, a file it names cannot
+    be read (a TLS key), or systemd passed no such socket."""
     try:
-        return server_endpoint(reactor, text)
+        return parse(reactor, text)
     except (IndexError, KeyError) as e:
         why = str(e)
         if kind(text) == "systemd":

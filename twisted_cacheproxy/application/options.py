@@ -90,8 +90,9 @@ _OPERATING_OPTIONS: list[list[Any]] = [
 ]
 
 #: The kinds of ``--listen`` whose listening socket a parent can hand its
-#: ``--workers`` (`parent`): TLS would need each worker to hold the keys.
-HANDED_ON = ("tcp", "tcp6", "sendatonce", "sendatonce6", "unix", "systemd")
+#: ``--workers`` (`parent`); on an ``ssl:`` one each worker speaks TLS with
+#: the key and certificate files its description names.
+HANDED_ON = ("tcp", "tcp6", "sendatonce", "sendatonce6", "unix", "systemd", "ssl")
 
 #: A token travels in an HTTP header: printable ASCII, no spaces.
 _TOKEN = re.compile(rb"[\x21-\x7e]+")
@@ -314,7 +315,7 @@ class CommonOptions(usage.Options):
             if kind(description) not in HANDED_ON:
                 raise usage.UsageError(
                     f"--listen {description} cannot go with --workers: the workers can be "
-                    "handed a listening socket (tcp:, tcp6:, unix:, systemd:), not a "
+                    "handed a listening socket (tcp:, tcp6:, unix:, systemd:, ssl:), not a "
                     f"{kind(description)}: endpoint"
                 )
 

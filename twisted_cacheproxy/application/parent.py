@@ -6,8 +6,10 @@ The parent listens on every endpoint itself (``--listen``, or ``--port`` on
 accepts nothing from them, and starts each worker with them as its file
 descriptors 3, 4, ...; a worker adopts them (`endpoint.AdoptedEndpoint`:
 TCP with the send-at-once connections of `endpoint`, or UNIX) and accepts
-from them. A TLS endpoint cannot be handed on (each worker would need the
-keys): the options refuse it. Why shared sockets rather than
+from them. An ``ssl:`` endpoint's socket is a plain TCP one, handed on the
+same way: TLS is per connection, and each worker wraps its connections in TLS
+with the key and certificate files the description names, read by the
+worker itself (`endpoint.adopted_endpoint`). Why shared sockets rather than
 ``SO_REUSEPORT`` (a socket per worker, the kernel hashing each connection to
 one of them):
 

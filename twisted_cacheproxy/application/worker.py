@@ -21,8 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogBeginner
 
-from ..transport.addresses import address
-from ..transport.endpoint import AdoptedEndpoint
+from .compose import adopted_listeners
 from .parent import LISTEN_FD, READY
 from .startup import ListeningService
 from .tap import ENTRIES
@@ -64,9 +63,8 @@ def worker_main(argv: list[str]) -> None:
     sockets = [socket.socket(fileno=LISTEN_FD + i) for i in range(count)]
 
     def adopt(config: Any, factory: Any, settings: str) -> ListeningService:
-        listeners = [(AdoptedEndpoint(reactor, skt), _where(skt)) for skt in sockets]
         return ListeningService(
-            listeners,
+            adopted_listeners(config, reactor, sockets),
             factory,
             config.tapname,
             settings,
@@ -94,12 +92,6 @@ def worker_main(argv: list[str]) -> None:
 
     task.LoopingCall(orphaned).start(1.0, now=False)
     reactor.run(installSignalHandlers=False)
-
-
-def _where(skt: socket.socket) -> str:
-    """A socket's address in words, for a message."""
-    name = skt.getsockname()
-    return f"unix:{name}" if skt.family == socket.AF_UNIX else address(*name[:2])
 
 
 if __name__ == "__main__":
