@@ -166,9 +166,9 @@ def test_a_daemon_that_cannot_listen_reports_it_and_exits(tmp_path, option):
     assert done.returncode == 1
     assert "An error has occurred" in done.stderr and "StartupError" in done.stderr
     role = " (admin site)" if option == "--admin-listen" else ""
-    assert (
-        f"cacheserver: cannot listen on {where}{role}: no such file or directory" in log.read_text()
-    )
+    line = f"cacheserver: cannot listen on {where}{role}: no such file or directory"
+    # The daemon writes it as it exits, after telling the parent, which may end first.
+    assert wait_for(lambda: line in log.read_text())
 
 
 def test_tls_from_the_client_through_the_proxy_to_the_server(twistd, pki):
