@@ -84,6 +84,25 @@ def test_course_pickles_decode_to_our_tree(course, text, protocol):
     assert codec.decode_request(course.dumps(tree, protocol)) == tree
 
 
+@pytest.mark.parametrize("text", ["1 - 2 - 3", "2 ** 3 ** 2", ALL_OPERATORS])
+def test_course_pickles_of_a_python_that_pickles_enums_by_name(course, monkeypatch, text):
+    """Some Python 3.11 releases (Debian 12's 3.11.2) pickle an Associativity
+    as ``getattr(Associativity, 'LEFT')``: the same tree as by its value."""
+    by_name = lambda member, protocol: (getattr, (type(member), member.name))  # noqa: E731
+    monkeypatch.setattr(course.Associativity, "__reduce_ex__", by_name)
+    data = course.dumps(parse(text), 4)
+    assert b"\x8c\x07getattr" in data
+    assert codec.decode_request(data) == parse(text)
+
+
+@pytest.mark.parametrize("name", ["left", "LEFTY", "uniform", "__class__"])
+def test_getattr_on_associativity_takes_only_its_two_members(course, monkeypatch, name):
+    by_name = lambda member, protocol: (getattr, (type(member), name))  # noqa: E731
+    monkeypatch.setattr(course.Associativity, "__reduce_ex__", by_name)
+    with pytest.raises(codec.CalculationError, match="unsupported payload: getattr is only"):
+        codec.decode_request(course.dumps(parse("1 + 2"), 4))
+
+
 def test_hand_built_course_tree_with_shared_operators(course):
     plus = course.BINARY["+"]
     power = course.BINARY["**"]
@@ -348,14 +367,16 @@ def test_arbitrary_globals_are_never_loaded(tmp_path):
 
 
 def test_getattr_is_only_random_uniform(course):
-    """getattr in a pickle reaches any attribute: only the course's random.uniform passes."""
+    """getattr in a pickle reaches any attribute: only the course's
+    random.uniform passes (and an Associativity member by its name)."""
 
     class Sneaky:
         def __reduce__(self):
             return (getattr, (random.Random(1), "seed"))
 
     assert refused(pickle.dumps(Sneaky(), 4)) == (
-        "unsupported payload: getattr is only allowed as random.Random.uniform"
+        "unsupported payload: getattr is only allowed as random.Random.uniform "
+        "and Associativity.LEFT or .RIGHT"
     )
 
 

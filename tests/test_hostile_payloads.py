@@ -258,7 +258,8 @@ def test_random_state_of_the_wrong_shape(server, state):
     error = assert_refused(server, rand_call(state=state))
     assert error.message in (
         "unsupported payload: random.Random state of the wrong shape",
-        "unsupported payload: getattr is only allowed as random.Random.uniform",
+        "unsupported payload: getattr is only allowed as random.Random.uniform "
+        "and Associativity.LEFT or .RIGHT",
     )
 
 
@@ -304,7 +305,10 @@ def test_getattr_on_anything_but_a_random_uniform(server, target, name):
         w.raw(name + b"\x86R")
 
     error = assert_refused(server, rand_call(getattr_of))
-    assert error.message == "unsupported payload: getattr is only allowed as random.Random.uniform"
+    assert error.message == (
+        "unsupported payload: getattr is only allowed as random.Random.uniform "
+        "and Associativity.LEFT or .RIGHT"
+    )
 
 
 def test_random_with_a_seed_argument_is_refused(server):

@@ -183,18 +183,29 @@ class _RandomStandIn:
 _UNIFORM = _Global("random.Random.uniform")
 
 
+#: ``getattr(Associativity, NAME)``: how some Python 3.11 releases (Debian
+#: 12's 3.11.2) pickle an enum member, where later ones REDUCE its value.
+_ASSOCIATIVITY_NAMES = {"LEFT": _ASSOCIATIVITIES[0], "RIGHT": _ASSOCIATIVITIES[1]}
+
+
 class _GetattrStandIn:
-    """Stands in for ``builtins.getattr``: only ``<Random>.uniform``."""
+    """Stands in for ``builtins.getattr``: only ``<Random>.uniform``, and an
+    ``Associativity`` member by its name."""
 
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "<built-in function getattr>"
 
-    def __call__(self, obj: Any, name: Any) -> _Global:
-        if type(obj) is _RandomState and obj.state_ok and type(name) is str and name == "uniform":
-            return _UNIFORM
-        raise pickle.UnpicklingError("getattr is only allowed as random.Random.uniform")
+    def __call__(self, obj: Any, name: Any) -> _Global | _Associativity:
+        if type(name) is str:
+            if type(obj) is _RandomState and obj.state_ok and name == "uniform":
+                return _UNIFORM
+            if type(obj) is _AssociativityStandIn and name in _ASSOCIATIVITY_NAMES:
+                return _ASSOCIATIVITY_NAMES[name]
+        raise pickle.UnpicklingError(
+            "getattr is only allowed as random.Random.uniform and Associativity.LEFT or .RIGHT"
+        )
 
 
 _BINARY_FUNCTIONS = {
