@@ -84,6 +84,13 @@ def twistd(folder: pathlib.Path, port: int, *args: str) -> Iterator[None]:
         wait_accepting(port, process, log)
         yield
     finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Ends ``process`` by its PID: SIGTERM (a clean stop), then SIGKILL if
+    it lingers past 15 s."""
+    if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(15)

@@ -19,14 +19,13 @@ import contextlib
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 
-from status_image import pick_port, program, twistd
+from status_image import pick_port, program, stop, twistd
 
 HERE = pathlib.Path(__file__).resolve().parent
 WIRESHARK = HERE.parent / "contrib" / "wireshark"
@@ -47,17 +46,6 @@ def tool(name: str, package: str) -> str:
     if not found:
         raise SystemExit(f"{name} is not installed (Debian: apt-get install {package})")
     return found
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Ends ``process`` by its PID: SIGTERM, then SIGKILL if it lingers."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @contextlib.contextmanager
