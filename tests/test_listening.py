@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from helpers import TS, request_frame
 from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
@@ -22,6 +22,7 @@ from zope.interface import implementer
 from twisted_cacheproxy.application.startup import ListeningService, listening_at
 from twisted_cacheproxy.calculator.server import CalculatorServerFactory
 from twisted_cacheproxy.transport import wire
+from twisted_cacheproxy.transport.addresses import in_words
 from twisted_cacheproxy.transport.endpoint import (
     TCPServerEndpoint,
     adopted_endpoint,
@@ -298,3 +299,18 @@ def test_a_draining_connection_sends_its_answers_before_the_end_of_file():
     header = wire.decode_header(transport.value())
     assert header.status == 200 and b'"result": 42' in transport.value()
     assert transport.writeClosed
+
+
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [
+        (IPv4Address("TCP", "127.0.0.1", 9998), "127.0.0.1:9998"),
+        (IPv6Address("TCP", "::1", 9998), "[::1]:9998"),
+        (UNIXAddress(b"/run/cacheproxy.sock"), "unix:/run/cacheproxy.sock"),
+        (UNIXAddress(None), "unix:?"),
+        (HostnameAddress(b"example.org", 1), None),
+    ],
+)
+def test_an_address_in_words(where, words):
+    """The one way the start-up lines and the admin site name an address."""
+    assert in_words(where) == words

@@ -9,7 +9,6 @@ to the listening itself, the same error is a traceback in the log.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -30,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..operations.units import plural, seconds
-from ..transport.addresses import address
+from ..transport.addresses import address, in_words
 from ..transport.endpoint import kind
 from ..transport.service import ServiceFactory
 from .secretfile import read_secret_file
@@ -220,14 +218,7 @@ def listening_at(port: IListeningPort, where: str) -> str:
     """Where ``port`` listens, in words: ``127.0.0.1:9998``, ``[::1]:9998``,
     ``unix:/run/cacheproxy.sock``; ``over TLS`` or ``from systemd`` after it
     when its description (``where``) says so."""
-    host = port.getHost()
-    if isinstance(host, (IPv4Address, IPv6Address)):
-        words = address(host.host, host.port)
-    elif isinstance(host, UNIXAddress):
-        name = host.name
-        words = "unix:" + (os.fsdecode(name) if name is not None else "?")
-    else:
-        words = where
+    words = in_words(port.getHost()) or where
     how = {"ssl": " over TLS", "systemd": " (a socket from systemd)"}.get(kind(where), "")
     return words + how
 

@@ -4,7 +4,6 @@ the stats line."""
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -12,12 +11,12 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import task
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from ..transport.addresses import address
+from ..transport.addresses import in_words
 from .accesslog import AccessLog
 from .metrics import ProxyMetrics, ServerMetrics
 from .site import AdminSite, is_loopback
@@ -57,13 +56,10 @@ class AdminService(StreamServerEndpointService):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         host = port.getHost()
+        where = in_words(host) or str(host)
+        beyond = False
         if isinstance(host, (IPv4Address, IPv6Address)):
-            where = f"http://{address(host.host, host.port)}/"
-            beyond = not is_loopback(host)
-        elif isinstance(host, UNIXAddress):
-            where, beyond = f"unix:{os.fsdecode(host.name or b'')}", False
-        else:
-            where, beyond = str(host), False
+            where, beyond = f"http://{where}/", not is_loopback(host)
         log.info("admin site on {where}", where=where)
         if beyond and self.site.access.token is None:
             log.warn(

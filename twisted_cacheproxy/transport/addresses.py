@@ -5,6 +5,10 @@ every message."""
 from __future__ import annotations
 
 import ipaddress
+import os
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IAddress
 
 from .numerals import integer
 
@@ -12,6 +16,16 @@ from .numerals import integer
 def address(host: str, port: int) -> str:
     """``host:port`` as users write it (``[::1]:9999`` for IPv6)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def in_words(where: IAddress) -> str | None:
+    """A Twisted address as the logs show it: ``127.0.0.1:9998``,
+    ``[::1]:9998``, ``unix:/run/cacheproxy.sock``; None for other kinds."""
+    if isinstance(where, (IPv4Address, IPv6Address)):
+        return address(where.host, where.port)
+    if isinstance(where, UNIXAddress):
+        return "unix:" + (os.fsdecode(where.name) if where.name is not None else "?")
+    return None
 
 
 def parse_address(text: str) -> tuple[str, int]:
