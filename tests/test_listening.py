@@ -248,6 +248,7 @@ def test_stopping_waits_for_every_connection_with_the_factory_started():
     busy.connectionLost()
     clock.advance(0.1)
     assert d.called and factory.numPorts == 0
+    assert clock.getDelayedCalls() == []  # it stopped looking
 
 
 def test_the_grace_ends_the_wait_and_closes_what_is_left(proxy_log):
@@ -265,6 +266,8 @@ def test_the_grace_ends_the_wait_and_closes_what_is_left(proxy_log):
     assert d.called
     assert stuck.transport.disconnected  # aborted
     assert any("stopped after" in e.get("log_format", "") for e in proxy_log)
+    stuck.connectionLost()  # as a real transport's abort ends in
+    assert clock.getDelayedCalls() == []  # it stopped looking
 
 
 def test_a_draining_connection_answers_what_it_read_then_sends_an_end_of_file():

@@ -187,17 +187,16 @@ class ListeningService(service.Service):
         factory.drain()
         self._drained = defer.Deferred()
         deadline = self.clock.seconds() + self.grace
-        loop = task.LoopingCall(self._check, deadline)
-        loop.clock = self.clock
-        loop.start(DRAIN_POLL)
+        self._poll = task.LoopingCall(self._check, deadline)
+        self._poll.clock = self.clock
+        self._poll.start(DRAIN_POLL)
         d: defer.Deferred[Any] = defer.gatherResults([*stopped, self._drained], consumeErrors=True)
         return d.addBoth(lambda _: factory.doStop())
 
     def _check(self, deadline: float) -> None:
-        """Fire `_drained` once no connection is left, or at the deadline."""
+        """Fire `_drained`, and stop looking, once no connection is left or
+        at the deadline."""
         assert self._drained is not None
-        if self._drained.called:
-            return
         left = list(self.factory.connections)
         if not left:
             self.log.info("stopped: every request read was answered")
@@ -211,6 +210,7 @@ class ListeningService(service.Service):
                 p.transport.abortConnection()
         else:
             return
+        self._poll.stop()
         self._drained.callback(None)
 
 
