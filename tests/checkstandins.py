@@ -179,6 +179,16 @@ class PickleOnlyServer(Server):
         return super().answer(header, data)
 
 
+class EnumsByValueServer(Server):
+    """payload: its restricted unpickler admits ``getattr`` only for rand, so
+    an Associativity pickled by name (as on Debian 12's Python) is a 400."""
+
+    def answer(self, header, data):
+        if b"\x8c\x07getattr" in data and b"\x8c\x07uniform" not in data:
+            return self.error(header, codec.LEGACY, "ValueError", "getattr is only for rand")
+        return super().answer(header, data)
+
+
 class ErrorsAre200Server(Server):
     """errors: answers errors with status 200."""
 

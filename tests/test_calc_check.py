@@ -47,7 +47,7 @@ def frame(data: bytes, *, flags: int | None = None, max_age: int = 0, ext: int =
 
 
 def test_every_case_is_declared_once_with_everything_a_report_needs():
-    assert len(IDS) == len(set(IDS)) == 63
+    assert len(IDS) == len(set(IDS)) == 64
     for c in CASES:
         group, _, name = c.id.partition(".")
         assert group in catalogue.GROUPS and re.fullmatch(r"[a-z0-9-]+", name), c.id
@@ -67,8 +67,8 @@ def test_every_group_has_cases_for_its_kinds():
 
 def test_select_by_kind_id_and_group():
     server = catalogue.select(SERVER)
-    assert all(SERVER in c.kinds for c in server) and len(server) == 38
-    assert len(catalogue.select(PROXY)) == 63
+    assert all(SERVER in c.kinds for c in server) and len(server) == 39
+    assert len(catalogue.select(PROXY)) == 64
     chosen = catalogue.select(SERVER, ["errors", "header.length", "cache.reload"])
     assert [c.id for c in chosen] == ["header.length"] + [
         c.id for c in server if c.group == "errors"
@@ -373,7 +373,7 @@ def test_terminal_lines_are_grouped_with_a_summary():
     assert "  FAIL  MUST    header.length" in text and "hint: The total length field" in text
     assert "\next\n" in text
     assert text.endswith(
-        "\nMUST 50/51 passed, SHOULD 6/6 passed, EXT 5/5 passed, 1 skipped: FAIL, "
+        "\nMUST 50/51 passed, SHOULD 7/7 passed, EXT 5/5 passed, 1 skipped: FAIL, "
         "1 MUST case(s) failed (header.length)\n"
     )
 

@@ -117,6 +117,7 @@ SERVER_BUGS = [
             "errors.division-by-zero",
         },
     ),
+    (standins.EnumsByValueServer, "payload", {"payload.legacy-enums-by-name"}),
     (standins.ErrorsAre200Server, "errors,payload", ERRORS | {"payload.legacy-runs-no-code"}),
     (standins.ZeroStampServer, "header", {"header.timestamp"}),
     (standins.OneClientServer, "connection", {"connection.concurrent"}),

@@ -87,12 +87,14 @@ def test_course_pickles_decode_to_our_tree(course, text, protocol):
 @pytest.mark.parametrize("text", ["1 - 2 - 3", "2 ** 3 ** 2", ALL_OPERATORS])
 def test_course_pickles_of_a_python_that_pickles_enums_by_name(course, monkeypatch, text):
     """Some Python 3.11 releases (Debian 12's 3.11.2) pickle an Associativity
-    as ``getattr(Associativity, 'LEFT')``: the same tree as by its value."""
+    as ``getattr(Associativity, 'LEFT')``: the same tree as by its value, and
+    calc-check's pickles of that form are byte for byte the course client's."""
     by_name = lambda member, protocol: (getattr, (type(member), member.name))  # noqa: E731
     monkeypatch.setattr(course.Associativity, "__reduce_ex__", by_name)
     data = course.dumps(parse(text), 4)
     assert b"\x8c\x07getattr" in data
     assert codec.decode_request(data) == parse(text)
+    assert legacy.encode_request(parse(text), enums_by_name=True) == data
 
 
 @pytest.mark.parametrize("name", ["left", "LEFTY", "uniform", "__class__"])

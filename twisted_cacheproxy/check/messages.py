@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any
 
 from ..calculator import codec
-from ..calculator.codec import legacy
+from ..calculator.codec import legacy as pickles
 from ..calculator.codec.base import brief
 from ..calculator.expression import Real, evaluate
 from ..calculator.parser import parse
@@ -56,18 +56,24 @@ def request(
     ext: int = 0,
     expected: Real | None = None,
     known: bool = True,
+    enums_by_name: bool = False,
 ) -> Request:
     """The request for a text ``expression``, in the text encoding or pickled
-    as the course client pickles it; ``flags`` are ORed into the flags word.
+    as the course client pickles it (``enums_by_name``: on a Python that
+    pickles enum members by name); ``flags`` are ORed into the flags word.
     With ``known`` its exact result is worked out here, unless ``expected``
     gives it."""
     encoding = codec.LEGACY if legacy else codec.TEXT
-    data = codec.encode_request(parse(expression), encoding) if legacy else expression.encode()
+    if legacy:
+        data = pickles.encode_request(parse(expression), enums_by_name=enums_by_name)
+    else:
+        data = expression.encode()
     if expected is None and known:
         expected = evaluate(parse(expression))
     word = wire.make_flags(request=True, cache=cache, steps=steps) | flags
     frame = wire.encode(int(time.time()), word, max_age, data, ext)
-    marks = ["pickled" if legacy else "text", f"S={int(steps)}", f"C={int(cache)}"]
+    pickled = "pickled, enums by name" if enums_by_name else "pickled"
+    marks = [pickled if legacy else "text", f"S={int(steps)}", f"C={int(cache)}"]
     if cache and max_age != wire.FOREVER:
         marks.append(f"max-age {max_age}")
     if flags:
@@ -146,7 +152,7 @@ def read(frame: Frame, req: Request) -> Reading:
                 f"its request (PROTOCOL.md 3), so a course client could not read {preview(data)}"
             )
         try:
-            answer = legacy.decode_answer(data)
+            answer = pickles.decode_answer(data)
         except codec.RemoteError as e:
             if e.kind == "UnreadableAnswer":
                 raise Failed(

@@ -19,7 +19,7 @@ import pickle
 import random
 import struct
 import types
-from typing import Any
+from typing import Any, SupportsIndex
 
 from ...transport.payload import PROTOCOL
 from ..expression import (
@@ -513,20 +513,48 @@ _FRAME_SIZE_TARGET = 64 * 1024
 _FRAME_SIZE_MIN = 4
 
 
-def encode_request(node: Node) -> bytes:
+def encode_request(node: Node, *, enums_by_name: bool = False) -> bytes:
     """Legacy request data for ``node``, pickled exactly the way the course
-    client pickles its ``calculator`` objects."""
-    return _RequestWriter().dump(_to_pickled(node, {}))
+    client pickles its ``calculator`` objects; with ``enums_by_name``, as it
+    does on a Python that pickles an enum member as
+    ``getattr(Associativity, 'LEFT')``."""
+    operators = _OPERATORS_BY_NAME if enums_by_name else _OPERATORS
+    return _RequestWriter().dump(_to_pickled(node, {}, operators))
 
 
-_OPERATORS = {
-    **{s: PBinaryOperator(s, BINARY[s], Associativity.LEFT) for s in BINARY},
-    "**": PBinaryOperator("**", BINARY["**"], Associativity.RIGHT),
-}
+class _AssociativityByName:
+    """An ``Associativity`` member that pickles by its name, as some Python
+    3.11 releases (Debian 12's 3.11.2) pickle every enum member."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, member: Associativity) -> None:
+        self.name = member.name
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return getattr, (Associativity, self.name)
+
+
+def _operators(members: dict[Associativity, Any]) -> dict[str, _Pickled]:
+    """The course client's binary operators, each ``Associativity`` member
+    pickled as the one object ``members`` gives for it (shared, as the
+    members are, so the pickle refers back to it)."""
+    return {
+        s: PBinaryOperator(
+            s, BINARY[s], members[Associativity.RIGHT if s == "**" else Associativity.LEFT]
+        )
+        for s in BINARY
+    }
+
+
+_OPERATORS = _operators({member: member for member in Associativity})
+_OPERATORS_BY_NAME = _operators({member: _AssociativityByName(member) for member in Associativity})
 _UNARY_OPERATORS = {s: PUnaryOperator(s, UNARY[s]) for s in UNARY}
 
 
-def _to_pickled(node: Node, functions: dict[str, _Pickled]) -> _Pickled:
+def _to_pickled(
+    node: Node, functions: dict[str, _Pickled], operators: dict[str, _Pickled] = _OPERATORS
+) -> _Pickled:
     """Our tree as the course client's objects (operators shared, as it does)."""
     if isinstance(node, Number):
         return PConstant(node.value)
@@ -534,12 +562,14 @@ def _to_pickled(node: Node, functions: dict[str, _Pickled]) -> _Pickled:
         return PNamedConstant(node.name, node.value)
     if isinstance(node, Binary):
         return PBinaryExpr(
-            _to_pickled(node.left, functions),
-            _OPERATORS[node.op],
-            _to_pickled(node.right, functions),
+            _to_pickled(node.left, functions, operators),
+            operators[node.op],
+            _to_pickled(node.right, functions, operators),
         )
     if isinstance(node, Unary):
-        return PUnaryExpr(_UNARY_OPERATORS[node.op], _to_pickled(node.operand, functions))
+        return PUnaryExpr(
+            _UNARY_OPERATORS[node.op], _to_pickled(node.operand, functions, operators)
+        )
     if node.name not in functions:
         impl = (
             random.Random().uniform
@@ -549,7 +579,9 @@ def _to_pickled(node: Node, functions: dict[str, _Pickled]) -> _Pickled:
             )
         )
         functions[node.name] = PFunction(node.name, impl)
-    return PFunctionCallExpr(functions[node.name], [_to_pickled(a, functions) for a in node.args])
+    return PFunctionCallExpr(
+        functions[node.name], [_to_pickled(a, functions, operators) for a in node.args]
+    )
 
 
 # --- reading answers (the client) -------------------------------------------
