@@ -245,10 +245,29 @@ def test_stopping_waits_for_every_connection_with_the_factory_started():
     assert not d.called
     assert factory.numPorts == 1  # still started: a miss in flight still reaches the server
     assert busy.transport.disconnecting  # told to close once answered (nothing was asked)
-    busy.connectionLost()
-    clock.advance(0.1)
+    busy.connectionLost()  # the last one: the stop completes then, not at a later look
     assert d.called and factory.numPorts == 0
-    assert clock.getDelayedCalls() == []  # it stopped looking
+    assert clock.getDelayedCalls() == []  # the grace's timer is gone with it
+
+
+def test_a_drain_fires_as_the_last_connection_closes_unless_cancelled():
+    factory = CalculatorServerFactory(clock=task.Clock())
+    first, second = connect(factory), connect(factory)
+    emptied = factory.drain()
+    first.connectionLost()
+    assert not emptied.called
+    second.connectionLost()
+    assert emptied.called and factory.connectionCount == 0
+    assert CalculatorServerFactory(clock=task.Clock()).drain().called  # none open: at once
+
+    factory = CalculatorServerFactory(clock=task.Clock())
+    left = connect(factory)
+    given_up = factory.drain()
+    given_up.cancel()
+    failures: list = []
+    given_up.addErrback(failures.append)
+    assert failures[0].check(defer.CancelledError)
+    left.connectionLost()  # fires nothing a second time
 
 
 def test_the_grace_ends_the_wait_and_closes_what_is_left(proxy_log):

@@ -111,10 +111,6 @@ def read_secret(name: str, option: str, path: str) -> bytes:
         raise SystemExit(f"{name}: {option}: {e}") from None
 
 
-#: Seconds between two looks at whether a draining service's connections are closed.
-DRAIN_POLL = 0.05
-
-
 class ListeningService(service.Service):
     """Listens on each of its endpoints when twistd starts it (one that
     cannot listen stops twistd with one line) and logs, for each, one line
@@ -184,34 +180,24 @@ class ListeningService(service.Service):
             if factory.connectionCount
             else "none open",
         )
-        factory.drain()
-        self._drained = defer.Deferred()
-        deadline = self.clock.seconds() + self.grace
-        self._poll = task.LoopingCall(self._check, deadline)
-        self._poll.clock = self.clock
-        self._poll.start(DRAIN_POLL)
+        self._drained = factory.drain()
+        self._drained.addCallback(
+            lambda _: self.log.info("stopped: every request read was answered")
+        )
+        self._drained.addTimeout(self.grace, self.clock, onTimeoutCancel=self._closeTheRest)
         d: defer.Deferred[Any] = defer.gatherResults([*stopped, self._drained], consumeErrors=True)
         return d.addBoth(lambda _: factory.doStop())
 
-    def _check(self, deadline: float) -> None:
-        """Fire `_drained`, and stop looking, once no connection is left or
-        at the deadline."""
-        assert self._drained is not None
+    def _closeTheRest(self, result: object, timeout: float) -> None:
+        """The grace is over: close the connections still open."""
         left = list(self.factory.connections)
-        if not left:
-            self.log.info("stopped: every request read was answered")
-        elif self.clock.seconds() >= deadline:
-            self.log.warn(
-                "stopped after {grace}: closing {count} still open",
-                grace=seconds(self.grace),
-                count=plural(len(left), "connection"),
-            )
-            for p in left:
-                p.transport.abortConnection()
-        else:
-            return
-        self._poll.stop()
-        self._drained.callback(None)
+        self.log.warn(
+            "stopped after {grace}: closing {count} still open",
+            grace=seconds(self.grace),
+            count=plural(len(left), "connection"),
+        )
+        for p in left:
+            p.transport.abortConnection()
 
 
 def listening_at(port: IListeningPort, where: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IAddress, IHalfCloseableDescriptor, IReactorTime
 from twisted.python.failure import Failure
 
@@ -81,7 +81,7 @@ class ServiceProtocol(BatchedWrites, FrameReceiver):
             super().writeConnectionLost()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.factory.connections.discard(self)
+        self.factory.forget(self)
         super().connectionLost(reason)
 
 
@@ -112,18 +112,40 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
         self.connections: set[ServiceProtocol] = set()
         #: True once `drain` was called: the service is stopping (``/healthz`` says 503).
         self.draining = False
+        #: Fired by the last connection to close once draining (`drain`).
+        self._emptied: defer.Deferred[None] | None = None
 
     @property
     def connectionCount(self) -> int:
         """How many connections are open."""
         return len(self.connections)
 
-    def drain(self) -> None:
+    def drain(self) -> defer.Deferred[None]:
         """Read no more requests on any connection: each answers what it has
-        read, then closes (`ServiceProtocol.drain`: a graceful stop)."""
+        read, then closes (`ServiceProtocol.drain`: a graceful stop). Fires
+        once no connection is left; cancelling it stops waiting."""
+
+        def stopWaiting(_: defer.Deferred[None]) -> None:
+            self._emptied = None
+
         self.draining = True
+        emptied: defer.Deferred[None] = defer.Deferred(stopWaiting)
+        self._emptied = emptied
         for p in list(self.connections):
             p.drain()
+        self._fireIfEmpty()
+        return emptied
+
+    def forget(self, p: ServiceProtocol) -> None:
+        """``p``'s connection is closed: no longer counted or waited for."""
+        self.connections.discard(p)
+        self._fireIfEmpty()
+
+    def _fireIfEmpty(self) -> None:
+        emptied = self._emptied
+        if emptied is not None and not self.connections:
+            self._emptied = None
+            emptied.callback(None)
 
     def buildProtocol(self, addr: IAddress | None) -> ServiceProtocol | None:
         """A protocol for a new connection, or None (the connection is closed
