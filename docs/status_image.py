@@ -134,7 +134,10 @@ def traffic(port: int, seconds: float) -> None:
         time.sleep(max(0.0, started + second - time.monotonic()))
 
 
-def screenshot(url: str, out: pathlib.Path, profile: pathlib.Path) -> None:
+def screenshot(url: str, out: pathlib.Path, profile: pathlib.Path, attempts: int = 3) -> None:
+    """``url`` as headless Chromium shows it, in ``out``. Chromium can end
+    well without writing the picture (a renderer that crashed on a busy
+    machine), so it is asked again, up to ``attempts`` times."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium is not installed (Debian: apt-get install chromium)")
@@ -146,7 +149,12 @@ def screenshot(url: str, out: pathlib.Path, profile: pathlib.Path) -> None:
         "--window-size=1000,800",
         url,
     ]
-    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    out.unlink(missing_ok=True)
+    for _ in range(attempts):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+        if out.exists():
+            return
+    raise SystemExit(f"chromium wrote no picture of {url}:\n{done.stderr[-2000:]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -208,12 +208,7 @@ def test_status_page_in_headless_chromium(twistd, tmp_path):
     assert shown["upstream-server"] == f"127.0.0.1:{server.port}"
     assert "<svg" in dom and 'id="chart"' in dom
     png = tmp_path / "status.png"
-    subprocess.run(
-        [*browser, f"--screenshot={png}", "--window-size=1000,800", url],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
+    status_image().screenshot(url, png, tmp_path / "profile")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
