@@ -473,6 +473,25 @@ def test_one_line_says_where_and_a_warning_beyond_loopback_without_token(
             )
 
 
+def test_a_secret_file_of_another_user_is_refused(tmp_path, monkeypatch):
+    """Another user could rewrite it: refused as ssh refuses such a key."""
+    from twisted_cacheproxy.application.secretfile import read_secret_file
+
+    path = secret_file(tmp_path, "abc")
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # nobody's
+        owner, me = 65534, 0
+    else:
+        owner, me = os.geteuid(), os.geteuid() + 1
+        monkeypatch.setattr(os, "geteuid", lambda: me)
+    with pytest.raises(ValueError) as info:
+        read_secret_file(path)
+    assert str(info.value) == (
+        f"{path} belongs to user {owner}, not to this process's user ({me}) nor to root: "
+        "chown it to the user the service runs as"
+    )
+
+
 def test_a_secret_file_is_read_as_bytes_without_its_line_end(tmp_path):
     from twisted_cacheproxy.application.secretfile import read_secret_file
 
