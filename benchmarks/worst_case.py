@@ -2,7 +2,7 @@
 """The slowest requests the server's limits still allow, timed.
 
 For each kind of costly request this builds the largest one the limits of
-``twisted_cacheproxy.expression`` (and the message size) still let through,
+``twisted_cacheproxy.calculator.expression`` (and the message size) still let through,
 searching over its size where there is one to search, and times the server's
 whole answer to it: decoding, evaluating (with and without steps) and
 encoding, as ``CalculatorServerFactory.answer`` does it on the reactor

@@ -76,7 +76,7 @@ class Harness:
         self.accept = self.connector.accept
         self.refuse = self.connector.refuse
         cache = MemoryCache(cache_size, self.reactor, grace=stale_if_error)
-        # The proxy's options as tap.py shares them out: the upstream ones to the pool.
+        # The proxy's options as application.compose shares them out: the upstream ones to the pool.
         pool_options = {
             name: options.pop(name)
             for name in ("retries", "retry_delay", "timeout")

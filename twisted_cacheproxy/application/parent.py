@@ -24,7 +24,7 @@ one of them):
   connections go to idle workers, where hashing ignores load.
 
 Each worker is the whole service of one process (``twistd cacheproxy`` or
-``cacheserver`` with the same options), built by tap.py, whose listener adopts
+``cacheserver`` with the same options), built by `compose`, whose listener adopts
 the sockets; worker N's admin site, if any, is on ``--admin-port`` + N - 1 or
 on ``--admin-listen`` with N for ``{worker}``.
 The parent supervises: a worker that exits is started again, at once if it

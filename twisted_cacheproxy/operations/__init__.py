@@ -1,3 +1,3 @@
 """Operating a running service: what it counts and exports (`metrics`),
-the access log (`accesslog`), the admin site and the services beside the
-listener (`admin`), and figures in words (`units`)."""
+the access log (`accesslog`), the admin site (`site`, `statuspage`), the
+services beside the listener (`services`), and figures in words (`units`)."""

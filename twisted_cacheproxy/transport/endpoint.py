@@ -152,7 +152,7 @@ class _Port(tcp.Port):
     def startListening(self) -> None:
         """``tcp.Port.startListening`` without its ``<factory> starting on
         <port>`` log line: the services log one line of their own that says
-        what they listen on and with which limits (tap.py)."""
+        what they listen on and with which limits (`application.startup`)."""
         tcp._reservedFD.reserve()
         skt = None
         try:

@@ -93,7 +93,7 @@ class ServiceFactory(protocol.Factory[ServiceProtocol]):
     protocol: type[ServiceProtocol]
 
     #: No "Starting factory <...>" lines: the services log one line saying
-    #: what they listen on (tap.py).
+    #: what they listen on (`application.startup`).
     noisy = False
 
     def __init__(
