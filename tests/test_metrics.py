@@ -594,6 +594,7 @@ def test_several_servers_each_have_their_health_and_totals():
     from twisted_cacheproxy.proxy.factory import CacheProxyFactory
 
     fleet = Fleet(2)
+    fleet.clock.advance(1_796_688_000)  # 2026-12-08 00:00:00 UTC
     factory = CacheProxyFactory(
         MemoryCache(1 << 20, fleet.clock), fleet.balancer, clock=fleet.clock
     )
@@ -623,6 +624,9 @@ def test_several_servers_each_have_their_health_and_totals():
     assert m["cacheproxy_upstream_failures_total", (("reason", "unreachable"),)] == MAX_FAILS
     page = status_html(statuspage.ProxyStatus(metrics, "t"))
     assert f"taken out</span>, 0 outstanding, 0 answers, {MAX_FAILS} failures, 1 times" in page
+    assert upstream["last_failure_time"] == 1_796_688_000
+    last = f'id="upstream-last-failure">2026-12-08 00:00:00 UTC: {upstream["last_failure"]}<'
+    assert last in page
     fleet.clock.advance(EJECT_FIRST)
     fleet.answer(0)  # the probe
     m = scrape(metrics)

@@ -359,7 +359,8 @@ def _upstream(upstream: dict[str, Any]) -> Table:
         ("failures", failures, "upstream-failures"),
     ]
     if last:
-        rows.append(("last failure", last, "upstream-last-failure"))
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(upstream["last_failure_time"]))
+        rows.append(("last failure", f"{when}: {last}", "upstream-last-failure"))
     rows += [_server(k, server) for k, server in enumerate(upstream["servers"], 1)]
     return Table("Upstream", rows)
 
