@@ -21,6 +21,12 @@ with the kit's load generator pinned to core 1.
     python3 benchmarks/run.py --tables peers --pairs 5 --duration 10   # steadier peer figures
     python3 benchmarks/run.py --workloads hits,server --tables peers   # some peer rows
     python3 benchmarks/run.py --table benchmarks/out/peers.jsonl       # a table again
+    python3 benchmarks/run.py --against /tmp/old-venv                  # against another version
+
+``--against VENV`` measures the installed version against the one
+installed in another virtualenv (its ``bin/twistd``), in the peer table's
+interleaved pairs: how to show that a change made a path faster or kept it
+as fast.
 
 Any other option goes to ``kit/bench.py`` (for example ``--miss-n N``).
 Needs ``twistd`` on the PATH (``pip install .``), ``taskset``, ``make`` and a
@@ -99,6 +105,8 @@ class Group(NamedTuple):
 
 
 OUR_HITS = Contender("ours", "proxy-hit", SERVER, PROXY)
+OUR_MISSES = Contender("ours", "proxy-allmiss", SERVER, PROXY)
+OUR_SERVER = Contender("ours", "server", SERVER)
 NAIVE_HITS = Contender("naive proxy", "proxy-hit", NAIVE_SERVER, NAIVE_PROXY)
 CANNED_SERVER = Contender("canned Twisted", "server", CANNED)
 CANNED_AT_ONCE_SERVER = Contender("canned, at once", "server", CANNED_AT_ONCE)
@@ -128,7 +136,7 @@ GROUPS = (
         "allmiss",
         16,
         False,
-        Contender("ours", "proxy-allmiss", SERVER, PROXY),
+        OUR_MISSES,
         (
             Row(
                 "every request a miss vs the naive proxy + server",
@@ -140,7 +148,7 @@ GROUPS = (
         "server",
         16,
         False,
-        Contender("ours", "server", SERVER),
+        OUR_SERVER,
         (Row("our server alone vs the naive server", Contender("naive", "server", NAIVE_SERVER)),),
     ),
     Group(
@@ -151,6 +159,41 @@ GROUPS = (
         (Row("a new connection per request vs the naive proxy", NAIVE_HITS),),
     ),
 )
+
+
+def version_groups(twistd: str) -> tuple[Group, ...]:
+    """Ours against another installed version of this package, started with
+    its ``twistd``: every workload of the peer table, as pairs."""
+    server = SERVER.replace("twistd", shlex.quote(twistd), 1)
+    proxy = PROXY.replace("twistd", shlex.quote(twistd), 1)
+    hits = Contender("other version", "proxy-hit", server, proxy)
+    misses = Contender("other version", "proxy-allmiss", server, proxy)
+    alone = Contender("other version", "server", server)
+    return (
+        Group("hits", 16, False, OUR_HITS, (Row("cache hits vs the other version", hits),)),
+        Group(
+            "hits-p99",
+            128,
+            False,
+            OUR_HITS,
+            (Row("hit p99 latency vs the other version", hits, "p99"),),
+        ),
+        Group(
+            "allmiss",
+            16,
+            False,
+            OUR_MISSES,
+            (Row("every request a miss vs the other version", misses),),
+        ),
+        Group("server", 16, False, OUR_SERVER, (Row("server alone vs the other version", alone),)),
+        Group(
+            "reconnect",
+            16,
+            True,
+            OUR_HITS,
+            (Row("a new connection per request vs the other version", hits),),
+        ),
+    )
 
 
 def run_pairs(group: Group, a: argparse.Namespace, frames_for: dict, sink) -> list[dict]:
@@ -233,7 +276,7 @@ def cpu_text(runs: list[dict]) -> str:
     return f"{statistics.median(values):.1f}" if values else "-"
 
 
-def peer_table(rows: list[dict]) -> str:
+def peer_table(rows: list[dict], groups: tuple[Group, ...] = GROUPS) -> str:
     """The peer rows as a Markdown table; warns on stderr of runs with
     errors, with answers other than 200, or all-miss runs that were not."""
     for r in rows:
@@ -250,7 +293,7 @@ def peer_table(rows: list[dict]) -> str:
         "| CPU us per request: ours / peer | by CPU: peer's / ours |",
         "|---|---|---|---|---|---|---|",
     ]
-    for group in GROUPS:
+    for group in groups:
         runs = [r for r in rows if r.get("group") == group.key]
         ours = [r for r in runs if r["contender"] == group.ours.name]
         for row in group.rows:
@@ -424,7 +467,7 @@ def context() -> str:
     )
 
 
-def tables(rows: list[dict]) -> str:
+def tables(rows: list[dict], groups: tuple[Group, ...] = GROUPS) -> str:
     """The peer table and the yardstick table of ``rows``, each under a
     heading that names the processor it was measured on."""
     cpu = processor()
@@ -432,7 +475,8 @@ def tables(rows: list[dict]) -> str:
     rest = [r for r in rows if "group" not in r]
     out = []
     if peers:
-        out.append(f"Ours against peers, on {cpu}:\n\n{peer_table(peers)}")
+        against = "another version" if groups is not GROUPS else "peers"
+        out.append(f"Ours against {against}, on {cpu}:\n\n{peer_table(peers, groups)}")
     if rest:
         out.append(f"Ours against the C yardstick, on {cpu}:\n\n{yardstick_table(rest)}")
     return "\n\n".join(out)
@@ -443,9 +487,9 @@ def prepare_kit() -> None:
     subprocess.run(["make", "-s", "-C", KIT], check=True)
 
 
-def measure_peers(a: argparse.Namespace, path: str) -> list[dict]:
-    """Run the peer groups ``a.workloads`` names; their rows, also in ``path``."""
-    chosen = [g for g in GROUPS if g.key in a.workloads.split(",")]
+def measure_peers(a: argparse.Namespace, groups: tuple[Group, ...], path: str) -> list[dict]:
+    """Run the ``groups`` that ``a.workloads`` names; their rows, also in ``path``."""
+    chosen = [g for g in groups if g.key in a.workloads.split(",")]
     targets = {c.target for g in chosen for c in (g.ours, *(r.peer for r in g.rows))}
     for port in (a.server_port, a.proxy_port):
         if not bench.port_free(port):
@@ -491,12 +535,21 @@ def main() -> int:
     ap.add_argument("--limit-port", type=int, default=29997)
     ap.add_argument("--work", default=OUT, help="where frames, results and tables go")
     ap.add_argument("--table", metavar="JSONL", nargs="+", help="only print tables of a run")
+    ap.add_argument("--against", metavar="VENV", help="ours against the version installed there")
     a, extra = ap.parse_known_args()
+    if a.quick or a.against:
+        ap.set_defaults(tables="peers")
     if a.quick:
-        ap.set_defaults(tables="peers", duration=1.0, pairs=2)
-        a, extra = ap.parse_known_args()
+        ap.set_defaults(duration=1.0, pairs=2)
+    a, extra = ap.parse_known_args()
+    groups = GROUPS
+    if a.against:
+        other = os.path.join(a.against, "bin", "twistd")
+        if not os.access(other, os.X_OK):
+            sys.exit(f"--against: no twistd in {a.against}/bin (a virtualenv with the package)")
+        groups = version_groups(other)
     if a.table:
-        print(tables([row for path in a.table for row in load(path)]))
+        print(tables([row for path in a.table for row in load(path)], groups))
         return 0
     for tool in ("twistd", "taskset", "make"):
         if not shutil.which(tool):
@@ -505,10 +558,10 @@ def main() -> int:
     os.makedirs(a.work, exist_ok=True)
     rows = []
     if "peers" in a.tables:
-        rows += measure_peers(a, os.path.join(a.work, "peers.jsonl"))
+        rows += measure_peers(a, groups, os.path.join(a.work, "peers.jsonl"))
     if "yardstick" in a.tables:
         rows += measure_yardstick(a, extra, os.path.join(a.work, "results.jsonl"))
-    report = f"Run: {context()}\nProcessor: {processor()}\n\n{tables(rows)}\n"
+    report = f"Run: {context()}\nProcessor: {processor()}\n\n{tables(rows, groups)}\n"
     with open(os.path.join(a.work, "table.md"), "w") as f:
         f.write(report)
     print("\n" + report)

@@ -214,6 +214,22 @@ def test_the_peer_ratios_are_taken_pair_by_pair():
     assert run.ratio_text([]) == "-"
 
 
+def test_against_another_version_pairs_every_workload_with_its_twistd():
+    """``--against VENV``: each workload of the peer table, ours against the
+    same service started with the other virtualenv's ``twistd``."""
+    run = run_py()
+    groups = run.version_groups("/old venv/bin/twistd")
+    assert [g.key for g in groups] == [g.key for g in run.GROUPS]
+    for group in groups:
+        (row,) = group.rows
+        assert row.peer.target == group.ours.target
+        assert row.peer.server.startswith("'/old venv/bin/twistd' -n --pidfile= cacheserver ")
+        assert (row.peer.proxy is None) == (group.ours.proxy is None)
+        if row.peer.proxy:
+            assert row.peer.proxy.startswith("'/old venv/bin/twistd' -n --pidfile= cacheproxy ")
+    assert [row.measure for g in groups for row in g.rows].count("p99") == 1
+
+
 @pytest.mark.integration
 def test_run_py_measures_ours_against_the_peers(tmp_path):
     """``run.py --quick`` with the hits rows, one pair of half-second runs:
