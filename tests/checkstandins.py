@@ -323,6 +323,17 @@ class NoRewriteProxy(Proxy):
         return answer
 
 
+class KeepsForeverProxy(Proxy):
+    """cache: keeps every answer for ever, past its lifetime and past the
+    age a request accepts."""
+
+    def lifetime(self, header):
+        return wire.FOREVER
+
+    def lookup(self, key, max_age):
+        return super().lookup(key, wire.FOREVER)
+
+
 class CachesErrorsProxy(Proxy):
     """cache: keeps every error answer for a minute, its own 500s included."""
 

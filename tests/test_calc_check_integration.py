@@ -161,6 +161,12 @@ PROXY_BUGS = [
         {"cache.remaining-lifetime"},
     ),
     (
+        standins.KeepsForeverProxy,
+        "cache.miss-then-hit,cache.lifetime-honoured,cache.remaining-lifetime,"
+        "cache.request-max-age",
+        {"cache.lifetime-honoured", "cache.remaining-lifetime", "cache.request-max-age"},
+    ),
+    (
         standins.CachesErrorsProxy,
         f"{STORAGE},cache.server-error-not-stored,cache.down-uncached-error,"
         "cache.unreachable-not-stored",
