@@ -309,6 +309,81 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+class Load:
+    """Clients in threads, each asking ``k * 3 + 1`` for k = 0, 1, ... on a
+    persistent connection, every answer checked. A connection the service
+    closes before answering (an end-of-file after its last answer: a worker
+    draining) is opened again and the request sent again, as calc-client
+    does; anything else (a reset, a refused connection, a wrong answer) is
+    recorded as lost."""
+
+    def __init__(self, port: int, clients: int = 4) -> None:
+        self.port = port
+        self.answered = 0
+        self.reconnects = 0
+        self.lost: list[str] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        k = i * 1_000_000
+        sock = None
+        try:
+            while not self.stopping.is_set():
+                if sock is None:
+                    sock = socket.create_connection((HOST, self.port), timeout=WAIT)
+                try:
+                    sock.sendall(request_frame(f"{k} * 3 + 1"))
+                    header, data = read_message(sock)
+                except ConnectionError as e:
+                    if type(e) is not ConnectionError:  # reset, broken pipe: lost
+                        raise
+                    sock.close()  # "closed": an end-of-file before the answer
+                    sock = None
+                    self.reconnects += 1
+                    continue
+                if header.status != 200 or json.loads(data)["result"] != k * 3 + 1:
+                    self.lost.append(f"{k}: {header.status} {data!r}")
+                self.answered += 1
+                k += 1
+        except Exception as e:
+            self.lost.append(f"client {i}: {e!r}")
+        finally:
+            if sock is not None:
+                sock.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(WAIT)
+
+
+def sighup_under_load(parent) -> None:
+    """SIGHUP a ``--workers 2`` parent while `Load` runs against it: every
+    worker is replaced (new PIDs, the old ones exit 0, none killed), once,
+    and no request is lost, before or after."""
+    before = set(children(parent.pid))
+    load = Load(parent.port)
+    try:
+        assert wait_for(lambda: load.answered > 200 or bool(load.lost))
+        parent.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "every worker replaced" in parent.text(), WAIT * 2)
+        at_replacement = load.answered
+        assert wait_for(lambda: load.answered > at_replacement + 200 or bool(load.lost))
+    finally:
+        load.stop()
+    assert not load.lost, load.lost[:5]
+    after = set(children(parent.pid))
+    assert len(after) == 2 and not before & after
+    text = parent.text()
+    assert text.count("SIGHUP: replacing the 2 workers one at a time") == 1
+    for pid in before:
+        assert f"(pid {pid}) exited with status 0" in text
+    assert "starting it again" not in text and "killed" not in text
+
+
 def files(pid: int) -> set[str]:
     """The paths of the files ``pid`` has open."""
     found = set()

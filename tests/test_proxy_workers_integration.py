@@ -21,6 +21,7 @@ from processes import (
     free_ports_in_a_row,
     http,
     read_message,
+    sighup_under_load,
     wait_for,
 )
 
@@ -109,3 +110,26 @@ def test_workers_share_answers_and_a_purge_reaches_both(proxy_workers):
 def test_sigterm_answers_every_miss_already_read(proxy_workers):
     answers = answers_across_sigterm(proxy_workers, [f"{k} * 3" for k in range(100)])
     assert answers == [f'{{"result": {k * 3}, "steps": []}}'.encode() for k in range(100)]
+
+
+def test_sighup_under_load_replaces_both_workers_and_loses_no_miss(twistd, memcached):
+    """Every request a miss, each one in flight through a worker that is
+    being replaced, none lost."""
+    server_port, port = free_port(), free_port()
+    twistd("cacheserver", "--port", str(server_port), port=server_port)
+    parent = twistd(
+        "cacheproxy",
+        "--port",
+        str(port),
+        "--server-port",
+        str(server_port),
+        "--workers",
+        "2",
+        "--memcached",
+        memcached().address,
+        "--shutdown-grace",
+        "15",
+        port=port,
+    )
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    sighup_under_load(parent)
