@@ -334,6 +334,24 @@ class KeepsForeverProxy(Proxy):
         return super().lookup(key, wire.FOREVER)
 
 
+class StoresEverythingProxy(Proxy):
+    """cache: keeps every answer below 500 for a minute, whatever its C bit
+    and lifetime, and serves it even to a request for a fresh one (max-age 0)."""
+
+    def answer(self, header, data):
+        if header.cache and header.max_age == 0:
+            hit = self.lookup((header.steps, data), wire.FOREVER)
+            if hit is not None:
+                return hit
+        return super().answer(header, data)
+
+    def storable(self, header):
+        return header.status < wire.SERVER_ERROR
+
+    def lifetime(self, header):
+        return 60
+
+
 class CachesErrorsProxy(Proxy):
     """cache: keeps every error answer for a minute, its own 500s included."""
 

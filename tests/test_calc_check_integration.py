@@ -167,6 +167,16 @@ PROXY_BUGS = [
         {"cache.lifetime-honoured", "cache.remaining-lifetime", "cache.request-max-age"},
     ),
     (
+        standins.StoresEverythingProxy,
+        STORAGE,
+        {
+            "cache.nocache-answer-not-stored",
+            "cache.lifetime-zero-not-stored",
+            "cache.reload",
+            "cache.rand-not-stored",
+        },
+    ),
+    (
         standins.CachesErrorsProxy,
         f"{STORAGE},cache.server-error-not-stored,cache.down-uncached-error,"
         "cache.unreachable-not-stored",
