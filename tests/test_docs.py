@@ -286,22 +286,30 @@ MARKED = marked()
 )
 def test_the_marked_blocks_run_as_written(page, number, cmds, twistd, tmp_path):
     """As a reader runs them, against a server on 127.0.0.1:9999 and a proxy
-    on 127.0.0.1:9998 in front of it (the defaults the pages use): every
-    command of the block exits 0. Where those ports are taken on a
-    developer's machine the test is skipped (in CI it fails)."""
+    on 127.0.0.1:9998 in front of it, their admin sites on 9101 and 9100 (the
+    ports the pages use): every command of the block exits 0, ``curl`` too
+    only on a 2xx answer (``fail`` in its ``.curlrc``). Where those ports are
+    taken on a developer's machine the test is skipped (in CI it fails)."""
     import os
     import subprocess
     import sys
 
     from processes import accepting
 
-    if accepting(9999) or accepting(9998):
+    ports = (9999, 9998, 9101, 9100)
+    if any(accepting(p) for p in ports):
+        why = f"one of 127.0.0.1:{ports} is taken: the docs' commands cannot run"
         if in_ci():
-            pytest.fail("127.0.0.1:9999 or 9998 is taken: the docs' commands cannot run")
-        pytest.skip("127.0.0.1:9999 or 9998 is taken")
-    twistd("cacheserver", port=9999)
-    twistd("cacheproxy", port=9998)
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+            pytest.fail(why)
+        pytest.skip(why)
+    twistd("cacheserver", "--admin-port", "9101", port=9999)
+    twistd("cacheproxy", "--admin-port", "9100", port=9998)
+    (tmp_path / ".curlrc").write_text("fail\nsilent\nshow-error\n")
+    env = {
+        **os.environ,
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+    }
     for command in cmds:
         done = subprocess.run(
             ["bash", "-c", command],
@@ -316,4 +324,4 @@ def test_the_marked_blocks_run_as_written(page, number, cmds, twistd, tmp_path):
 
 
 def test_some_blocks_are_run():
-    assert len(MARKED) >= 2
+    assert len(MARKED) >= 10
