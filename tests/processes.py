@@ -363,7 +363,8 @@ class Load:
 def sighup_under_load(parent) -> None:
     """SIGHUP a ``--workers 2`` parent while `Load` runs against it: every
     worker is replaced (new PIDs, the old ones exit 0, none killed), once,
-    and no request is lost, before or after."""
+    no request is lost, before or after, and a client is sent an end-of-file
+    (and asks again) at most once per old worker."""
     before = set(children(parent.pid))
     load = Load(parent.port)
     try:
@@ -375,6 +376,8 @@ def sighup_under_load(parent) -> None:
     finally:
         load.stop()
     assert not load.lost, load.lost[:5]
+    # Each old worker's drain ends a client's connection at most once.
+    assert load.reconnects <= 2 * len(load.threads), load.reconnects
     after = set(children(parent.pid))
     assert len(after) == 2 and not before & after
     text = parent.text()
