@@ -280,21 +280,13 @@ def marked() -> list[tuple[str, int, list[str]]]:
 MARKED = marked()
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize(
-    ("page", "number", "cmds"), MARKED, ids=[f"{page}-{n}" for page, n, _ in MARKED]
-)
-def test_the_marked_blocks_run_as_written(page, number, cmds, twistd, tmp_path):
-    """As a reader runs them, against a server on 127.0.0.1:9999 and a proxy
-    on 127.0.0.1:9998 in front of it, their admin sites on 9101 and 9100 (the
-    ports the pages use): every command of the block exits 0, ``curl`` too
-    only on a 2xx answer (``fail`` in its ``.curlrc``). Where those ports are
-    taken on a developer's machine the test is skipped (in CI it fails)."""
-    import os
-    import subprocess
-    import sys
-
-    from processes import accepting
+@pytest.fixture(scope="module")
+def documented_services(tmp_path_factory):
+    """A server on 127.0.0.1:9999 and a proxy on 127.0.0.1:9998 in front of
+    it, their admin sites on 9101 and 9100 (the ports the pages use), for
+    every marked block. Where those ports are taken on a developer's machine
+    the blocks are skipped (in CI they fail)."""
+    from processes import Twistd, accepting
 
     ports = (9999, 9998, 9101, 9100)
     if any(accepting(p) for p in ports):
@@ -302,8 +294,32 @@ def test_the_marked_blocks_run_as_written(page, number, cmds, twistd, tmp_path):
         if in_ci():
             pytest.fail(why)
         pytest.skip(why)
-    twistd("cacheserver", "--admin-port", "9101", port=9999)
-    twistd("cacheproxy", "--admin-port", "9100", port=9998)
+    folder = tmp_path_factory.mktemp("documented")
+    started: list[Twistd] = []
+    try:
+        for args, port in (
+            (["cacheserver", "--admin-port", "9101"], 9999),
+            (["cacheproxy", "--admin-port", "9100"], 9998),
+        ):
+            started.append(Twistd(args, port, folder / f"{args[0]}.log", folder).start())
+        yield
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("page", "number", "cmds"), MARKED, ids=[f"{page}-{n}" for page, n, _ in MARKED]
+)
+def test_the_marked_blocks_run_as_written(page, number, cmds, documented_services, tmp_path):
+    """As a reader runs them, against `documented_services`: every command
+    of the block exits 0, ``curl`` too only on a 2xx answer (``fail`` in its
+    ``.curlrc``)."""
+    import os
+    import subprocess
+    import sys
+
     (tmp_path / ".curlrc").write_text("fail\nsilent\nshow-error\n")
     env = {
         **os.environ,
