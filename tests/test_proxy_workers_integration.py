@@ -14,6 +14,7 @@ import socket
 import pytest
 from helpers import request_frame
 from processes import (
+    WAIT,
     answers_across_sigterm,
     children,
     connections_on_each,
@@ -53,7 +54,9 @@ def proxy_workers(twistd, memcached):
         str(admin),
         port=port,
     )
-    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    assert wait_for(lambda: parent.text().count("accepting connections") == 2, WAIT * 2), (
+        parent.text()
+    )
     assert wait_for(lambda: parent.text().count("shared cache tier on") == 2)
     parent.admin, parent.node = admin, node
     return parent
@@ -131,5 +134,7 @@ def test_sighup_under_load_replaces_both_workers_and_loses_no_miss(twistd, memca
         "15",
         port=port,
     )
-    assert wait_for(lambda: parent.text().count("accepting connections") == 2)
+    # Two workers start on one core beside a busy one: give them time, and say what they logged.
+    both = wait_for(lambda: parent.text().count("accepting connections") == 2, WAIT * 2)
+    assert both, parent.text()
     sighup_under_load(parent)
