@@ -126,7 +126,7 @@ def run_hit_data(n: int, operated: bool) -> None:
     frame = hit_frame()
     # The answer a hit sends, stored as a miss would have stored it.
     from twisted_cacheproxy.calculator.server import CalculatorServerFactory
-    from twisted_cacheproxy.proxy.cache import Entry
+    from twisted_cacheproxy.proxy.entry import Entry
     from twisted_cacheproxy.proxy.factory import cache_keys
     from twisted_cacheproxy.transport import wire
 

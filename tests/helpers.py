@@ -31,7 +31,7 @@ from twisted_cacheproxy.application import options as opts
 from twisted_cacheproxy.calculator import codec
 from twisted_cacheproxy.calculator import expression as ex
 from twisted_cacheproxy.operations import site
-from twisted_cacheproxy.proxy.interfaces import IConnector
+from twisted_cacheproxy.proxy.upstream import IConnector
 from twisted_cacheproxy.transport import wire
 
 HERE = pathlib.Path(__file__).parent

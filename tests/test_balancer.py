@@ -9,7 +9,7 @@ from helpers import failure_of, success_of
 from proxyharness import REQUEST, Fleet
 
 from twisted_cacheproxy.proxy.balancer import EJECT_FIRST, MAX_FAILS
-from twisted_cacheproxy.proxy.upstream import UpstreamError
+from twisted_cacheproxy.proxy.failures import UpstreamError
 from twisted_cacheproxy.transport import wire
 
 

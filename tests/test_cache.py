@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from twisted_cacheproxy.proxy.cache import ENTRY_OVERHEAD, FOREVER, Entry, MemoryCache
+from twisted_cacheproxy.proxy.cache import ENTRY_OVERHEAD, MemoryCache
+from twisted_cacheproxy.proxy.entry import Entry
+from twisted_cacheproxy.transport.wire import FOREVER
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ from twisted_cacheproxy.proxy.cache import MemoryCache
 from twisted_cacheproxy.proxy.factory import CacheProxyFactory
 from twisted_cacheproxy.proxy.interfaces import (
     ICache,
-    IConnector,
     IFetcher,
     IProxyObserver,
     ISharedTier,
     IUpstreamServer,
 )
 from twisted_cacheproxy.proxy.sharedcache import SharedCache
-from twisted_cacheproxy.proxy.upstream import TCPConnector, UpstreamPool
+from twisted_cacheproxy.proxy.upstream import IConnector, TCPConnector, UpstreamPool
 
 
 @pytest.fixture

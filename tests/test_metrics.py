@@ -567,7 +567,7 @@ class _SharedTier:
 
 
 def test_a_miss_answered_by_the_shared_tier_is_shared_without_upstream_time(tmp_path):
-    from twisted_cacheproxy.proxy.cache import Entry
+    from twisted_cacheproxy.proxy.entry import Entry
     from twisted_cacheproxy.proxy.factory import cache_keys
 
     stored = wire.rewrite(answer(6), ext=wire.EXT_FRAMED | wire.EXT_FROM_CACHE)

@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from twisted_cacheproxy.proxy.cache import Entry
+from twisted_cacheproxy.proxy.entry import Entry
 from twisted_cacheproxy.proxy.ring import Ring
 from twisted_cacheproxy.proxy.sharedcache import GENERATION_POLL, SharedCache
 from twisted_cacheproxy.proxy.sharedentry import (

@@ -9,7 +9,8 @@ from helpers import T0, TS, FakeConnector, Peer, answer, request_frame
 from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from twisted_cacheproxy.proxy.upstream import PIPELINE_PAUSE, UpstreamError, UpstreamPool
+from twisted_cacheproxy.proxy.failures import UpstreamError
+from twisted_cacheproxy.proxy.upstream import PIPELINE_PAUSE, UpstreamPool
 from twisted_cacheproxy.transport import wire
 
 pytestmark = pytest.mark.usefixtures("proxy_log")

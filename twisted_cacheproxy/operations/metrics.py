@@ -33,8 +33,8 @@ from ..calculator.events import IServerObserver, Served
 from ..calculator.server import CalculatorServerFactory
 from ..proxy.events import CACHE_STATUSES, HIT, MISS, RELOAD, SHARED, Answered
 from ..proxy.factory import CacheProxyFactory
+from ..proxy.failures import FAILURE_KINDS
 from ..proxy.interfaces import IProxyObserver, ISharedTier, IUpstreamServer
-from ..proxy.upstream import FAILURE_KINDS
 from ..transport.addresses import address
 from ..transport.service import ServiceFactory
 from ..transport.wire import status_of

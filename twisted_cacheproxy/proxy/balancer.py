@@ -33,8 +33,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..transport import wire
-from .interfaces import IFetcher, IUpstreamServer
-from .upstream import Answer, Tally, UpstreamError, UpstreamPool
+from .failures import UpstreamError
+from .interfaces import Answer, IFetcher, IUpstreamServer
+from .upstream import Tally, UpstreamPool
 
 log = Logger()
 

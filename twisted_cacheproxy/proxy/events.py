@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..transport.wire import Header
-from .upstream import UpstreamError
+from .failures import UpstreamError
 
 HIT, SHARED, MISS, COALESCED, STALE, BYPASS, RELOAD = (
     "hit",

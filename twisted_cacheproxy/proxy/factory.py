@@ -22,10 +22,10 @@ from twisted.python.failure import Failure
 
 from ..transport import answers, wire
 from ..transport.service import ServiceFactory, ServiceProtocol
-from .cache import Entry
+from .entry import Entry
 from .events import BYPASS, COALESCED, HIT, MISS, RELOAD, SHARED, STALE, Answered
-from .interfaces import ICache, IFetcher, IProxyObserver, ISharedTier
-from .upstream import Answer, UpstreamError
+from .failures import UpstreamError
+from .interfaces import Answer, ICache, IFetcher, IProxyObserver, ISharedTier
 
 log = Logger()
 

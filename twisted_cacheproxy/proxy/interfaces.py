@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
 
+from ..transport import wire
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from .cache import Entry
+    from .entry import Entry
     from .events import Answered
-    from .upstream import Answer, UpstreamProtocol
+
+#: What a fetch fires with: the answer's header and data, and when the request left.
+Answer = tuple[wire.Header, bytes, float]
 
 
 class ICache(Interface):
@@ -31,7 +35,7 @@ class ICache(Interface):
     evictions = Attribute("How many were dropped to make room.")
 
     def get(key: builtins.bytes) -> Entry | None:
-        """The `cache.Entry` stored for ``key``, fresh or within its grace, or None."""
+        """The `entry.Entry` stored for ``key``, fresh or within its grace, or None."""
 
     def put(key: builtins.bytes, entry: Entry) -> None:
         """Store ``entry`` for ``key``, replacing any older one."""
@@ -59,7 +63,7 @@ class ISharedTier(Interface):
         """What the tier has done so far (lookups, hits, ...), for the figures."""
 
     def get(key: bytes) -> Deferred[Entry | None]:
-        """A Deferred firing with the `cache.Entry` stored for ``key`` or None; never fails."""
+        """A Deferred firing with the `entry.Entry` stored for ``key`` or None; never fails."""
 
     def put(key: bytes, entry: Entry) -> None:
         """Store ``entry`` for every proxy; errors are dropped (it is only a hint)."""
@@ -104,20 +108,10 @@ class IFetcher(Interface):
     def fetch(frame: bytes) -> Deferred[Answer]:
         """Send one request frame; a Deferred firing with ``(header, data,
         sent)`` (``sent``: the clock time it left) or failing with
-        `upstream.UpstreamError`."""
+        `failures.UpstreamError`."""
 
     def close() -> None:
         """Close idle connections and stop any timers (on shutdown)."""
-
-
-class IConnector(Interface):
-    """What opens connections to one server for a pool."""
-
-    address = Attribute("HOST:PORT of the server.")
-
-    def connect() -> Deferred[UpstreamProtocol]:
-        """A Deferred firing with a new `upstream.UpstreamProtocol`, or
-        failing with the reason there is none."""
 
 
 class IProxyObserver(Interface):

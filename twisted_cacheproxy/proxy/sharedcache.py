@@ -27,7 +27,7 @@ from twisted.protocols.memcache import MemCacheProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .cache import Entry
+from .entry import Entry
 from .interfaces import ISharedTier
 from .ring import Ring
 from .sharedentry import FLAGS, BadEntryError, EntryCodec, UnverifiedEntryError, expiry

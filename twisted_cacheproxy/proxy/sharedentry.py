@@ -23,7 +23,7 @@ import struct
 from collections.abc import Sequence
 
 from ..transport import wire
-from .cache import Entry
+from .entry import Entry
 
 MAGIC = b"TCPX"
 #: 2: signed. Entries of version 1 (unsigned) are misses.

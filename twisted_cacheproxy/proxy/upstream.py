@@ -24,42 +24,19 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
 from ..transport import wire
 from ..transport.addresses import address
 from ..transport.frameclient import FrameClient, OutOfStepError, ProtocolError
 from ..transport.tls import AwaitsHandshake, TLSError, connect_tls
-from .interfaces import IConnector, IFetcher, IUpstreamServer
+from .failures import FAILURE_KINDS, UpstreamError
+from .interfaces import Answer, IFetcher, IUpstreamServer
 
 log = Logger()
 
 #: Seconds without pipelining after a pipelined request timed out.
 PIPELINE_PAUSE = 60.0
-
-
-#: What a fetch fires with: the answer's header and data, and when the request left.
-Answer = tuple[wire.Header, bytes, float]
-
-
-#: What can go wrong on the way to a server (`UpstreamError.kind`), in the
-#: order figures show them.
-FAILURE_KINDS = ("unreachable", "timeout", "closed", "invalid", "overloaded", "internal")
-
-
-class UpstreamError(Exception):
-    """The server could not give an answer; the message says why, for the client.
-
-    ``kind`` says what went wrong, for a balancer choosing whether another
-    server may be tried and for the figures: ``unreachable`` (no
-    connection), ``timeout`` (sent, no answer in time), ``closed`` (closed
-    before answering), ``invalid`` (a broken, out-of-step or impossible
-    answer), ``overloaded`` (too many waiting here) or ``internal`` (a fault
-    of the proxy's own)."""
-
-    def __init__(self, message: str, kind: str = "unreachable") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class Tally:
@@ -185,6 +162,16 @@ class _Fetch:
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.cancel()
+
+
+class IConnector(Interface):
+    """What opens connections to one server for a pool."""
+
+    address = Attribute("HOST:PORT of the server.")
+
+    def connect() -> defer.Deferred[UpstreamProtocol]:
+        """A Deferred firing with a new `UpstreamProtocol`, or
+        failing with the reason there is none."""
 
 
 @implementer(IConnector)
