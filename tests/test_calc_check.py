@@ -22,7 +22,6 @@ from twisted_cacheproxy.check.case import (
     LEVELS,
     PROXY,
     SERVER,
-    Failed,
     case,
 )
 from twisted_cacheproxy.check.context import Session
@@ -30,6 +29,7 @@ from twisted_cacheproxy.check.main import parse_args
 from twisted_cacheproxy.check.probe import MAX_UNREAD, Closed, Probe, Transcript, split_frames
 from twisted_cacheproxy.check.runner import FAIL, PASS, SKIP, Result, run_case, run_cases
 from twisted_cacheproxy.check.scripted import CLOSE, SILENT, Reply, ScriptedUpstream
+from twisted_cacheproxy.check.verdicts import Failed
 from twisted_cacheproxy.transport import wire
 
 ROOT = HERE.resolve().parent

@@ -1,11 +1,11 @@
 """The vocabulary of the catalogue: a `Case`, its levels and the kinds of
-target it applies to, and how a case says it failed or does not apply."""
+target it applies to (how a case says it failed or does not apply is in
+`verdicts`)."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,24 +29,6 @@ BOTH = frozenset({SERVER, PROXY})
 #: Seconds a case may take unless it says otherwise (an answer on a
 #: healthy target takes milliseconds; a busy machine gets ample room).
 DEFAULT_LIMIT = 3.0
-
-
-class Failed(Exception):  # noqa: N818 (a verdict on the target, not an error)
-    """The target broke the rule the case checks; the message tells the
-    student what was expected and what came instead."""
-
-
-@contextlib.contextmanager
-def situation(what: str) -> Iterator[None]:
-    """A `Failed` raised within says ``what`` the case had done first."""
-    try:
-        yield
-    except Failed as e:
-        raise Failed(f"{what}: {e}") from None
-
-
-class Skipped(Exception):  # noqa: N818 (a verdict, not an error)
-    """The case cannot judge this target (the message says why)."""
 
 
 Run = Callable[["Context"], Generator[defer.Deferred[Any], Any, "str | None"]]
@@ -84,7 +66,7 @@ def case(
 ) -> Callable[[Run], Case]:
     """Declare a case: the decorated generator (``inlineCallbacks`` style)
     runs it against a `Context`; it returns an optional note on success and
-    raises `Failed` or `Skipped` otherwise. Its docstring is the hint."""
+    raises `verdicts.Failed` or `verdicts.Skipped` otherwise. Its docstring is the hint."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}")
 

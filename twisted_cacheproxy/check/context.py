@@ -12,9 +12,9 @@ from twisted.internet import defer, protocol, task
 
 from ..transport import wire
 from ..transport.addresses import address
-from .case import situation
 from .messages import Request, expect_result, request
 from .probe import Frame, Probe, Transcript
+from .verdicts import situation
 
 if TYPE_CHECKING:
     from .scripted import ScriptedUpstream

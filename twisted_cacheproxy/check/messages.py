@@ -18,8 +18,8 @@ from ..calculator.codec.base import brief
 from ..calculator.expression import Real, evaluate
 from ..calculator.parser import parse
 from ..transport import wire
-from .case import Failed
 from .probe import Frame
+from .verdicts import Failed
 
 STATUS_WORDS = {200: "200 (success)", 400: "400 (client error)", 500: "500 (server error)"}
 

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..transport import wire
-from .case import Failed
+from .verdicts import Failed
 
 #: What a transcript event says happened.
 CONNECTED = "connected"

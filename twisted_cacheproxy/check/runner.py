@@ -14,9 +14,10 @@ from typing import Any
 from twisted.internet import defer, error
 from twisted.logger import Logger
 
-from .case import DEFAULT_LIMIT, Case, Failed, Skipped
+from .case import DEFAULT_LIMIT, Case
 from .context import Context, Session
 from .probe import Transcript
+from .verdicts import Failed, Skipped
 
 log = Logger()
 

@@ -9,11 +9,12 @@ from collections.abc import Generator
 from typing import Any
 
 from ...transport import wire
-from ..case import PROXY, SHOULD, Failed, Skipped, case
+from ..case import PROXY, SHOULD, case
 from ..context import Context
 from ..messages import expect_error, read, request, shown
 from ..probe import Frame
 from ..scripted import CLOSE, SILENT, Reply
+from ..verdicts import Failed, Skipped
 
 PROXY_ONLY = frozenset({PROXY})
 #: The values the scripted upstream gives the first, second and third

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from ..case import SHOULD, Failed, case, situation
+from ..case import SHOULD, case
 from ..context import Context
 from ..messages import expect_result
+from ..verdicts import Failed, situation
 
 
 @case("connection.persistent", "One connection carries five exchanges in turn", section="1")

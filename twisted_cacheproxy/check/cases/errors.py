@@ -8,9 +8,10 @@ from collections.abc import Generator
 from typing import Any
 
 from ...transport import wire
-from ..case import Failed, case
+from ..case import case
 from ..context import Context
 from ..messages import Request, expect_error, raw, request
+from ..verdicts import Failed
 
 
 def _refused(ctx: Context, cases: list[tuple[Request, str]]) -> Generator[Any, Any, list[Any]]:

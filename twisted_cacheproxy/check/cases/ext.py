@@ -9,10 +9,11 @@ from collections.abc import Generator
 from typing import Any
 
 from ...transport import wire
-from ..case import EXT, PROXY, Failed, case
+from ..case import EXT, PROXY, case
 from ..context import Context
 from ..messages import expect_result, request
 from ..scripted import Reply
+from ..verdicts import Failed
 
 PROXY_ONLY = frozenset({PROXY})
 

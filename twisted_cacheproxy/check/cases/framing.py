@@ -9,10 +9,11 @@ from collections.abc import Generator
 from typing import Any
 
 from ...transport import wire
-from ..case import PROXY, Failed, Skipped, case, situation
+from ..case import PROXY, case
 from ..context import Context
 from ..messages import expect_error, expect_result, raw, request
 from ..scripted import Reply
+from ..verdicts import Failed, Skipped, situation
 
 #: Seconds between the pieces of a split request: the receiver gets them
 #: in separate reads.

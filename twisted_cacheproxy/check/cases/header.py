@@ -9,9 +9,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ...transport import wire
-from ..case import Failed, case
+from ..case import case
 from ..context import Context
 from ..messages import expect_result, read, request
+from ..verdicts import Failed
 
 #: How far an answer's time stamp may be from our clock (the target may be
 #: another host whose clock is off by a little).

@@ -10,7 +10,7 @@ from collections.abc import Generator
 from typing import Any
 
 from ...transport import wire
-from ..case import SHOULD, Failed, case
+from ..case import SHOULD, case
 from ..context import Context
 from ..messages import (
     Request,
@@ -23,6 +23,7 @@ from ..messages import (
     vector_request,
     vectors,
 )
+from ..verdicts import Failed
 
 #: Text expressions and their values as Python computes them (PROTOCOL.md
 #: 3.1 and 4: the arithmetic is Python's, ``**`` binds tighter than unary
